@@ -1,0 +1,459 @@
+//! The operators' TOML file: a serde mirror (`deny_unknown_fields`) turned into a typed
+//! [`Config`], with every error located by key path and line:column.
+//!
+//! Data flow: text → `toml` (syntax and field types; first error) → [`crate::state::validate`]
+//! and the config's own rules (all errors) → `Config`. Errors carry the key path; the
+//! path is mapped back to the source position through `toml`'s spanned document, so
+//! `miosa-edge check` and reload logs can say `edge.toml:12:11: sandboxes[3].address: …`.
+
+use crate::state::{self, AccentColor, Host, HttpsUrl, State, StateError, SupportUrl};
+use serde::{de::IgnoredAny, Deserialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+pub mod reload;
+
+/// The embedded default configuration (`miosa-edge run` with no `--config`).
+pub const DEV_TOML: &str = include_str!("../config/dev.toml");
+
+/// A fully validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: Server,
+    pub domains: Domains,
+    pub branding: PlatformBranding,
+    /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
+    pub state: State,
+    /// The file it came from (`None` for the embedded default).
+    pub source: Option<PathBuf>,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Plain-HTTP listener. Port 0 picks a free port (logged at start).
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    /// TLS listener (not available in this version; see README).
+    #[serde(default)]
+    pub https: Option<SocketAddr>,
+    /// Persisted state, generated control token, ACME account.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Proxy worker threads; 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
+    /// Timeout for connecting to a sandbox or instance.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for an upstream's response header or between two reads of its body
+    /// (upgraded connections such as WebSockets have no idle limit).
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// How often the config file is checked for changes (0 = only on SIGHUP).
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+}
+
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("var")
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_read_timeout_ms() -> u64 {
+    60_000
+}
+fn default_watch_interval_ms() -> u64 {
+    1_000
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            http: default_http(),
+            https: None,
+            state_dir: default_state_dir(),
+            threads: 0,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            read_timeout_ms: default_read_timeout_ms(),
+            watch_interval_ms: default_watch_interval_ms(),
+        }
+    }
+}
+
+/// `[domains]`: the platform's own suffixes (CONTRACT §1).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domains {
+    #[serde(default = "d_sandbox")]
+    pub sandbox: Host,
+    #[serde(default = "d_apps")]
+    pub apps: Host,
+    #[serde(default = "d_edge")]
+    pub edge_target: Host,
+    #[serde(default = "d_acme")]
+    pub acme_zone: Host,
+}
+
+fn host(s: &str) -> Host {
+    Host::try_from(s).unwrap_or_else(|e| panic!("built-in default host {s}: {e}"))
+}
+fn d_sandbox() -> Host {
+    host("sandbox.localhost")
+}
+fn d_apps() -> Host {
+    host("apps.localhost")
+}
+fn d_edge() -> Host {
+    host("edge.localhost")
+}
+fn d_acme() -> Host {
+    host("acme.localhost")
+}
+
+impl Default for Domains {
+    fn default() -> Self {
+        Domains { sandbox: d_sandbox(), apps: d_apps(), edge_target: d_edge(), acme_zone: d_acme() }
+    }
+}
+
+/// `[branding]`: the platform's default look, used on hosts no workspace owns.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformBranding {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default)]
+    pub logo_url: Option<HttpsUrl>,
+    #[serde(default = "default_accent")]
+    pub accent_color: AccentColor,
+    #[serde(default)]
+    pub support_url: Option<SupportUrl>,
+}
+
+fn default_name() -> String {
+    "MIOSA".into()
+}
+fn default_accent() -> AccentColor {
+    AccentColor::try_from("#5b5bd6").unwrap_or_else(|e| panic!("built-in accent: {e}"))
+}
+
+impl Default for PlatformBranding {
+    fn default() -> Self {
+        PlatformBranding { name: default_name(), logo_url: None, accent_color: default_accent(), support_url: None }
+    }
+}
+
+/// The serde mirror of the file. Sections of CONTRACT §10 that this version does not
+/// implement yet are caught by name so the error says so instead of "unknown field".
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: Server,
+    #[serde(default)]
+    domains: Domains,
+    #[serde(default)]
+    branding: PlatformBranding,
+    #[serde(default)]
+    workspaces: Vec<state::Workspace>,
+    #[serde(default)]
+    sandboxes: Vec<state::Sandbox>,
+    #[serde(default)]
+    share_tokens: Vec<state::ShareToken>,
+    #[serde(default)]
+    deployments: Vec<state::Deployment>,
+    control: Option<IgnoredAny>,
+    tokens: Option<IgnoredAny>,
+    tls: Option<IgnoredAny>,
+    dns: Option<IgnoredAny>,
+    acme: Option<IgnoredAny>,
+    #[serde(rename = "static")]
+    static_: Option<IgnoredAny>,
+    wake: Option<IgnoredAny>,
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Key path, e.g. `sandboxes[3].address` (empty for syntax errors).
+    pub path: String,
+    pub message: String,
+    /// 1-based line and column, when the position is known.
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.line, self.column)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} has {} error(s):\n{}", .file, .issues.len(), .issues.iter().map(|i| format!("  {}:{i}", .file)).collect::<Vec<_>>().join("\n"))]
+    Invalid { file: String, issues: Vec<ConfigIssue> },
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Config::parse(DEV_TOML, None),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                Config::parse(&text, Some(p))
+            }
+        }
+    }
+
+    /// Parses and validates a whole file.
+    pub fn parse(text: &str, source: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = source.map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded dev.toml>".into());
+        let invalid = |issues| ConfigError::Invalid { file: file.clone(), issues };
+        let doc = match DeTable::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => return Err(invalid(vec![issue_from_toml(text, None, &e)])),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => return Err(invalid(vec![issue_from_toml(text, Some(&doc), &e)])),
+        };
+        let mut errors: Vec<StateError> = Vec::new();
+        for (name, present) in [
+            ("control", raw.control.is_some()),
+            ("tokens", raw.tokens.is_some()),
+            ("tls", raw.tls.is_some()),
+            ("dns", raw.dns.is_some()),
+            ("acme", raw.acme.is_some()),
+            ("static", raw.static_.is_some()),
+            ("wake", raw.wake.is_some()),
+        ] {
+            if present {
+                errors.push(StateError {
+                    path: name.into(),
+                    message: format!("section `[{name}]` is not supported by this version of miosa-edge yet"),
+                });
+            }
+        }
+        if raw.server.https.is_some() {
+            errors.push(StateError {
+                path: "server.https".into(),
+                message: "the TLS listener is not supported by this version of miosa-edge yet".into(),
+            });
+        }
+        for (key, v, min, max) in [
+            ("connect_timeout_ms", raw.server.connect_timeout_ms, 1, 600_000),
+            ("read_timeout_ms", raw.server.read_timeout_ms, 1, 86_400_000),
+            ("watch_interval_ms", raw.server.watch_interval_ms, 0, 3_600_000),
+        ] {
+            if v < min || v > max {
+                errors.push(StateError { path: format!("server.{key}"), message: format!("must be between {min} and {max}") });
+            }
+        }
+        if raw.server.threads > 1024 {
+            errors.push(StateError { path: "server.threads".into(), message: "must be at most 1024".into() });
+        }
+        let name = &raw.branding.name;
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            errors.push(StateError {
+                path: "branding.name".into(),
+                message: "must be 1 to 64 characters without control characters".into(),
+            });
+        }
+        errors.extend(check_domains(&raw.domains));
+        let state = State {
+            workspaces: raw.workspaces,
+            sandboxes: raw.sandboxes,
+            share_tokens: raw.share_tokens,
+            deployments: raw.deployments,
+        };
+        if let Err(es) = state::validate(&state, &raw.domains) {
+            errors.extend(es);
+        }
+        if !errors.is_empty() {
+            let issues = errors
+                .into_iter()
+                .map(|e| {
+                    let span = span_of_path(&doc, &e.path);
+                    let (line, column) = line_col(text, span.start);
+                    ConfigIssue { path: e.path, message: e.message, line, column }
+                })
+                .collect();
+            return Err(invalid(issues));
+        }
+        Ok(Config {
+            server: raw.server,
+            domains: raw.domains,
+            branding: raw.branding,
+            state,
+            source: source.map(Path::to_owned),
+        })
+    }
+}
+
+fn check_domains(d: &Domains) -> Vec<StateError> {
+    let mut errs = Vec::new();
+    let named = [("sandbox", &d.sandbox), ("apps", &d.apps), ("edge_target", &d.edge_target), ("acme_zone", &d.acme_zone)];
+    for (i, (ka, a)) in named.iter().enumerate() {
+        for (kb, b) in &named[i + 1..] {
+            if a == b {
+                errs.push(StateError { path: format!("domains.{kb}"), message: format!("`{b}` is also domains.{ka}") });
+            }
+        }
+    }
+    // The sandbox zone may sit under apps (sandbox.miosa.app under miosa.app) but not
+    // the other way round: then every app URL would look like a preview.
+    if state::is_under(d.apps.as_str(), d.sandbox.as_str()) && d.apps != d.sandbox {
+        errs.push(StateError { path: "domains.apps".into(), message: format!("`{}` must not be under domains.sandbox", d.apps) });
+    }
+    errs
+}
+
+fn issue_from_toml(text: &str, doc: Option<&Spanned<DeTable<'_>>>, e: &toml::de::Error) -> ConfigIssue {
+    let start = e.span().map(|s| s.start).unwrap_or(0);
+    let (line, column) = line_col(text, start);
+    let path = doc.map(|d| path_of_offset(d, start)).unwrap_or_default();
+    ConfigIssue { path, message: e.message().trim().to_string(), line, column }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn parse_path(path: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            out.push(Seg::Key(key));
+        }
+        while let Some(r) = rest.strip_prefix('[') {
+            let Some(end) = r.find(']') else { break };
+            if let Ok(i) = r[..end].parse() {
+                out.push(Seg::Index(i));
+            }
+            rest = &r[end + 1..];
+        }
+    }
+    out
+}
+
+/// The span of the deepest node of `doc` along `path` (the whole document if none).
+fn span_of_path(doc: &Spanned<DeTable<'_>>, path: &str) -> std::ops::Range<usize> {
+    let mut span = 0..0;
+    let mut table: Option<&DeTable<'_>> = Some(doc.get_ref());
+    let mut array: Option<&[Spanned<DeValue<'_>>]> = None;
+    for seg in parse_path(path) {
+        let next = match (seg, table, array) {
+            (Seg::Key(k), Some(t), _) => t.iter().find(|(key, _)| key.get_ref().as_ref() == k).map(|(key, v)| {
+                // Point at the key: for tables declared by a header the value's span
+                // may be the whole section.
+                span = key.span();
+                v
+            }),
+            (Seg::Index(i), _, Some(a)) => a.get(i).inspect(|v| span = v.span()),
+            _ => None,
+        };
+        let Some(v) = next else { break };
+        table = None;
+        array = None;
+        match v.get_ref() {
+            DeValue::Table(t) => table = Some(t),
+            DeValue::Array(a) => array = Some(&a[..]),
+            _ => {}
+        }
+    }
+    span
+}
+
+/// The key path of the deepest node whose span contains `offset`.
+fn path_of_offset(doc: &Spanned<DeTable<'_>>, offset: usize) -> String {
+    fn walk_value(v: &Spanned<DeValue<'_>>, offset: usize, path: &mut String) {
+        match v.get_ref() {
+            DeValue::Table(t) => walk_table(t, offset, path),
+            DeValue::Array(a) => {
+                // Arrays of tables: pick the element containing the offset, or the last
+                // one that starts before it (header spans do not cover the body).
+                let mut best = None;
+                for (i, e) in a.iter().enumerate() {
+                    if e.span().start <= offset {
+                        best = Some(i);
+                    }
+                    if e.span().contains(&offset) {
+                        best = Some(i);
+                        break;
+                    }
+                }
+                if let Some(i) = best {
+                    path.push_str(&format!("[{i}]"));
+                    walk_value(&a[i], offset, path);
+                }
+            }
+            _ => {}
+        }
+    }
+    fn walk_table(t: &DeTable<'_>, offset: usize, path: &mut String) {
+        let mut best: Option<(&str, &Spanned<DeValue<'_>>, usize)> = None;
+        for (k, v) in t.iter() {
+            let (ks, vs) = (k.span(), v.span());
+            if ks.contains(&offset) || vs.contains(&offset) || ks.start <= offset && vs.end >= offset {
+                best = Some((k.get_ref().as_ref(), v, ks.start));
+                break;
+            }
+            // A section header: the key is before the offset and the body follows.
+            if ks.start <= offset && best.is_none_or(|b| ks.start > b.2) {
+                if let DeValue::Table(_) | DeValue::Array(_) = v.get_ref() {
+                    best = Some((k.get_ref().as_ref(), v, ks.start));
+                }
+            }
+        }
+        if let Some((k, v, _)) = best {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(k);
+            walk_value(v, offset, path);
+        }
+    }
+    let mut path = String::new();
+    walk_table(doc.get_ref(), offset, &mut path);
+    path
+}
+
+#[cfg(test)]
+mod tests;

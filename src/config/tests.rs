@@ -1,0 +1,73 @@
+use super::*;
+
+fn issues(text: &str) -> Vec<ConfigIssue> {
+    match Config::parse(text, Some(Path::new("t.toml"))) {
+        Err(ConfigError::Invalid { issues, .. }) => issues,
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("expected errors"),
+    }
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::load(None).unwrap();
+    assert_eq!(c.server.http, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.domains.sandbox.as_str(), "sandbox.localhost");
+    assert!(c.state.sandboxes.iter().any(|s| s.id.as_str() == "demo"));
+    assert!(c.source.is_none());
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    let i = issues("[server]\nhttp = \"127.0.0.1:8080\n");
+    assert_eq!(i.len(), 1);
+    assert_eq!(i[0].line, 2, "{:?}", i[0]);
+}
+
+#[test]
+fn unknown_key_is_located() {
+    let i = issues("[server]\nhttp = \"127.0.0.1:8080\"\nhtps = \"x\"\n");
+    assert_eq!((i[0].line, i[0].column), (3, 1), "{:?}", i[0]);
+    assert!(i[0].message.contains("unknown field `htps`"), "{:?}", i[0]);
+    assert_eq!(i[0].path, "server.htps");
+}
+
+#[test]
+fn wrong_type_in_array_of_tables_is_located() {
+    let text = "[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.0.1\"\n\n[[sandboxes]]\nid = \"b\"\nworkspace = \"w\"\naddress = \"10.0.3\"\n";
+    let i = issues(text);
+    assert_eq!(i[0].line, 13, "{:?}", i[0]);
+    assert_eq!(i[0].path, "sandboxes[1].address", "{:?}", i[0]);
+    assert!(i[0].message.contains("not an IP address"));
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_positions() {
+    let text = "[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"nope\"\naddress = \"10.0.0.1\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.0.2\"\n";
+    let i = issues(text);
+    assert_eq!(i.len(), 2, "{i:?}");
+    assert_eq!((i[0].path.as_str(), i[0].line), ("sandboxes[0].workspace", 7));
+    assert_eq!((i[1].path.as_str(), i[1].line), ("sandboxes[1].id", 11));
+}
+
+#[test]
+fn unsupported_sections_say_so() {
+    let i = issues("[acme]\ndirectory = \"https://example\"\n");
+    assert_eq!(i[0].path, "acme");
+    assert!(i[0].message.contains("not supported"));
+    assert_eq!(i[0].line, 1);
+}
+
+#[test]
+fn domain_rules() {
+    let i = issues("[domains]\nsandbox = \"x.example\"\napps = \"x.example\"\n");
+    assert_eq!(i[0].path, "domains.apps");
+    let i = issues("[domains]\nsandbox = \"Sandbox.example\"\n");
+    assert!(i[0].message.contains("lower-case"), "{:?}", i[0]);
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(line_col("ab\ncdé f", 8), (2, 5));
+    assert_eq!(line_col("", 10), (1, 1));
+}

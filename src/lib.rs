@@ -1,0 +1,30 @@
+//! miosa-edge: the edge proxy and TLS router of the MIOSA platform, on pingora.
+//!
+//! It routes sandbox previews (`5173-abc12345.sandbox.miosa.app` → port 5173 of
+//! sandbox `abc12345`), tenants' preview and deployment domains, and deployments'
+//! active versions, answering every failure with a branded page or a JSON error.
+//!
+//! # Request flow
+//!
+//! ```text
+//! accept (pingora listener)
+//!  → request_filter          request id; table = routes.load(); route = table.lookup(host)
+//!                            denied / private / suspended / static → branded page, stop
+//!  → upstream_peer           sandbox addr:port | round-robin instance
+//!  → upstream_request_filter X-Forwarded-For/Proto/Host, X-Request-Id; strip X-Miosa-*
+//!  → response_filter         X-Request-Id; X-Robots-Tag: noindex on previews
+//!  → fail_to_proxy           the single place where failures become pages
+//!  → logging                 metrics
+//! ```
+//!
+//! Everything a request reads lives in one immutable [`routing::RouteTable`] published
+//! through `ArcSwap`; writers (start-up, TOML reload) validate and build a whole new
+//! table off the request path and swap it in with one store.
+
+pub mod config;
+pub mod metrics;
+pub mod pages;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod state;

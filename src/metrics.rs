@@ -1,0 +1,194 @@
+//! Every metric name and its registration, in one place.
+//!
+//! Label sets are small and fixed, so each combination is resolved once at start-up
+//! into a plain counter: the request path increments an atomic, never hashes a label.
+//! The registry is exposed by the control API's `/metrics` (CONTRACT §4).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// What a request was routed to, for the `route` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    /// A sandbox preview.
+    Preview = 0,
+    /// A deployment.
+    Deployment = 1,
+    /// Answered by the edge itself before routing (unknown host, bad request).
+    Edge = 2,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        ["preview", "deployment", "edge"][self as usize]
+    }
+}
+
+const KINDS: [RouteKind; 3] = [RouteKind::Preview, RouteKind::Deployment, RouteKind::Edge];
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// Why an upstream attempt failed, for the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    Refused = 0,
+    Timeout = 1,
+    Reset = 2,
+    Other = 3,
+}
+
+const FAILURES: [&str; 4] = ["refused", "timeout", "reset", "other"];
+
+/// The edge's metrics.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Vec<IntCounter>,
+    durations: Vec<Histogram>,
+    upstream_failures: Vec<IntCounter>,
+    reload_ok: IntCounter,
+    reload_err: IntCounter,
+    /// Generation of the routing table being served.
+    pub generation: IntGauge,
+    /// Sandboxes in the routing table being served.
+    pub sandboxes: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    // Names are constants of this module and registered once, so a clash is a
+    // programming error caught by the unit test below, not an input.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let req = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("miosa_edge_requests_total", "Requests answered, by route kind and status class."),
+                &["route", "status_class"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let dur = register(
+            &registry,
+            prometheus::HistogramVec::new(
+                HistogramOpts::new("miosa_edge_request_duration_seconds", "Time from request header to the end of the response, by route kind.")
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["route"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let fail = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("miosa_edge_upstream_failures_total", "Failed attempts to reach a sandbox or instance, by reason."),
+                &["reason"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(Opts::new("miosa_edge_config_reloads_total", "Config file reloads, by result (ok, error)."), &["result"])
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let generation = register(
+            &registry,
+            IntGauge::new("miosa_edge_state_generation", "Generation of the routing table being served.").unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let sandboxes = register(
+            &registry,
+            IntGauge::new("miosa_edge_sandboxes", "Sandboxes in the routing table being served.").unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let mut requests = Vec::new();
+        for k in KINDS {
+            for c in CLASSES {
+                requests.push(req.with_label_values(&[k.as_str(), c]));
+            }
+        }
+        Metrics {
+            requests,
+            durations: KINDS.iter().map(|k| dur.with_label_values(&[k.as_str()])).collect(),
+            upstream_failures: FAILURES.iter().map(|r| fail.with_label_values(&[*r])).collect(),
+            reload_ok: reloads.with_label_values(&["ok"]),
+            reload_err: reloads.with_label_values(&["error"]),
+            generation,
+            sandboxes,
+            registry,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, kind: RouteKind, status: u16, seconds: f64) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            500..=599 => 4,
+            _ => 5,
+        };
+        self.requests[kind as usize * CLASSES.len() + class].inc();
+        self.durations[kind as usize].observe(seconds);
+    }
+
+    /// Counts one failed upstream attempt.
+    pub fn upstream_failure(&self, reason: UpstreamFailure) {
+        self.upstream_failures[reason as usize].inc();
+    }
+
+    /// Counts one config reload.
+    pub fn reload(&self, ok: bool) {
+        if ok { &self.reload_ok } else { &self.reload_err }.inc();
+    }
+
+    /// Reload counts so far: (ok, error).
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (self.reload_ok.get(), self.reload_err.get())
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let enc = prometheus::TextEncoder::new();
+        if let Err(e) = enc.encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_counts() {
+        let m = Metrics::new();
+        m.request(RouteKind::Preview, 200, 0.001);
+        m.request(RouteKind::Edge, 404, 0.0001);
+        m.upstream_failure(UpstreamFailure::Refused);
+        m.reload(false);
+        let text = m.render();
+        assert!(text.contains(r#"miosa_edge_requests_total{route="preview",status_class="2xx"} 1"#), "{text}");
+        assert!(text.contains(r#"miosa_edge_requests_total{route="edge",status_class="4xx"} 1"#));
+        assert!(text.contains(r#"miosa_edge_upstream_failures_total{reason="refused"} 1"#));
+        assert!(text.contains(r#"miosa_edge_config_reloads_total{result="error"} 1"#));
+        assert!(text.contains("miosa_edge_request_duration_seconds_bucket"));
+        assert_eq!(m.reload_counts(), (0, 1));
+    }
+}

@@ -1,0 +1,374 @@
+//! Edge-generated responses (CONTRACT §5): branded HTML pages or JSON errors.
+//!
+//! Each branding (the platform's, a neutral one for tenant hosts of unbranded
+//! workspaces, and one per distinct workspace branding) is rendered — and escaped —
+//! once when a route table is built, into a page head and foot. A response joins head,
+//! the code's pre-escaped text, a few digits (port) and the request id, so no request
+//! renders a template. Branded pages never name the platform.
+
+use crate::config::PlatformBranding;
+use crate::state::WorkspaceBranding;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// Every edge-generated failure, with its status and stable code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidHost,
+    UnknownHost,
+    PreviewNotFound,
+    DomainNotVerified,
+    PreviewAuthRequired,
+    SandboxUnavailable,
+    SandboxStarting,
+    UpstreamTimeout,
+    NoHealthyInstance,
+    ReleaseUnavailable,
+    InternalError,
+}
+
+/// Per-response details a page may mention.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Detail {
+    /// The sandbox port a preview tried to reach.
+    pub port: Option<u16>,
+    /// True for deployments (wording: "the app" instead of "the sandbox").
+    pub deployment: bool,
+}
+
+impl ErrorCode {
+    /// All codes, for rendering and tests.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidHost,
+        ErrorCode::UnknownHost,
+        ErrorCode::PreviewNotFound,
+        ErrorCode::DomainNotVerified,
+        ErrorCode::PreviewAuthRequired,
+        ErrorCode::SandboxUnavailable,
+        ErrorCode::SandboxStarting,
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::NoHealthyInstance,
+        ErrorCode::ReleaseUnavailable,
+        ErrorCode::InternalError,
+    ];
+
+    /// HTTP status.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidHost => 400,
+            ErrorCode::UnknownHost | ErrorCode::PreviewNotFound => 404,
+            ErrorCode::DomainNotVerified => 421,
+            ErrorCode::PreviewAuthRequired => 401,
+            ErrorCode::SandboxUnavailable => 502,
+            ErrorCode::SandboxStarting | ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => 503,
+            ErrorCode::UpstreamTimeout => 504,
+            ErrorCode::InternalError => 500,
+        }
+    }
+
+    /// Stable machine-readable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidHost => "invalid_host",
+            ErrorCode::UnknownHost => "unknown_host",
+            ErrorCode::PreviewNotFound => "preview_not_found",
+            ErrorCode::DomainNotVerified => "domain_not_verified",
+            ErrorCode::PreviewAuthRequired => "preview_auth_required",
+            ErrorCode::SandboxUnavailable => "sandbox_unavailable",
+            ErrorCode::SandboxStarting => "sandbox_starting",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::NoHealthyInstance => "no_healthy_instance",
+            ErrorCode::ReleaseUnavailable => "release_unavailable",
+            ErrorCode::InternalError => "internal_error",
+        }
+    }
+
+    /// Seconds for `Retry-After`, where a retry makes sense.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            ErrorCode::SandboxStarting => Some(5),
+            ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => Some(10),
+            _ => None,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidHost => "Bad request",
+            ErrorCode::UnknownHost => "Nothing here yet",
+            ErrorCode::PreviewNotFound => "Preview not found",
+            ErrorCode::DomainNotVerified => "Domain not verified",
+            ErrorCode::PreviewAuthRequired => "This preview is private",
+            ErrorCode::SandboxUnavailable => "Nothing is answering",
+            ErrorCode::SandboxStarting => "Starting up",
+            ErrorCode::UpstreamTimeout => "The server took too long",
+            ErrorCode::NoHealthyInstance => "Temporarily unavailable",
+            ErrorCode::ReleaseUnavailable => "Temporarily unavailable",
+            ErrorCode::InternalError => "Something went wrong",
+        }
+    }
+
+    /// The one-line message used in JSON errors.
+    pub fn message(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidHost => "The request's Host header is missing or malformed.",
+            ErrorCode::UnknownHost => "No app or preview is configured for this host.",
+            ErrorCode::PreviewNotFound => "There is no preview for this sandbox and port.",
+            ErrorCode::DomainNotVerified => "This domain's DNS records have not been verified yet.",
+            ErrorCode::PreviewAuthRequired => "This preview is private: open it with an access link or token.",
+            ErrorCode::SandboxUnavailable => "Nothing accepted the connection: no server is listening on this port.",
+            ErrorCode::SandboxStarting => "The sandbox is starting; retry in a few seconds.",
+            ErrorCode::UpstreamTimeout => "The server did not answer in time.",
+            ErrorCode::NoHealthyInstance => "No healthy instance of this app is available right now.",
+            ErrorCode::ReleaseUnavailable => "This version of the app cannot be served right now.",
+            ErrorCode::InternalError => "The edge could not handle this request.",
+        }
+    }
+
+    /// HTML paragraphs explaining the failure (static text; details are escaped digits).
+    fn explain(self, d: Detail, out: &mut String) {
+        match self {
+            ErrorCode::InvalidHost => out.push_str("<p>The request did not name a valid host name, so it cannot be routed.</p>"),
+            ErrorCode::UnknownHost => out.push_str(
+                "<p>No app or preview is connected to this address. Check the URL for typos; if you just set it up, it may take a moment to appear.</p>",
+            ),
+            ErrorCode::PreviewNotFound => out.push_str(
+                "<p>There is no preview for this sandbox and port. Check the port number at the start of the address: a port must be exposed as a preview before it can be opened.</p>",
+            ),
+            ErrorCode::DomainNotVerified => out.push_str(
+                "<p>This domain is connected, but its DNS records have not been verified yet. If you own it, finish the domain set-up; DNS changes can take a few minutes to be seen.</p>",
+            ),
+            ErrorCode::PreviewAuthRequired => out.push_str(
+                "<p>Open it with the link you were given (it carries an access token), or open it from your workspace.</p>",
+            ),
+            ErrorCode::SandboxUnavailable if d.deployment => out.push_str(
+                "<p>The app did not accept the connection or reset it. It may be restarting; try again in a moment.</p>",
+            ),
+            ErrorCode::SandboxUnavailable => {
+                match d.port {
+                    Some(p) => {
+                        let _ = write!(out, "<p>The sandbox is running, but nothing is listening on port <strong>{p}</strong> (the connection was refused or reset).</p>");
+                    }
+                    None => out.push_str("<p>The sandbox is running, but nothing is listening on this port (the connection was refused or reset).</p>"),
+                }
+                out.push_str(
+                    "<p>Start your dev server on that port. If it is already running, make sure it listens on <code>0.0.0.0</code> (all interfaces): a server bound to <code>127.0.0.1</code> or <code>localhost</code> cannot be reached from outside the sandbox. For Vite, use <code>vite --host 0.0.0.0</code>; for Next.js, <code>next dev -H 0.0.0.0</code>.</p>",
+                );
+            }
+            ErrorCode::SandboxStarting => out.push_str(
+                "<p>This sandbox was asleep and is waking up. This page retries by itself in a few seconds.</p>",
+            ),
+            ErrorCode::UpstreamTimeout => out.push_str(
+                "<p>The server accepted the request but did not answer in time (timed out). It may be busy or stuck; try again, and check its logs if this keeps happening.</p>",
+            ),
+            ErrorCode::NoHealthyInstance => out.push_str("<p>Every instance of this app is failing its health checks. Try again in a moment.</p>"),
+            ErrorCode::ReleaseUnavailable => out.push_str("<p>The files of this version of the app cannot be served right now. Try again in a moment.</p>"),
+            ErrorCode::InternalError => out.push_str("<p>The edge could not handle this request. Try again; if it persists, contact support with the request id below.</p>"),
+        }
+    }
+}
+
+/// A pre-rendered branding.
+#[derive(Debug, Clone)]
+struct Rendered {
+    head_open: String,
+    /// The header block (logo or name), placed after `<title>…</title></head><body>`.
+    header: String,
+    foot: String,
+}
+
+/// Rendered brandings of one route table.
+#[derive(Debug, Clone)]
+pub struct Pages {
+    brandings: Vec<Rendered>,
+    dedupe: HashMap<WorkspaceBranding, u32>,
+}
+
+const CSS: &str = "*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1c1c1e;background:#f6f6f8;display:flex;min-height:100vh;align-items:center;justify-content:center}main{max-width:36rem;margin:1.5rem;padding:2rem;background:#fff;border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.08)}header{margin-bottom:1.25rem;min-height:8px}header img{max-height:40px;max-width:200px}header .name{font-weight:600;font-size:1.1rem}h1{font-size:1.4rem;margin:0 0 .75rem}code{background:#f0f0f3;padding:.1em .3em;border-radius:4px;font-size:.9em}.meta{color:#6e6e73;font-size:.85rem;margin-top:1.5rem}a{color:var(--accent)}.bar{height:4px;background:var(--accent);border-radius:2px;width:3rem}@media (prefers-color-scheme:dark){body{background:#1c1c1e;color:#f2f2f7}main{background:#2c2c2e}code{background:#3a3a3c}}";
+
+/// The CSP of every edge page: no scripts, inline styles only, https images.
+pub const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; base-uri 'none'; form-action 'self'";
+
+impl Pages {
+    /// Index of the platform's own branding.
+    pub const PLATFORM: u32 = 0;
+    /// Index of the neutral branding (tenant host of an unbranded workspace).
+    pub const NEUTRAL: u32 = 1;
+
+    /// Renders the platform and neutral brandings.
+    pub fn new(platform: &PlatformBranding) -> Pages {
+        let platform_r = render(
+            Some(&platform.name),
+            platform.logo_url.as_ref().map(|u| u.as_str()),
+            platform.accent_color.as_str(),
+            platform.support_url.as_ref().map(|u| u.as_str()),
+        );
+        let neutral = render(None, None, "#6e6e73", None);
+        Pages { brandings: vec![platform_r, neutral], dedupe: HashMap::new() }
+    }
+
+    /// Renders a workspace's branding once (identical brandings share a rendering).
+    pub fn add_workspace_branding(&mut self, b: &WorkspaceBranding) -> u32 {
+        if let Some(&i) = self.dedupe.get(b) {
+            return i;
+        }
+        let r = render(
+            None,
+            b.logo_url.as_ref().map(|u| u.as_str()),
+            b.accent_color.as_ref().map(|c| c.as_str()).unwrap_or("#6e6e73"),
+            b.support_url.as_ref().map(|u| u.as_str()),
+        );
+        let i = self.brandings.len() as u32;
+        self.brandings.push(r);
+        self.dedupe.insert(b.clone(), i);
+        i
+    }
+
+    /// Number of distinct brandings rendered.
+    pub fn len(&self) -> usize {
+        self.brandings.len()
+    }
+
+    /// True when only the built-in brandings exist.
+    pub fn is_empty(&self) -> bool {
+        self.brandings.len() <= 2
+    }
+
+    /// The HTML page for `code` in `branding`.
+    pub fn html(&self, branding: u32, code: ErrorCode, detail: Detail, request_id: &str) -> Bytes {
+        let r = self.brandings.get(branding as usize).unwrap_or(&self.brandings[Self::NEUTRAL as usize]);
+        let mut out = String::with_capacity(r.head_open.len() + r.header.len() + r.foot.len() + 1200);
+        out.push_str(&r.head_open);
+        if code == ErrorCode::SandboxStarting {
+            out.push_str("<meta http-equiv=\"refresh\" content=\"5\">");
+        }
+        out.push_str("<title>");
+        out.push_str(code.title());
+        out.push_str("</title></head><body><main>");
+        out.push_str(&r.header);
+        out.push_str("<h1>");
+        out.push_str(code.title());
+        out.push_str("</h1>");
+        code.explain(detail, &mut out);
+        out.push_str("<p class=\"meta\">Error <code>");
+        out.push_str(code.as_str());
+        out.push_str("</code> · Request ID <code>");
+        escape_into(request_id, &mut out);
+        out.push_str("</code></p>");
+        out.push_str(&r.foot);
+        Bytes::from(out)
+    }
+
+    /// The JSON error body for `code`.
+    pub fn json(code: ErrorCode) -> Bytes {
+        let v = serde_json::json!({"error": {"status": code.status(), "code": code.as_str(), "message": code.message()}});
+        Bytes::from(v.to_string())
+    }
+}
+
+fn render(name: Option<&str>, logo: Option<&str>, accent: &str, support: Option<&str>) -> Rendered {
+    let mut head_open = String::with_capacity(CSS.len() + 256);
+    head_open.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><meta name=\"robots\" content=\"noindex\"><style>:root{--accent:");
+    escape_into(accent, &mut head_open);
+    head_open.push('}');
+    head_open.push_str(CSS);
+    head_open.push_str("</style>");
+    let mut header = String::from("<header>");
+    match (logo, name) {
+        (Some(url), _) => {
+            header.push_str("<img src=\"");
+            escape_into(url, &mut header);
+            header.push_str("\" alt=\"");
+            escape_into(name.unwrap_or(""), &mut header);
+            header.push_str("\">");
+        }
+        (None, Some(n)) => {
+            header.push_str("<span class=\"name\">");
+            escape_into(n, &mut header);
+            header.push_str("</span>");
+        }
+        (None, None) => header.push_str("<div class=\"bar\"></div>"),
+    }
+    header.push_str("</header>");
+    let mut foot = String::new();
+    if let Some(url) = support {
+        foot.push_str("<p class=\"meta\"><a href=\"");
+        escape_into(url, &mut foot);
+        foot.push_str("\" rel=\"noopener\">Get help</a></p>");
+    }
+    foot.push_str("</main></body></html>");
+    Rendered { head_open, header, foot }
+}
+
+/// HTML-escapes `s` (text and attribute values) onto `out`.
+pub fn escape_into(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AccentColor, HttpsUrl, SupportUrl};
+
+    #[test]
+    fn branded_page_never_names_the_platform() {
+        let platform = PlatformBranding { name: "MIOSA".into(), ..Default::default() };
+        let mut pages = Pages::new(&platform);
+        let wb = WorkspaceBranding {
+            logo_url: Some(HttpsUrl::try_from("https://cdn.example.com/l.png?a=1&b=\"x").unwrap()),
+            accent_color: Some(AccentColor::try_from("#0a84ff").unwrap()),
+            support_url: Some(SupportUrl::try_from("mailto:help@example.com").unwrap()),
+        };
+        let i = pages.add_workspace_branding(&wb);
+        assert_eq!(pages.add_workspace_branding(&wb), i, "identical brandings are rendered once");
+        for code in ErrorCode::ALL {
+            let html = String::from_utf8(pages.html(i, code, Detail::default(), "rid-1").to_vec()).unwrap();
+            assert!(!html.contains("MIOSA"), "{code:?} leaks the platform name");
+            assert!(html.contains("#0a84ff"));
+            assert!(html.contains("a=1&amp;b=&quot;x"), "attribute values are escaped");
+            assert!(html.contains("mailto:help@example.com"));
+            assert!(html.contains(code.as_str()));
+            let neutral = String::from_utf8(pages.html(Pages::NEUTRAL, code, Detail::default(), "r").to_vec()).unwrap();
+            assert!(!neutral.contains("MIOSA"));
+        }
+        let platform_page = String::from_utf8(pages.html(Pages::PLATFORM, ErrorCode::UnknownHost, Detail::default(), "r").to_vec()).unwrap();
+        assert!(platform_page.contains("MIOSA"));
+    }
+
+    #[test]
+    fn request_id_and_name_are_escaped() {
+        let platform = PlatformBranding { name: "<b>Acme & Co</b>".into(), ..Default::default() };
+        let pages = Pages::new(&platform);
+        let html = String::from_utf8(pages.html(Pages::PLATFORM, ErrorCode::UnknownHost, Detail::default(), "<script>").to_vec()).unwrap();
+        assert!(!html.contains("<script>") && !html.contains("<b>Acme"));
+        assert!(html.contains("&lt;b&gt;Acme &amp; Co&lt;/b&gt;"));
+    }
+
+    #[test]
+    fn refused_port_page_explains_binding() {
+        let pages = Pages::new(&PlatformBranding::default());
+        let html = String::from_utf8(pages.html(0, ErrorCode::SandboxUnavailable, Detail { port: Some(5173), deployment: false }, "r").to_vec()).unwrap();
+        assert!(html.contains("nothing is listening on port <strong>5173</strong>"));
+        assert!(html.contains("0.0.0.0") && html.contains("127.0.0.1"));
+        let timeout = String::from_utf8(pages.html(0, ErrorCode::UpstreamTimeout, Detail::default(), "r").to_vec()).unwrap();
+        assert!(timeout.contains("timed out"));
+    }
+
+    #[test]
+    fn json_shape() {
+        let v: serde_json::Value = serde_json::from_slice(&Pages::json(ErrorCode::PreviewNotFound)).unwrap();
+        assert_eq!(v["error"]["status"], 404);
+        assert_eq!(v["error"]["code"], "preview_not_found");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}

@@ -1,0 +1,421 @@
+//! Host classification and the immutable [`RouteTable`] snapshot (CONTRACT §1).
+//!
+//! Writers (startup, TOML reload, later the control API) build a whole table from a
+//! validated [`State`] off the request path and publish it with one
+//! `ArcSwap::store`; each request does one `load` and keeps that `Arc` to the end, so a
+//! request never sees two tables. Lookup is allocation-free: the host is normalised
+//! into a stack buffer ([`normalize_host`]) and matched against hash maps keyed by the
+//! exact strings that occur in hosts.
+//!
+//! Precedence (first match wins): exact deployment host → `{port}-{sandbox}.{sandbox}`
+//! → `{name}.{slug}.{apps}` → `{port}-{sandbox}.{tenant preview domain}` →
+//! `{name}.{tenant deploy domain}` → unknown host.
+
+use crate::config::{Domains, PlatformBranding};
+use crate::pages::{ErrorCode, Pages};
+use crate::state::{self, Access, Release, SandboxState, State};
+use ahash::RandomState;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+type Map<V> = HashMap<Box<str>, V, RandomState>;
+
+/// The published table: readers `load()` it once per request.
+pub type SharedTable = Arc<ArcSwap<RouteTable>>;
+
+/// A sandbox as the request path needs it.
+#[derive(Debug)]
+pub struct SandboxEntry {
+    pub workspace: u32,
+    pub address: IpAddr,
+    pub state: SandboxState,
+    /// Sorted by port.
+    pub previews: Box<[(u16, Access)]>,
+}
+
+/// A workspace as the request path needs it.
+#[derive(Debug)]
+pub struct WorkspaceEntry {
+    pub id: Box<str>,
+    pub slug: Box<str>,
+    /// Branding index for platform hosts (`*.miosa.app`).
+    pub branding: u32,
+    /// Branding index for the tenant's own hosts: never the platform's.
+    pub tenant_branding: u32,
+    deployments: Map<u32>,
+}
+
+/// What a deployment's active version serves.
+#[derive(Debug)]
+pub enum ActiveRelease {
+    Dynamic { instances: Box<[SocketAddr]>, next: AtomicUsize },
+    Static { sha256: state::Sha256, spa: bool },
+}
+
+/// A deployment as the request path needs it.
+#[derive(Debug)]
+pub struct DeploymentEntry {
+    pub id: Box<str>,
+    pub workspace: u32,
+    pub name: Box<str>,
+    pub active_version: Box<str>,
+    pub release: ActiveRelease,
+}
+
+impl DeploymentEntry {
+    /// Round-robin choice of an instance; `skip` avoids one that just failed.
+    pub fn pick_instance(&self, skip: Option<SocketAddr>) -> Option<SocketAddr> {
+        let ActiveRelease::Dynamic { instances, next } = &self.release else { return None };
+        if instances.is_empty() {
+            return None;
+        }
+        let n = instances.len();
+        let start = next.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| instances[(start + i) % n]).find(|a| Some(*a) != skip).or(Some(instances[start % n]))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ExactHost {
+    deployment: u32,
+    verified: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TenantDomain {
+    workspace: u32,
+    verified: bool,
+}
+
+/// The outcome of a host lookup, borrowing from the table.
+#[derive(Debug)]
+pub enum Route<'t> {
+    /// A listed preview port of an existing sandbox.
+    Preview { sandbox_id: &'t str, sandbox: &'t SandboxEntry, port: u16, access: Access, tenant_host: bool },
+    /// A deployment's active version.
+    Deployment { deployment: &'t DeploymentEntry, index: u32, tenant_host: bool },
+    /// An edge-generated answer; `branding` indexes [`Pages`].
+    Denied { code: ErrorCode, workspace: Option<u32>, branding: u32, preview: bool },
+}
+
+/// The routing snapshot.
+pub struct RouteTable {
+    pub generation: u64,
+    pub domains: Domains,
+    pub pages: Pages,
+    workspaces: Vec<WorkspaceEntry>,
+    ws_by_slug: Map<u32>,
+    sandboxes: Map<SandboxEntry>,
+    deployments: Vec<DeploymentEntry>,
+    exact: Map<ExactHost>,
+    preview_domains: Map<TenantDomain>,
+    deploy_domains: Map<TenantDomain>,
+}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTable")
+            .field("generation", &self.generation)
+            .field("workspaces", &self.workspaces.len())
+            .field("sandboxes", &self.sandboxes.len())
+            .field("deployments", &self.deployments.len())
+            .finish()
+    }
+}
+
+/// Why a table could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid routing state: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct BuildError(pub Vec<state::StateError>);
+
+fn keyed<V>(cap: usize) -> Map<V> {
+    // Fixed seeds keep lookups deterministic across runs (benchmarks); hash flooding is
+    // not a concern because every key comes from the trusted routing state.
+    HashMap::with_capacity_and_hasher(cap, RandomState::with_seeds(0x6d69, 0x6f73, 0x6165, 0x6467))
+}
+
+impl RouteTable {
+    /// Validates `state` and builds a table. Pure: no I/O.
+    pub fn build(domains: &Domains, branding: &PlatformBranding, state: &State, generation: u64) -> Result<RouteTable, BuildError> {
+        state::validate(state, domains).map_err(BuildError)?;
+        let mut pages = Pages::new(branding);
+        let mut workspaces = Vec::with_capacity(state.workspaces.len());
+        let mut ws_index: HashMap<&str, u32, RandomState> = HashMap::with_capacity_and_hasher(state.workspaces.len(), RandomState::new());
+        let mut ws_by_slug = keyed(state.workspaces.len());
+        let mut preview_domains = keyed(0);
+        let mut deploy_domains = keyed(0);
+        for (i, w) in state.workspaces.iter().enumerate() {
+            let i = i as u32;
+            let (b, tb) = match &w.branding {
+                Some(b) => {
+                    let idx = pages.add_workspace_branding(b);
+                    (idx, idx)
+                }
+                None => (Pages::PLATFORM, Pages::NEUTRAL),
+            };
+            ws_index.insert(w.id.as_str(), i);
+            ws_by_slug.insert(w.slug.as_str().into(), i);
+            if let Some(d) = &w.preview_domain {
+                preview_domains.insert(d.host.as_str().into(), TenantDomain { workspace: i, verified: d.verified });
+            }
+            if let Some(d) = &w.deploy_domain {
+                deploy_domains.insert(d.host.as_str().into(), TenantDomain { workspace: i, verified: d.verified });
+            }
+            workspaces.push(WorkspaceEntry {
+                id: w.id.as_str().into(),
+                slug: w.slug.as_str().into(),
+                branding: b,
+                tenant_branding: tb,
+                deployments: keyed(0),
+            });
+        }
+        let ws_of = |id: &state::WorkspaceId| ws_index.get(id.as_str()).copied().ok_or_else(|| {
+            BuildError(vec![state::StateError { path: String::new(), message: format!("workspace `{id}` does not exist") }])
+        });
+
+        let mut sandboxes = keyed(state.sandboxes.len());
+        for s in &state.sandboxes {
+            let mut previews: Vec<(u16, Access)> = s.previews.iter().map(|p| (p.port.0, p.access)).collect();
+            previews.sort_unstable_by_key(|p| p.0);
+            sandboxes.insert(
+                s.id.as_str().into(),
+                SandboxEntry { workspace: ws_of(&s.workspace)?, address: s.address.0, state: s.state, previews: previews.into_boxed_slice() },
+            );
+        }
+
+        let mut deployments = Vec::with_capacity(state.deployments.len());
+        let mut exact = keyed(state.deployments.len());
+        for (i, d) in state.deployments.iter().enumerate() {
+            let i = i as u32;
+            let ws = ws_of(&d.workspace)?;
+            let version = d.versions.iter().find(|v| v.id == d.active_version).ok_or_else(|| {
+                BuildError(vec![state::StateError { path: String::new(), message: format!("deployment `{}` has no active version", d.id) }])
+            })?;
+            let release = match &version.release {
+                Release::Dynamic { instances, .. } => ActiveRelease::Dynamic {
+                    instances: instances.iter().map(|a| a.0).collect(),
+                    next: AtomicUsize::new(0),
+                },
+                Release::Static { sha256, spa } => ActiveRelease::Static { sha256: *sha256, spa: *spa },
+            };
+            workspaces[ws as usize].deployments.insert(d.name.as_str().into(), i);
+            for dom in &d.domains {
+                exact.insert(dom.host.as_str().into(), ExactHost { deployment: i, verified: dom.verified });
+            }
+            deployments.push(DeploymentEntry {
+                id: d.id.as_str().into(),
+                workspace: ws,
+                name: d.name.as_str().into(),
+                active_version: d.active_version.as_str().into(),
+                release,
+            });
+        }
+
+        Ok(RouteTable {
+            generation,
+            domains: domains.clone(),
+            pages,
+            workspaces,
+            ws_by_slug,
+            sandboxes,
+            deployments,
+            exact,
+            preview_domains,
+            deploy_domains,
+        })
+    }
+
+    /// An empty table (no routes): every host is unknown.
+    pub fn empty(domains: &Domains, branding: &PlatformBranding) -> RouteTable {
+        match RouteTable::build(domains, branding, &State::default(), 0) {
+            Ok(t) => t,
+            Err(e) => unreachable!("an empty state is always valid: {e}"),
+        }
+    }
+
+    /// A workspace by index (as found in routes).
+    pub fn workspace(&self, i: u32) -> Option<&WorkspaceEntry> {
+        self.workspaces.get(i as usize)
+    }
+
+    /// A deployment by index (as found in routes).
+    pub fn deployment(&self, i: u32) -> Option<&DeploymentEntry> {
+        self.deployments.get(i as usize)
+    }
+
+    /// Number of sandboxes in the table.
+    pub fn sandbox_count(&self) -> usize {
+        self.sandboxes.len()
+    }
+
+    /// Classifies a normalised host (see [`normalize_host`]). Allocation-free.
+    pub fn lookup(&self, host: &str) -> Route<'_> {
+        // 1. Exact deployment hosts.
+        if let Some(e) = self.exact.get(host) {
+            let dep = &self.deployments[e.deployment as usize];
+            let ws = &self.workspaces[dep.workspace as usize];
+            if !e.verified {
+                return self.denied(ErrorCode::DomainNotVerified, Some(dep.workspace), ws.tenant_branding, false);
+            }
+            return Route::Deployment { deployment: dep, index: e.deployment, tenant_host: true };
+        }
+        // 2. `{port}-{sandbox}.{sandbox zone}`.
+        if let Some(label) = first_label_under(host, &self.domains.sandbox) {
+            if let Some((port, id)) = split_port_label(label) {
+                return self.preview(id, port, None);
+            }
+        }
+        // 3. `{name}.{slug}.{apps}`.
+        if let Some(rest) = strip_zone(host, &self.domains.apps) {
+            if let Some((name, slug)) = rest.split_once('.') {
+                if !slug.contains('.') {
+                    if let Some(&wi) = self.ws_by_slug.get(slug) {
+                        let ws = &self.workspaces[wi as usize];
+                        return match ws.deployments.get(name) {
+                            Some(&di) => Route::Deployment { deployment: &self.deployments[di as usize], index: di, tenant_host: false },
+                            None => self.denied(ErrorCode::UnknownHost, Some(wi), ws.branding, false),
+                        };
+                    }
+                }
+            }
+        }
+        // 4 and 5: tenant domains, one label below the registered domain.
+        let mut tenant: Option<u32> = None;
+        if let Some((first, parent)) = host.split_once('.') {
+            if let Some(td) = self.preview_domains.get(parent) {
+                if !td.verified {
+                    let b = self.workspaces[td.workspace as usize].tenant_branding;
+                    return self.denied(ErrorCode::DomainNotVerified, Some(td.workspace), b, true);
+                }
+                if let Some((port, id)) = split_port_label(first) {
+                    return self.preview(id, port, Some(td.workspace));
+                }
+                tenant = Some(td.workspace);
+            }
+            if let Some(td) = self.deploy_domains.get(parent) {
+                let ws = &self.workspaces[td.workspace as usize];
+                if !td.verified {
+                    return self.denied(ErrorCode::DomainNotVerified, Some(td.workspace), ws.tenant_branding, false);
+                }
+                if let Some(&di) = ws.deployments.get(first) {
+                    return Route::Deployment { deployment: &self.deployments[di as usize], index: di, tenant_host: true };
+                }
+                tenant = Some(td.workspace);
+            }
+        }
+        // 6. Unknown: branded for the tenant whose domain it sits under, if any; a host
+        // that *is* a tenant domain also belongs to that tenant.
+        let tenant = tenant.or_else(|| {
+            self.preview_domains.get(host).or_else(|| self.deploy_domains.get(host)).map(|td| td.workspace)
+        });
+        match tenant {
+            Some(wi) => self.denied(ErrorCode::UnknownHost, Some(wi), self.workspaces[wi as usize].tenant_branding, false),
+            None => self.denied(ErrorCode::UnknownHost, None, Pages::PLATFORM, false),
+        }
+    }
+
+    fn denied(&self, code: ErrorCode, workspace: Option<u32>, branding: u32, preview: bool) -> Route<'_> {
+        Route::Denied { code, workspace, branding, preview }
+    }
+
+    fn preview(&self, id: &str, port: u16, tenant: Option<u32>) -> Route<'_> {
+        let not_found = |wi: Option<u32>| {
+            let branding = match (tenant, wi) {
+                (Some(t), _) => self.workspaces[t as usize].tenant_branding,
+                (None, Some(w)) => self.workspaces[w as usize].branding,
+                (None, None) => Pages::PLATFORM,
+            };
+            self.denied(ErrorCode::PreviewNotFound, tenant.or(wi), branding, true)
+        };
+        let Some((sandbox_id, sb)) = self.sandboxes.get_key_value(id) else {
+            return not_found(None);
+        };
+        // Tenant isolation: a tenant preview domain only serves its own sandboxes, and
+        // says nothing about whether the id exists elsewhere.
+        if tenant.is_some_and(|t| t != sb.workspace) {
+            return not_found(None);
+        }
+        match sb.previews.binary_search_by_key(&port, |p| p.0) {
+            Ok(i) => Route::Preview { sandbox_id, sandbox: sb, port, access: sb.previews[i].1, tenant_host: tenant.is_some() },
+            Err(_) => not_found(Some(sb.workspace)),
+        }
+    }
+}
+
+/// `host` without `.zone` (`None` unless it is strictly under `zone`).
+fn strip_zone<'h>(host: &'h str, zone: &state::Host) -> Option<&'h str> {
+    let rest = host.strip_suffix(zone.as_str())?.strip_suffix('.')?;
+    (!rest.is_empty()).then_some(rest)
+}
+
+/// The single label of `host` directly under `zone`.
+fn first_label_under<'h>(host: &'h str, zone: &state::Host) -> Option<&'h str> {
+    strip_zone(host, zone).filter(|l| !l.contains('.'))
+}
+
+/// Splits `5173-abc12345` at its first `-` into a port (1–65535, decimal, no leading
+/// zero) and a non-empty sandbox id.
+pub fn split_port_label(label: &str) -> Option<(u16, &str)> {
+    let (port, id) = label.split_once('-')?;
+    if id.is_empty() || port.is_empty() || port.len() > 5 || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u32 = port.parse().ok()?;
+    u16::try_from(n).ok().filter(|&p| p > 0).map(|p| (p, id))
+}
+
+/// Normalises a request's host (from `Host` or `:authority`) into `buf`: lower-cased,
+/// port and one trailing dot removed. Returns `None` for a malformed host (empty, bad
+/// characters, bad port, too long). IP literals are returned as they are (they never
+/// match a route). Allocation-free.
+pub fn normalize_host<'b>(raw: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str> {
+    let raw = raw.trim_ascii();
+    if raw.is_empty() {
+        return None;
+    }
+    let (name, port): (&[u8], &[u8]) = if raw[0] == b'[' {
+        // IPv6 literal: `[::1]:8080`.
+        let end = raw.iter().position(|&b| b == b']')?;
+        let rest = &raw[end + 1..];
+        let port = match rest {
+            [] => &[][..],
+            [b':', p @ ..] => p,
+            _ => return None,
+        };
+        (&raw[..=end], port)
+    } else {
+        match raw.iter().rposition(|&b| b == b':') {
+            Some(i) => (&raw[..i], &raw[i + 1..]),
+            None => (raw, &[][..]),
+        }
+    };
+    if !port.is_empty() && (port.len() > 5 || !port.iter().all(u8::is_ascii_digit)) {
+        return None;
+    }
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.is_empty() || name.len() > buf.len() {
+        return None;
+    }
+    let ipv6 = name[0] == b'[';
+    for (i, &b) in name.iter().enumerate() {
+        let c = b.to_ascii_lowercase();
+        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.' || c == b'_' || (ipv6 && (c == b':' || c == b'[' || c == b']'));
+        if !ok {
+            return None;
+        }
+        buf[i] = c;
+    }
+    // Every byte is ASCII, so this cannot fail; fall back to "malformed" regardless.
+    std::str::from_utf8(&buf[..name.len()]).ok()
+}
+
+/// Publishes `table` (one atomic store; readers in flight keep their snapshot).
+pub fn publish(shared: &SharedTable, table: RouteTable) {
+    shared.store(Arc::new(table));
+}
+
+#[cfg(test)]
+mod tests;

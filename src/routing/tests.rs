@@ -1,0 +1,165 @@
+use super::*;
+use crate::config::{Domains, PlatformBranding};
+
+fn domains() -> Domains {
+    Domains {
+        sandbox: state::Host::try_from("sandbox.miosa.app").unwrap(),
+        apps: state::Host::try_from("miosa.app").unwrap(),
+        edge_target: state::Host::try_from("edge.miosa.app").unwrap(),
+        acme_zone: state::Host::try_from("acme.miosa.app").unwrap(),
+    }
+}
+
+fn table() -> RouteTable {
+    let s: State = toml::from_str(
+        r##"
+[[workspaces]]
+id = "ws_1"
+slug = "my-workspace"
+preview_domain = { host = "preview.yourproduct.com", verified = true }
+deploy_domain = { host = "apps.yourplatform.com", verified = true }
+branding = { accent_color = "#0a84ff" }
+
+[[workspaces]]
+id = "ws_2"
+slug = "other"
+preview_domain = { host = "preview.unverified.com", verified = false }
+
+[[sandboxes]]
+id = "abc12345"
+workspace = "ws_1"
+address = "10.0.3.7"
+previews = [{ port = 5173 }, { port = 3000, access = "public" }]
+
+[[sandboxes]]
+id = "zzz"
+workspace = "ws_2"
+address = "10.0.3.8"
+previews = [{ port = 3000, access = "public" }]
+
+[[deployments]]
+id = "dep_1"
+workspace = "ws_1"
+name = "my-app"
+domains = [{ host = "app.customer.com", verified = true }, { host = "new.customer.com" }]
+active_version = "v17"
+versions = [{ id = "v17", release = { kind = "dynamic", instances = ["10.0.4.1:8080", "10.0.4.2:8080"] } }]
+"##,
+    )
+    .unwrap();
+    RouteTable::build(&domains(), &PlatformBranding::default(), &s, 7).unwrap()
+}
+
+fn preview(t: &RouteTable, host: &str) -> Option<(String, u16, bool)> {
+    match t.lookup(host) {
+        Route::Preview { sandbox_id, port, tenant_host, .. } => Some((sandbox_id.to_string(), port, tenant_host)),
+        _ => None,
+    }
+}
+
+fn denied(t: &RouteTable, host: &str) -> Option<ErrorCode> {
+    match t.lookup(host) {
+        Route::Denied { code, .. } => Some(code),
+        _ => None,
+    }
+}
+
+fn deployment(t: &RouteTable, host: &str) -> Option<String> {
+    match t.lookup(host) {
+        Route::Deployment { deployment, .. } => Some(deployment.id.to_string()),
+        _ => None,
+    }
+}
+
+#[test]
+fn every_host_class() {
+    let t = table();
+    assert_eq!(deployment(&t, "app.customer.com").as_deref(), Some("dep_1"));
+    assert_eq!(preview(&t, "5173-abc12345.sandbox.miosa.app"), Some(("abc12345".into(), 5173, false)));
+    assert_eq!(deployment(&t, "my-app.my-workspace.miosa.app").as_deref(), Some("dep_1"));
+    assert_eq!(preview(&t, "3000-abc12345.preview.yourproduct.com"), Some(("abc12345".into(), 3000, true)));
+    assert_eq!(deployment(&t, "my-app.apps.yourplatform.com").as_deref(), Some("dep_1"));
+    assert_eq!(denied(&t, "example.com"), Some(ErrorCode::UnknownHost));
+}
+
+#[test]
+fn not_found_cases() {
+    let t = table();
+    assert_eq!(denied(&t, "8080-abc12345.sandbox.miosa.app"), Some(ErrorCode::PreviewNotFound));
+    assert_eq!(denied(&t, "5173-nosuch.sandbox.miosa.app"), Some(ErrorCode::PreviewNotFound));
+    assert_eq!(denied(&t, "nope.my-workspace.miosa.app"), Some(ErrorCode::UnknownHost));
+    assert_eq!(denied(&t, "nope.apps.yourplatform.com"), Some(ErrorCode::UnknownHost));
+    // Malformed port labels are not previews at all.
+    for h in ["05173-abc12345.sandbox.miosa.app", "0-abc12345.sandbox.miosa.app", "65536-abc12345.sandbox.miosa.app", "abc12345.sandbox.miosa.app", "5173-.sandbox.miosa.app", "a.b.sandbox.miosa.app"] {
+        assert_eq!(denied(&t, h), Some(ErrorCode::UnknownHost), "{h}");
+    }
+    assert_eq!(denied(&t, "sandbox.miosa.app"), Some(ErrorCode::UnknownHost));
+    assert_eq!(denied(&t, "10.0.3.7"), Some(ErrorCode::UnknownHost));
+}
+
+#[test]
+fn tenant_isolation() {
+    let t = table();
+    // zzz belongs to ws_2: not reachable through ws_1's preview domain.
+    assert_eq!(denied(&t, "3000-zzz.preview.yourproduct.com"), Some(ErrorCode::PreviewNotFound));
+    assert!(preview(&t, "3000-zzz.sandbox.miosa.app").is_some());
+    match t.lookup("3000-zzz.preview.yourproduct.com") {
+        Route::Denied { workspace, branding, .. } => {
+            assert_eq!(workspace, Some(0), "the page is ws_1's");
+            assert_ne!(branding, Pages::PLATFORM, "a tenant host never shows the platform branding");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unverified_domains() {
+    let t = table();
+    assert_eq!(denied(&t, "new.customer.com"), Some(ErrorCode::DomainNotVerified));
+    assert_eq!(denied(&t, "3000-zzz.preview.unverified.com"), Some(ErrorCode::DomainNotVerified));
+}
+
+#[test]
+fn round_robin_and_retry_skip() {
+    let t = table();
+    let Route::Deployment { deployment, .. } = t.lookup("app.customer.com") else { panic!() };
+    let a = deployment.pick_instance(None).unwrap();
+    let b = deployment.pick_instance(None).unwrap();
+    assert_ne!(a, b);
+    for _ in 0..4 {
+        assert_ne!(deployment.pick_instance(Some(a)), Some(a));
+    }
+}
+
+#[test]
+fn port_labels() {
+    assert_eq!(split_port_label("5173-abc"), Some((5173, "abc")));
+    assert_eq!(split_port_label("1-a-b"), Some((1, "a-b")));
+    assert_eq!(split_port_label("65535-x"), Some((65535, "x")));
+    for bad in ["0-x", "01-x", "65536-x", "-x", "5173", "5173-", "+5-x", "99999999999-x"] {
+        assert_eq!(split_port_label(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn host_normalisation() {
+    let mut b = [0u8; 256];
+    assert_eq!(normalize_host(b"5173-ABC.Sandbox.MIOSA.app:8080", &mut b), Some("5173-abc.sandbox.miosa.app"));
+    assert_eq!(normalize_host(b"app.customer.com.", &mut b), Some("app.customer.com"));
+    assert_eq!(normalize_host(b"app.customer.com.:443", &mut b), Some("app.customer.com"));
+    assert_eq!(normalize_host(b"[::1]:8080", &mut b), Some("[::1]"));
+    assert_eq!(normalize_host(b"xn--bcher-kva.example", &mut b), Some("xn--bcher-kva.example"));
+    for bad in [&b""[..], b":8080", b"a b", b"a@b", b"host:port", b"a/b", "bücher.example".as_bytes(), b"a:123456", &[b'a'; 300]] {
+        assert_eq!(normalize_host(bad, &mut b), None, "{:?}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn lookups_are_deterministic_across_swaps() {
+    let shared: SharedTable = Arc::new(ArcSwap::from_pointee(table()));
+    let before = shared.load_full();
+    publish(&shared, RouteTable::empty(&domains(), &PlatformBranding::default()));
+    // The old snapshot still answers as before; new loads see the new table.
+    assert!(preview(&before, "3000-abc12345.sandbox.miosa.app").is_some());
+    assert_eq!(denied(&shared.load(), "3000-abc12345.sandbox.miosa.app"), Some(ErrorCode::PreviewNotFound));
+}

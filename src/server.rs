@@ -1,0 +1,91 @@
+//! Start-up: config → first table → pingora server with the proxy service, plus the
+//! reload thread.
+
+use crate::config::reload::Reloader;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{EdgeProxy, ProxyOptions};
+use crate::routing::{RouteTable, SharedTable};
+use arc_swap::ArcSwap;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid routing state: {0}")]
+    State(#[from] crate::routing::BuildError),
+    #[error("cannot start the reload thread: {0}")]
+    Reload(#[source] std::io::Error),
+}
+
+/// Picks the concrete address for a listener: checks that it can be bound (so a busy
+/// port is a clear error, not a panic inside the server) and resolves port 0 to a
+/// free port.
+fn resolve_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    let l = TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+    let actual = l.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    drop(l);
+    Ok(actual)
+}
+
+/// Runs the edge until it is told to stop (SIGTERM graceful, SIGINT fast).
+pub fn run(cfg: Config) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let generation = Arc::new(AtomicU64::new(1));
+    let table = RouteTable::build(&cfg.domains, &cfg.branding, &cfg.state, 1)?;
+    metrics.generation.set(1);
+    metrics.sandboxes.set(table.sandbox_count() as i64);
+    let routes: SharedTable = Arc::new(ArcSwap::from_pointee(table));
+
+    let http = resolve_listener(cfg.server.http)?;
+    let threads = match cfg.server.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+
+    let mut conf = ServerConf::default();
+    conf.threads = threads;
+    conf.grace_period_seconds = Some(1);
+    conf.graceful_shutdown_timeout_seconds = Some(10);
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let proxy = EdgeProxy::new(
+        routes.clone(),
+        metrics.clone(),
+        ProxyOptions {
+            connect_timeout: Duration::from_millis(cfg.server.connect_timeout_ms),
+            read_timeout: Duration::from_millis(cfg.server.read_timeout_ms),
+            tls: false,
+        },
+    );
+    let mut svc = http_proxy_service_with_name(&server.configuration, proxy, "miosa-edge http");
+    svc.add_tcp(&http.to_string());
+    server.add_service(svc);
+
+    if let Some(path) = &cfg.source {
+        let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
+        Reloader::new(path.clone(), routes.clone(), metrics.clone(), generation.clone(), cfg.server.clone())
+            .spawn(interval)
+            .map_err(StartError::Reload)?;
+    }
+
+    let source = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dev.toml".into());
+    tracing::info!(http = %http, threads, config = %source, sandbox_domain = %cfg.domains.sandbox, "miosa-edge starting");
+    // One machine-readable line on stdout: tests and scripts read the resolved port.
+    println!("miosa-edge listening http={http}");
+    server.run(RunArgs::default());
+    Ok(())
+}
