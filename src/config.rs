@@ -395,7 +395,8 @@ fn span_of_path(doc: &Spanned<DeTable<'_>>, path: &str) -> std::ops::Range<usize
         match v.get_ref() {
             DeValue::Table(t) => table = Some(t),
             DeValue::Array(a) => array = Some(&a[..]),
-            _ => {}
+            // A bad scalar: point at the value itself.
+            _ => span = v.span(),
         }
     }
     span

@@ -1,0 +1,82 @@
+//! Host lookup allocates nothing (DESIGN.md hot-path rule), checked with a counting
+//! allocator on this thread.
+
+use miosa_edge::config::{Domains, PlatformBranding};
+use miosa_edge::routing::{normalize_host, Route, RouteTable};
+use miosa_edge::state::State;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn lookup_is_allocation_free() {
+    let state: State = toml::from_str(
+        r#"
+[[workspaces]]
+id = "ws_1"
+slug = "one"
+preview_domain = { host = "preview.tenant.test", verified = true }
+deploy_domain = { host = "apps.tenant.test", verified = true }
+[[sandboxes]]
+id = "abc12345"
+workspace = "ws_1"
+address = "10.0.0.1"
+previews = [{ port = 5173 }]
+[[deployments]]
+id = "d"
+workspace = "ws_1"
+name = "app"
+domains = [{ host = "app.customer.test", verified = true }]
+active_version = "v"
+versions = [{ id = "v", release = { kind = "dynamic", instances = ["10.0.0.2:80"] } }]
+"#,
+    )
+    .expect("state");
+    let t = RouteTable::build(&Domains::default(), &PlatformBranding::default(), &state, 1).expect("table");
+    let hosts: [&[u8]; 8] = [
+        b"5173-abc12345.sandbox.localhost:8080",
+        b"5173-ABC12345.sandbox.localhost.",
+        b"app.one.apps.localhost",
+        b"app.customer.test",
+        b"5173-abc12345.preview.tenant.test",
+        b"app.apps.tenant.test",
+        b"nothing.example",
+        b"9-nobody.sandbox.localhost",
+    ];
+    let mut kinds = 0usize;
+    let before = ALLOCS.with(|c| c.get());
+    for h in hosts {
+        let mut buf = [0u8; 256];
+        let host = normalize_host(h, &mut buf).expect("valid host");
+        kinds += match t.lookup(host) {
+            Route::Preview { .. } => 1,
+            Route::Deployment { .. } => 10,
+            Route::Denied { .. } => 100,
+        };
+    }
+    let after = ALLOCS.with(|c| c.get());
+    assert_eq!(kinds, 3 + 30 + 200, "each host classified as expected");
+    assert_eq!(after - before, 0, "host lookup allocated");
+}

@@ -1,0 +1,104 @@
+//! Forwarding as CONTRACT §6: headers, WebSockets, streaming through a reload.
+
+use crate::support::{eventually, ws_echo, Edge};
+use crate::Fixture;
+use std::time::Duration;
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_credentials_stripped() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let r = edge
+        .request(&format!(
+            "GET /p?q=1 HTTP/1.1\r\nHost: {host}:8080\r\nAccept: application/json\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nX-Request-Id: client-id_1.2\r\nX-Miosa-Token: mp_secret\r\nX-Miosa-Anything: 1\r\nAuthorization: Bearer app-token\r\nCookie: app=1\r\n"
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    let h = &j["headers"];
+    assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]), "client-supplied XFF is replaced");
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(h["x-forwarded-host"], serde_json::json!([format!("{host}:8080")]));
+    assert_eq!(h["host"], serde_json::json!([format!("{host}:8080")]), "the original Host goes upstream");
+    assert_eq!(h["x-request-id"], serde_json::json!(["client-id_1.2"]));
+    assert!(h.get("x-miosa-token").is_none() && h.get("x-miosa-anything").is_none(), "{h}");
+    assert_eq!(h["authorization"], serde_json::json!(["Bearer app-token"]));
+    assert_eq!(h["cookie"], serde_json::json!(["app=1"]));
+    assert_eq!(r.header("x-request-id"), Some("client-id_1.2"), "echoed to the client");
+    assert_eq!(r.header("x-origin"), Some("a-public"));
+
+    // An invalid request id is replaced by a generated one, echoed both ways.
+    let r = edge.request(&format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Request-Id: bad id!\r\n")).await;
+    let sent = r.json()["headers"]["x-request-id"][0].as_str().unwrap_or_default().to_string();
+    assert!(sent.len() == 32 && sent.bytes().all(|b| b.is_ascii_hexdigit()), "{sent}");
+    assert_eq!(r.header("x-request-id"), Some(sent.as_str()));
+
+    // POST bodies stream through.
+    let body = "x".repeat(100_000);
+    let raw = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let r = crate::support::raw_request(edge.addr, &raw).await;
+    assert_eq!(r.json()["body_len"], 100_000);
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_edge() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let f = Fixture::start().await;
+    let (ws_addr, _task) = ws_echo("127.0.0.2").await;
+    let extra = format!(
+        r#"[[sandboxes]]
+id = "wsbox"
+workspace = "ws_1"
+address = "127.0.0.2"
+previews = [{{ port = {}, access = "public" }}]
+"#,
+        ws_addr.port()
+    );
+    let edge = Edge::start(&f.toml(&extra)).await;
+    let stream = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let url = format!("ws://{}-wsbox.sandbox.localhost/hmr", ws_addr.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, stream).await.expect("websocket handshake through the edge");
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hot-reload {i}"))).await.expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
+        assert_eq!(got.expect("frame").expect("ok").into_text().expect("text").as_str(), format!("hot-reload {i}"));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo").expect("frame").expect("ok");
+    assert_eq!(got.into_data().as_ref(), &[0u8, 1, 2, 255]);
+}
+
+#[tokio::test]
+async fn streaming_response_in_flight_survives_a_reload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let ctl = f.a_public.expect_stream();
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    s.write_all(format!("GET /stream HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    tokio::time::timeout(Duration::from_secs(10), ctl.started).await.expect("stream started").expect("started");
+
+    // Swap in a table where this sandbox no longer exists.
+    let new = f.toml("").replace("id = \"abc12345\"", "id = \"renamed\"");
+    edge.write_config(&new);
+    edge.hup();
+    let gone = eventually(Duration::from_secs(10), || async {
+        let r = edge.get(&host, "/").await;
+        (r.status == 404).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the new table was published");
+
+    // The request that started on the old table finishes on it, whole.
+    let _ = ctl.release.send(());
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("stream finished").expect("read");
+    let r = crate::support::parse_response(&buf);
+    assert_eq!(r.status, 200);
+    let body = r.text();
+    assert!(body.starts_with("first-chunk;chunk-0;") && body.ends_with("chunk-99;end"), "{body}");
+}

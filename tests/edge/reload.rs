@@ -1,0 +1,97 @@
+//! Live reload (SIGHUP and file watch) and `miosa-edge check`.
+
+use crate::support::{eventually, Edge};
+use crate::Fixture;
+use std::process::Command;
+use std::time::Duration;
+
+#[tokio::test]
+async fn file_change_is_picked_up_without_a_signal() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let host = format!("{}-newbox.sandbox.localhost", f.pb());
+    assert_eq!(edge.get(&host, "/").await.status, 404);
+    let extra = format!("[[sandboxes]]\nid = \"newbox\"\nworkspace = \"ws_2\"\naddress = \"127.0.0.3\"\npreviews = [{{ port = {}, access = \"public\" }}]\n", f.pb());
+    edge.write_config(&f.toml(&extra));
+    let r = eventually(Duration::from_secs(10), || async {
+        let r = edge.get(&host, "/").await;
+        (r.status == 200).then_some(r)
+    })
+    .await
+    .expect("the watcher applied the new file");
+    assert_eq!(r.json()["origin"], "b-public");
+}
+
+#[tokio::test]
+async fn broken_reload_keeps_the_old_table_and_says_where() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    assert_eq!(edge.get(&host, "/").await.status, 200);
+
+    // A dangling reference and a bad address: refused, every error logged with its
+    // key path and line:column; the old routes keep serving.
+    let bad = f.toml("[[sandboxes]]\nid = \"bad\"\nworkspace = \"ws_nope\"\naddress = \"127.0.0.3\"\n").replace("id = \"abc12345\"", "id = \"abc12345\"\n# comment");
+    edge.write_config(&bad);
+    edge.hup();
+    let logged = eventually(Duration::from_secs(10), || async {
+        let log = edge.log();
+        log.contains("config reload refused").then_some(log)
+    })
+    .await
+    .expect("the refusal is logged");
+    let written = std::fs::read_to_string(&edge.config).expect("config");
+    let line = written.lines().position(|l| l.starts_with("workspace = \"ws_nope\"")).map(|i| i + 1).unwrap_or(0);
+    assert!(logged.contains("sandboxes[3].workspace"), "{logged}");
+    assert!(logged.contains(&format!("line={line}")), "line {line} in {logged}");
+    assert!(logged.contains("still serving the previous routing table"));
+    let r = edge.get(&host, "/").await;
+    assert_eq!(r.status, 200, "old table still serving");
+    assert_eq!(r.json()["origin"], "a-public");
+
+    // A syntax error too.
+    edge.write_config("[[sandboxes]\nid = ");
+    edge.hup();
+    eventually(Duration::from_secs(10), || async { (edge.log().matches("config reload refused").count() >= 2).then_some(()) })
+        .await
+        .expect("second refusal logged");
+    assert_eq!(edge.get(&host, "/").await.status, 200);
+
+    // And a good file afterwards is applied.
+    edge.write_config(&f.toml("").replace(&format!("{{ port = {}, access = \"public\" }},", f.pa()), ""));
+    edge.hup();
+    eventually(Duration::from_secs(10), || async { (edge.get(&host, "/").await.status == 404).then_some(()) })
+        .await
+        .expect("good reload applied");
+}
+
+#[test]
+fn check_reports_line_and_column() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.3\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config"]).arg(&path).output().expect("run check");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:8:11: sandboxes[0].address:", path.display())), "{err}");
+    assert!(err.contains("is not an IP address"));
+
+    // Several semantic errors are all reported.
+    std::fs::write(&path, "[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.0.1\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.0.2\"\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config"]).arg(&path).output().expect("run check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains(":3:13: sandboxes[0].workspace: workspace `w` does not exist"), "{err}");
+    assert!(err.contains(":7:6: sandboxes[1].id"), "{err}");
+    assert!(err.contains("3 error(s)"), "{err}");
+
+    // A good file passes; so does the shipped example and the embedded default.
+    for good in ["config/edge.example.toml", "config/dev.toml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config", good]).output().expect("run check");
+        assert!(out.status.success(), "{good}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

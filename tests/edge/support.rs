@@ -1,0 +1,338 @@
+//! Test support: the real edge binary on a free port, real origins on loopback, and
+//! a small raw HTTP/1.1 client (raw, so tests can send hostile requests).
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bounded wait for readiness: polls `f` until it returns `Some` or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A running edge process, killed on drop.
+pub struct Edge {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Edge {
+    /// Starts the edge on `config_body` (a TOML file without `[server]`, which is added
+    /// with a free port and a fast file watch).
+    pub async fn start(config_body: &str) -> Edge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("edge.toml");
+        let text = Edge::with_server(dir.path(), config_body);
+        std::fs::write(&config, text).expect("write config");
+        let stderr = dir.path().join("edge.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("MIOSA_EDGE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("log file"))
+            .spawn()
+            .expect("spawn miosa-edge");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("miosa-edge listening http=") {
+                    if let (Some(tx), Ok(a)) = (tx.take(), a.trim().parse::<SocketAddr>()) {
+                        let _ = tx.send(a);
+                    }
+                }
+            }
+        });
+        let addr = match tokio::time::timeout(Duration::from_secs(20), rx).await {
+            Ok(Ok(a)) => a,
+            _ => panic!("edge did not start: {}", std::fs::read_to_string(&stderr).unwrap_or_default()),
+        };
+        let up = eventually(Duration::from_secs(10), || async move { TcpStream::connect(addr).await.ok().map(|_| ()) }).await;
+        assert!(up.is_some(), "edge never accepted connections on {addr}");
+        Edge { child, addr, dir, config, stderr }
+    }
+
+    fn with_server(dir: &Path, body: &str) -> String {
+        format!(
+            "[server]\nhttp = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nwatch_interval_ms = 100\nconnect_timeout_ms = 2000\nread_timeout_ms = 3000\n\n{body}",
+            dir.join("var").display()
+        )
+    }
+
+    /// Replaces the config file atomically (write + rename), as editors and config
+    /// management do.
+    pub fn write_config(&self, body: &str) {
+        let tmp = self.dir.path().join("edge.toml.tmp");
+        std::fs::write(&tmp, Edge::with_server(self.dir.path(), body)).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
+    }
+
+    /// Sends SIGHUP.
+    pub fn hup(&self) {
+        let ok = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().expect("kill").success();
+        assert!(ok, "kill -HUP failed");
+    }
+
+    /// The edge's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// GET `path` with `Host: host`, Accept: application/json.
+    pub async fn get(&self, host: &str, path: &str) -> Response {
+        self.request(&format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n")).await
+    }
+
+    /// Sends a raw request head (without the final blank line; `Connection: close` is
+    /// added) and reads the whole response.
+    pub async fn request(&self, head: &str) -> Response {
+        raw_request(self.addr, &format!("{head}Connection: close\r\n\r\n")).await
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `code` of an edge JSON error.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// Writes `raw` and reads until the server closes; parses status, headers, body
+/// (Content-Length or chunked).
+pub async fn raw_request(addr: SocketAddr, raw: &str) -> Response {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(raw.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await.expect("response timed out").expect("read");
+    parse_response(&buf)
+}
+
+pub fn parse_response(buf: &[u8]) -> Response {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
+    let rest = &buf[end + 4..];
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
+    Response { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        b = &b[i + 2..];
+        if size == 0 || b.len() < size {
+            break;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[(size + 2).min(b.len())..];
+    }
+    out
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Controls of a streaming response served by an [`Origin`] at `/stream`.
+pub struct StreamControl {
+    /// Signalled once the first chunk was sent.
+    pub started: oneshot::Receiver<()>,
+    /// Send to release the rest of the body.
+    pub release: oneshot::Sender<()>,
+}
+
+/// A real HTTP origin: answers JSON describing the request and who it is, `/stream`
+/// with a body held open until released.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub name: String,
+    streams: Arc<Mutex<Vec<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    /// Starts an origin named `name` on `ip:0`.
+    pub async fn start(name: &str, ip: &str) -> Origin {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind origin");
+        let addr = listener.local_addr().expect("addr");
+        let streams: Arc<Mutex<Vec<(oneshot::Sender<()>, oneshot::Receiver<()>)>>> = Arc::default();
+        let st = streams.clone();
+        let nm = name.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, peer)) = listener.accept().await else { return };
+                let st = st.clone();
+                let nm = nm.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let st = st.clone();
+                        let nm = nm.clone();
+                        async move { Ok::<_, Infallible>(Origin::answer(&nm, addr, peer, req, &st).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), svc).await;
+                });
+            }
+        });
+        Origin { addr, name: name.to_string(), streams, task }
+    }
+
+    /// Prepares the next `/stream` request: returns its controls.
+    pub fn expect_stream(&self) -> StreamControl {
+        let (started_tx, started_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        self.streams.lock().expect("lock").push((started_tx, release_rx));
+        StreamControl { started: started_rx, release: release_tx }
+    }
+
+    async fn answer(
+        name: &str,
+        addr: SocketAddr,
+        peer: SocketAddr,
+        req: hyper::Request<hyper::body::Incoming>,
+        streams: &Mutex<Vec<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    ) -> hyper::Response<Body> {
+        if req.uri().path() == "/stream" {
+            let ctl = streams.lock().expect("lock").pop();
+            let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first-chunk;")))).await;
+                if let Some((started, release)) = ctl {
+                    let _ = started.send(());
+                    let _ = release.await;
+                }
+                for i in 0..100 {
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(format!("chunk-{i};"))))).await;
+                }
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"end")))).await;
+            });
+            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            return hyper::Response::builder()
+                .header("content-type", "text/plain")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("response");
+        }
+        let headers: BTreeMap<String, Vec<String>> = req.headers().keys().map(|k| {
+            (k.as_str().to_string(), req.headers().get_all(k).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect())
+        }).collect();
+        let body = serde_json::json!({
+            "origin": name,
+            "addr": addr.to_string(),
+            "peer": peer.ip().to_string(),
+            "method": req.method().as_str(),
+            "path": req.uri().to_string(),
+            "headers": headers,
+        });
+        let len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+        let mut body = body;
+        body["body_len"] = len.into();
+        hyper::Response::builder()
+            .header("content-type", "application/json")
+            .header("x-origin", name)
+            .body(BodyExt::boxed(Full::new(Bytes::from(body.to_string()))))
+            .expect("response")
+    }
+}
+
+/// A WebSocket echo origin on `ip:0`.
+pub async fn ws_echo(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind ws");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(sock).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A port on `ip` where nothing listens (bound then closed).
+pub fn closed_port(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    l.local_addr().expect("addr").port()
+}
