@@ -1,1 +1,135 @@
-fn main(){}
+//! Criterion benches of the request path's hot functions.
+//!
+//! `cargo bench --bench hot` — host lookup over 1M sandboxes + 100k custom domains
+//! (hits of every class and misses), host normalisation, error-page rendering, and
+//! building the whole table. Setup prints the table's resident size per sandbox.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use miosa_edge::config::{Domains, PlatformBranding};
+use miosa_edge::pages::{Detail, ErrorCode};
+use miosa_edge::routing::{normalize_host, Route, RouteTable};
+use miosa_edge::state::*;
+use std::hint::black_box;
+use std::time::Instant;
+
+const SANDBOXES: usize = 1_000_000;
+const DOMAINS: usize = 100_000;
+const WORKSPACES: usize = 10_000;
+
+fn domains() -> Domains {
+    Domains::from_names("sandbox.miosa.app", "miosa.app", "edge.miosa.app", "acme.miosa.app").unwrap()
+}
+
+fn big_state() -> State {
+    let mut s = State::default();
+    for w in 0..WORKSPACES {
+        s.workspaces.push(Workspace {
+            id: WorkspaceId::try_from(format!("ws_{w}")).unwrap(),
+            slug: Label::try_from(format!("team-{w}")).unwrap(),
+            preview_domain: Some(DomainEntry { host: Host::try_from(format!("preview.tenant-{w}.com")).unwrap(), verified: true }),
+            deploy_domain: None,
+            branding: (w % 10 == 0).then(|| WorkspaceBranding { accent_color: Some(AccentColor::try_from("#0a84ff").unwrap()), ..Default::default() }),
+        });
+    }
+    for i in 0..SANDBOXES {
+        s.sandboxes.push(Sandbox {
+            id: SandboxId::try_from(format!("sb{i:08x}")).unwrap(),
+            workspace: WorkspaceId::try_from(format!("ws_{}", i % WORKSPACES)).unwrap(),
+            address: Address(std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32))),
+            state: SandboxState::Running,
+            previews: vec![Preview { port: Port(5173), access: Access::Public }, Preview { port: Port(3000), access: Access::Private }],
+        });
+    }
+    for d in 0..DOMAINS {
+        s.deployments.push(Deployment {
+            id: Id::try_from(format!("dep_{d}")).unwrap(),
+            workspace: WorkspaceId::try_from(format!("ws_{}", d % WORKSPACES)).unwrap(),
+            name: Label::try_from(format!("app-{d}")).unwrap(),
+            domains: vec![DomainEntry { host: Host::try_from(format!("www.customer-{d}.com")).unwrap(), verified: true }],
+            active_version: Id::try_from("v1").unwrap(),
+            versions: vec![Version {
+                id: Id::try_from("v1").unwrap(),
+                release: Release::Dynamic { instances: vec![Instance(format!("10.1.0.{}:8080", d % 250 + 1).parse().unwrap())], health_check: None },
+            }],
+        });
+    }
+    s
+}
+
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+fn hosts(n: usize, f: impl Fn(usize) -> String) -> Vec<String> {
+    // A stride that visits the whole key space, so lookups are not cache-friendly.
+    (0..n).map(|i| f(i.wrapping_mul(7919))).collect()
+}
+
+fn bench_lookup(c: &mut Criterion) {
+    let state = big_state();
+    let before = resident_bytes();
+    let t0 = Instant::now();
+    let table = RouteTable::build(&domains(), &PlatformBranding::default(), &state, 1).unwrap();
+    let took = t0.elapsed();
+    let grown = resident_bytes().saturating_sub(before);
+    eprintln!(
+        "table: {SANDBOXES} sandboxes + {DOMAINS} domains built in {:.2} s; +{} MiB resident ({} B per sandbox, all objects counted)",
+        took.as_secs_f64(),
+        grown >> 20,
+        grown / SANDBOXES as u64
+    );
+
+    let sets = [
+        ("sandbox_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", i % SANDBOXES))),
+        ("custom_domain_hit", hosts(4096, |i| format!("www.customer-{}.com", i % DOMAINS))),
+        ("app_url_hit", hosts(4096, |i| format!("app-{}.team-{}.miosa.app", i % DOMAINS, (i % DOMAINS) % WORKSPACES))),
+        ("tenant_preview_hit", hosts(4096, |i| {
+            let sb = i % SANDBOXES;
+            format!("5173-sb{sb:08x}.preview.tenant-{}.com", sb % WORKSPACES)
+        })),
+        ("miss_unknown_host", hosts(4096, |i| format!("nothing-{i}.example.org"))),
+        ("miss_unknown_sandbox", hosts(4096, |i| format!("5173-zz{i:08x}.sandbox.miosa.app"))),
+    ];
+    let mut g = c.benchmark_group("lookup_1M");
+    for (name, hs) in &sets {
+        // Sanity: hits hit, misses miss.
+        let hit = matches!(table.lookup(&hs[1]), Route::Preview { .. } | Route::Deployment { .. });
+        assert_eq!(hit, name.ends_with("_hit"), "{name}: {}", hs[1]);
+        let mut i = 0usize;
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                black_box(matches!(table.lookup(black_box(&hs[i])), Route::Preview { .. }))
+            })
+        });
+    }
+    let raw: Vec<Vec<u8>> = sets[0].1.iter().map(|h| h.to_uppercase().into_bytes()).collect();
+    let mut i = 0usize;
+    g.bench_function("normalize_and_lookup", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            let mut buf = [0u8; 256];
+            let h = normalize_host(black_box(&raw[i]), &mut buf).unwrap_or("");
+            black_box(matches!(table.lookup(h), Route::Preview { .. }))
+        })
+    });
+    g.finish();
+
+    c.bench_function("page_render_html", |b| {
+        b.iter(|| black_box(table.pages.html(0, ErrorCode::SandboxUnavailable, Detail { port: Some(5173), deployment: false }, "0123456789abcdef0123456789abcdef")))
+    });
+
+    let mut g = c.benchmark_group("table_build");
+    g.sample_size(10);
+    g.bench_function("1M_sandboxes_100k_domains", |b| {
+        b.iter_batched(|| (), |_| black_box(RouteTable::build(&domains(), &PlatformBranding::default(), &state, 2).unwrap()), BatchSize::PerIteration)
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_lookup);
+criterion_main!(benches);

@@ -119,6 +119,18 @@ fn d_acme() -> Host {
     host("acme.localhost")
 }
 
+impl Domains {
+    /// Domains from their four names (validated as hosts).
+    pub fn from_names(sandbox: &str, apps: &str, edge_target: &str, acme_zone: &str) -> Result<Domains, String> {
+        Ok(Domains {
+            sandbox: Host::try_from(sandbox)?,
+            apps: Host::try_from(apps)?,
+            edge_target: Host::try_from(edge_target)?,
+            acme_zone: Host::try_from(acme_zone)?,
+        })
+    }
+}
+
 impl Default for Domains {
     fn default() -> Self {
         Domains { sandbox: d_sandbox(), apps: d_apps(), edge_target: d_edge(), acme_zone: d_acme() }

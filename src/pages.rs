@@ -262,8 +262,14 @@ impl Pages {
 
     /// The JSON error body for `code`.
     pub fn json(code: ErrorCode) -> Bytes {
-        let v = serde_json::json!({"error": {"status": code.status(), "code": code.as_str(), "message": code.message()}});
-        Bytes::from(v.to_string())
+        // Written by hand to keep the contract's field order (status, code, message);
+        // serde_json escapes the message.
+        let message = serde_json::Value::from(code.message()).to_string();
+        Bytes::from(format!(
+            "{{\"error\":{{\"status\":{},\"code\":\"{}\",\"message\":{message}}}}}",
+            code.status(),
+            code.as_str()
+        ))
     }
 }
 
@@ -370,5 +376,11 @@ mod tests {
         assert_eq!(v["error"]["status"], 404);
         assert_eq!(v["error"]["code"], "preview_not_found");
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        for code in ErrorCode::ALL {
+            let text = String::from_utf8(Pages::json(code).to_vec()).unwrap();
+            assert!(text.starts_with(&format!("{{\"error\":{{\"status\":{},\"code\":\"{}\"", code.status(), code.as_str())), "{text}");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["message"], code.message());
+        }
     }
 }

@@ -327,6 +327,24 @@ impl ProxyHttp for EdgeProxy {
         FailToProxy { error_code: status, can_reuse_downstream: false }
     }
 
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        // Upstream failures are routine for previews (a dev server not started yet):
+        // they become a page and a metric, and a warning without pingora's dump.
+        if matches!(e.esource(), ErrorSource::Upstream) {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                route = ctx.kind.as_str(),
+                failure = e.etype().as_str(),
+                upstream = ?ctx.target.map(|t| match t { Target::Sandbox { addr } | Target::Deployment { addr, .. } => addr }),
+                path = %session.req_header().uri.path(),
+                "upstream failed"
+            );
+            return true;
+        }
+        // A client that went away is not an error of ours.
+        matches!(e.esource(), ErrorSource::Downstream)
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map(|r| r.status.as_u16()).or(ctx.edge_status).unwrap_or(0);
         self.metrics.request(ctx.kind, status, ctx.start.elapsed().as_secs_f64());

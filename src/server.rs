@@ -75,12 +75,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     svc.add_tcp(&http.to_string());
     server.add_service(svc);
 
-    if let Some(path) = &cfg.source {
-        let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
-        Reloader::new(path.clone(), routes.clone(), metrics.clone(), generation.clone(), cfg.server.clone())
-            .spawn(interval)
-            .map_err(StartError::Reload)?;
-    }
+    let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
+    Reloader::new(cfg.source.clone(), routes.clone(), metrics.clone(), generation.clone(), cfg.server.clone())
+        .spawn(interval)
+        .map_err(StartError::Reload)?;
 
     let source = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dev.toml".into());
     tracing::info!(http = %http, threads, config = %source, sandbox_domain = %cfg.domains.sandbox, "miosa-edge starting");

@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime};
 
 /// Reloads one config file into a shared table.
 pub struct Reloader {
-    path: PathBuf,
+    /// `None` for the embedded default: SIGHUP is then acknowledged and ignored.
+    path: Option<PathBuf>,
     routes: SharedTable,
     metrics: Arc<Metrics>,
     generation: Arc<AtomicU64>,
@@ -43,17 +44,21 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
 
 impl Reloader {
     /// A reloader for `path`, whose current table was built from `started_with`.
-    pub fn new(path: PathBuf, routes: SharedTable, metrics: Arc<Metrics>, generation: Arc<AtomicU64>, started_with: super::Server) -> Reloader {
+    pub fn new(path: Option<PathBuf>, routes: SharedTable, metrics: Arc<Metrics>, generation: Arc<AtomicU64>, started_with: super::Server) -> Reloader {
         Reloader { path, routes, metrics, generation, started_with }
     }
 
     /// Reloads now. On success returns the new generation; on failure the old table
     /// keeps serving and the error (with every issue) is returned and logged.
     pub fn reload(&self) -> Result<u64, ConfigError> {
-        let result = Config::load(Some(&self.path)).and_then(|cfg| {
+        let Some(path) = &self.path else {
+            tracing::info!("running the embedded default config: nothing to reload");
+            return Ok(self.generation.load(Ordering::SeqCst));
+        };
+        let result = Config::load(Some(path)).and_then(|cfg| {
             let generation = self.generation.load(Ordering::SeqCst) + 1;
             let table = RouteTable::build(&cfg.domains, &cfg.branding, &cfg.state, generation).map_err(|e| ConfigError::Invalid {
-                file: self.path.display().to_string(),
+                file: path.display().to_string(),
                 issues: e
                     .0
                     .into_iter()
@@ -73,9 +78,9 @@ impl Reloader {
                 let s = &cfg.server;
                 let o = &self.started_with;
                 if s.http != o.http || s.https != o.https || s.threads != o.threads || s.state_dir != o.state_dir {
-                    tracing::warn!(file = %self.path.display(), "[server] listeners, threads and state_dir changed: they take effect on restart");
+                    tracing::warn!(file = %path.display(), "[server] listeners, threads and state_dir changed: they take effect on restart");
                 }
-                tracing::info!(file = %self.path.display(), generation, sandboxes, "config reloaded");
+                tracing::info!(file = %path.display(), generation, sandboxes, "config reloaded");
                 Ok(generation)
             }
             Err(e) => {
@@ -88,7 +93,7 @@ impl Reloader {
                     }
                     other => tracing::error!(error = %other, "config reload refused"),
                 }
-                tracing::warn!(file = %self.path.display(), "still serving the previous routing table");
+                tracing::warn!(file = %path.display(), "still serving the previous routing table");
                 Err(e)
             }
         }
@@ -103,24 +108,25 @@ impl Reloader {
         let mut hup = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })?;
         std::thread::Builder::new().name("miosa-reload".into()).spawn(move || {
             rt.block_on(async move {
-                let mut last = fingerprint(&self.path);
+                let fp = |r: &Reloader| r.path.as_deref().and_then(fingerprint);
+                let mut last = fp(&self);
                 let tick = interval.unwrap_or(Duration::from_secs(3600));
                 loop {
                     tokio::select! {
                         got = hup.recv() => {
                             if got.is_none() { return; }
                             tracing::info!("SIGHUP: reloading config");
-                            last = fingerprint(&self.path);
+                            last = fp(&self);
                             let _ = self.reload();
                         }
-                        _ = tokio::time::sleep(tick), if interval.is_some() => {
-                            let now = fingerprint(&self.path);
+                        _ = tokio::time::sleep(tick), if interval.is_some() && self.path.is_some() => {
+                            let now = fp(&self);
                             if now != last {
                                 last = now;
                                 if now.is_some() {
                                     let _ = self.reload();
                                 } else {
-                                    tracing::warn!(file = %self.path.display(), "config file is gone; keeping the current table");
+                                    tracing::warn!("config file is gone; keeping the current table");
                                 }
                             }
                         }
@@ -128,5 +134,39 @@ impl Reloader {
                 }
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arc_swap::ArcSwap;
+
+    const GOOD: &str = "[[workspaces]]\nid = \"w\"\nslug = \"w\"\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.0.1\"\npreviews = [{ port = 3000, access = \"public\" }]\n";
+
+    #[test]
+    fn failed_reload_is_counted_and_keeps_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        let cfg = Config::load(Some(&path)).unwrap();
+        let table = RouteTable::build(&cfg.domains, &cfg.branding, &cfg.state, 1).unwrap();
+        let routes: SharedTable = Arc::new(ArcSwap::from_pointee(table));
+        let metrics = Arc::new(Metrics::new());
+        let generation = Arc::new(AtomicU64::new(1));
+        let r = Reloader::new(Some(path.clone()), routes.clone(), metrics.clone(), generation.clone(), cfg.server.clone());
+
+        std::fs::write(&path, format!("{GOOD}[[sandboxes]]\nid = \"b\"\nworkspace = \"nope\"\naddress = \"10.0.0.2\"\n")).unwrap();
+        let e = r.reload().unwrap_err();
+        assert!(e.to_string().contains("sandboxes[1].workspace"), "{e}");
+        assert_eq!(metrics.reload_counts(), (0, 1));
+        assert_eq!(routes.load().generation, 1);
+        assert_eq!(routes.load().sandbox_count(), 1);
+
+        std::fs::write(&path, format!("{GOOD}[[sandboxes]]\nid = \"b\"\nworkspace = \"w\"\naddress = \"10.0.0.2\"\n")).unwrap();
+        assert_eq!(r.reload().unwrap(), 2);
+        assert_eq!(metrics.reload_counts(), (1, 1));
+        assert_eq!(routes.load().sandbox_count(), 2);
+        assert!(metrics.render().contains("miosa_edge_state_generation 2"));
     }
 }

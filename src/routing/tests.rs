@@ -2,12 +2,7 @@ use super::*;
 use crate::config::{Domains, PlatformBranding};
 
 fn domains() -> Domains {
-    Domains {
-        sandbox: state::Host::try_from("sandbox.miosa.app").unwrap(),
-        apps: state::Host::try_from("miosa.app").unwrap(),
-        edge_target: state::Host::try_from("edge.miosa.app").unwrap(),
-        acme_zone: state::Host::try_from("acme.miosa.app").unwrap(),
-    }
+    Domains::from_names("sandbox.miosa.app", "miosa.app", "edge.miosa.app", "acme.miosa.app").unwrap()
 }
 
 fn table() -> RouteTable {

@@ -1,12 +1,7 @@
 use super::*;
 
 fn domains() -> Domains {
-    Domains {
-        sandbox: Host::try_from("sandbox.miosa.app").unwrap(),
-        apps: Host::try_from("miosa.app").unwrap(),
-        edge_target: Host::try_from("edge.miosa.app").unwrap(),
-        acme_zone: Host::try_from("acme.miosa.app").unwrap(),
-    }
+    Domains::from_names("sandbox.miosa.app", "miosa.app", "edge.miosa.app", "acme.miosa.app").unwrap()
 }
 
 fn sample() -> State {
