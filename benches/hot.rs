@@ -12,6 +12,10 @@ use miosa_edge::state::*;
 use std::hint::black_box;
 use std::time::Instant;
 
+// The binary's allocator, so table layout and page behaviour match production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SANDBOXES: usize = 1_000_000;
 const DOMAINS: usize = 100_000;
 const WORKSPACES: usize = 10_000;
@@ -85,6 +89,8 @@ fn bench_lookup(c: &mut Criterion) {
 
     let sets = [
         ("sandbox_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", i % SANDBOXES))),
+        // A realistic working set: 10k active sandboxes out of the million.
+        ("sandbox_hot10k_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", (i % 10_000) * 97))),
         ("custom_domain_hit", hosts(4096, |i| format!("www.customer-{}.com", i % DOMAINS))),
         ("app_url_hit", hosts(4096, |i| format!("app-{}.team-{}.miosa.app", i % DOMAINS, (i % DOMAINS) % WORKSPACES))),
         ("tenant_preview_hit", hosts(4096, |i| {

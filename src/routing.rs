@@ -21,19 +21,57 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-type Map<V> = HashMap<Box<str>, V, RandomState>;
+mod key;
+pub use key::Key;
+
+type Map<V> = HashMap<Key, V, RandomState>;
 
 /// The published table: readers `load()` it once per request.
 pub type SharedTable = Arc<ArcSwap<RouteTable>>;
 
-/// A sandbox as the request path needs it.
+/// A sandbox as the request path needs it (kept small: it lives in the table's
+/// buckets, a million of them).
 #[derive(Debug)]
 pub struct SandboxEntry {
-    pub workspace: u32,
     pub address: IpAddr,
+    pub workspace: u32,
     pub state: SandboxState,
-    /// Sorted by port.
-    pub previews: Box<[(u16, Access)]>,
+    previews: Ports,
+}
+
+/// Preview ports sorted by port; up to five inline.
+#[derive(Debug)]
+enum Ports {
+    Inline { len: u8, ports: [(u16, Access); 5] },
+    Heap(Box<[(u16, Access)]>),
+}
+
+impl Ports {
+    fn new(mut v: Vec<(u16, Access)>) -> Ports {
+        v.sort_unstable_by_key(|p| p.0);
+        if v.len() <= 5 {
+            let mut ports = [(0, Access::Private); 5];
+            ports[..v.len()].copy_from_slice(&v);
+            Ports::Inline { len: v.len() as u8, ports }
+        } else {
+            Ports::Heap(v.into_boxed_slice())
+        }
+    }
+
+    fn as_slice(&self) -> &[(u16, Access)] {
+        match self {
+            Ports::Inline { len, ports } => &ports[..*len as usize],
+            Ports::Heap(p) => p,
+        }
+    }
+}
+
+impl SandboxEntry {
+    /// The access of a previewed port, `None` if the port is not a preview.
+    pub fn preview(&self, port: u16) -> Option<Access> {
+        let p = self.previews.as_slice();
+        p.binary_search_by_key(&port, |e| e.0).ok().map(|i| p[i].1)
+    }
 }
 
 /// A workspace as the request path needs it.
@@ -108,6 +146,8 @@ pub struct RouteTable {
     pub pages: Pages,
     workspaces: Vec<WorkspaceEntry>,
     ws_by_slug: Map<u32>,
+    /// `{name}.{slug}` → deployment, so a platform app URL is one probe.
+    app_urls: Map<u32>,
     sandboxes: Map<SandboxEntry>,
     deployments: Vec<DeploymentEntry>,
     exact: Map<ExactHost>,
@@ -178,16 +218,13 @@ impl RouteTable {
 
         let mut sandboxes = keyed(state.sandboxes.len());
         for s in &state.sandboxes {
-            let mut previews: Vec<(u16, Access)> = s.previews.iter().map(|p| (p.port.0, p.access)).collect();
-            previews.sort_unstable_by_key(|p| p.0);
-            sandboxes.insert(
-                s.id.as_str().into(),
-                SandboxEntry { workspace: ws_of(&s.workspace)?, address: s.address.0, state: s.state, previews: previews.into_boxed_slice() },
-            );
+            let previews = Ports::new(s.previews.iter().map(|p| (p.port.0, p.access)).collect());
+            sandboxes.insert(s.id.as_str().into(), SandboxEntry { workspace: ws_of(&s.workspace)?, address: s.address.0, state: s.state, previews });
         }
 
         let mut deployments = Vec::with_capacity(state.deployments.len());
         let mut exact = keyed(state.deployments.len());
+        let mut app_urls = keyed(state.deployments.len());
         for (i, d) in state.deployments.iter().enumerate() {
             let i = i as u32;
             let ws = ws_of(&d.workspace)?;
@@ -202,6 +239,7 @@ impl RouteTable {
                 Release::Static { sha256, spa } => ActiveRelease::Static { sha256: *sha256, spa: *spa },
             };
             workspaces[ws as usize].deployments.insert(d.name.as_str().into(), i);
+            app_urls.insert(Key::from(format!("{}.{}", d.name, workspaces[ws as usize].slug).as_str()), i);
             for dom in &d.domains {
                 exact.insert(dom.host.as_str().into(), ExactHost { deployment: i, verified: dom.verified });
             }
@@ -220,6 +258,7 @@ impl RouteTable {
             pages,
             workspaces,
             ws_by_slug,
+            app_urls,
             sandboxes,
             deployments,
             exact,
@@ -253,6 +292,14 @@ impl RouteTable {
 
     /// Classifies a normalised host (see [`normalize_host`]). Allocation-free.
     pub fn lookup(&self, host: &str) -> Route<'_> {
+        // 2. `{port}-{sandbox}.{sandbox zone}`. Checked before the exact hosts only
+        // because validation refuses exact hosts in the sandbox zone, so the order of
+        // CONTRACT §1 is kept and previews skip one hash probe.
+        if let Some(label) = first_label_under(host, &self.domains.sandbox) {
+            if let Some((port, id)) = split_port_label(label) {
+                return self.preview(id, port, None);
+            }
+        }
         // 1. Exact deployment hosts.
         if let Some(e) = self.exact.get(host) {
             let dep = &self.deployments[e.deployment as usize];
@@ -262,22 +309,16 @@ impl RouteTable {
             }
             return Route::Deployment { deployment: dep, index: e.deployment, tenant_host: true };
         }
-        // 2. `{port}-{sandbox}.{sandbox zone}`.
-        if let Some(label) = first_label_under(host, &self.domains.sandbox) {
-            if let Some((port, id)) = split_port_label(label) {
-                return self.preview(id, port, None);
-            }
-        }
         // 3. `{name}.{slug}.{apps}`.
         if let Some(rest) = strip_zone(host, &self.domains.apps) {
-            if let Some((name, slug)) = rest.split_once('.') {
+            if let Some((_name, slug)) = rest.split_once('.') {
                 if !slug.contains('.') {
+                    if let Some(&di) = self.app_urls.get(rest) {
+                        return Route::Deployment { deployment: &self.deployments[di as usize], index: di, tenant_host: false };
+                    }
                     if let Some(&wi) = self.ws_by_slug.get(slug) {
-                        let ws = &self.workspaces[wi as usize];
-                        return match ws.deployments.get(name) {
-                            Some(&di) => Route::Deployment { deployment: &self.deployments[di as usize], index: di, tenant_host: false },
-                            None => self.denied(ErrorCode::UnknownHost, Some(wi), ws.branding, false),
-                        };
+                        let b = self.workspaces[wi as usize].branding;
+                        return self.denied(ErrorCode::UnknownHost, Some(wi), b, false);
                     }
                 }
             }
@@ -338,9 +379,9 @@ impl RouteTable {
         if tenant.is_some_and(|t| t != sb.workspace) {
             return not_found(None);
         }
-        match sb.previews.binary_search_by_key(&port, |p| p.0) {
-            Ok(i) => Route::Preview { sandbox_id, sandbox: sb, port, access: sb.previews[i].1, tenant_host: tenant.is_some() },
-            Err(_) => not_found(Some(sb.workspace)),
+        match sb.preview(port) {
+            Some(access) => Route::Preview { sandbox_id: sandbox_id.as_str(), sandbox: sb, port, access, tenant_host: tenant.is_some() },
+            None => not_found(Some(sb.workspace)),
         }
     }
 }
