@@ -23,8 +23,10 @@ pub const DEV_TOML: &str = include_str!("../config/dev.toml");
 #[derive(Clone, Debug)]
 pub struct Config {
     pub server: Server,
+    pub control: Control,
     pub domains: Domains,
     pub branding: PlatformBranding,
+    pub dns: Dns,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
     pub state: State,
     /// The file it came from (`None` for the embedded default).
@@ -137,6 +139,46 @@ impl Default for Domains {
     }
 }
 
+/// `[control]`: the embedded control API (CONTRACT §4).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// Listener of the control API. Port 0 picks a free port (printed at start).
+    #[serde(default = "default_control_listen")]
+    pub listen: SocketAddr,
+    /// Name of the environment variable holding the bearer token.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+    /// Largest request body accepted (413 `payload_too_large` beyond).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+}
+
+fn default_control_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9180))
+}
+fn default_token_env() -> String {
+    "MIOSA_EDGE_CONTROL_TOKEN".into()
+}
+fn default_max_body() -> u64 {
+    128 << 20
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control { listen: default_control_listen(), token_env: default_token_env(), max_body_bytes: default_max_body() }
+    }
+}
+
+/// `[dns]`: resolvers for domain verification (and later DNS-01 checks).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// `IP:port` of the nameservers to ask; absent = the system's resolvers.
+    #[serde(default)]
+    pub nameservers: Option<Vec<SocketAddr>>,
+}
+
 /// `[branding]`: the platform's default look, used on hosts no workspace owns.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,9 +214,13 @@ struct RawConfig {
     #[serde(default)]
     server: Server,
     #[serde(default)]
+    control: Control,
+    #[serde(default)]
     domains: Domains,
     #[serde(default)]
     branding: PlatformBranding,
+    #[serde(default)]
+    dns: Dns,
     #[serde(default)]
     workspaces: Vec<state::Workspace>,
     #[serde(default)]
@@ -183,10 +229,8 @@ struct RawConfig {
     share_tokens: Vec<state::ShareToken>,
     #[serde(default)]
     deployments: Vec<state::Deployment>,
-    control: Option<IgnoredAny>,
     tokens: Option<IgnoredAny>,
     tls: Option<IgnoredAny>,
-    dns: Option<IgnoredAny>,
     acme: Option<IgnoredAny>,
     #[serde(rename = "static")]
     static_: Option<IgnoredAny>,
@@ -254,10 +298,8 @@ impl Config {
         };
         let mut errors: Vec<StateError> = Vec::new();
         for (name, present) in [
-            ("control", raw.control.is_some()),
             ("tokens", raw.tokens.is_some()),
             ("tls", raw.tls.is_some()),
-            ("dns", raw.dns.is_some()),
             ("acme", raw.acme.is_some()),
             ("static", raw.static_.is_some()),
             ("wake", raw.wake.is_some()),
@@ -283,6 +325,12 @@ impl Config {
             if v < min || v > max {
                 errors.push(StateError { path: format!("server.{key}"), message: format!("must be between {min} and {max}") });
             }
+        }
+        if raw.control.token_env.is_empty() || !raw.control.token_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            errors.push(StateError { path: "control.token_env".into(), message: "must be an environment variable name (A-Z, 0-9, _)".into() });
+        }
+        if !(1024..=(4u64 << 30)).contains(&raw.control.max_body_bytes) {
+            errors.push(StateError { path: "control.max_body_bytes".into(), message: "must be between 1024 and 4294967296".into() });
         }
         if raw.server.threads > 1024 {
             errors.push(StateError { path: "server.threads".into(), message: "must be at most 1024".into() });
@@ -317,8 +365,10 @@ impl Config {
         }
         Ok(Config {
             server: raw.server,
+            control: raw.control,
             domains: raw.domains,
             branding: raw.branding,
+            dns: raw.dns,
             state,
             source: source.map(Path::to_owned),
         })

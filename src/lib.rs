@@ -22,6 +22,7 @@
 //! table off the request path and swap it in with one store.
 
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;

@@ -45,6 +45,8 @@ pub struct Metrics {
     upstream_failures: Vec<IntCounter>,
     reload_ok: IntCounter,
     reload_err: IntCounter,
+    writes_ok: IntCounter,
+    writes_rejected: IntCounter,
     /// Generation of the routing table being served.
     pub generation: IntGauge,
     /// Sandboxes in the routing table being served.
@@ -100,6 +102,11 @@ impl Metrics {
             IntCounterVec::new(Opts::new("miosa_edge_config_reloads_total", "Config file reloads, by result (ok, error)."), &["result"])
                 .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let writes = register(
+            &registry,
+            IntCounterVec::new(Opts::new("miosa_edge_state_writes_total", "Control-API state writes, by result (ok, rejected)."), &["result"])
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let generation = register(
             &registry,
             IntGauge::new("miosa_edge_state_generation", "Generation of the routing table being served.").unwrap_or_else(|e| panic!("metric definition: {e}")),
@@ -120,6 +127,8 @@ impl Metrics {
             upstream_failures: FAILURES.iter().map(|r| fail.with_label_values(&[*r])).collect(),
             reload_ok: reloads.with_label_values(&["ok"]),
             reload_err: reloads.with_label_values(&["error"]),
+            writes_ok: writes.with_label_values(&["ok"]),
+            writes_rejected: writes.with_label_values(&["rejected"]),
             generation,
             sandboxes,
             registry,
@@ -148,6 +157,11 @@ impl Metrics {
     /// Counts one config reload.
     pub fn reload(&self, ok: bool) {
         if ok { &self.reload_ok } else { &self.reload_err }.inc();
+    }
+
+    /// Counts one control-API state write.
+    pub fn state_write(&self, ok: bool) {
+        if ok { &self.writes_ok } else { &self.writes_rejected }.inc();
     }
 
     /// Reload counts so far: (ok, error).

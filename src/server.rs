@@ -3,15 +3,14 @@
 
 use crate::config::reload::Reloader;
 use crate::config::Config;
+use crate::control::{resolve_token, ControlApi, ControlError};
 use crate::metrics::Metrics;
 use crate::proxy::{EdgeProxy, ProxyOptions};
-use crate::routing::{RouteTable, SharedTable};
-use arc_swap::ArcSwap;
+use crate::state::store::{OpenError, Store};
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +23,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid routing state: {0}")]
-    State(#[from] crate::routing::BuildError),
+    #[error("cannot load the routing state: {0}")]
+    State(#[from] OpenError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("cannot start the reload thread: {0}")]
     Reload(#[source] std::io::Error),
 }
@@ -43,11 +44,9 @@ fn resolve_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
 /// Runs the edge until it is told to stop (SIGTERM graceful, SIGINT fast).
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
-    let generation = Arc::new(AtomicU64::new(1));
-    let table = RouteTable::build(&cfg.domains, &cfg.branding, &cfg.state, 1)?;
-    metrics.generation.set(1);
-    metrics.sandboxes.set(table.sandbox_count() as i64);
-    let routes: SharedTable = Arc::new(ArcSwap::from_pointee(table));
+    // The last acknowledged control-plane state is loaded before anything listens.
+    let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);
+    let routes = store.routes();
 
     let http = resolve_listener(cfg.server.http)?;
     let threads = match cfg.server.threads {
@@ -75,15 +74,20 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     svc.add_tcp(&http.to_string());
     server.add_service(svc);
 
+    let token = resolve_token(&cfg.control.token_env, cfg.control.listen, &cfg.server.state_dir)?;
+    let control_listener =
+        TcpListener::bind(cfg.control.listen).map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
+    let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
+    ControlApi::new(store.clone(), metrics.clone(), token, cfg.control.max_body_bytes, cfg.dns.nameservers.as_deref(), http)
+        .spawn(control_listener)?;
+
     let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
-    Reloader::new(cfg.source.clone(), routes.clone(), metrics.clone(), generation.clone(), cfg.server.clone())
-        .spawn(interval)
-        .map_err(StartError::Reload)?;
+    Reloader::new(cfg.clone(), store.clone(), metrics.clone()).spawn(interval).map_err(StartError::Reload)?;
 
     let source = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dev.toml".into());
-    tracing::info!(http = %http, threads, config = %source, sandbox_domain = %cfg.domains.sandbox, "miosa-edge starting");
-    // One machine-readable line on stdout: tests and scripts read the resolved port.
-    println!("miosa-edge listening http={http}");
+    tracing::info!(http = %http, control = %control_addr, threads, config = %source, generation = store.generation(), "miosa-edge starting");
+    // One machine-readable line on stdout: tests and scripts read the resolved ports.
+    println!("miosa-edge listening http={http} control={control_addr}");
     server.run(RunArgs::default());
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! its key path) → [`crate::routing::RouteTable::build`]. A `State` that passed
 //! `validate` is the only input the route table accepts.
 
+pub mod store;
 pub mod types;
 
 use crate::config::Domains;

@@ -1,31 +1,30 @@
 //! Live reload of the operators' TOML file: SIGHUP, or a change seen by polling.
 //!
-//! validate → build → swap: the file is parsed and validated whole, a new
-//! [`RouteTable`] is built off the request path, and only then published with one
-//! atomic store. A file that fails keeps the old table serving; every error is logged
-//! with its key path and line:column and the failure is counted in
+//! validate → build → swap: the file is parsed and validated whole, merged with the
+//! control-plane state by the [`Store`] (conflicts refused), a new table is built off
+//! the request path, and only then published with one atomic store. A file that fails
+//! keeps the old table serving; every error is logged with its key path and
+//! line:column and the failure is counted in
 //! `miosa_edge_config_reloads_total{result="error"}`. Requests in flight hold the table
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
-//! Listener addresses are fixed at start; a reload that changes `[server]` logs that a
-//! restart is needed for that section and applies the rest.
+//! Listener addresses are fixed at start; a reload that changes `[server]` or
+//! `[control]` logs that a restart is needed for them and applies the rest.
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
-use crate::routing::{publish, RouteTable, SharedTable};
+use crate::state::store::Store;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Reloads one config file into a shared table.
+/// Reloads one config file into the store.
 pub struct Reloader {
     /// `None` for the embedded default: SIGHUP is then acknowledged and ignored.
     path: Option<PathBuf>,
-    routes: SharedTable,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
-    generation: Arc<AtomicU64>,
-    started_with: super::Server,
+    started_with: Config,
 }
 
 /// What identifies a version of the file on disk without reading it.
@@ -43,9 +42,9 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
 }
 
 impl Reloader {
-    /// A reloader for `path`, whose current table was built from `started_with`.
-    pub fn new(path: Option<PathBuf>, routes: SharedTable, metrics: Arc<Metrics>, generation: Arc<AtomicU64>, started_with: super::Server) -> Reloader {
-        Reloader { path, routes, metrics, generation, started_with }
+    /// A reloader for the file `started_with` came from.
+    pub fn new(started_with: Config, store: Arc<Store>, metrics: Arc<Metrics>) -> Reloader {
+        Reloader { path: started_with.source.clone(), store, metrics, started_with }
     }
 
     /// Reloads now. On success returns the new generation; on failure the old table
@@ -53,34 +52,25 @@ impl Reloader {
     pub fn reload(&self) -> Result<u64, ConfigError> {
         let Some(path) = &self.path else {
             tracing::info!("running the embedded default config: nothing to reload");
-            return Ok(self.generation.load(Ordering::SeqCst));
+            return Ok(self.store.generation());
         };
         let result = Config::load(Some(path)).and_then(|cfg| {
-            let generation = self.generation.load(Ordering::SeqCst) + 1;
-            let table = RouteTable::build(&cfg.domains, &cfg.branding, &cfg.state, generation).map_err(|e| ConfigError::Invalid {
-                file: path.display().to_string(),
-                issues: e
-                    .0
-                    .into_iter()
-                    .map(|i| super::ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 })
-                    .collect(),
-            })?;
-            Ok((cfg, table, generation))
+            self.store
+                .replace_toml(&cfg)
+                .map(|generation| (cfg, generation))
+                .map_err(|errs| ConfigError::Invalid {
+                    file: path.display().to_string(),
+                    issues: errs.into_iter().map(|i| ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 }).collect(),
+                })
         });
         match result {
-            Ok((cfg, table, generation)) => {
-                let sandboxes = table.sandbox_count();
-                publish(&self.routes, table);
-                self.generation.store(generation, Ordering::SeqCst);
-                self.metrics.generation.set(generation as i64);
-                self.metrics.sandboxes.set(sandboxes as i64);
+            Ok((cfg, generation)) => {
                 self.metrics.reload(true);
-                let s = &cfg.server;
-                let o = &self.started_with;
-                if s.http != o.http || s.https != o.https || s.threads != o.threads || s.state_dir != o.state_dir {
-                    tracing::warn!(file = %path.display(), "[server] listeners, threads and state_dir changed: they take effect on restart");
+                let (s, o) = (&cfg.server, &self.started_with.server);
+                if s.http != o.http || s.https != o.https || s.threads != o.threads || s.state_dir != o.state_dir || cfg.control != self.started_with.control {
+                    tracing::warn!(file = %path.display(), "[server] listeners, threads, state_dir and [control] changed: they take effect on restart");
                 }
-                tracing::info!(file = %path.display(), generation, sandboxes, "config reloaded");
+                tracing::info!(file = %path.display(), generation, "config reloaded");
                 Ok(generation)
             }
             Err(e) => {
@@ -140,7 +130,6 @@ impl Reloader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arc_swap::ArcSwap;
 
     const GOOD: &str = "[[workspaces]]\nid = \"w\"\nslug = \"w\"\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.0.1\"\npreviews = [{ port = 3000, access = \"public\" }]\n";
 
@@ -150,11 +139,10 @@ mod tests {
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, GOOD).unwrap();
         let cfg = Config::load(Some(&path)).unwrap();
-        let table = RouteTable::build(&cfg.domains, &cfg.branding, &cfg.state, 1).unwrap();
-        let routes: SharedTable = Arc::new(ArcSwap::from_pointee(table));
         let metrics = Arc::new(Metrics::new());
-        let generation = Arc::new(AtomicU64::new(1));
-        let r = Reloader::new(Some(path.clone()), routes.clone(), metrics.clone(), generation.clone(), cfg.server.clone());
+        let store = Arc::new(Store::open(&cfg, metrics.clone(), false).unwrap());
+        let routes = store.routes();
+        let r = Reloader::new(cfg, store.clone(), metrics.clone());
 
         std::fs::write(&path, format!("{GOOD}[[sandboxes]]\nid = \"b\"\nworkspace = \"nope\"\naddress = \"10.0.0.2\"\n")).unwrap();
         let e = r.reload().unwrap_err();

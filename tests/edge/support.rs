@@ -38,10 +38,14 @@ where
     }
 }
 
+/// The control API token every test edge is started with.
+pub const CONTROL_TOKEN: &str = "test-control-token-0123456789abcdef";
+
 /// A running edge process, killed on drop.
 pub struct Edge {
     pub child: Child,
     pub addr: SocketAddr,
+    pub control: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub stderr: PathBuf,
@@ -60,6 +64,7 @@ impl Edge {
             .args(["run", "--config"])
             .arg(&config)
             .env("MIOSA_EDGE_LOG", "info")
+            .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).expect("log file"))
             .spawn()
@@ -69,25 +74,26 @@ impl Edge {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("miosa-edge listening http=") {
-                    if let (Some(tx), Ok(a)) = (tx.take(), a.trim().parse::<SocketAddr>()) {
-                        let _ = tx.send(a);
+                if let Some(rest) = line.strip_prefix("miosa-edge listening http=") {
+                    let (http, control) = rest.split_once(" control=").unwrap_or((rest, ""));
+                    if let (Some(tx), Ok(h), Ok(c)) = (tx.take(), http.trim().parse::<SocketAddr>(), control.trim().parse::<SocketAddr>()) {
+                        let _ = tx.send((h, c));
                     }
                 }
             }
         });
-        let addr = match tokio::time::timeout(Duration::from_secs(20), rx).await {
+        let (addr, control) = match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(a)) => a,
             _ => panic!("edge did not start: {}", std::fs::read_to_string(&stderr).unwrap_or_default()),
         };
         let up = eventually(Duration::from_secs(10), || async move { TcpStream::connect(addr).await.ok().map(|_| ()) }).await;
         assert!(up.is_some(), "edge never accepted connections on {addr}");
-        Edge { child, addr, dir, config, stderr }
+        Edge { child, addr, control, dir, config, stderr }
     }
 
     fn with_server(dir: &Path, body: &str) -> String {
         format!(
-            "[server]\nhttp = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nwatch_interval_ms = 100\nconnect_timeout_ms = 2000\nread_timeout_ms = 3000\n\n{body}",
+            "[server]\nhttp = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nwatch_interval_ms = 100\nconnect_timeout_ms = 2000\nread_timeout_ms = 3000\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n{body}",
             dir.join("var").display()
         )
     }

@@ -1,0 +1,344 @@
+//! The authoritative routing state: the operators' TOML part plus the control-plane
+//! (API) part, merged into one published [`RouteTable`].
+//!
+//! Writers (control API, TOML reload) take the store's mutex, build the candidate
+//! state, check conflicts between the two parts, validate the merge as a whole, build
+//! the table, persist the API part to `<state_dir>/state.json` (temp file, fsync,
+//! rename, fsync of the directory) and only then publish the table with one atomic
+//! store and acknowledge. A failure at any step changes nothing. The request path never
+//! takes the mutex: it reads the published table.
+//!
+//! Generations only grow: every published table gets the next one, and the generation
+//! is persisted with the API state, so a restart continues from it.
+
+use super::{validate, State, StateError};
+use crate::config::{Config, Domains, PlatformBranding};
+use crate::metrics::Metrics;
+use crate::routing::{publish, RouteTable, SharedTable};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The merged state is invalid (first error's path is the API document's).
+    #[error("{}", .0.first().map(|e| e.to_string()).unwrap_or_default())]
+    Invalid(Vec<StateError>),
+    /// An id or host is defined by the TOML file.
+    #[error("{}", .0)]
+    Conflict(StateError),
+    /// `If-Match` named another generation.
+    #[error("state is at generation {current}, not {expected}")]
+    Stale { current: u64, expected: u64 },
+    /// The object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The state could not be persisted; nothing was applied.
+    #[error("cannot persist state: {0}")]
+    Persist(#[source] std::io::Error),
+}
+
+/// What `state.json` holds.
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    generation: u64,
+    #[serde(flatten)]
+    state: PersistedState,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct PersistedState {
+    #[serde(default)]
+    workspaces: Vec<super::Workspace>,
+    #[serde(default)]
+    sandboxes: Vec<super::Sandbox>,
+    #[serde(default)]
+    share_tokens: Vec<super::ShareToken>,
+    #[serde(default)]
+    deployments: Vec<super::Deployment>,
+}
+
+/// Why the store could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid state file: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("the persisted state does not fit the config: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<StateError>),
+    #[error("cannot create state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Inner {
+    generation: u64,
+    domains: Domains,
+    branding: PlatformBranding,
+    toml: State,
+    api: State,
+}
+
+/// The routing state and its published table.
+pub struct Store {
+    inner: Mutex<Inner>,
+    routes: SharedTable,
+    metrics: Arc<Metrics>,
+    file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("file", &self.file).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store for `cfg`: loads the last acknowledged API state from
+    /// `<state_dir>/state.json` when `persist` is true, merges it with the TOML routes
+    /// and publishes the first table.
+    pub fn open(cfg: &Config, metrics: Arc<Metrics>, persist: bool) -> Result<Store, OpenError> {
+        let file = persist.then(|| cfg.server.state_dir.join("state.json"));
+        let (generation, api) = match &file {
+            Some(f) => load(f)?,
+            None => (0, State::default()),
+        };
+        let generation = generation + 1;
+        if let Some(f) = &file {
+            if let Some(dir) = f.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir { path: dir.to_owned(), source })?;
+            }
+        }
+        let inner = Inner { generation, domains: cfg.domains.clone(), branding: cfg.branding.clone(), toml: cfg.state.clone(), api };
+        conflicts(&inner.toml, &inner.api).map_err(|e| OpenError::Invalid(vec![e]))?;
+        let table = build(&inner, &inner.api, generation).map_err(OpenError::Invalid)?;
+        metrics.generation.set(generation as i64);
+        metrics.sandboxes.set(table.sandbox_count() as i64);
+        let store = Store { inner: Mutex::new(inner), routes: Arc::new(ArcSwap::from_pointee(table)), metrics, file };
+        // Record the new generation so generations keep growing across restarts.
+        if let Some(f) = &store.file {
+            let g = store.lock();
+            if let Err(e) = persist_file(f, g.generation, &g.api) {
+                tracing::warn!(error = %e, file = %f.display(), "cannot write state file");
+            }
+        }
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A writer that panicked left `Inner` as it was before its write (all checks
+        // happen on copies), so the data is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The published table (readers `load()` it once per request).
+    pub fn routes(&self) -> SharedTable {
+        self.routes.clone()
+    }
+
+    /// The generation of the published table.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// The API-managed state and its generation.
+    pub fn api_state(&self) -> (u64, State) {
+        let g = self.lock();
+        (g.generation, g.api.clone())
+    }
+
+    /// Runs `f` on the current generation, TOML part, API part and domains, under the
+    /// writers' lock (readers of the published table are not affected).
+    pub fn read<R>(&self, f: impl FnOnce(u64, &State, &State, &Domains) -> R) -> R {
+        let g = self.lock();
+        f(g.generation, &g.toml, &g.api, &g.domains)
+    }
+
+    /// Applies `change` to a copy of the API state; validates, persists and publishes
+    /// the result, or changes nothing. `if_match` is the generation the caller saw.
+    pub fn write_api(&self, if_match: Option<u64>, change: impl FnOnce(&mut State) -> Result<(), WriteError>) -> Result<u64, WriteError> {
+        let mut g = self.lock();
+        let result = (|| {
+            if let Some(expected) = if_match {
+                if expected != g.generation {
+                    return Err(WriteError::Stale { current: g.generation, expected });
+                }
+            }
+            let mut api = g.api.clone();
+            change(&mut api)?;
+            conflicts(&g.toml, &api).map_err(WriteError::Conflict)?;
+            let generation = g.generation + 1;
+            let table = build(&g, &api, generation).map_err(WriteError::Invalid)?;
+            if let Some(f) = &self.file {
+                persist_file(f, generation, &api).map_err(WriteError::Persist)?;
+            }
+            self.publish(&mut g, table, generation);
+            g.api = api;
+            Ok(generation)
+        })();
+        self.metrics.state_write(result.is_ok());
+        result
+    }
+
+    /// Replaces the TOML part (a reload). Conflicts with API objects are refused.
+    pub fn replace_toml(&self, cfg: &Config) -> Result<u64, Vec<StateError>> {
+        let mut g = self.lock();
+        conflicts(&cfg.state, &g.api).map_err(|e| vec![e])?;
+        let candidate = Inner {
+            generation: g.generation,
+            domains: cfg.domains.clone(),
+            branding: cfg.branding.clone(),
+            toml: cfg.state.clone(),
+            api: State::default(),
+        };
+        let generation = g.generation + 1;
+        let table = build(&candidate, &g.api, generation)?;
+        if let Some(f) = &self.file {
+            if let Err(e) = persist_file(f, generation, &g.api) {
+                return Err(vec![StateError { path: String::new(), message: format!("cannot persist state: {e}") }]);
+            }
+        }
+        self.publish(&mut g, table, generation);
+        g.domains = candidate.domains;
+        g.branding = candidate.branding;
+        g.toml = candidate.toml;
+        Ok(generation)
+    }
+
+    fn publish(&self, g: &mut Inner, table: RouteTable, generation: u64) {
+        let sandboxes = table.sandbox_count();
+        publish(&self.routes, table);
+        g.generation = generation;
+        self.metrics.generation.set(generation as i64);
+        self.metrics.sandboxes.set(sandboxes as i64);
+    }
+}
+
+/// Builds the table for the API state `api` on top of `base`'s TOML part. The API
+/// objects come first in the merge so that error paths name the API document's
+/// indices; errors in TOML objects are labelled as such.
+fn build(base: &Inner, api: &State, generation: u64) -> Result<RouteTable, Vec<StateError>> {
+    let merged = api.merged(&base.toml);
+    if let Err(errs) = validate(&merged, &base.domains) {
+        return Err(errs.into_iter().map(|e| relabel(e, api)).collect());
+    }
+    RouteTable::build(&base.domains, &base.branding, &merged, generation).map_err(|e| e.0)
+}
+
+/// Turns `sandboxes[7].x` into `toml: sandboxes[2].x` when index 7 is past the API
+/// objects of that kind.
+fn relabel(mut e: StateError, api: &State) -> StateError {
+    let kinds = [
+        ("workspaces", api.workspaces.len()),
+        ("sandboxes", api.sandboxes.len()),
+        ("share_tokens", api.share_tokens.len()),
+        ("deployments", api.deployments.len()),
+    ];
+    for (kind, n) in kinds {
+        let Some(rest) = e.path.strip_prefix(kind).and_then(|r| r.strip_prefix('[')) else { continue };
+        let Some((idx, tail)) = rest.split_once(']') else { continue };
+        if let Ok(i) = idx.parse::<usize>() {
+            if i >= n {
+                e.path = format!("toml: {kind}[{}]{tail}", i - n);
+            }
+        }
+    }
+    e
+}
+
+/// An id or host defined in both parts.
+fn conflicts(toml: &State, api: &State) -> Result<(), StateError> {
+    let conflict = |path: String, what: String| Err(StateError { path, message: format!("{what} is pinned by the TOML file") });
+    let ids: HashSet<&str> = toml.workspaces.iter().map(|w| w.id.as_str()).collect();
+    for (i, w) in api.workspaces.iter().enumerate() {
+        if ids.contains(w.id.as_str()) {
+            return conflict(format!("workspaces[{i}].id"), format!("workspace `{}`", w.id));
+        }
+    }
+    let ids: HashSet<&str> = toml.sandboxes.iter().map(|s| s.id.as_str()).collect();
+    for (i, s) in api.sandboxes.iter().enumerate() {
+        if ids.contains(s.id.as_str()) {
+            return conflict(format!("sandboxes[{i}].id"), format!("sandbox `{}`", s.id));
+        }
+    }
+    let ids: HashSet<&str> = toml.share_tokens.iter().map(|s| s.id.as_str()).collect();
+    for (i, s) in api.share_tokens.iter().enumerate() {
+        if ids.contains(s.id.as_str()) {
+            return conflict(format!("share_tokens[{i}].id"), format!("share token `{}`", s.id));
+        }
+    }
+    let ids: HashSet<&str> = toml.deployments.iter().map(|d| d.id.as_str()).collect();
+    for (i, d) in api.deployments.iter().enumerate() {
+        if ids.contains(d.id.as_str()) {
+            return conflict(format!("deployments[{i}].id"), format!("deployment `{}`", d.id));
+        }
+    }
+    let mut hosts: HashSet<&str> = HashSet::new();
+    for w in &toml.workspaces {
+        hosts.extend(w.preview_domain.iter().chain(w.deploy_domain.iter()).map(|d| d.host.as_str()));
+    }
+    for d in &toml.deployments {
+        hosts.extend(d.domains.iter().map(|d| d.host.as_str()));
+    }
+    for (i, w) in api.workspaces.iter().enumerate() {
+        for (key, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
+            if let Some(d) = d.as_ref().filter(|d| hosts.contains(d.host.as_str())) {
+                return conflict(format!("workspaces[{i}].{key}.host"), format!("host `{}`", d.host));
+            }
+        }
+    }
+    for (i, dep) in api.deployments.iter().enumerate() {
+        for (j, d) in dep.domains.iter().enumerate() {
+            if hosts.contains(d.host.as_str()) {
+                return conflict(format!("deployments[{i}].domains[{j}].host"), format!("host `{}`", d.host));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load(file: &Path) -> Result<(u64, State), OpenError> {
+    let text = match std::fs::read(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, State::default())),
+        Err(source) => return Err(OpenError::Read { path: file.to_owned(), source }),
+    };
+    let p: Persisted = serde_json::from_slice(&text).map_err(|e| OpenError::Corrupt { path: file.to_owned(), message: e.to_string() })?;
+    let s = p.state;
+    Ok((p.generation, State { workspaces: s.workspaces, sandboxes: s.sandboxes, share_tokens: s.share_tokens, deployments: s.deployments }))
+}
+
+/// Writes `state.json` durably: temp file, fsync, rename, fsync of the directory.
+fn persist_file(file: &Path, generation: u64, api: &State) -> std::io::Result<()> {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        generation: u64,
+        #[serde(flatten)]
+        state: &'a State,
+    }
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(".state.json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::new(&mut f);
+        serde_json::to_writer(&mut w, &Out { generation, state: api }).map_err(std::io::Error::other)?;
+        w.flush()?;
+        drop(w);
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, file)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
