@@ -137,6 +137,7 @@ impl ControlApi {
                             async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
                             .header_read_timeout(Duration::from_secs(30))
                             .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
                         let _ = conn.await;

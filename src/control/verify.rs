@@ -13,7 +13,7 @@
 //!
 //! The wildcard `*.D` cannot be asked for directly: a query for the literal name `*.D`
 //! only matches a record owned by `*.D` on some servers. Instead a probe name under `D`
-//! ([`PROBE_LABEL`]`.D.`) is asked for its CNAME, which the wildcard synthesises, and the
+//! (`miosa-edge-verify.D.`) is asked for its CNAME, which the wildcard synthesises, and the
 //! answer is reported under the wildcard's display name `*.D.`.
 //!
 //! Invariants:
@@ -23,9 +23,9 @@
 //!   listing whatever was found (possibly nothing). Only building the resolver can fail.
 //! * Every name in a [`Record`] is fully qualified with a trailing dot and lower-case;
 //!   names are compared case-insensitively after that normalisation.
-//! * Every lookup is bounded ([`QUERY_TIMEOUT`] per attempt, one retry, and
-//!   [`LOOKUP_DEADLINE`] overall) and the lookups of one verification run concurrently,
-//!   so a dead nameserver answers `verified: false` within about [`LOOKUP_DEADLINE`].
+//! * Every lookup is bounded (2 s per attempt, one retry, and a hard 4 s
+//!   deadline overall) and the lookups of one verification run concurrently,
+//!   so a dead nameserver answers `verified: false` within about 4 s.
 //! * The resolver keeps no useful cache (capacity 0, all TTLs clamped to 0): a re-verify
 //!   after the tenant fixes their DNS sees the new records, not a stale NXDOMAIN. (An
 //!   upstream recursive resolver may still cache on its side; that is outside our reach.)

@@ -4,6 +4,7 @@
 mod support;
 
 mod alloc;
+mod control;
 mod forwarding;
 mod hostile;
 mod reload;

@@ -52,21 +52,43 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Starts the edge on `config_body` (a TOML file without `[server]`, which is added
-    /// with a free port and a fast file watch).
+    /// Starts the edge on `config_body` (a TOML file without `[server]` and `[control]`,
+    /// which are added with free ports and a fast file watch).
     pub async fn start(config_body: &str) -> Edge {
+        Edge::start_with("", config_body).await
+    }
+
+    /// Like [`Edge::start`], with extra `[control]` keys.
+    pub async fn start_with(control_extra: &str, config_body: &str) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("edge.toml");
-        let text = Edge::with_server(dir.path(), config_body);
+        let text = Edge::with_server(dir.path(), &format!("{control_extra}\n\n{config_body}"));
         std::fs::write(&config, text).expect("write config");
         let stderr = dir.path().join("edge.log");
+        let (child, addr, control) = Edge::spawn(&config, &stderr).await;
+        Edge { child, addr, control, dir, config, stderr }
+    }
+
+    /// Kills the process with SIGKILL (no shutdown of any kind) and starts a new one on
+    /// the same config and state directory.
+    pub async fn kill9_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr, control) = Edge::spawn(&self.config, &self.stderr).await;
+        self.child = child;
+        self.addr = addr;
+        self.control = control;
+    }
+
+    async fn spawn(config: &Path, stderr: &Path) -> (Child, SocketAddr, SocketAddr) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(stderr).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("MIOSA_EDGE_LOG", "info")
             .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("log file"))
+            .stderr(log)
             .spawn()
             .expect("spawn miosa-edge");
         let stdout = child.stdout.take().expect("stdout");
@@ -84,11 +106,35 @@ impl Edge {
         });
         let (addr, control) = match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(a)) => a,
-            _ => panic!("edge did not start: {}", std::fs::read_to_string(&stderr).unwrap_or_default()),
+            _ => panic!("edge did not start: {}", std::fs::read_to_string(stderr).unwrap_or_default()),
         };
         let up = eventually(Duration::from_secs(10), || async move { TcpStream::connect(addr).await.ok().map(|_| ()) }).await;
         assert!(up.is_some(), "edge never accepted connections on {addr}");
-        Edge { child, addr, control, dir, config, stderr }
+        (child, addr, control)
+    }
+
+    /// A control-API request with the test token; `body` is sent as JSON when given.
+    pub async fn api(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        self.api_with(method, path, body, &[]).await
+    }
+
+    /// A control-API request with extra headers (`("If-Match", "\"3\"")`).
+    pub async fn api_with(&self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Response {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {CONTROL_TOKEN}\r\nConnection: close\r\n", self.control);
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let has_ct = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+        match body {
+            Some(b) => {
+                if !has_ct {
+                    head.push_str("Content-Type: application/json\r\n");
+                }
+                head.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len()));
+            }
+            None => head.push_str("\r\n"),
+        }
+        raw_request(self.control, &head).await
     }
 
     fn with_server(dir: &Path, body: &str) -> String {
