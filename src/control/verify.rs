@@ -11,8 +11,7 @@
 //! to `edge_target`, or, since apex domains cannot hold a CNAME, when the set of `D`'s
 //! A/AAAA addresses equals the set of `edge_target`'s A/AAAA addresses.
 //!
-//! The wildcard `*.D` cannot be asked for directly: a query for the literal name `*.D`
-//! only matches a record owned by `*.D` on some servers. Instead a probe name under `D`
+//! The wildcard `*.D` is checked the way clients meet it: a probe name under `D`
 //! (`miosa-edge-verify.D.`) is asked for its CNAME, which the wildcard synthesises, and the
 //! answer is reported under the wildcard's display name `*.D.`.
 //!

@@ -277,3 +277,33 @@ async fn a_hundred_writes_a_second_under_load_fail_nothing() {
     assert!(g >= 101);
     let _ = eventually(Duration::from_millis(1), || async { Some(()) }).await;
 }
+
+#[tokio::test]
+async fn domain_verify_reports_expected_records() {
+    // A nameserver that never answers: the check is bounded and reports what is
+    // expected (the DNS logic itself is tested against a real DNS server in
+    // src/control/verify.rs).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let ns = silent.local_addr().expect("addr");
+    let f = Fixture::start().await;
+    let edge = Edge::start(&format!("[dns]\nnameservers = [\"{ns}\"]\n\n{}", f.toml(""))).await;
+    let started = std::time::Instant::now();
+    let r = edge.api("POST", "/v1/domains/verify", Some(r#"{"host":"preview.tenant-one.test","kind":"preview"}"#)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let j = r.json();
+    assert_eq!(j["verified"], false);
+    assert_eq!(
+        j["expected"],
+        json!([
+            {"name": "*.preview.tenant-one.test.", "type": "CNAME", "value": "edge.localhost."},
+            {"name": "_acme-challenge.preview.tenant-one.test.", "type": "CNAME", "value": "ws_1.acme.localhost."}
+        ])
+    );
+    assert_eq!(j["found"], json!([]));
+    // A host no workspace claims for that kind.
+    let r = edge.api("POST", "/v1/domains/verify", Some(r#"{"host":"preview.tenant-one.test","kind":"deploy"}"#)).await;
+    assert_eq!((r.status, r.code()), (404, "not_found".into()));
+    let r = edge.api("POST", "/v1/domains/verify", Some(r#"{"host":"Not A Host","kind":"preview"}"#)).await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("host")));
+}

@@ -7,6 +7,7 @@ mod alloc;
 mod control;
 mod forwarding;
 mod hostile;
+mod openapi;
 mod reload;
 mod routes;
 
