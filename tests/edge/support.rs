@@ -85,7 +85,7 @@ impl Edge {
         let mut child = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
             .args(["run", "--config"])
             .arg(config)
-            .env("MIOSA_EDGE_LOG", "info")
+            .env("MIOSA_EDGE_LOG", std::env::var("MIOSA_TEST_EDGE_LOG").unwrap_or_else(|_| "info".into()))
             .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
             .stdout(Stdio::piped())
             .stderr(log)
