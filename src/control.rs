@@ -458,7 +458,12 @@ fn kind_word(k: DomainKind) -> &'static str {
 }
 
 fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
-    let Some(v) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
+    if_match_header(req.headers())
+}
+
+/// `If-Match: "7"` (or `W/"7"`, or `*` for any) → the generation a write expects.
+fn if_match_header(headers: &http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
     let s = v.to_str().unwrap_or("").trim();
     if s == "*" {
         return Ok(None);
@@ -682,4 +687,50 @@ fn json(status: StatusCode, v: &impl Serialize) -> Response<Full<Bytes>> {
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     bytes_response(status, content_type, body.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_from_file_or_generated_never_on_public_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = "MIOSA_EDGE_TEST_TOKEN_NEVER_SET";
+        let public: SocketAddr = "0.0.0.0:9180".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:9180".parse().unwrap();
+        assert!(matches!(resolve_token(env, public, dir.path()), Err(ControlError::NoTokenOnPublicAddress { .. })));
+        assert!(!dir.path().join("control.token").exists());
+
+        let t = resolve_token(env, loopback, dir.path()).unwrap();
+        assert_eq!(t.len(), 64);
+        let path = dir.path().join("control.token");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), t);
+        // A restart reuses it, so the control plane's copy stays valid.
+        assert_eq!(resolve_token(env, loopback, dir.path()).unwrap(), t);
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+
+    #[test]
+    fn if_match_forms() {
+        let parse = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::IF_MATCH, header::HeaderValue::from_str(v).unwrap());
+            if_match_header(&h).map_err(|e| e.status)
+        };
+        assert_eq!(parse("\"7\""), Ok(Some(7)));
+        assert_eq!(parse("W/\"7\""), Ok(Some(7)));
+        assert_eq!(parse("*"), Ok(None));
+        assert_eq!(parse("\"x\""), Err(412));
+        assert_eq!(if_match_header(&http::HeaderMap::new()).map_err(|e| e.status), Ok(None));
+    }
 }
