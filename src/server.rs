@@ -54,10 +54,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         n => n,
     };
 
-    let mut conf = ServerConf::default();
-    conf.threads = threads;
-    conf.grace_period_seconds = Some(1);
-    conf.graceful_shutdown_timeout_seconds = Some(10);
+    let conf = ServerConf { threads, grace_period_seconds: Some(1), graceful_shutdown_timeout_seconds: Some(10), ..Default::default() };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

@@ -146,7 +146,8 @@ async fn responses_match_the_openapi_document() {
         "domains": [{"host": "api-app.customer.test", "verified": false}],
         "versions": [{"id": "v1", "release": {"kind": "dynamic", "instances": [f.d1.addr.to_string()]}},
                      {"id": "v2", "release": {"kind": "dynamic", "instances": [f.d2.addr.to_string()]}}]});
-    let calls: Vec<(&str, String, Option<String>, Vec<(&str, String)>)> = vec![
+    type Call<'a> = (&'a str, String, Option<String>, Vec<(&'a str, String)>);
+    let calls: Vec<Call> = vec![
         ("GET", "/healthz".into(), None, vec![]),
         ("GET", "/readyz".into(), None, vec![]),
         ("GET", "/metrics".into(), None, vec![]),

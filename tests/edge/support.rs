@@ -254,6 +254,9 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Pending `/stream` controls: (started signal, release wait).
+type Streams = Arc<Mutex<Vec<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>;
+
 /// Controls of a streaming response served by an [`Origin`] at `/stream`.
 pub struct StreamControl {
     /// Signalled once the first chunk was sent.
@@ -267,7 +270,7 @@ pub struct StreamControl {
 pub struct Origin {
     pub addr: SocketAddr,
     pub name: String,
-    streams: Arc<Mutex<Vec<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>,
+    streams: Streams,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -282,7 +285,7 @@ impl Origin {
     pub async fn start(name: &str, ip: &str) -> Origin {
         let listener = TcpListener::bind((ip, 0)).await.expect("bind origin");
         let addr = listener.local_addr().expect("addr");
-        let streams: Arc<Mutex<Vec<(oneshot::Sender<()>, oneshot::Receiver<()>)>>> = Arc::default();
+        let streams: Streams = Arc::default();
         let st = streams.clone();
         let nm = name.to_string();
         let task = tokio::spawn(async move {
@@ -371,10 +374,8 @@ pub async fn ws_echo(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(sock).await else { return };
                 while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if ws.send(msg).await.is_err() {
-                            return;
-                        }
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
