@@ -19,7 +19,7 @@ use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
 use crate::state::{Access, SandboxState};
 use async_trait::async_trait;
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
@@ -28,6 +28,16 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// Header names used on every request, parsed once.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_ROBOTS_TAG: HeaderName = HeaderName::from_static("x-robots-tag");
+static NOINDEX: HeaderValue = HeaderValue::from_static("noindex");
+static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+static PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// Upstream timeouts.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +68,8 @@ pub struct RequestCtx {
     start: Instant,
     /// The one table this request routes on.
     table: Option<Arc<RouteTable>>,
-    request_id: String,
+    /// Shared (reference-counted) by the upstream request and the response.
+    request_id: HeaderValue,
     kind: RouteKind,
     target: Option<Target>,
     branding: u32,
@@ -85,8 +96,8 @@ impl EdgeProxy {
             .is_some_and(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")));
         let body = if wants_html {
             match &ctx.table {
-                Some(t) => t.pages.html(ctx.branding, code, detail, &ctx.request_id),
-                None => self.routes.load().pages.html(Pages::PLATFORM, code, detail, &ctx.request_id),
+                Some(t) => t.pages.html(ctx.branding, code, detail, request_id_str(&ctx.request_id)),
+                None => self.routes.load().pages.html(Pages::PLATFORM, code, detail, request_id_str(&ctx.request_id)),
             }
         } else {
             Pages::json(code)
@@ -95,13 +106,13 @@ impl EdgeProxy {
         resp.insert_header(header::CONTENT_TYPE, if wants_html { "text/html; charset=utf-8" } else { "application/json" })?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        resp.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
         resp.insert_header("x-content-type-options", "nosniff")?;
         if wants_html {
             resp.insert_header(header::CONTENT_SECURITY_POLICY, PAGE_CSP)?;
         }
         if ctx.preview {
-            resp.insert_header("x-robots-tag", "noindex")?;
+            resp.insert_header(X_ROBOTS_TAG.clone(), NOINDEX.clone())?;
         }
         if let Some(s) = code.retry_after() {
             resp.insert_header(header::RETRY_AFTER, s)?;
@@ -197,7 +208,7 @@ impl ProxyHttp for EdgeProxy {
         RequestCtx {
             start: Instant::now(),
             table: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             kind: RouteKind::Edge,
             target: None,
             branding: Pages::PLATFORM,
@@ -209,8 +220,8 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id = match session.req_header().headers.get("x-request-id") {
-            Some(v) if valid_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        ctx.request_id = match session.req_header().headers.get(&X_REQUEST_ID) {
+            Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
             _ => self.ids.next(),
         };
         self.route(session, ctx).await
@@ -240,30 +251,39 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn upstream_request_filter(&self, session: &mut Session, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
-        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
-            req.insert_header("x-forwarded-for", ip.to_string())?;
-        } else {
-            req.remove_header("x-forwarded-for");
-        }
-        req.insert_header("x-forwarded-proto", if self.opts.tls { "https" } else { "http" })?;
-        let fwd_host = req.uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
-            req.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
-        });
-        match fwd_host {
-            Some(h) => req.insert_header("x-forwarded-host", h)?,
+        match session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
+            Some(ip) => {
+                // An IP address is at most 45 bytes: format it without a heap string.
+                let mut buf = [0u8; 48];
+                let mut w = &mut buf[..];
+                let _ = std::io::Write::write_fmt(&mut w, format_args!("{ip}"));
+                let n = 48 - w.len();
+                req.insert_header(X_FORWARDED_FOR.clone(), HeaderValue::from_bytes(&buf[..n]).map_err(|_| Error::new(ErrorType::InternalError))?)?;
+            }
             None => {
-                req.remove_header("x-forwarded-host");
+                req.remove_header(&X_FORWARDED_FOR);
             }
         }
-        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        req.insert_header(X_FORWARDED_PROTO.clone(), if self.opts.tls { PROTO_HTTPS.clone() } else { PROTO_HTTP.clone() })?;
+        let fwd_host = match req.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers.get(header::HOST).cloned(),
+        };
+        match fwd_host {
+            Some(h) => req.insert_header(X_FORWARDED_HOST.clone(), h)?,
+            None => {
+                req.remove_header(&X_FORWARDED_HOST);
+            }
+        }
+        req.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
         strip_edge_headers(req);
         Ok(())
     }
 
     async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        resp.insert_header(X_REQUEST_ID.clone(), ctx.request_id.clone())?;
         if ctx.preview {
-            resp.append_header("x-robots-tag", "noindex")?;
+            resp.append_header(X_ROBOTS_TAG.clone(), NOINDEX.clone())?;
         }
         Ok(())
     }
@@ -332,7 +352,7 @@ impl ProxyHttp for EdgeProxy {
         // they become a page and a metric, and a warning without pingora's dump.
         if matches!(e.esource(), ErrorSource::Upstream) {
             tracing::warn!(
-                request_id = %ctx.request_id,
+                request_id = request_id_str(&ctx.request_id),
                 route = ctx.kind.as_str(),
                 failure = e.etype().as_str(),
                 upstream = ?ctx.target.map(|t| match t { Target::Sandbox { addr } | Target::Deployment { addr, .. } => addr }),
@@ -371,6 +391,11 @@ fn strip_edge_headers(req: &mut RequestHeader) {
     }
 }
 
+/// The request id as text (always ASCII: validated or generated).
+fn request_id_str(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("")
+}
+
 /// `X-Request-Id` a client may set: 1 to 128 of `A-Z a-z 0-9 . _ -`.
 pub fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -388,12 +413,18 @@ impl RequestIds {
         RequestIds { keys: (Default::default(), Default::default()), counter: AtomicU64::new(0) }
     }
 
-    fn next(&self) -> String {
+    fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let a = self.keys.0.hash_one(n);
         // The low half is the counter itself mixed with a key, so ids never repeat.
         let b = n ^ self.keys.1.hash_one(0u64);
-        format!("{a:016x}{b:016x}")
+        let mut out = [0u8; 32];
+        for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+            out[2 * i] = HEX[(byte >> 4) as usize];
+            out[2 * i + 1] = HEX[(byte & 15) as usize];
+        }
+        HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 }
 
@@ -419,5 +450,6 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
         assert!(valid_request_id(a.as_bytes()));
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
     }
 }

@@ -90,7 +90,7 @@ fn check_reports_line_and_column() {
     assert!(err.contains("3 error(s)"), "{err}");
 
     // A good file passes; so does the shipped example and the embedded default.
-    for good in ["config/edge.example.toml", "config/dev.toml"] {
+    for good in ["config/edge.example.toml", "config/dev.toml", "config/edge.container.toml"] {
         let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config", good]).output().expect("run check");
         assert!(out.status.success(), "{good}: {}", String::from_utf8_lossy(&out.stderr));
     }

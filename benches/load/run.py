@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""Load benchmark: miosa-edge against nginx (and a bare pingora proxy) on this machine.
+
+Run through benches/load/run.sh, which installs nginx and wrk and builds the release
+binaries. Starts, all on loopback:
+  - origin: nginx (single process) serving 1 KiB and 64 KiB files;
+  - nginx:  nginx (single process, master_process off) as the equivalent reverse proxy:
+            the same Host routing ({port}-{sandbox}.sandbox.localhost), keep-alive
+            upstream, the same forwarding headers, access log off;
+  - edge:   miosa-edge with 1 worker thread, routing that host to the origin;
+  - bare:   benches/load/bare_proxy.rs, a pingora proxy with no features, same profile
+            and allocator, 1 thread.
+Pinning: each proxy alone on CPU 0; wrk and the origin share CPU 1.
+
+Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
+  1. keep-alive HTTP/1.1, 1 KiB response, sandbox-preview host;
+  2. keep-alive, 64 KiB response;
+  7. scenario 1 on the edge while its routing table (100k sandboxes) is replaced
+     through the control API as often as it can, up to 10 times a second.
+The figure that counts is the proxy's own CPU time per request (utime+stime of its
+process from /proc over requests served): on 2 cores wrk saturates first, so requests/s
+alone says little. Every process started is stopped at the end, also on failure.
+"""
+import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
+
+CLK = os.sysconf("SC_CLK_TCK")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKEN = "load-bench-token-0123456789abcdef0123"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return int(parts[11]) + int(parts[12])  # utime, stime (fields 14, 15)
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def to_us(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    if not m:
+        return float("nan")
+    n, u = float(m.group(1)), m.group(2)
+    return n * {"us": 1, "ms": 1e3, "s": 1e6}[u]
+
+
+def wrk(port, host, path, seconds, conns):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_us(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = to_us(re.search(r"99%\s+(\S+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"requests": total, "rps": rps, "p50": p50, "p99": p99, "errors": errors}
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, cmd, cpu, env=None, stdout=subprocess.DEVNULL):
+        full = ["taskset", "-c", str(cpu)] + cmd
+        p = subprocess.Popen(full, stdout=stdout, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self):
+        for _, p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def nginx_conf(d, name, body):
+    path = os.path.join(d, f"{name}.conf")
+    with open(path, "w") as f:
+        f.write(f"""
+master_process off;
+daemon off;
+worker_processes 1;
+pid {d}/{name}.pid;
+error_log {d}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path {d}/{name}-body;
+  proxy_temp_path {d}/{name}-proxy;
+  fastcgi_temp_path {d}/{name}-fcgi;
+  uwsgi_temp_path {d}/{name}-uwsgi;
+  scgi_temp_path {d}/{name}-scgi;
+  {body}
+}}
+""")
+    return path
+
+
+def table_json(n, origin_port, flip):
+    sandboxes = [{"id": f"sb{i:06x}", "workspace": "ws_bench", "address": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+                  "previews": [{"port": 5173, "access": "public"}]} for i in range(n)]
+    # The benchmarked route is an API object too, so every swap rebuilds it.
+    sandboxes.append({"id": "swap", "workspace": "ws_bench", "address": "127.0.0.1",
+                      "previews": [{"port": origin_port, "access": "public"}, {"port": 1000 + flip, "access": "public"}]})
+    return json.dumps({"sandboxes": sandboxes}, separators=(",", ":")).encode()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--swap-sandboxes", type=int, default=100_000)
+    ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
+    ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
+    a = ap.parse_args()
+    for tool in ["nginx", "wrk", "taskset"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: run benches/load/run.sh")
+
+    d = tempfile.mkdtemp(prefix="miosa-load-")
+    procs = Procs()
+    try:
+        www = os.path.join(d, "www")
+        os.makedirs(www)
+        for name, size in [("1k", 1024), ("64k", 65536)]:
+            with open(os.path.join(www, name), "wb") as f:
+                f.write(b"x" * size)
+        o_port, n_port, e_port, b_port, c_port = (free_port() for _ in range(5))
+        host = f"{o_port}-bench.sandbox.localhost"
+
+        conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; tcp_nopush on; }}")
+        procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
+        conf = nginx_conf(d, "proxy", f"""
+  upstream origin {{ server 127.0.0.1:{o_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{n_port} default_server;
+    return 404;
+  }}
+  server {{
+    listen 127.0.0.1:{n_port};
+    server_name ~^(?<pport>[1-9][0-9]*)-(?<sandbox>[a-z0-9-]+)\\.sandbox\\.localhost$;
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Request-Id $request_id;
+      add_header X-Request-Id $request_id;
+      add_header X-Robots-Tag noindex;
+    }}
+  }}""")
+        nginx = procs.start("nginx", ["nginx", "-c", conf, "-p", d], 0)
+
+        edge_conf = os.path.join(d, "edge.toml")
+        with open(edge_conf, "w") as f:
+            f.write(f"""[server]
+http = "127.0.0.1:{e_port}"
+state_dir = "{d}/var"
+threads = 1
+watch_interval_ms = 0
+[control]
+listen = "127.0.0.1:{c_port}"
+max_body_bytes = 1073741824
+[[workspaces]]
+id = "ws_bench"
+slug = "bench"
+[[sandboxes]]
+id = "bench"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {o_port}, access = "public" }}]
+""")
+        env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
+        edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
+        bare = procs.start("bare", [a.bare, f"127.0.0.1:{b_port}", f"127.0.0.1:{o_port}", "1"], 0)
+        for p in [o_port, n_port, e_port, b_port, c_port]:
+            wait_port(p)
+
+        targets = [("direct", o_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge), ("bare pingora", b_port, bare)]
+        rows = []
+
+        def run(scenario, label, port, proc, path, hostname):
+            wrk(port, hostname, path, 1, a.connections)  # warm-up: connections, pools, caches
+            before = cpu_ticks(proc.pid) if proc else 0
+            r = wrk(port, hostname, path, a.seconds, a.connections)
+            after = cpu_ticks(proc.pid) if proc else 0
+            r["cpu_us"] = ((after - before) / CLK * 1e6 / r["requests"]) if proc and r["requests"] else None
+            r["scenario"], r["target"] = scenario, label
+            rows.append(r)
+            print(f"  {scenario:<28} {label:<13} {r['rps']:>9.0f} req/s  p50 {r['p50']:>7.0f} us  p99 {r['p99']:>7.0f} us  "
+                  f"cpu {('%.1f us/req' % r['cpu_us']) if r['cpu_us'] is not None else '-':>13}  errors {r['errors']}", flush=True)
+
+        for scenario, path in [("1 keep-alive 1 KiB", "/1k"), ("2 keep-alive 64 KiB", "/64k")]:
+            for _ in range(a.rounds):
+                for label, port, proc in targets:
+                    run(scenario, label, port, proc, path, host)
+
+        # Scenario 7: table swaps under load (edge only).
+        swap_host = f"{o_port}-swap.sandbox.localhost"
+        bodies = [table_json(a.swap_sandboxes, o_port, i) for i in range(2)]
+        stop = threading.Event()
+        swaps, swap_errors, swap_secs = [0], [0], []
+
+        def swapper():
+            i = 0
+            while not stop.is_set():
+                t0 = time.monotonic()
+                req = urllib.request.Request(f"http://127.0.0.1:{c_port}/v1/state", data=bodies[i % 2], method="PUT",
+                                             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        resp.read()
+                    swaps[0] += 1
+                except Exception:
+                    swap_errors[0] += 1
+                took = time.monotonic() - t0
+                swap_secs.append(took)
+                i += 1
+                stop.wait(max(0.0, 0.1 - took))
+
+        # The route must exist before load starts.
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{c_port}/v1/state", data=bodies[0], method="PUT",
+                               headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}), timeout=60).read()
+        for _ in range(a.rounds):
+            stop.clear()
+            swaps[0] = 0
+            t = threading.Thread(target=swapper)
+            t.start()
+            t0 = time.monotonic()
+            run(f"7 swaps of {a.swap_sandboxes // 1000}k-sandbox table", "edge", e_port, edge, "/1k", swap_host)
+            stop.set()
+            t.join()
+            rate = swaps[0] / (time.monotonic() - t0)
+            rows[-1]["swaps_per_s"] = rate
+            rows[-1]["swap_errors"] = swap_errors[0]
+            print(f"    table swaps: {swaps[0]} ({rate:.1f}/s), failed swaps: {swap_errors[0]}, "
+                  f"median swap {sorted(swap_secs)[len(swap_secs) // 2] * 1000:.0f} ms", flush=True)
+
+        # Summary: means over rounds, ratios against nginx.
+        print()
+        print("| scenario | target | req/s | p50 µs | p99 µs | proxy CPU µs/req | CPU vs nginx | errors |")
+        print("|---|---|---|---|---|---|---|---|")
+        summary = {}
+        for r in rows:
+            summary.setdefault((r["scenario"], r["target"]), []).append(r)
+        for (scenario, target), rs in summary.items():
+            mean = lambda k: sum(x[k] for x in rs) / len(rs)
+            cpu = [x["cpu_us"] for x in rs if x["cpu_us"] is not None]
+            cpu_mean = sum(cpu) / len(cpu) if cpu else None
+            ng = [x["cpu_us"] for x in summary.get((scenario, "nginx"), []) if x["cpu_us"] is not None]
+            ratio = (cpu_mean / (sum(ng) / len(ng))) if cpu_mean and ng else None
+            print(f"| {scenario} | {target} | {mean('rps'):.0f} | {mean('p50'):.0f} | {mean('p99'):.0f} | "
+                  f"{'%.1f' % cpu_mean if cpu_mean else '—'} | {'%.2f×' % ratio if ratio else '—'} | {sum(x['errors'] for x in rs)} |")
+        total_errors = sum(r["errors"] for r in rows if r["target"] != "direct")
+        if total_errors:
+            print(f"\nERRORS: {total_errors} failed requests", file=sys.stderr)
+            sys.exit(1)
+    finally:
+        procs.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
