@@ -27,6 +27,7 @@ pub struct Config {
     pub domains: Domains,
     pub branding: PlatformBranding,
     pub dns: Dns,
+    pub log: Log,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
     pub state: State,
     /// The file it came from (`None` for the embedded default).
@@ -170,6 +171,26 @@ impl Default for Control {
     }
 }
 
+/// `[log]`: the access log.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `off` (default), `stdout`, or a file path (appended to): one JSON object per
+    /// request.
+    #[serde(default = "default_access")]
+    pub access: String,
+}
+
+fn default_access() -> String {
+    "off".into()
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { access: default_access() }
+    }
+}
+
 /// `[dns]`: resolvers for domain verification (and later DNS-01 checks).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +242,8 @@ struct RawConfig {
     branding: PlatformBranding,
     #[serde(default)]
     dns: Dns,
+    #[serde(default)]
+    log: Log,
     #[serde(default)]
     workspaces: Vec<state::Workspace>,
     #[serde(default)]
@@ -332,6 +355,9 @@ impl Config {
         if !(1024..=(4u64 << 30)).contains(&raw.control.max_body_bytes) {
             errors.push(StateError { path: "control.max_body_bytes".into(), message: "must be between 1024 and 4294967296".into() });
         }
+        if raw.log.access.is_empty() || raw.log.access.chars().any(char::is_control) {
+            errors.push(StateError { path: "log.access".into(), message: "must be off, stdout or a file path".into() });
+        }
         if raw.server.threads > 1024 {
             errors.push(StateError { path: "server.threads".into(), message: "must be at most 1024".into() });
         }
@@ -369,6 +395,7 @@ impl Config {
             domains: raw.domains,
             branding: raw.branding,
             dns: raw.dns,
+            log: raw.log,
             state,
             source: source.map(Path::to_owned),
         })

@@ -9,7 +9,9 @@
 
 pub mod verify;
 
+use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
+use crate::usage::Usage;
 use crate::state::store::{Store, WriteError};
 use crate::state::{Deployment, Id, Sandbox, ShareToken, State, StateError, Workspace};
 use bytes::Bytes;
@@ -32,6 +34,8 @@ pub const OPENAPI_YAML: &str = include_str!("../docs/control-api.yaml");
 pub struct ControlApi {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    usage: Arc<Usage>,
+    access_log: Option<Arc<AccessLog>>,
     token: Box<[u8]>,
     max_body: u64,
     verifier: Option<Verifier>,
@@ -96,7 +100,8 @@ pub fn resolve_token(env: &str, listen: SocketAddr, state_dir: &Path) -> Result<
 
 impl ControlApi {
     /// The API over `store`; `proxy_addr` is probed by `/readyz`.
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, token: String, max_body: u64, nameservers: Option<&[SocketAddr]>, proxy_addr: SocketAddr) -> ControlApi {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, usage: Arc<Usage>, access_log: Option<Arc<AccessLog>>, token: String, max_body: u64, nameservers: Option<&[SocketAddr]>, proxy_addr: SocketAddr) -> ControlApi {
         let verifier = match Verifier::new(nameservers) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -104,7 +109,7 @@ impl ControlApi {
                 None
             }
         };
-        ControlApi { store, metrics, token: token.into_bytes().into_boxed_slice(), max_body, verifier, proxy_addr, proxy_up: AtomicBool::new(false) }
+        ControlApi { store, metrics, usage, access_log, token: token.into_bytes().into_boxed_slice(), max_body, verifier, proxy_addr, proxy_up: AtomicBool::new(false) }
     }
 
     /// Serves on `listener` from a thread of its own until the process exits.
@@ -168,7 +173,8 @@ impl ControlApi {
             return r;
         }
         let result = match (&method, segs.as_slice()) {
-            (&Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render())),
+            (&Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, "text/plain; version=0.0.4", self.render_metrics())),
+            (&Method::GET, ["v1", "usage"]) => self.get_usage(req.uri().query()),
             (&Method::GET, ["v1", "openapi.yaml"]) => Ok(text(StatusCode::OK, "application/yaml", OPENAPI_YAML.to_string())),
             (&Method::GET, ["v1", "state"]) => Ok(self.get_state()),
             (&Method::PUT, ["v1", "state"]) => self.put_state(req).await,
@@ -188,12 +194,39 @@ impl ControlApi {
                     _ => Err(ApiError::new(405, "method_not_allowed", "use GET, PUT or DELETE")),
                 }
             }
-            (_, ["metrics"] | ["v1", "state"] | ["v1", "state", "ops"] | ["v1", "openapi.yaml"] | ["v1", "domains", "verify"]) => {
+            (_, ["metrics"] | ["v1", "usage"] | ["v1", "state"] | ["v1", "state", "ops"] | ["v1", "openapi.yaml"] | ["v1", "domains", "verify"]) => {
                 Err(ApiError::new(405, "method_not_allowed", "method not allowed on this path"))
             }
             _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {method} {path}"))),
         };
         result.unwrap_or_else(ApiError::into_response)
+    }
+
+    fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render();
+        self.usage.render_metrics(&mut out);
+        if let Some(log) = &self.access_log {
+            use std::fmt::Write;
+            let _ = writeln!(out, "# HELP miosa_edge_access_log_dropped_total Access log lines dropped because the writer fell behind.");
+            let _ = writeln!(out, "# TYPE miosa_edge_access_log_dropped_total counter");
+            let _ = writeln!(out, "miosa_edge_access_log_dropped_total {}", log.dropped());
+        }
+        out
+    }
+
+    /// `GET /v1/usage[?cursor=N]`: exact per-workspace usage since the last
+    /// acknowledged report; passing the last report's cursor acknowledges it.
+    fn get_usage(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let mut ack = None;
+        for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("cursor", v)) => {
+                    ack = Some(v.parse::<u64>().map_err(|_| ApiError::new(400, "invalid_state", "cursor must be a number from a previous report").at("cursor"))?)
+                }
+                _ => return Err(ApiError::new(400, "invalid_state", format!("unknown query parameter `{kv}`"))),
+            }
+        }
+        Ok(json(StatusCode::OK, &self.usage.report(ack)))
     }
 
     async fn readyz(&self) -> Response<Full<Bytes>> {

@@ -21,6 +21,7 @@
 //! through `ArcSwap`; writers (start-up, TOML reload) validate and build a whole new
 //! table off the request path and swap it in with one store.
 
+pub mod access_log;
 pub mod config;
 pub mod control;
 pub mod metrics;
@@ -29,3 +30,4 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod usage;

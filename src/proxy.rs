@@ -14,7 +14,9 @@
 //! Invariant: the edge only connects to addresses found in the route table loaded by
 //! this request (`RequestCtx::table`), never to one derived from the request.
 
+use crate::access_log::{self, AccessLog};
 use crate::metrics::{Metrics, RouteKind, UpstreamFailure};
+use crate::usage::{Kind as UsageKind, Usage, UsageCell};
 use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
 use crate::state::{Access, SandboxState};
@@ -52,6 +54,8 @@ pub struct ProxyOptions {
 pub struct EdgeProxy {
     routes: SharedTable,
     metrics: Arc<Metrics>,
+    usage: Arc<Usage>,
+    access_log: Option<Arc<AccessLog>>,
     opts: ProxyOptions,
     ids: RequestIds,
 }
@@ -78,12 +82,20 @@ pub struct RequestCtx {
     retries: u8,
     /// Status of an edge-generated answer (for logging).
     edge_status: Option<u16>,
+    /// Usage counters of the workspace, deployment and sandbox this request is for.
+    usage: [Option<Arc<UsageCell>>; 3],
 }
 
 impl EdgeProxy {
     /// A proxy reading routes from `routes`.
-    pub fn new(routes: SharedTable, metrics: Arc<Metrics>, opts: ProxyOptions) -> EdgeProxy {
-        EdgeProxy { routes, metrics, opts, ids: RequestIds::new() }
+    pub fn new(routes: SharedTable, metrics: Arc<Metrics>, usage: Arc<Usage>, access_log: Option<Arc<AccessLog>>, opts: ProxyOptions) -> EdgeProxy {
+        EdgeProxy { routes, metrics, usage, access_log, opts, ids: RequestIds::new() }
+    }
+
+    fn attribute(&self, ctx: &mut RequestCtx, table: &RouteTable, workspace: Option<u32>) {
+        if let Some(w) = workspace.and_then(|w| table.workspace(w)) {
+            ctx.usage[0] = Some(self.usage.cell(UsageKind::Workspace, &w.id));
+        }
     }
 
     /// Writes an edge-generated answer (the one way the edge answers by itself).
@@ -147,14 +159,17 @@ impl EdgeProxy {
             return Ok(true);
         };
         match table.lookup(host) {
-            Route::Denied { code, branding, preview, .. } => {
+            Route::Denied { code, branding, preview, workspace } => {
+                self.attribute(ctx, &table, workspace);
                 ctx.branding = branding;
                 ctx.preview = preview;
                 ctx.kind = if preview { RouteKind::Preview } else { RouteKind::Edge };
                 self.respond(session, ctx, code, Detail::default()).await?;
                 Ok(true)
             }
-            Route::Preview { sandbox, port, access, tenant_host, .. } => {
+            Route::Preview { sandbox_id, sandbox, port, access, tenant_host } => {
+                self.attribute(ctx, &table, Some(sandbox.workspace));
+                ctx.usage[2] = Some(self.usage.cell(UsageKind::Sandbox, sandbox_id));
                 ctx.kind = RouteKind::Preview;
                 ctx.preview = true;
                 ctx.port = Some(port);
@@ -175,6 +190,8 @@ impl EdgeProxy {
                 Ok(false)
             }
             Route::Deployment { deployment, index, tenant_host } => {
+                self.attribute(ctx, &table, Some(deployment.workspace));
+                ctx.usage[1] = Some(self.usage.cell(UsageKind::Deployment, &deployment.id));
                 ctx.kind = RouteKind::Deployment;
                 let ws = table.workspace(deployment.workspace);
                 ctx.branding = ws.map(|w| if tenant_host { w.tenant_branding } else { w.branding }).unwrap_or(Pages::PLATFORM);
@@ -216,6 +233,7 @@ impl ProxyHttp for EdgeProxy {
             port: None,
             retries: 0,
             edge_status: None,
+            usage: [None, None, None],
         }
     }
 
@@ -367,7 +385,33 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map(|r| r.status.as_u16()).or(ctx.edge_status).unwrap_or(0);
-        self.metrics.request(ctx.kind, status, ctx.start.elapsed().as_secs_f64());
+        let elapsed = ctx.start.elapsed();
+        self.metrics.request(ctx.kind, status, elapsed.as_secs_f64());
+        let bytes = session.body_bytes_sent() as u64;
+        for cell in ctx.usage.iter().flatten() {
+            cell.add(bytes);
+        }
+        if let Some(log) = &self.access_log {
+            let req = session.req_header();
+            let id = |i: usize| ctx.usage[i].as_ref().map(|c| &*c.id);
+            let host = req.uri.authority().map(|a| a.as_str()).or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+            let line = serde_json::json!({
+                "ts": access_log::now_rfc3339_ms(),
+                "request_id": request_id_str(&ctx.request_id),
+                "method": req.method.as_str(),
+                "host": host,
+                "path": access_log::redact(&String::from_utf8_lossy(req.raw_path())),
+                "route": ctx.kind.as_str(),
+                "workspace": id(0),
+                "deployment": id(1),
+                "sandbox": id(2),
+                "status": status,
+                "bytes": bytes,
+                "duration_ms": elapsed.as_secs_f64() * 1000.0,
+                "upstream": ctx.target.map(|t| match t { Target::Sandbox { addr } | Target::Deployment { addr, .. } => addr.to_string() }),
+            });
+            log.write(line.to_string());
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 use crate::config::reload::Reloader;
 use crate::config::Config;
 use crate::control::{resolve_token, ControlApi, ControlError};
+use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
+use crate::usage::Usage;
 use crate::proxy::{EdgeProxy, ProxyOptions};
 use crate::state::store::{OpenError, Store};
 use pingora::proxy::http_proxy_service_with_name;
@@ -27,6 +29,12 @@ pub enum StartError {
     State(#[from] OpenError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the reload thread: {0}")]
     Reload(#[source] std::io::Error),
 }
@@ -58,9 +66,16 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let usage = Arc::new(Usage::default());
+    let access_log = match cfg.log.access.as_str() {
+        "off" => None,
+        target => Some(Arc::new(AccessLog::start(target).map_err(|source| StartError::AccessLog { target: target.to_string(), source })?)),
+    };
     let proxy = EdgeProxy::new(
         routes.clone(),
         metrics.clone(),
+        usage.clone(),
+        access_log.clone(),
         ProxyOptions {
             connect_timeout: Duration::from_millis(cfg.server.connect_timeout_ms),
             read_timeout: Duration::from_millis(cfg.server.read_timeout_ms),
@@ -75,7 +90,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let control_listener =
         TcpListener::bind(cfg.control.listen).map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
     let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
-    ControlApi::new(store.clone(), metrics.clone(), token, cfg.control.max_body_bytes, cfg.dns.nameservers.as_deref(), http)
+    ControlApi::new(store.clone(), metrics.clone(), usage, access_log, token, cfg.control.max_body_bytes, cfg.dns.nameservers.as_deref(), http)
         .spawn(control_listener)?;
 
     let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));

@@ -7,6 +7,7 @@ mod alloc;
 mod control;
 mod forwarding;
 mod hostile;
+mod observe;
 mod openapi;
 mod reload;
 mod routes;

@@ -57,6 +57,7 @@ impl Spec {
     }
 
     fn check(&self, method: &str, path: &str, r: &Response) -> Result<String, String> {
+        let path = path.split('?').next().unwrap_or(path);
         let t = self.template(path).ok_or_else(|| format!("{path} is not documented"))?;
         let op = &self.0["paths"][&t][method.to_ascii_lowercase()];
         if op.is_null() {
@@ -152,6 +153,9 @@ async fn responses_match_the_openapi_document() {
         ("GET", "/readyz".into(), None, vec![]),
         ("GET", "/metrics".into(), None, vec![]),
         ("GET", "/v1/openapi.yaml".into(), None, vec![]),
+        ("GET", "/v1/usage".into(), None, vec![]),
+        ("GET", "/v1/usage?cursor=1".into(), None, vec![]),
+        ("GET", "/v1/usage?cursor=x".into(), None, vec![]),
         ("GET", "/v1/state".into(), None, vec![]),
         ("PUT", "/v1/state".into(), Some(json!({"sandboxes": [sb]}).to_string()), vec![]),
         ("PUT", "/v1/state".into(), Some("{bad".into()), vec![]),

@@ -1,0 +1,211 @@
+//! Usage attribution for chargeback: requests and bytes served per workspace,
+//! deployment and sandbox, keyed by the ids of the routing state (never the raw Host).
+//!
+//! Counters live outside the route table, so a table swap loses nothing; each is an
+//! `Arc<UsageCell>` found once per request and bumped with two relaxed atomic adds at
+//! the end of it. Metrics show a bounded top-N per kind with the rest summed as
+//! `_other`; the control API's `GET /v1/usage` gives exact per-workspace counts with a
+//! cursor (see [`Usage::report`]) so a consumer never loses or double-counts usage.
+
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How many ids per kind `/metrics` shows before summing the rest as `_other`.
+pub const METRICS_TOP_N: usize = 20;
+
+/// The counters of one object.
+#[derive(Debug)]
+pub struct UsageCell {
+    /// The object's id (workspace, deployment or sandbox).
+    pub id: Box<str>,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl UsageCell {
+    /// Counts one request that sent `bytes` of body to the client.
+    pub fn add(&self, bytes: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64) {
+        (self.requests.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// What kind of object a counter belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Workspace,
+    Deployment,
+    Sandbox,
+}
+
+#[derive(Default)]
+struct Cursor {
+    next: u64,
+    /// Totals as reported with the last issued cursor.
+    issued: Option<(u64, HashMap<Box<str>, (u64, u64)>)>,
+    /// Totals at the last acknowledged cursor: reports are counted from here.
+    acked: HashMap<Box<str>, (u64, u64)>,
+}
+
+/// Usage counters of the whole edge.
+#[derive(Default)]
+pub struct Usage {
+    workspaces: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
+    deployments: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
+    sandboxes: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
+    cursor: Mutex<Cursor>,
+}
+
+impl std::fmt::Debug for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Usage").field("workspaces", &self.workspaces.len()).finish()
+    }
+}
+
+/// One workspace's usage in a report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    pub id: String,
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+/// The answer of `GET /v1/usage`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    /// Pass it back (`?cursor=`) to acknowledge this report.
+    pub cursor: u64,
+    /// Counts since the last acknowledged report.
+    pub workspaces: Vec<Entry>,
+}
+
+impl Usage {
+    fn map(&self, kind: Kind) -> &DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState> {
+        match kind {
+            Kind::Workspace => &self.workspaces,
+            Kind::Deployment => &self.deployments,
+            Kind::Sandbox => &self.sandboxes,
+        }
+    }
+
+    /// The counters of `id` (created on first use).
+    pub fn cell(&self, kind: Kind, id: &str) -> Arc<UsageCell> {
+        let map = self.map(kind);
+        if let Some(c) = map.get(id) {
+            return c.clone();
+        }
+        map.entry(id.into())
+            .or_insert_with(|| Arc::new(UsageCell { id: id.into(), requests: AtomicU64::new(0), bytes: AtomicU64::new(0) }))
+            .clone()
+    }
+
+    /// Exact per-workspace counts since the last acknowledged report. Passing the
+    /// cursor of the last report acknowledges it first: the consumer stores a report,
+    /// then asks with its cursor. A retried request with an older cursor acknowledges
+    /// nothing and gets counts from the last acknowledgement again, so nothing is lost
+    /// or counted twice.
+    pub fn report(&self, ack: Option<u64>) -> Report {
+        let mut c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(a), Some((issued, _))) = (ack, &c.issued) {
+            if a == *issued {
+                if let Some((_, totals)) = c.issued.take() {
+                    c.acked = totals;
+                }
+            }
+        }
+        let totals: HashMap<Box<str>, (u64, u64)> = self.workspaces.iter().map(|e| (e.key().clone(), e.value().get())).collect();
+        let mut workspaces: Vec<Entry> = totals
+            .iter()
+            .filter_map(|(id, (r, b))| {
+                let (ar, ab) = c.acked.get(id).copied().unwrap_or((0, 0));
+                let (r, b) = (r.saturating_sub(ar), b.saturating_sub(ab));
+                (r > 0 || b > 0).then(|| Entry { id: id.to_string(), requests: r, bytes: b })
+            })
+            .collect();
+        workspaces.sort_by(|a, b| a.id.cmp(&b.id));
+        c.next += 1;
+        let cursor = c.next;
+        c.issued = Some((cursor, totals));
+        Report { cursor, workspaces }
+    }
+
+    /// Prometheus text for the top-N ids of each kind, the rest summed as `_other`.
+    pub fn render_metrics(&self, out: &mut String) {
+        for (kind, label) in [(Kind::Workspace, "workspace"), (Kind::Deployment, "deployment"), (Kind::Sandbox, "sandbox")] {
+            let mut all: Vec<(Box<str>, (u64, u64))> = self.map(kind).iter().map(|e| (e.key().clone(), e.value().get())).collect();
+            all.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
+            let other = all.iter().skip(METRICS_TOP_N).fold((0u64, 0u64), |acc, (_, (r, b))| (acc.0 + r, acc.1 + b));
+            for (metric, idx, help) in [("requests", 0, "Requests"), ("bytes", 1, "Response body bytes sent")] {
+                let name = format!("miosa_edge_{label}_{metric}_total");
+                let _ = writeln!(out, "# HELP {name} {help} per {label} (top {METRICS_TOP_N} by requests; the rest as _other).");
+                let _ = writeln!(out, "# TYPE {name} counter");
+                for (id, v) in all.iter().take(METRICS_TOP_N) {
+                    let n = if idx == 0 { v.0 } else { v.1 };
+                    let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", escape_label(id));
+                }
+                if all.len() > METRICS_TOP_N {
+                    let n = if idx == 0 { other.0 } else { other.1 };
+                    let _ = writeln!(out, "{name}{{{label}=\"_other\"}} {n}");
+                }
+            }
+        }
+    }
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_are_exact_with_cursor_acknowledgement() {
+        let u = Usage::default();
+        let w1 = u.cell(Kind::Workspace, "ws_1");
+        w1.add(100);
+        w1.add(50);
+        u.cell(Kind::Workspace, "ws_2").add(7);
+        let r1 = u.report(None);
+        assert_eq!(r1.workspaces, vec![Entry { id: "ws_1".into(), requests: 2, bytes: 150 }, Entry { id: "ws_2".into(), requests: 1, bytes: 7 }]);
+        w1.add(10);
+        // Not acknowledged yet: the next report still includes the first counts.
+        let r2 = u.report(None);
+        assert_eq!(r2.workspaces[0], Entry { id: "ws_1".into(), requests: 3, bytes: 160 });
+        // Acknowledge r2: only what came after it is reported.
+        w1.add(1);
+        let r3 = u.report(Some(r2.cursor));
+        assert_eq!(r3.workspaces, vec![Entry { id: "ws_1".into(), requests: 1, bytes: 1 }]);
+        // A retry with the old cursor acknowledges nothing more: same counts again.
+        let r4 = u.report(Some(r2.cursor));
+        assert_eq!(r4.workspaces, r3.workspaces);
+        let r5 = u.report(Some(r4.cursor));
+        assert!(r5.workspaces.is_empty());
+    }
+
+    #[test]
+    fn metrics_are_bounded() {
+        let u = Usage::default();
+        for i in 0..30 {
+            let c = u.cell(Kind::Sandbox, &format!("sb{i:02}"));
+            for _ in 0..=i {
+                c.add(1);
+            }
+        }
+        let mut out = String::new();
+        u.render_metrics(&mut out);
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("miosa_edge_sandbox_requests_total{")).collect();
+        assert_eq!(lines.len(), METRICS_TOP_N + 1);
+        assert!(lines[0].contains("sb29") && lines[0].ends_with(" 30"));
+        // The ten smallest (1..=10 requests) are summed: 55.
+        assert!(lines.contains(&"miosa_edge_sandbox_requests_total{sandbox=\"_other\"} 55"), "{out}");
+    }
+}
