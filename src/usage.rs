@@ -45,13 +45,16 @@ pub enum Kind {
     Sandbox,
 }
 
+/// Totals per id: (requests, bytes).
+type Totals = HashMap<Box<str>, (u64, u64)>;
+
 #[derive(Default)]
 struct Cursor {
     next: u64,
     /// Totals as reported with the last issued cursor.
-    issued: Option<(u64, HashMap<Box<str>, (u64, u64)>)>,
+    issued: Option<(u64, Totals)>,
     /// Totals at the last acknowledged cursor: reports are counted from here.
-    acked: HashMap<Box<str>, (u64, u64)>,
+    acked: Totals,
 }
 
 /// Usage counters of the whole edge.
@@ -120,7 +123,7 @@ impl Usage {
                 }
             }
         }
-        let totals: HashMap<Box<str>, (u64, u64)> = self.workspaces.iter().map(|e| (e.key().clone(), e.value().get())).collect();
+        let totals: Totals = self.workspaces.iter().map(|e| (e.key().clone(), e.value().get())).collect();
         let mut workspaces: Vec<Entry> = totals
             .iter()
             .filter_map(|(id, (r, b))| {
