@@ -273,7 +273,9 @@ previews = [{{ port = {o_port}, access = "public" }}]
         for r in rows:
             summary.setdefault((r["scenario"], r["target"]), []).append(r)
         for (scenario, target), rs in summary.items():
-            mean = lambda k: sum(x[k] for x in rs) / len(rs)
+            def mean(k):
+                vals = [x[k] for x in rs if x[k] == x[k]]  # skip NaN (a wrk line that did not parse)
+                return sum(vals) / len(vals) if vals else float("nan")
             cpu = [x["cpu_us"] for x in rs if x["cpu_us"] is not None]
             cpu_mean = sum(cpu) / len(cpu) if cpu else None
             ng = [x["cpu_us"] for x in summary.get((scenario, "nginx"), []) if x["cpu_us"] is not None]
