@@ -276,10 +276,7 @@ impl ControlApi {
         self.blocking(move |api| {
             let b: Body = parse(&body)?;
             let state = State { workspaces: b.workspaces, sandboxes: b.sandboxes, share_tokens: b.share_tokens, deployments: b.deployments };
-            api.store.write_api(if_match.or(b.generation), move |s| {
-                *s = state;
-                Ok(())
-            }).map_err(ApiError::from)
+            api.store.replace_api(if_match.or(b.generation), state).map_err(ApiError::from)
         })
         .await
     }

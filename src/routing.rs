@@ -181,6 +181,13 @@ impl RouteTable {
     /// Validates `state` and builds a table. Pure: no I/O.
     pub fn build(domains: &Domains, branding: &PlatformBranding, state: &State, generation: u64) -> Result<RouteTable, BuildError> {
         state::validate(state, domains).map_err(BuildError)?;
+        RouteTable::build_validated(domains, branding, state, generation)
+    }
+
+    /// Builds a table from a state the caller has just passed through
+    /// [`state::validate`] (validation is the costly half on large states; references
+    /// are still resolved defensively).
+    pub fn build_validated(domains: &Domains, branding: &PlatformBranding, state: &State, generation: u64) -> Result<RouteTable, BuildError> {
         let mut pages = Pages::new(branding);
         let mut workspaces = Vec::with_capacity(state.workspaces.len());
         let mut ws_index: HashMap<&str, u32, RandomState> = HashMap::with_capacity_and_hasher(state.workspaces.len(), RandomState::new());

@@ -169,6 +169,19 @@ impl Store {
     /// Applies `change` to a copy of the API state; validates, persists and publishes
     /// the result, or changes nothing. `if_match` is the generation the caller saw.
     pub fn write_api(&self, if_match: Option<u64>, change: impl FnOnce(&mut State) -> Result<(), WriteError>) -> Result<u64, WriteError> {
+        self.write(if_match, |old| {
+            let mut api = old.clone();
+            change(&mut api)?;
+            Ok(api)
+        })
+    }
+
+    /// Replaces the whole API state (`PUT /v1/state`) without copying the old one.
+    pub fn replace_api(&self, if_match: Option<u64>, state: State) -> Result<u64, WriteError> {
+        self.write(if_match, |_| Ok(state))
+    }
+
+    fn write(&self, if_match: Option<u64>, next: impl FnOnce(&State) -> Result<State, WriteError>) -> Result<u64, WriteError> {
         let mut g = self.lock();
         let result = (|| {
             if let Some(expected) = if_match {
@@ -176,8 +189,7 @@ impl Store {
                     return Err(WriteError::Stale { current: g.generation, expected });
                 }
             }
-            let mut api = g.api.clone();
-            change(&mut api)?;
+            let api = next(&g.api)?;
             conflicts(&g.toml, &api).map_err(WriteError::Conflict)?;
             let generation = g.generation + 1;
             let table = build(&g, &api, generation).map_err(WriteError::Invalid)?;
@@ -230,11 +242,20 @@ impl Store {
 /// objects come first in the merge so that error paths name the API document's
 /// indices; errors in TOML objects are labelled as such.
 fn build(base: &Inner, api: &State, generation: u64) -> Result<RouteTable, Vec<StateError>> {
-    let merged = api.merged(&base.toml);
-    if let Err(errs) = validate(&merged, &base.domains) {
+    let toml = &base.toml;
+    let no_toml_routes = toml.workspaces.is_empty() && toml.sandboxes.is_empty() && toml.share_tokens.is_empty() && toml.deployments.is_empty();
+    // In production the TOML file usually holds no routes: skip copying a large API state.
+    let merged;
+    let whole = if no_toml_routes {
+        api
+    } else {
+        merged = api.merged(toml);
+        &merged
+    };
+    if let Err(errs) = validate(whole, &base.domains) {
         return Err(errs.into_iter().map(|e| relabel(e, api)).collect());
     }
-    RouteTable::build(&base.domains, &base.branding, &merged, generation).map_err(|e| e.0)
+    RouteTable::build_validated(&base.domains, &base.branding, whole, generation).map_err(|e| e.0)
 }
 
 /// Turns `sandboxes[7].x` into `toml: sandboxes[2].x` when index 7 is past the API
