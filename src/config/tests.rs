@@ -71,3 +71,47 @@ fn line_col_counts_characters() {
     assert_eq!(line_col("ab\ncdé f", 8), (2, 5));
     assert_eq!(line_col("", 10), (1, 1));
 }
+
+#[test]
+fn mangled_files_are_errors_not_panics() {
+    let base = include_str!("../../config/edge.example.toml");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    };
+    let junk = ["[", "]", "=", "\"", "[[sandboxes]]\n", "port = 0\n", "\n", "x", "1e999", "-", "{", "}", ",", "é", "\u{0}"];
+    let mut errors = 0;
+    for _ in 0..1500 {
+        let mut text = base.to_string();
+        for _ in 0..(1 + next() % 4) {
+            let mut at = (next() as usize) % (text.len() + 1);
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            if next() % 2 == 0 {
+                text.insert_str(at, junk[(next() % junk.len() as u64) as usize]);
+            } else {
+                let mut end = (at + 1 + (next() % 20) as usize).min(text.len());
+                while !text.is_char_boundary(end) {
+                    end += 1;
+                }
+                text.replace_range(at..end, "");
+            }
+        }
+        match Config::parse(&text, None) {
+            Ok(_) => {}
+            Err(ConfigError::Invalid { issues, .. }) => {
+                errors += 1;
+                assert!(!issues.is_empty());
+                for i in &issues {
+                    assert!(i.line >= 1 && i.line <= text.lines().count() + 1, "{i:?}");
+                }
+            }
+            Err(e) => panic!("unexpected error kind: {e}"),
+        }
+    }
+    assert!(errors > 500, "the mangling did produce errors ({errors})");
+}

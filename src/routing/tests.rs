@@ -158,3 +158,39 @@ fn lookups_are_deterministic_across_swaps() {
     assert!(preview(&before, "3000-abc12345.sandbox.miosa.app").is_some());
     assert_eq!(denied(&shared.load(), "3000-abc12345.sandbox.miosa.app"), Some(ErrorCode::PreviewNotFound));
 }
+
+/// xorshift64*: a deterministic stream of pseudo-random numbers for fuzz-style tests.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn hostile_hosts_never_panic_and_stay_in_bounds() {
+    let t = table();
+    let mut next = rng(0x9e37_79b9_7f4a_7c15);
+    let alphabet = b"abcxyz0123456789-.:[]_@ /\\\0\xff\xc3\xa9AZ%";
+    for _ in 0..200_000 {
+        let len = (next() % 300) as usize;
+        let raw: Vec<u8> = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+        let mut buf = [0u8; 256];
+        if let Some(h) = normalize_host(&raw, &mut buf) {
+            assert!(h.len() <= 253 + 3 && h.bytes().all(|b| !b.is_ascii_uppercase()), "{h:?}");
+            let _ = t.lookup(h);
+        }
+    }
+    // Shapes close to real ones.
+    for _ in 0..50_000 {
+        let port = next() % 70_000;
+        let host = format!("{port}-abc{}.{}", next() % 3, ["sandbox.miosa.app", "preview.yourproduct.com", "miosa.app", "x.y"][(next() % 4) as usize]);
+        let mut buf = [0u8; 256];
+        if let Some(h) = normalize_host(host.as_bytes(), &mut buf) {
+            let _ = t.lookup(h);
+        }
+    }
+}

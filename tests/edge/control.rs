@@ -307,3 +307,28 @@ async fn domain_verify_reports_expected_records() {
     let r = edge.api("POST", "/v1/domains/verify", Some(r#"{"host":"Not A Host","kind":"preview"}"#)).await;
     assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("host")));
 }
+
+#[tokio::test]
+async fn a_toml_reload_that_collides_with_api_objects_is_refused() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let sb = json!({"id": "apibox", "workspace": "ws_1", "address": "127.0.0.3", "previews": [{"port": f.pb(), "access": "public"}]});
+    assert_eq!(edge.api("PUT", "/v1/sandboxes/apibox", Some(&sb.to_string())).await.status, 200);
+    let host = format!("{}-apibox.sandbox.localhost", f.pb());
+    assert_eq!(edge.get(&host, "/").await.json()["origin"], "b-public");
+
+    // The operator adds a sandbox with the same id to the file: refused, API object kept.
+    let clash = format!("[[sandboxes]]\nid = \"apibox\"\nworkspace = \"ws_2\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {}, access = \"public\" }}]\n", f.pa());
+    edge.write_config(&f.toml(&clash));
+    edge.hup();
+    let log = eventually(Duration::from_secs(10), || async {
+        let l = edge.log();
+        l.contains("config reload refused").then_some(l)
+    })
+    .await
+    .expect("refusal logged");
+    assert!(log.contains("sandbox `apibox` is pinned by the TOML file"), "{log}");
+    assert_eq!(edge.get(&host, "/").await.json()["origin"], "b-public");
+    let m = edge.api("GET", "/metrics", None).await.text();
+    assert!(m.contains("miosa_edge_config_reloads_total{result=\"error\"} 1"), "{m}");
+}

@@ -34,6 +34,20 @@ async fn forwarding_headers_are_set_and_credentials_stripped() {
     assert!(sent.len() == 32 && sent.bytes().all(|b| b.is_ascii_hexdigit()), "{sent}");
     assert_eq!(r.header("x-request-id"), Some(sent.as_str()));
 
+    // Hop-by-hop headers, and headers the client nominates in Connection, stay here.
+    let r = crate::support::raw_request(
+        edge.addr,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nKeep-Alive: timeout=5\r\nX-Hop-Secret: 1\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nX-Kept: yes\r\nConnection: close, X-Hop-Secret, Upgrade, HTTP2-Settings\r\n\r\n"
+        ),
+    )
+    .await;
+    let h = &r.json()["headers"];
+    for gone in ["keep-alive", "x-hop-secret", "te", "proxy-authorization", "upgrade", "http2-settings"] {
+        assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
+    }
+    assert_eq!(h["x-kept"], serde_json::json!(["yes"]));
+
     // POST bodies stream through.
     let body = "x".repeat(100_000);
     let raw = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
