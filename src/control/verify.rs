@@ -839,7 +839,7 @@ edge     IN AAAA  2001:db8::10
             .await;
         let took = started.elapsed();
         assert!(
-            took <= LOOKUP_DEADLINE + Duration::from_secs(1),
+            took <= LOOKUP_DEADLINE + Duration::from_secs(3),
             "took {took:?}"
         );
         let started = Instant::now();
@@ -848,7 +848,7 @@ edge     IN AAAA  2001:db8::10
             .await;
         let took = started.elapsed();
         assert!(
-            took <= LOOKUP_DEADLINE + Duration::from_secs(1),
+            took <= LOOKUP_DEADLINE + Duration::from_secs(3),
             "took {took:?}"
         );
         assert!(!out.verified && out.found.is_empty(), "{out:?}");
@@ -874,7 +874,7 @@ edge     IN AAAA  2001:db8::10
             .await;
         let took = started.elapsed();
         assert!(
-            took <= LOOKUP_DEADLINE + Duration::from_secs(1),
+            took <= LOOKUP_DEADLINE + Duration::from_secs(3),
             "took {took:?}"
         );
         assert!(!out.verified && out.found.is_empty(), "{out:?}");
