@@ -16,7 +16,9 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SANDBOXES: usize = 1_000_000;
+/// Table size; `MIOSA_BENCH_SANDBOXES` overrides it (to compare cache-resident tables).
+static SANDBOXES: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| std::env::var("MIOSA_BENCH_SANDBOXES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000));
 const DOMAINS: usize = 100_000;
 const WORKSPACES: usize = 10_000;
 
@@ -35,7 +37,7 @@ fn big_state() -> State {
             branding: (w % 10 == 0).then(|| WorkspaceBranding { accent_color: Some(AccentColor::try_from("#0a84ff").unwrap()), ..Default::default() }),
         });
     }
-    for i in 0..SANDBOXES {
+    for i in 0..*SANDBOXES {
         s.sandboxes.push(Sandbox {
             id: SandboxId::try_from(format!("sb{i:08x}")).unwrap(),
             workspace: WorkspaceId::try_from(format!("ws_{}", i % WORKSPACES)).unwrap(),
@@ -81,20 +83,21 @@ fn bench_lookup(c: &mut Criterion) {
     let took = t0.elapsed();
     let grown = resident_bytes().saturating_sub(before);
     eprintln!(
-        "table: {SANDBOXES} sandboxes + {DOMAINS} domains built in {:.2} s; +{} MiB resident ({} B per sandbox, all objects counted)",
+        "table: {} sandboxes + {DOMAINS} domains built in {:.2} s; +{} MiB resident ({} B per sandbox, all objects counted)",
+        *SANDBOXES,
         took.as_secs_f64(),
         grown >> 20,
-        grown / SANDBOXES as u64
+        grown / *SANDBOXES as u64
     );
 
     let sets = [
-        ("sandbox_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", i % SANDBOXES))),
+        ("sandbox_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", i % *SANDBOXES))),
         // A realistic working set: 10k active sandboxes out of the million.
-        ("sandbox_hot10k_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", (i % 10_000) * 97))),
+        ("sandbox_hot10k_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", (i % 10_000) * 97 % *SANDBOXES))),
         ("custom_domain_hit", hosts(4096, |i| format!("www.customer-{}.com", i % DOMAINS))),
         ("app_url_hit", hosts(4096, |i| format!("app-{}.team-{}.miosa.app", i % DOMAINS, (i % DOMAINS) % WORKSPACES))),
         ("tenant_preview_hit", hosts(4096, |i| {
-            let sb = i % SANDBOXES;
+            let sb = i % *SANDBOXES;
             format!("5173-sb{sb:08x}.preview.tenant-{}.com", sb % WORKSPACES)
         })),
         ("miss_unknown_host", hosts(4096, |i| format!("nothing-{i}.example.org"))),
