@@ -415,6 +415,25 @@ pub fn split_port_label(label: &str) -> Option<(u16, &str)> {
     u16::try_from(n).ok().filter(|&p| p > 0).map(|p| (p, id))
 }
 
+/// Byte → lower-cased byte for characters allowed in a host name, 0 for any other.
+static HOST_CHARS: [u8; 256] = host_chars(false);
+/// The same, plus `:`, `[` and `]` for IPv6 literals.
+static HOST_CHARS_IPV6: [u8; 256] = host_chars(true);
+
+const fn host_chars(ipv6: bool) -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = (b as u8).to_ascii_lowercase();
+        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.' || c == b'_' || (ipv6 && (c == b':' || c == b'[' || c == b']'));
+        if ok {
+            t[b] = c;
+        }
+        b += 1;
+    }
+    t
+}
+
 /// Normalises a request's host (from `Host` or `:authority`) into `buf`: lower-cased,
 /// port and one trailing dot removed. Returns `None` for a malformed host (empty, bad
 /// characters, bad port, too long). IP literals are returned as they are (they never
@@ -447,14 +466,16 @@ pub fn normalize_host<'b>(raw: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b str>
     if name.is_empty() || name.len() > buf.len() {
         return None;
     }
-    let ipv6 = name[0] == b'[';
-    for (i, &b) in name.iter().enumerate() {
-        let c = b.to_ascii_lowercase();
-        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.' || c == b'_' || (ipv6 && (c == b':' || c == b'[' || c == b']'));
-        if !ok {
-            return None;
-        }
-        buf[i] = c;
+    let table = if name[0] == b'[' { &HOST_CHARS_IPV6 } else { &HOST_CHARS };
+    let out = &mut buf[..name.len()];
+    let mut bad = false;
+    for (o, &b) in out.iter_mut().zip(name) {
+        let c = table[b as usize];
+        bad |= c == 0;
+        *o = c;
+    }
+    if bad {
+        return None;
     }
     // Every byte is ASCII, so this cannot fail; fall back to "malformed" regardless.
     std::str::from_utf8(&buf[..name.len()]).ok()
