@@ -34,7 +34,8 @@ fn big_state() -> State {
             slug: Label::try_from(format!("team-{w}")).unwrap(),
             preview_domain: Some(DomainEntry { host: Host::try_from(format!("preview.tenant-{w}.com")).unwrap(), verified: true }),
             deploy_domain: None,
-            branding: (w % 10 == 0).then(|| WorkspaceBranding { accent_color: Some(AccentColor::try_from("#0a84ff").unwrap()), ..Default::default() }),
+            branding: (w % 10 == 0)
+                .then(|| WorkspaceBranding { accent_color: Some(AccentColor::try_from("#0a84ff").unwrap()), ..Default::default() }),
         });
     }
     for i in 0..*SANDBOXES {
@@ -55,7 +56,10 @@ fn big_state() -> State {
             active_version: Id::try_from("v1").unwrap(),
             versions: vec![Version {
                 id: Id::try_from("v1").unwrap(),
-                release: Release::Dynamic { instances: vec![Instance(format!("10.1.0.{}:8080", d % 250 + 1).parse().unwrap())], health_check: None },
+                release: Release::Dynamic {
+                    instances: vec![Instance(format!("10.1.0.{}:8080", d % 250 + 1).parse().unwrap())],
+                    health_check: None,
+                },
             }],
         });
     }
@@ -96,10 +100,13 @@ fn bench_lookup(c: &mut Criterion) {
         ("sandbox_hot10k_hit", hosts(4096, |i| format!("5173-sb{:08x}.sandbox.miosa.app", (i % 10_000) * 97 % *SANDBOXES))),
         ("custom_domain_hit", hosts(4096, |i| format!("www.customer-{}.com", i % DOMAINS))),
         ("app_url_hit", hosts(4096, |i| format!("app-{}.team-{}.miosa.app", i % DOMAINS, (i % DOMAINS) % WORKSPACES))),
-        ("tenant_preview_hit", hosts(4096, |i| {
-            let sb = i % *SANDBOXES;
-            format!("5173-sb{sb:08x}.preview.tenant-{}.com", sb % WORKSPACES)
-        })),
+        (
+            "tenant_preview_hit",
+            hosts(4096, |i| {
+                let sb = i % *SANDBOXES;
+                format!("5173-sb{sb:08x}.preview.tenant-{}.com", sb % WORKSPACES)
+            }),
+        ),
         ("miss_unknown_host", hosts(4096, |i| format!("nothing-{i}.example.org"))),
         ("miss_unknown_sandbox", hosts(4096, |i| format!("5173-zz{i:08x}.sandbox.miosa.app"))),
     ];
@@ -129,13 +136,24 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 
     c.bench_function("page_render_html", |b| {
-        b.iter(|| black_box(table.pages.html(0, ErrorCode::SandboxUnavailable, Detail { port: Some(5173), deployment: false }, "0123456789abcdef0123456789abcdef")))
+        b.iter(|| {
+            black_box(table.pages.html(
+                0,
+                ErrorCode::SandboxUnavailable,
+                Detail { port: Some(5173), deployment: false },
+                "0123456789abcdef0123456789abcdef",
+            ))
+        })
     });
 
     let mut g = c.benchmark_group("table_build");
     g.sample_size(10);
     g.bench_function("1M_sandboxes_100k_domains", |b| {
-        b.iter_batched(|| (), |_| black_box(RouteTable::build(&domains(), &PlatformBranding::default(), &state, 2).unwrap()), BatchSize::PerIteration)
+        b.iter_batched(
+            || (),
+            |_| black_box(RouteTable::build(&domains(), &PlatformBranding::default(), &state, 2).unwrap()),
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }

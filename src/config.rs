@@ -300,8 +300,7 @@ impl Config {
         match path {
             None => Config::parse(DEV_TOML, None),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
                 Config::parse(&text, Some(p))
             }
         }
@@ -350,7 +349,10 @@ impl Config {
             }
         }
         if raw.control.token_env.is_empty() || !raw.control.token_env.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            errors.push(StateError { path: "control.token_env".into(), message: "must be an environment variable name (A-Z, 0-9, _)".into() });
+            errors.push(StateError {
+                path: "control.token_env".into(),
+                message: "must be an environment variable name (A-Z, 0-9, _)".into(),
+            });
         }
         if !(1024..=(4u64 << 30)).contains(&raw.control.max_body_bytes) {
             errors.push(StateError { path: "control.max_body_bytes".into(), message: "must be between 1024 and 4294967296".into() });
@@ -363,18 +365,12 @@ impl Config {
         }
         let name = &raw.branding.name;
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-            errors.push(StateError {
-                path: "branding.name".into(),
-                message: "must be 1 to 64 characters without control characters".into(),
-            });
+            errors
+                .push(StateError { path: "branding.name".into(), message: "must be 1 to 64 characters without control characters".into() });
         }
         errors.extend(check_domains(&raw.domains));
-        let state = State {
-            workspaces: raw.workspaces,
-            sandboxes: raw.sandboxes,
-            share_tokens: raw.share_tokens,
-            deployments: raw.deployments,
-        };
+        let state =
+            State { workspaces: raw.workspaces, sandboxes: raw.sandboxes, share_tokens: raw.share_tokens, deployments: raw.deployments };
         if let Err(es) = state::validate(&state, &raw.domains) {
             errors.extend(es);
         }

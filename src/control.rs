@@ -11,9 +11,9 @@ pub mod verify;
 
 use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
-use crate::usage::Usage;
 use crate::state::store::{Store, WriteError};
 use crate::state::{Deployment, Id, Sandbox, ShareToken, State, StateError, Workspace};
+use crate::usage::Usage;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -101,7 +101,16 @@ pub fn resolve_token(env: &str, listen: SocketAddr, state_dir: &Path) -> Result<
 impl ControlApi {
     /// The API over `store`; `proxy_addr` is probed by `/readyz`.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, usage: Arc<Usage>, access_log: Option<Arc<AccessLog>>, token: String, max_body: u64, nameservers: Option<&[SocketAddr]>, proxy_addr: SocketAddr) -> ControlApi {
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        usage: Arc<Usage>,
+        access_log: Option<Arc<AccessLog>>,
+        token: String,
+        max_body: u64,
+        nameservers: Option<&[SocketAddr]>,
+        proxy_addr: SocketAddr,
+    ) -> ControlApi {
         let verifier = match Verifier::new(nameservers) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -109,7 +118,17 @@ impl ControlApi {
                 None
             }
         };
-        ControlApi { store, metrics, usage, access_log, token: token.into_bytes().into_boxed_slice(), max_body, verifier, proxy_addr, proxy_up: AtomicBool::new(false) }
+        ControlApi {
+            store,
+            metrics,
+            usage,
+            access_log,
+            token: token.into_bytes().into_boxed_slice(),
+            max_body,
+            verifier,
+            proxy_addr,
+            proxy_up: AtomicBool::new(false),
+        }
     }
 
     /// Serves on `listener` from a thread of its own until the process exits.
@@ -194,9 +213,15 @@ impl ControlApi {
                     _ => Err(ApiError::new(405, "method_not_allowed", "use GET, PUT or DELETE")),
                 }
             }
-            (_, ["metrics"] | ["v1", "usage"] | ["v1", "state"] | ["v1", "state", "ops"] | ["v1", "openapi.yaml"] | ["v1", "domains", "verify"]) => {
-                Err(ApiError::new(405, "method_not_allowed", "method not allowed on this path"))
-            }
+            (
+                _,
+                ["metrics"]
+                | ["v1", "usage"]
+                | ["v1", "state"]
+                | ["v1", "state", "ops"]
+                | ["v1", "openapi.yaml"]
+                | ["v1", "domains", "verify"],
+            ) => Err(ApiError::new(405, "method_not_allowed", "method not allowed on this path")),
             _ => Err(ApiError::new(404, "not_found", format!("no such endpoint: {method} {path}"))),
         };
         result.unwrap_or_else(ApiError::into_response)
@@ -221,7 +246,10 @@ impl ControlApi {
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("cursor", v)) => {
-                    ack = Some(v.parse::<u64>().map_err(|_| ApiError::new(400, "invalid_state", "cursor must be a number from a previous report").at("cursor"))?)
+                    ack =
+                        Some(v.parse::<u64>().map_err(|_| {
+                            ApiError::new(400, "invalid_state", "cursor must be a number from a previous report").at("cursor")
+                        })?)
                 }
                 _ => return Err(ApiError::new(400, "invalid_state", format!("unknown query parameter `{kv}`"))),
             }
@@ -275,7 +303,8 @@ impl ControlApi {
         let body = self.body(req).await?;
         self.blocking(move |api| {
             let b: Body = parse(&body)?;
-            let state = State { workspaces: b.workspaces, sandboxes: b.sandboxes, share_tokens: b.share_tokens, deployments: b.deployments };
+            let state =
+                State { workspaces: b.workspaces, sandboxes: b.sandboxes, share_tokens: b.share_tokens, deployments: b.deployments };
             api.store.replace_api(if_match.or(b.generation), state).map_err(ApiError::from)
         })
         .await
@@ -359,7 +388,10 @@ impl ControlApi {
                     if kind.delete(s, &id) {
                         Ok(())
                     } else if in_toml {
-                        Err(WriteError::Conflict(StateError { path: String::new(), message: format!("{} `{id}` is pinned by the TOML file", kind.singular()) }))
+                        Err(WriteError::Conflict(StateError {
+                            path: String::new(),
+                            message: format!("{} `{id}` is pinned by the TOML file", kind.singular()),
+                        }))
                     } else {
                         Err(WriteError::NotFound(format!("no {} `{id}`", kind.singular())))
                     }
@@ -384,7 +416,10 @@ impl ControlApi {
                 .write_api(if_match, |s| {
                     let Some(d) = s.deployments.iter_mut().find(|d| d.id.as_str() == id) else {
                         return Err(if in_toml {
-                            WriteError::Conflict(StateError { path: String::new(), message: format!("deployment `{id}` is pinned by the TOML file") })
+                            WriteError::Conflict(StateError {
+                                path: String::new(),
+                                message: format!("deployment `{id}` is pinned by the TOML file"),
+                            })
                         } else {
                             WriteError::NotFound(format!("no deployment `{id}`"))
                         });
@@ -437,7 +472,12 @@ impl ControlApi {
             (owner, domains.clone())
         });
         let Some(owner) = owner else {
-            return Err(ApiError::new(404, "not_found", format!("no workspace or deployment claims `{}` as a {} domain", b.host, kind_word(b.kind))).at("host"));
+            return Err(ApiError::new(
+                404,
+                "not_found",
+                format!("no workspace or deployment claims `{}` as a {} domain", b.host, kind_word(b.kind)),
+            )
+            .at("host"));
         };
         let v = verifier.verify(&b.host, b.kind, owner.as_ref(), &domains).await;
         Ok(json(StatusCode::OK, &v))
@@ -451,7 +491,8 @@ impl ControlApi {
             return Err(ApiError::new(415, "unsupported_media_type", "send the body as Content-Type: application/json"));
         }
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        let too_large = || ApiError::new(413, "payload_too_large", format!("the body is larger than control.max_body_bytes ({} bytes)", self.max_body));
+        let too_large =
+            || ApiError::new(413, "payload_too_large", format!("the body is larger than control.max_body_bytes ({} bytes)", self.max_body));
         if declared.is_some_and(|n| n > self.max_body) {
             return Err(too_large());
         }
@@ -464,7 +505,10 @@ impl ControlApi {
     }
 
     /// Runs a write off the async thread (validation of a big state takes seconds).
-    async fn blocking(self: &Arc<Self>, f: impl FnOnce(&ControlApi) -> Result<u64, ApiError> + Send + 'static) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn blocking(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ControlApi) -> Result<u64, ApiError> + Send + 'static,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
         let api = self.clone();
         let generation = tokio::task::spawn_blocking(move || f(&api))
             .await
@@ -525,7 +569,9 @@ impl<'de> Deserialize<'de> for KindName {
             "sandbox" => Ok(KindName(Kind::Sandbox)),
             "share_token" => Ok(KindName(Kind::ShareToken)),
             "deployment" => Ok(KindName(Kind::Deployment)),
-            other => Err(serde::de::Error::custom(format!("unknown kind `{other}`, expected workspace, sandbox, share_token or deployment"))),
+            other => {
+                Err(serde::de::Error::custom(format!("unknown kind `{other}`, expected workspace, sandbox, share_token or deployment")))
+            }
         }
     }
 }
@@ -696,7 +742,9 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let v: T = match serde_path_to_error::deserialize(&mut de) {
         Ok(v) => v,
-        Err(e) if e.inner().is_syntax() || e.inner().is_eof() => return Err(ApiError::new(400, "invalid_json", e.into_inner().to_string())),
+        Err(e) if e.inner().is_syntax() || e.inner().is_eof() => {
+            return Err(ApiError::new(400, "invalid_json", e.into_inner().to_string()))
+        }
         Err(e) => return Err(invalid_at(String::new(), e)),
     };
     de.end().map_err(|e| ApiError::new(400, "invalid_json", e.to_string()))?;

@@ -83,8 +83,11 @@ impl Metrics {
         let dur = register(
             &registry,
             prometheus::HistogramVec::new(
-                HistogramOpts::new("miosa_edge_request_duration_seconds", "Time from request header to the end of the response, by route kind.")
-                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                HistogramOpts::new(
+                    "miosa_edge_request_duration_seconds",
+                    "Time from request header to the end of the response, by route kind.",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
                 &["route"],
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
@@ -104,16 +107,21 @@ impl Metrics {
         );
         let writes = register(
             &registry,
-            IntCounterVec::new(Opts::new("miosa_edge_state_writes_total", "Control-API state writes, by result (ok, rejected)."), &["result"])
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            IntCounterVec::new(
+                Opts::new("miosa_edge_state_writes_total", "Control-API state writes, by result (ok, rejected)."),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
         let generation = register(
             &registry,
-            IntGauge::new("miosa_edge_state_generation", "Generation of the routing table being served.").unwrap_or_else(|e| panic!("metric definition: {e}")),
+            IntGauge::new("miosa_edge_state_generation", "Generation of the routing table being served.")
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
         let sandboxes = register(
             &registry,
-            IntGauge::new("miosa_edge_sandboxes", "Sandboxes in the routing table being served.").unwrap_or_else(|e| panic!("metric definition: {e}")),
+            IntGauge::new("miosa_edge_sandboxes", "Sandboxes in the routing table being served.")
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
         let mut requests = Vec::new();
         for k in KINDS {

@@ -265,11 +265,7 @@ impl Pages {
         // Written by hand to keep the contract's field order (status, code, message);
         // serde_json escapes the message.
         let message = serde_json::Value::from(code.message()).to_string();
-        Bytes::from(format!(
-            "{{\"error\":{{\"status\":{},\"code\":\"{}\",\"message\":{message}}}}}",
-            code.status(),
-            code.as_str()
-        ))
+        Bytes::from(format!("{{\"error\":{{\"status\":{},\"code\":\"{}\",\"message\":{message}}}}}", code.status(), code.as_str()))
     }
 }
 
@@ -347,7 +343,8 @@ mod tests {
             let neutral = String::from_utf8(pages.html(Pages::NEUTRAL, code, Detail::default(), "r").to_vec()).unwrap();
             assert!(!neutral.contains("MIOSA"));
         }
-        let platform_page = String::from_utf8(pages.html(Pages::PLATFORM, ErrorCode::UnknownHost, Detail::default(), "r").to_vec()).unwrap();
+        let platform_page =
+            String::from_utf8(pages.html(Pages::PLATFORM, ErrorCode::UnknownHost, Detail::default(), "r").to_vec()).unwrap();
         assert!(platform_page.contains("MIOSA"));
     }
 
@@ -363,7 +360,9 @@ mod tests {
     #[test]
     fn refused_port_page_explains_binding() {
         let pages = Pages::new(&PlatformBranding::default());
-        let html = String::from_utf8(pages.html(0, ErrorCode::SandboxUnavailable, Detail { port: Some(5173), deployment: false }, "r").to_vec()).unwrap();
+        let html =
+            String::from_utf8(pages.html(0, ErrorCode::SandboxUnavailable, Detail { port: Some(5173), deployment: false }, "r").to_vec())
+                .unwrap();
         assert!(html.contains("nothing is listening on port <strong>5173</strong>"));
         assert!(html.contains("0.0.0.0") && html.contains("127.0.0.1"));
         let timeout = String::from_utf8(pages.html(0, ErrorCode::UpstreamTimeout, Detail::default(), "r").to_vec()).unwrap();

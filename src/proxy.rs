@@ -16,10 +16,10 @@
 
 use crate::access_log::{self, AccessLog};
 use crate::metrics::{Metrics, RouteKind, UpstreamFailure};
-use crate::usage::{Kind as UsageKind, Usage, UsageCell};
 use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
 use crate::state::{Access, SandboxState};
+use crate::usage::{Kind as UsageKind, Usage, UsageCell};
 use async_trait::async_trait;
 use http::header::{self, HeaderName, HeaderValue};
 use pingora::prelude::*;
@@ -91,7 +91,13 @@ pub struct RequestCtx {
 
 impl EdgeProxy {
     /// A proxy reading routes from `routes`.
-    pub fn new(routes: SharedTable, metrics: Arc<Metrics>, usage: Arc<Usage>, access_log: Option<Arc<AccessLog>>, opts: ProxyOptions) -> EdgeProxy {
+    pub fn new(
+        routes: SharedTable,
+        metrics: Arc<Metrics>,
+        usage: Arc<Usage>,
+        access_log: Option<Arc<AccessLog>>,
+        opts: ProxyOptions,
+    ) -> EdgeProxy {
         EdgeProxy { routes, metrics, usage, access_log, opts, ids: RequestIds::new() }
     }
 
@@ -333,12 +339,19 @@ impl ProxyHttp for EdgeProxy {
         let code = match (e.esource(), e.etype()) {
             // pingora chose a status for a malformed request: answer it bare.
             (_, ErrorType::HTTPStatus(_)) => None,
-            (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout) => Some(ErrorCode::UpstreamTimeout),
+            (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+                Some(ErrorCode::UpstreamTimeout)
+            }
             (ErrorSource::Upstream, _) => Some(ErrorCode::SandboxUnavailable),
             (ErrorSource::Downstream, _) => None,
             (ErrorSource::Internal | ErrorSource::Unset, _) => Some(ErrorCode::InternalError),
         };
-        if matches!(e.esource(), ErrorSource::Upstream) && !matches!(e.etype(), ErrorType::ConnectRefused | ErrorType::ConnectTimedout | ErrorType::ConnectError | ErrorType::ConnectNoRoute) {
+        if matches!(e.esource(), ErrorSource::Upstream)
+            && !matches!(
+                e.etype(),
+                ErrorType::ConnectRefused | ErrorType::ConnectTimedout | ErrorType::ConnectError | ErrorType::ConnectNoRoute
+            )
+        {
             // Connect failures were counted in fail_to_connect.
             self.metrics.upstream_failure(failure_reason(e));
         }

@@ -187,7 +187,12 @@ impl RouteTable {
     /// Builds a table from a state the caller has just passed through
     /// [`state::validate`] (validation is the costly half on large states; references
     /// are still resolved defensively).
-    pub fn build_validated(domains: &Domains, branding: &PlatformBranding, state: &State, generation: u64) -> Result<RouteTable, BuildError> {
+    pub fn build_validated(
+        domains: &Domains,
+        branding: &PlatformBranding,
+        state: &State,
+        generation: u64,
+    ) -> Result<RouteTable, BuildError> {
         let mut pages = Pages::new(branding);
         let mut workspaces = Vec::with_capacity(state.workspaces.len());
         let mut ws_index: HashMap<&str, u32, RandomState> = HashMap::with_capacity_and_hasher(state.workspaces.len(), RandomState::new());
@@ -219,14 +224,19 @@ impl RouteTable {
                 deployments: keyed(0),
             });
         }
-        let ws_of = |id: &state::WorkspaceId| ws_index.get(id.as_str()).copied().ok_or_else(|| {
-            BuildError(vec![state::StateError { path: String::new(), message: format!("workspace `{id}` does not exist") }])
-        });
+        let ws_of = |id: &state::WorkspaceId| {
+            ws_index.get(id.as_str()).copied().ok_or_else(|| {
+                BuildError(vec![state::StateError { path: String::new(), message: format!("workspace `{id}` does not exist") }])
+            })
+        };
 
         let mut sandboxes = keyed(state.sandboxes.len());
         for s in &state.sandboxes {
             let previews = Ports::new(s.previews.iter().map(|p| (p.port.0, p.access)).collect());
-            sandboxes.insert(s.id.as_str().into(), SandboxEntry { workspace: ws_of(&s.workspace)?, address: s.address.0, state: s.state, previews });
+            sandboxes.insert(
+                s.id.as_str().into(),
+                SandboxEntry { workspace: ws_of(&s.workspace)?, address: s.address.0, state: s.state, previews },
+            );
         }
 
         let mut deployments = Vec::with_capacity(state.deployments.len());
@@ -239,10 +249,9 @@ impl RouteTable {
                 BuildError(vec![state::StateError { path: String::new(), message: format!("deployment `{}` has no active version", d.id) }])
             })?;
             let release = match &version.release {
-                Release::Dynamic { instances, .. } => ActiveRelease::Dynamic {
-                    instances: instances.iter().map(|a| a.0).collect(),
-                    next: AtomicUsize::new(0),
-                },
+                Release::Dynamic { instances, .. } => {
+                    ActiveRelease::Dynamic { instances: instances.iter().map(|a| a.0).collect(), next: AtomicUsize::new(0) }
+                }
                 Release::Static { sha256, spa } => ActiveRelease::Static { sha256: *sha256, spa: *spa },
             };
             workspaces[ws as usize].deployments.insert(d.name.as_str().into(), i);
@@ -356,9 +365,7 @@ impl RouteTable {
         }
         // 6. Unknown: branded for the tenant whose domain it sits under, if any; a host
         // that *is* a tenant domain also belongs to that tenant.
-        let tenant = tenant.or_else(|| {
-            self.preview_domains.get(host).or_else(|| self.deploy_domains.get(host)).map(|td| td.workspace)
-        });
+        let tenant = tenant.or_else(|| self.preview_domains.get(host).or_else(|| self.deploy_domains.get(host)).map(|td| td.workspace));
         match tenant {
             Some(wi) => self.denied(ErrorCode::UnknownHost, Some(wi), self.workspaces[wi as usize].tenant_branding, false),
             None => self.denied(ErrorCode::UnknownHost, None, Pages::PLATFORM, false),
@@ -425,7 +432,12 @@ const fn host_chars(ipv6: bool) -> [u8; 256] {
     let mut b = 0;
     while b < 256 {
         let c = (b as u8).to_ascii_lowercase();
-        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.' || c == b'_' || (ipv6 && (c == b':' || c == b'[' || c == b']'));
+        let ok = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || c == b'-'
+            || c == b'.'
+            || c == b'_'
+            || (ipv6 && (c == b':' || c == b'[' || c == b']'));
         if ok {
             t[b] = c;
         }

@@ -1,14 +1,14 @@
 //! Start-up: config → first table → pingora server with the proxy service, plus the
 //! reload thread.
 
+use crate::access_log::AccessLog;
 use crate::config::reload::Reloader;
 use crate::config::Config;
 use crate::control::{resolve_token, ControlApi, ControlError};
-use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
-use crate::usage::Usage;
 use crate::proxy::{EdgeProxy, ProxyOptions};
 use crate::state::store::{OpenError, Store};
+use crate::usage::Usage;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -87,11 +87,19 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     server.add_service(svc);
 
     let token = resolve_token(&cfg.control.token_env, cfg.control.listen, &cfg.server.state_dir)?;
-    let control_listener =
-        TcpListener::bind(cfg.control.listen).map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
+    let control_listener = TcpListener::bind(cfg.control.listen).map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
     let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
-    ControlApi::new(store.clone(), metrics.clone(), usage, access_log, token, cfg.control.max_body_bytes, cfg.dns.nameservers.as_deref(), http)
-        .spawn(control_listener)?;
+    ControlApi::new(
+        store.clone(),
+        metrics.clone(),
+        usage,
+        access_log,
+        token,
+        cfg.control.max_body_bytes,
+        cfg.dns.nameservers.as_deref(),
+        http,
+    )
+    .spawn(control_listener)?;
 
     let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
     Reloader::new(cfg.clone(), store.clone(), metrics.clone()).spawn(interval).map_err(StartError::Reload)?;

@@ -211,10 +211,7 @@ impl State {
 
 /// True when `host` is `suffix` or a name under it.
 pub fn is_under(host: &str, suffix: &str) -> bool {
-    host == suffix
-        || (host.len() > suffix.len()
-            && host.ends_with(suffix)
-            && host.as_bytes()[host.len() - suffix.len() - 1] == b'.')
+    host == suffix || (host.len() > suffix.len() && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.')
 }
 
 /// Validates the cross-field rules of CONTRACT §2 against the configured domains,
@@ -341,8 +338,12 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
                         }
                     }
                     if let Some(hc) = health_check {
-                        if !hc.path.starts_with('/') || hc.path.len() > 1024 || hc.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                            err(format!("{vp}.release.health_check.path"), format!("`{}` must be an absolute path without spaces", hc.path));
+                        if !hc.path.starts_with('/') || hc.path.len() > 1024 || hc.path.chars().any(|c| c.is_whitespace() || c.is_control())
+                        {
+                            err(
+                                format!("{vp}.release.health_check.path"),
+                                format!("`{}` must be an absolute path without spaces", hc.path),
+                            );
                         }
                         if !(100..=3_600_000).contains(&hc.interval_ms) {
                             err(format!("{vp}.release.health_check.interval_ms"), "must be between 100 and 3600000".into());
@@ -386,10 +387,7 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
 }
 
 fn platform_suffix_of<'d>(host: &str, domains: &'d Domains) -> Option<&'d str> {
-    [&domains.sandbox, &domains.apps, &domains.edge_target, &domains.acme_zone]
-        .into_iter()
-        .map(|d| d.as_str())
-        .find(|d| is_under(host, d))
+    [&domains.sandbox, &domains.apps, &domains.edge_target, &domains.acme_zone].into_iter().map(|d| d.as_str()).find(|d| is_under(host, d))
 }
 
 /// Why an exact deployment host would shadow a platform route, if it would.

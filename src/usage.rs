@@ -178,7 +178,10 @@ mod tests {
         w1.add(50);
         u.cell(Kind::Workspace, "ws_2").add(7);
         let r1 = u.report(None);
-        assert_eq!(r1.workspaces, vec![Entry { id: "ws_1".into(), requests: 2, bytes: 150 }, Entry { id: "ws_2".into(), requests: 1, bytes: 7 }]);
+        assert_eq!(
+            r1.workspaces,
+            vec![Entry { id: "ws_1".into(), requests: 2, bytes: 150 }, Entry { id: "ws_2".into(), requests: 1, bytes: 7 }]
+        );
         w1.add(10);
         // Not acknowledged yet: the next report still includes the first counts.
         let r2 = u.report(None);

@@ -55,19 +55,21 @@ impl Reloader {
             return Ok(self.store.generation());
         };
         let result = Config::load(Some(path)).and_then(|cfg| {
-            self.store
-                .replace_toml(&cfg)
-                .map(|generation| (cfg, generation))
-                .map_err(|errs| ConfigError::Invalid {
-                    file: path.display().to_string(),
-                    issues: errs.into_iter().map(|i| ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 }).collect(),
-                })
+            self.store.replace_toml(&cfg).map(|generation| (cfg, generation)).map_err(|errs| ConfigError::Invalid {
+                file: path.display().to_string(),
+                issues: errs.into_iter().map(|i| ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 }).collect(),
+            })
         });
         match result {
             Ok((cfg, generation)) => {
                 self.metrics.reload(true);
                 let (s, o) = (&cfg.server, &self.started_with.server);
-                if s.http != o.http || s.https != o.https || s.threads != o.threads || s.state_dir != o.state_dir || cfg.control != self.started_with.control {
+                if s.http != o.http
+                    || s.https != o.https
+                    || s.threads != o.threads
+                    || s.state_dir != o.state_dir
+                    || cfg.control != self.started_with.control
+                {
                     tracing::warn!(file = %path.display(), "[server] listeners, threads, state_dir and [control] changed: they take effect on restart");
                 }
                 tracing::info!(file = %path.display(), generation, "config reloaded");

@@ -32,9 +32,7 @@
 
 use crate::config::Domains;
 use crate::state::{Host, WorkspaceId};
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
 use hickory_resolver::TokioResolver;
@@ -85,11 +83,7 @@ pub struct Record {
 
 impl Record {
     fn new(name: &str, kind: &str, value: &str) -> Record {
-        Record {
-            name: fqdn(name),
-            kind: kind.to_owned(),
-            value: fqdn_or_addr(kind, value),
-        }
+        Record { name: fqdn(name), kind: kind.to_owned(), value: fqdn_or_addr(kind, value) }
     }
 
     fn cname(name: &str, target: &str) -> Record {
@@ -153,13 +147,9 @@ impl Verifier {
                         NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
                     })
                     .collect();
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_name_servers(servers),
-                    TokioRuntimeProvider::default(),
-                )
+                TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), TokioRuntimeProvider::default())
             }
-            None => TokioResolver::builder_tokio()
-                .map_err(|e| VerifyError::SystemConfig(e.to_string()))?,
+            None => TokioResolver::builder_tokio().map_err(|e| VerifyError::SystemConfig(e.to_string()))?,
         };
         let opts: &mut ResolverOpts = builder.options_mut();
         opts.timeout = QUERY_TIMEOUT;
@@ -171,9 +161,7 @@ impl Verifier {
         opts.negative_max_ttl = Some(Duration::ZERO);
         opts.use_hosts_file = ResolveHosts::Never;
         opts.preserve_intermediates = true;
-        let resolver = builder
-            .build()
-            .map_err(|e| VerifyError::Build(e.to_string()))?;
+        let resolver = builder.build().map_err(|e| VerifyError::Build(e.to_string()))?;
         Ok(Verifier { resolver })
     }
 
@@ -185,58 +173,37 @@ impl Verifier {
     /// acme record cannot be expected, so the result is `verified: false` and `expected`
     /// holds only the wildcard CNAME (both records are still looked up for `found`).
     /// Never fails: DNS trouble gives `verified: false`.
-    pub async fn verify(
-        &self,
-        host: &Host,
-        kind: DomainKind,
-        workspace: Option<&WorkspaceId>,
-        domains: &Domains,
-    ) -> Verification {
+    pub async fn verify(&self, host: &Host, kind: DomainKind, workspace: Option<&WorkspaceId>, domains: &Domains) -> Verification {
         match kind {
-            DomainKind::Preview | DomainKind::Deploy => {
-                self.verify_tenant(host, workspace, domains).await
-            }
+            DomainKind::Preview | DomainKind::Deploy => self.verify_tenant(host, workspace, domains).await,
             DomainKind::Custom => self.verify_custom(host, domains).await,
         }
     }
 
-    async fn verify_tenant(
-        &self,
-        host: &Host,
-        workspace: Option<&WorkspaceId>,
-        domains: &Domains,
-    ) -> Verification {
+    async fn verify_tenant(&self, host: &Host, workspace: Option<&WorkspaceId>, domains: &Domains) -> Verification {
         let zone = fqdn(host.as_str());
         let wildcard = format!("*.{zone}");
         let acme = format!("_acme-challenge.{zone}");
         let probe = format!("{PROBE_LABEL}.{zone}");
         let edge = fqdn(domains.edge_target.as_str());
-        let acme_target =
-            workspace.map(|w| fqdn(&format!("{}.{}", w.as_str(), domains.acme_zone.as_str())));
+        let acme_target = workspace.map(|w| fqdn(&format!("{}.{}", w.as_str(), domains.acme_zone.as_str())));
 
         let mut expected = vec![Record::cname(&wildcard, &edge)];
         if let Some(target) = &acme_target {
             expected.push(Record::cname(&acme, target));
         }
 
-        let (wildcard_targets, acme_targets) =
-            tokio::join!(self.cname_targets(&probe), self.cname_targets(&acme));
+        let (wildcard_targets, acme_targets) = tokio::join!(self.cname_targets(&probe), self.cname_targets(&acme));
 
         let wildcard_ok = all_equal(&wildcard_targets, &edge);
-        let acme_ok = acme_target
-            .as_deref()
-            .is_some_and(|t| all_equal(&acme_targets, t));
+        let acme_ok = acme_target.as_deref().is_some_and(|t| all_equal(&acme_targets, t));
 
         let found = wildcard_targets
             .iter()
             .map(|t| Record::cname(&wildcard, t))
             .chain(acme_targets.iter().map(|t| Record::cname(&acme, t)))
             .collect();
-        Verification {
-            verified: wildcard_ok && acme_ok,
-            expected,
-            found,
-        }
+        Verification { verified: wildcard_ok && acme_ok, expected, found }
     }
 
     async fn verify_custom(&self, host: &Host, domains: &Domains) -> Verification {
@@ -271,11 +238,7 @@ impl Verifier {
                 _ => {}
             }
         }
-        Verification {
-            verified: cname_ok || addrs_ok,
-            expected,
-            found,
-        }
+        Verification { verified: cname_ok || addrs_ok, expected, found }
     }
 
     /// The normalised CNAME targets owned by `name` (itself normalised), deduplicated in
@@ -327,9 +290,7 @@ fn all_equal(values: &[String], want: &str) -> bool {
 }
 
 /// The A/AAAA addresses among `records`, whatever their owner.
-fn addresses<'a>(
-    records: impl Iterator<Item = &'a DnsRecord> + 'a,
-) -> impl Iterator<Item = IpAddr> + 'a {
+fn addresses<'a>(records: impl Iterator<Item = &'a DnsRecord> + 'a) -> impl Iterator<Item = IpAddr> + 'a {
     records.filter_map(|r| match &r.data {
         RData::A(a) => Some(IpAddr::V4(a.0)),
         RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
@@ -398,23 +359,11 @@ ns1                       IN A     192.0.2.53
     /// CNAMEs of the product zone added through `Name::from_ascii`: the zone-file parser
     /// reads names as IDNA, which rejects `_` inside a label (`ws_1`) and lower-cases.
     const PRODUCT_EXTRA: &[(&str, &str)] = &[
-        (
-            "_acme-challenge.preview.yourproduct.com.",
-            "ws_1.acme.miosa.app.",
-        ),
-        (
-            "_acme-challenge.wrongacme.yourproduct.com.",
-            "ws_2.acme.miosa.app.",
-        ),
-        (
-            "_acme-challenge.wrongedge.yourproduct.com.",
-            "ws_1.acme.miosa.app.",
-        ),
+        ("_acme-challenge.preview.yourproduct.com.", "ws_1.acme.miosa.app."),
+        ("_acme-challenge.wrongacme.yourproduct.com.", "ws_2.acme.miosa.app."),
+        ("_acme-challenge.wrongedge.yourproduct.com.", "ws_1.acme.miosa.app."),
         ("*.Mixed.YourProduct.com.", "EDGE.Miosa.APP."),
-        (
-            "_acme-challenge.MIXED.yourproduct.COM.",
-            "WS_1.Acme.Miosa.App.",
-        ),
+        ("_acme-challenge.MIXED.yourproduct.COM.", "WS_1.Acme.Miosa.App."),
     ];
 
     const CUSTOMER_ZONE: &str = r#"
@@ -460,17 +409,11 @@ edge     IN AAAA  2001:db8::10
     /// An authoritative zone from zone-file `text` plus `extra` CNAMEs.
     fn zone(origin: &str, text: &str, extra: &[(&str, &str)]) -> Arc<InMemoryZoneHandler> {
         let origin = Name::from_ascii(origin).expect("test zone origin");
-        let (origin, records) = Parser::new(text, None, Some(origin))
-            .parse()
-            .expect("test zone parses");
+        let (origin, records) = Parser::new(text, None, Some(origin)).parse().expect("test zone parses");
         let mut handler: InMemoryZoneHandler =
-            InMemoryZoneHandler::new(origin, records, ZoneType::Primary, AxfrPolicy::Deny)
-                .expect("test zone loads");
+            InMemoryZoneHandler::new(origin, records, ZoneType::Primary, AxfrPolicy::Deny).expect("test zone loads");
         for (owner, target) in extra {
-            assert!(
-                handler.upsert_mut(cname_record(owner, target), 1),
-                "{owner}"
-            );
+            assert!(handler.upsert_mut(cname_record(owner, target), 1), "{owner}");
         }
         Arc::new(handler)
     }
@@ -478,11 +421,7 @@ edge     IN AAAA  2001:db8::10
     async fn start_dns() -> TestDns {
         let product = zone("yourproduct.com.", PRODUCT_ZONE, PRODUCT_EXTRA);
         let mut catalog = Catalog::new();
-        for handler in [
-            product.clone(),
-            zone("customer.com.", CUSTOMER_ZONE, &[]),
-            zone("miosa.app.", MIOSA_ZONE, &[]),
-        ] {
+        for handler in [product.clone(), zone("customer.com.", CUSTOMER_ZONE, &[]), zone("miosa.app.", MIOSA_ZONE, &[])] {
             let origin = handler.origin().clone();
             catalog.upsert(origin, vec![handler as Arc<dyn ZoneHandler>]);
         }
@@ -490,9 +429,7 @@ edge     IN AAAA  2001:db8::10
         // UDP on an ephemeral port, TCP on the same port (retry if that one is taken).
         let mut bound = None;
         for _ in 0..20 {
-            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("bind udp");
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
             let addr = udp.local_addr().expect("udp addr");
             if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
                 bound = Some((udp, tcp, addr));
@@ -504,21 +441,11 @@ edge     IN AAAA  2001:db8::10
         let mut server = Server::new(catalog);
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 16);
-        TestDns {
-            addr,
-            product,
-            _server: server,
-        }
+        TestDns { addr, product, _server: server }
     }
 
     fn domains() -> Domains {
-        Domains::from_names(
-            "sandbox.miosa.app",
-            "miosa.app",
-            "edge.miosa.app",
-            "acme.miosa.app",
-        )
-        .unwrap()
+        Domains::from_names("sandbox.miosa.app", "miosa.app", "edge.miosa.app", "acme.miosa.app").unwrap()
     }
 
     fn host(s: &str) -> Host {
@@ -530,43 +457,22 @@ edge     IN AAAA  2001:db8::10
     }
 
     fn rec(name: &str, kind: &str, value: &str) -> Record {
-        Record {
-            name: name.into(),
-            kind: kind.into(),
-            value: value.into(),
-        }
+        Record { name: name.into(), kind: kind.into(), value: value.into() }
     }
 
-    async fn verify_at(
-        dns: &TestDns,
-        h: &str,
-        kind: DomainKind,
-        workspace: Option<&str>,
-    ) -> Verification {
+    async fn verify_at(dns: &TestDns, h: &str, kind: DomainKind, workspace: Option<&str>) -> Verification {
         let verifier = Verifier::new(Some(&[dns.addr])).unwrap();
         let w = workspace.map(ws);
-        verifier
-            .verify(&host(h), kind, w.as_ref(), &domains())
-            .await
+        verifier.verify(&host(h), kind, w.as_ref(), &domains()).await
     }
 
     #[tokio::test]
     async fn preview_domain_with_both_cnames_is_verified() {
         let dns = start_dns().await;
-        let out = verify_at(
-            &dns,
-            "preview.yourproduct.com",
-            DomainKind::Preview,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "preview.yourproduct.com", DomainKind::Preview, Some("ws_1")).await;
         let want = vec![
             rec("*.preview.yourproduct.com.", "CNAME", "edge.miosa.app."),
-            rec(
-                "_acme-challenge.preview.yourproduct.com.",
-                "CNAME",
-                "ws_1.acme.miosa.app.",
-            ),
+            rec("_acme-challenge.preview.yourproduct.com.", "CNAME", "ws_1.acme.miosa.app."),
         ];
         assert!(out.verified, "{out:?}");
         assert_eq!(out.expected, want);
@@ -576,90 +482,40 @@ edge     IN AAAA  2001:db8::10
     #[tokio::test]
     async fn deploy_kind_checks_the_same_records() {
         let dns = start_dns().await;
-        let out = verify_at(
-            &dns,
-            "preview.yourproduct.com",
-            DomainKind::Deploy,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "preview.yourproduct.com", DomainKind::Deploy, Some("ws_1")).await;
         assert!(out.verified, "{out:?}");
         assert_eq!(out.found.len(), 2);
         // The acme target depends on the workspace: another workspace is not verified.
-        let other = verify_at(
-            &dns,
-            "preview.yourproduct.com",
-            DomainKind::Deploy,
-            Some("ws_9"),
-        )
-        .await;
+        let other = verify_at(&dns, "preview.yourproduct.com", DomainKind::Deploy, Some("ws_9")).await;
         assert!(!other.verified, "{other:?}");
-        assert_eq!(
-            other.expected[1],
-            rec(
-                "_acme-challenge.preview.yourproduct.com.",
-                "CNAME",
-                "ws_9.acme.miosa.app."
-            )
-        );
+        assert_eq!(other.expected[1], rec("_acme-challenge.preview.yourproduct.com.", "CNAME", "ws_9.acme.miosa.app."));
     }
 
     #[tokio::test]
     async fn wrong_acme_target_is_not_verified() {
         let dns = start_dns().await;
-        let out = verify_at(
-            &dns,
-            "wrongacme.yourproduct.com",
-            DomainKind::Preview,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "wrongacme.yourproduct.com", DomainKind::Preview, Some("ws_1")).await;
         assert!(!out.verified, "{out:?}");
         assert_eq!(
             out.found,
             vec![
                 rec("*.wrongacme.yourproduct.com.", "CNAME", "edge.miosa.app."),
-                rec(
-                    "_acme-challenge.wrongacme.yourproduct.com.",
-                    "CNAME",
-                    "ws_2.acme.miosa.app."
-                ),
+                rec("_acme-challenge.wrongacme.yourproduct.com.", "CNAME", "ws_2.acme.miosa.app."),
             ]
         );
-        assert_eq!(
-            out.expected[1],
-            rec(
-                "_acme-challenge.wrongacme.yourproduct.com.",
-                "CNAME",
-                "ws_1.acme.miosa.app."
-            )
-        );
+        assert_eq!(out.expected[1], rec("_acme-challenge.wrongacme.yourproduct.com.", "CNAME", "ws_1.acme.miosa.app."));
     }
 
     #[tokio::test]
     async fn wrong_wildcard_target_is_not_verified() {
         let dns = start_dns().await;
-        let out = verify_at(
-            &dns,
-            "wrongedge.yourproduct.com",
-            DomainKind::Preview,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "wrongedge.yourproduct.com", DomainKind::Preview, Some("ws_1")).await;
         assert!(!out.verified, "{out:?}");
         assert_eq!(
             out.found,
             vec![
-                rec(
-                    "*.wrongedge.yourproduct.com.",
-                    "CNAME",
-                    "edge.elsewhere.example."
-                ),
-                rec(
-                    "_acme-challenge.wrongedge.yourproduct.com.",
-                    "CNAME",
-                    "ws_1.acme.miosa.app."
-                ),
+                rec("*.wrongedge.yourproduct.com.", "CNAME", "edge.elsewhere.example."),
+                rec("_acme-challenge.wrongedge.yourproduct.com.", "CNAME", "ws_1.acme.miosa.app."),
             ]
         );
     }
@@ -668,24 +524,12 @@ edge     IN AAAA  2001:db8::10
     async fn domain_without_records_is_not_verified() {
         let dns = start_dns().await;
         // NXDOMAIN inside a zone the server is authoritative for.
-        let out = verify_at(
-            &dns,
-            "missing.yourproduct.com",
-            DomainKind::Preview,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "missing.yourproduct.com", DomainKind::Preview, Some("ws_1")).await;
         assert!(!out.verified, "{out:?}");
         assert!(out.found.is_empty(), "{out:?}");
         assert_eq!(out.expected.len(), 2);
         // A zone the server does not serve at all (REFUSED).
-        let out = verify_at(
-            &dns,
-            "preview.unknown.example",
-            DomainKind::Preview,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "preview.unknown.example", DomainKind::Preview, Some("ws_1")).await;
         assert!(!out.verified, "{out:?}");
         assert!(out.found.is_empty(), "{out:?}");
     }
@@ -695,37 +539,20 @@ edge     IN AAAA  2001:db8::10
         let dns = start_dns().await;
         let out = verify_at(&dns, "preview.yourproduct.com", DomainKind::Preview, None).await;
         assert!(!out.verified, "{out:?}");
-        assert_eq!(
-            out.expected,
-            vec![rec(
-                "*.preview.yourproduct.com.",
-                "CNAME",
-                "edge.miosa.app."
-            )]
-        );
+        assert_eq!(out.expected, vec![rec("*.preview.yourproduct.com.", "CNAME", "edge.miosa.app.")]);
         assert_eq!(out.found.len(), 2, "{out:?}");
     }
 
     #[tokio::test]
     async fn names_compare_case_insensitively() {
         let dns = start_dns().await;
-        let out = verify_at(
-            &dns,
-            "mixed.yourproduct.com",
-            DomainKind::Preview,
-            Some("ws_1"),
-        )
-        .await;
+        let out = verify_at(&dns, "mixed.yourproduct.com", DomainKind::Preview, Some("ws_1")).await;
         assert!(out.verified, "{out:?}");
         assert_eq!(
             out.found,
             vec![
                 rec("*.mixed.yourproduct.com.", "CNAME", "edge.miosa.app."),
-                rec(
-                    "_acme-challenge.mixed.yourproduct.com.",
-                    "CNAME",
-                    "ws_1.acme.miosa.app."
-                ),
+                rec("_acme-challenge.mixed.yourproduct.com.", "CNAME", "ws_1.acme.miosa.app."),
             ]
         );
     }
@@ -745,14 +572,7 @@ edge     IN AAAA  2001:db8::10
         let dns = start_dns().await;
         let out = verify_at(&dns, "other.customer.com", DomainKind::Custom, None).await;
         assert!(!out.verified, "{out:?}");
-        assert_eq!(
-            out.found,
-            vec![rec(
-                "other.customer.com.",
-                "CNAME",
-                "edge.elsewhere.example."
-            )]
-        );
+        assert_eq!(out.found, vec![rec("other.customer.com.", "CNAME", "edge.elsewhere.example.")]);
     }
 
     #[tokio::test]
@@ -760,17 +580,8 @@ edge     IN AAAA  2001:db8::10
         let dns = start_dns().await;
         let out = verify_at(&dns, "customer.com", DomainKind::Custom, None).await;
         assert!(out.verified, "{out:?}");
-        assert_eq!(
-            out.expected,
-            vec![rec("customer.com.", "CNAME", "edge.miosa.app.")]
-        );
-        assert_eq!(
-            out.found,
-            vec![
-                rec("customer.com.", "A", "192.0.2.10"),
-                rec("customer.com.", "AAAA", "2001:db8::10")
-            ]
-        );
+        assert_eq!(out.expected, vec![rec("customer.com.", "CNAME", "edge.miosa.app.")]);
+        assert_eq!(out.found, vec![rec("customer.com.", "A", "192.0.2.10"), rec("customer.com.", "AAAA", "2001:db8::10")]);
     }
 
     #[tokio::test]
@@ -778,17 +589,11 @@ edge     IN AAAA  2001:db8::10
         let dns = start_dns().await;
         let out = verify_at(&dns, "wrongip.customer.com", DomainKind::Custom, None).await;
         assert!(!out.verified, "{out:?}");
-        assert_eq!(
-            out.found,
-            vec![rec("wrongip.customer.com.", "A", "198.51.100.7")]
-        );
+        assert_eq!(out.found, vec![rec("wrongip.customer.com.", "A", "198.51.100.7")]);
         // The edge is dual-stack; only its IPv4 address is not the same address set.
         let out = verify_at(&dns, "v4only.customer.com", DomainKind::Custom, None).await;
         assert!(!out.verified, "{out:?}");
-        assert_eq!(
-            out.found,
-            vec![rec("v4only.customer.com.", "A", "192.0.2.10")]
-        );
+        assert_eq!(out.found, vec![rec("v4only.customer.com.", "A", "192.0.2.10")]);
         // Nothing at all.
         let out = verify_at(&dns, "nothing.customer.com", DomainKind::Custom, None).await;
         assert!(!out.verified, "{out:?}");
@@ -805,13 +610,9 @@ edge     IN AAAA  2001:db8::10
         assert!(first.found.is_empty(), "{first:?}");
 
         // The tenant fixes their DNS (the zone's negative TTL is 300 s).
-        for (owner, target) in [
-            ("*.later.yourproduct.com.", "edge.miosa.app."),
-            (
-                "_acme-challenge.later.yourproduct.com.",
-                "ws_1.acme.miosa.app.",
-            ),
-        ] {
+        for (owner, target) in
+            [("*.later.yourproduct.com.", "edge.miosa.app."), ("_acme-challenge.later.yourproduct.com.", "ws_1.acme.miosa.app.")]
+        {
             assert!(dns.product.upsert(cname_record(owner, target), 2).await);
         }
 
@@ -829,28 +630,13 @@ edge     IN AAAA  2001:db8::10
         let verifier = Verifier::new(Some(&[addr])).unwrap();
         let started = Instant::now();
         let w = ws("ws_1");
-        let out = verifier
-            .verify(
-                &host("preview.yourproduct.com"),
-                DomainKind::Preview,
-                Some(&w),
-                &domains(),
-            )
-            .await;
+        let out = verifier.verify(&host("preview.yourproduct.com"), DomainKind::Preview, Some(&w), &domains()).await;
         let took = started.elapsed();
-        assert!(
-            took <= LOOKUP_DEADLINE + Duration::from_secs(3),
-            "took {took:?}"
-        );
+        assert!(took <= LOOKUP_DEADLINE + Duration::from_secs(3), "took {took:?}");
         let started = Instant::now();
-        let custom = verifier
-            .verify(&host("customer.com"), DomainKind::Custom, None, &domains())
-            .await;
+        let custom = verifier.verify(&host("customer.com"), DomainKind::Custom, None, &domains()).await;
         let took = started.elapsed();
-        assert!(
-            took <= LOOKUP_DEADLINE + Duration::from_secs(3),
-            "took {took:?}"
-        );
+        assert!(took <= LOOKUP_DEADLINE + Duration::from_secs(3), "took {took:?}");
         assert!(!out.verified && out.found.is_empty(), "{out:?}");
         assert_eq!(out.expected.len(), 2);
         assert!(!custom.verified && custom.found.is_empty(), "{custom:?}");
@@ -864,19 +650,9 @@ edge     IN AAAA  2001:db8::10
         let verifier = Verifier::new(Some(&[addr])).unwrap();
         let started = Instant::now();
         let w = ws("ws_1");
-        let out = verifier
-            .verify(
-                &host("preview.yourproduct.com"),
-                DomainKind::Preview,
-                Some(&w),
-                &domains(),
-            )
-            .await;
+        let out = verifier.verify(&host("preview.yourproduct.com"), DomainKind::Preview, Some(&w), &domains()).await;
         let took = started.elapsed();
-        assert!(
-            took <= LOOKUP_DEADLINE + Duration::from_secs(3),
-            "took {took:?}"
-        );
+        assert!(took <= LOOKUP_DEADLINE + Duration::from_secs(3), "took {took:?}");
         assert!(!out.verified && out.found.is_empty(), "{out:?}");
         drop(sock);
     }
@@ -892,10 +668,7 @@ edge     IN AAAA  2001:db8::10
     fn api_shapes() {
         let v = Verification {
             verified: false,
-            expected: vec![Record::cname(
-                "*.Preview.yourproduct.com",
-                "edge.miosa.app.",
-            )],
+            expected: vec![Record::cname("*.Preview.yourproduct.com", "edge.miosa.app.")],
             found: vec![Record::new("customer.com", "A", "192.0.2.10")],
         };
         assert_eq!(
@@ -908,19 +681,13 @@ edge     IN AAAA  2001:db8::10
         );
         let kind: DomainKind = serde_json::from_str(r#""custom""#).unwrap();
         assert_eq!(kind, DomainKind::Custom);
-        assert_eq!(
-            serde_json::to_string(&DomainKind::Preview).unwrap(),
-            r#""preview""#
-        );
+        assert_eq!(serde_json::to_string(&DomainKind::Preview).unwrap(), r#""preview""#);
         assert!(serde_json::from_str::<DomainKind>(r#""Preview""#).is_err());
     }
 
     #[test]
     fn display_name_is_total_and_normalised() {
-        assert_eq!(
-            display_name(&Name::from_ascii("Edge.Miosa.App.").unwrap()),
-            "edge.miosa.app."
-        );
+        assert_eq!(display_name(&Name::from_ascii("Edge.Miosa.App.").unwrap()), "edge.miosa.app.");
         assert_eq!(display_name(&Name::root()), ".");
         let odd = Name::from_labels(vec![&b"a.b"[..], &b"\xff\x00"[..], &b"com"[..]]).unwrap();
         assert_eq!(display_name(&odd), "a\\046b.\\255\\000.com.");

@@ -85,7 +85,14 @@ fn not_found_cases() {
     assert_eq!(denied(&t, "nope.my-workspace.miosa.app"), Some(ErrorCode::UnknownHost));
     assert_eq!(denied(&t, "nope.apps.yourplatform.com"), Some(ErrorCode::UnknownHost));
     // Malformed port labels are not previews at all.
-    for h in ["05173-abc12345.sandbox.miosa.app", "0-abc12345.sandbox.miosa.app", "65536-abc12345.sandbox.miosa.app", "abc12345.sandbox.miosa.app", "5173-.sandbox.miosa.app", "a.b.sandbox.miosa.app"] {
+    for h in [
+        "05173-abc12345.sandbox.miosa.app",
+        "0-abc12345.sandbox.miosa.app",
+        "65536-abc12345.sandbox.miosa.app",
+        "abc12345.sandbox.miosa.app",
+        "5173-.sandbox.miosa.app",
+        "a.b.sandbox.miosa.app",
+    ] {
         assert_eq!(denied(&t, h), Some(ErrorCode::UnknownHost), "{h}");
     }
     assert_eq!(denied(&t, "sandbox.miosa.app"), Some(ErrorCode::UnknownHost));
@@ -187,7 +194,11 @@ fn hostile_hosts_never_panic_and_stay_in_bounds() {
     // Shapes close to real ones.
     for _ in 0..50_000 {
         let port = next() % 70_000;
-        let host = format!("{port}-abc{}.{}", next() % 3, ["sandbox.miosa.app", "preview.yourproduct.com", "miosa.app", "x.y"][(next() % 4) as usize]);
+        let host = format!(
+            "{port}-abc{}.{}",
+            next() % 3,
+            ["sandbox.miosa.app", "preview.yourproduct.com", "miosa.app", "x.y"][(next() % 4) as usize]
+        );
         let mut buf = [0u8; 256];
         if let Some(h) = normalize_host(host.as_bytes(), &mut buf) {
             let _ = t.lookup(h);

@@ -243,7 +243,8 @@ impl Store {
 /// indices; errors in TOML objects are labelled as such.
 fn build(base: &Inner, api: &State, generation: u64) -> Result<RouteTable, Vec<StateError>> {
     let toml = &base.toml;
-    let no_toml_routes = toml.workspaces.is_empty() && toml.sandboxes.is_empty() && toml.share_tokens.is_empty() && toml.deployments.is_empty();
+    let no_toml_routes =
+        toml.workspaces.is_empty() && toml.sandboxes.is_empty() && toml.share_tokens.is_empty() && toml.deployments.is_empty();
     // In production the TOML file usually holds no routes: skip copying a large API state.
     let merged;
     let whole = if no_toml_routes {

@@ -45,7 +45,8 @@ fn unknown_fields_and_bad_values_are_rejected() {
     assert!(e.to_string().contains("unknown field `colour`"), "{e}");
     let e = serde_json::from_str::<State>(r#"{"sandboxes":[{"id":"a","workspace":"w","address":"10.0.3"}]}"#).unwrap_err();
     assert!(e.to_string().contains("is not an IP address"), "{e}");
-    let e = serde_json::from_str::<State>(r#"{"sandboxes":[{"id":"a","workspace":"w","address":"10.0.0.1","state":"asleep"}]}"#).unwrap_err();
+    let e =
+        serde_json::from_str::<State>(r#"{"sandboxes":[{"id":"a","workspace":"w","address":"10.0.0.1","state":"asleep"}]}"#).unwrap_err();
     assert!(e.to_string().contains("unknown variant"), "{e}");
     let e = serde_json::from_str::<State>(
         r#"{"deployments":[{"id":"d","workspace":"w","name":"n","active_version":"v","versions":[{"id":"v","release":{"kind":"static","sha256":"00","extra":1}}]}]}"#,

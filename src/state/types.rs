@@ -111,9 +111,7 @@ fn check_label(s: &str) -> Result<(), String> {
         return Err(format!("`{s}` is longer than 63 characters"));
     }
     if let Some(c) = s.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-')) {
-        return Err(format!(
-            "`{s}` contains `{c}`: only lower-case letters, digits and `-` are allowed"
-        ));
+        return Err(format!("`{s}` contains `{c}`: only lower-case letters, digits and `-` are allowed"));
     }
     if s.starts_with('-') || s.ends_with('-') {
         return Err(format!("`{s}` must not start or end with `-`"));
@@ -151,9 +149,7 @@ fn check_id(s: &str) -> Result<(), String> {
         return Err("must be 1 to 128 characters".into());
     }
     match s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        Some(c) => Err(format!(
-            "`{s}` contains `{c}`: only letters, digits, `.`, `_` and `-` are allowed"
-        )),
+        Some(c) => Err(format!("`{s}` contains `{c}`: only letters, digits, `.`, `_` and `-` are allowed")),
         None => Ok(()),
     }
 }
@@ -167,9 +163,7 @@ fn check_workspace_id(s: &str) -> Result<(), String> {
         return Err("must be 1 to 63 characters".into());
     }
     match s.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
-        Some(c) => Err(format!(
-            "`{s}` contains `{c}`: only lower-case letters, digits, `_` and `-` are allowed"
-        )),
+        Some(c) => Err(format!("`{s}` contains `{c}`: only lower-case letters, digits, `_` and `-` are allowed")),
         None => Ok(()),
     }
 }
@@ -186,9 +180,7 @@ fn check_url_text(s: &str) -> Result<(), String> {
 
 fn check_https_url(s: &str) -> Result<(), String> {
     check_url_text(s)?;
-    let rest = s
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("`{s}` must be an https: URL"))?;
+    let rest = s.strip_prefix("https://").ok_or_else(|| format!("`{s}` must be an https: URL"))?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.is_empty() || authority.contains('@') {
         return Err(format!("`{s}` must name a host (and no user info)"));
@@ -220,8 +212,7 @@ fn check_password_hash(s: &str) -> Result<(), String> {
     // Full verification happens with the argon2 crate when the hash is used; here we
     // insist on the PHC shape so that a typo fails at push time, not at login time.
     let parts: Vec<&str> = s.split('$').collect();
-    if parts.len() == 6 && parts[0].is_empty() && parts[1] == "argon2id" && parts[2].starts_with("v=")
-    {
+    if parts.len() == 6 && parts[0].is_empty() && parts[1] == "argon2id" && parts[2].starts_with("v=") {
         Ok(())
     } else {
         Err("must be an argon2id PHC string ($argon2id$v=19$m=…,t=…,p=…$salt$hash)".into())
@@ -257,9 +248,7 @@ pub struct Address(pub IpAddr);
 impl TryFrom<String> for Address {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-            .map(Address)
-            .map_err(|_| format!("`{s}` is not an IP address"))
+        s.parse().map(Address).map_err(|_| format!("`{s}` is not an IP address"))
     }
 }
 
@@ -378,7 +367,11 @@ impl Timestamp {
                 if mins >= 24 * 60 {
                     return Err(err());
                 }
-                if *sign == b'+' { mins } else { -mins }
+                if *sign == b'+' {
+                    mins
+                } else {
+                    -mins
+                }
             }
             _ => return Err(err()),
         };
@@ -395,12 +388,7 @@ impl Timestamp {
         let days = self.0.div_euclid(86_400);
         let secs = self.0.rem_euclid(86_400);
         let (y, m, d) = civil_from_days(days);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-            secs / 3600,
-            secs / 60 % 60,
-            secs % 60
-        )
+        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
     }
 }
 

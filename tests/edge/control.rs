@@ -37,7 +37,11 @@ async fn auth_health_and_error_shapes() {
     for path in ["/metrics", "/v1/state", "/v1/sandboxes/abc12345"] {
         let r = raw_request(edge.control, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
         assert_eq!((r.status, r.code()), (401, "unauthorized".into()), "{path}");
-        let r = raw_request(edge.control, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n")).await;
+        let r = raw_request(
+            edge.control,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
         assert_eq!(r.status, 401, "{path}");
     }
     let r = edge.api("GET", "/metrics", None).await;
@@ -47,10 +51,17 @@ async fn auth_health_and_error_shapes() {
     // 400 invalid_json, 400 invalid_state with path, 415, 413, 404, 405.
     let r = edge.api("PUT", "/v1/state", Some("{not json")).await;
     assert_eq!((r.status, r.code()), (400, "invalid_json".into()));
-    let r = edge.api("PUT", "/v1/state", Some(r#"{"sandboxes":[{"id":"a","workspace":"ws_1","address":"10.0.0.1"},{"id":"b","workspace":"ws_1","address":"10.0.3"}]}"#)).await;
+    let r = edge
+        .api(
+            "PUT",
+            "/v1/state",
+            Some(r#"{"sandboxes":[{"id":"a","workspace":"ws_1","address":"10.0.0.1"},{"id":"b","workspace":"ws_1","address":"10.0.3"}]}"#),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (400, "invalid_state".into()));
     assert_eq!(r.json()["error"]["path"], "sandboxes[1].address");
-    let r = edge.api("PUT", "/v1/state", Some(r#"{"sandboxes":[{"id":"a","workspace":"ws_1","address":"10.0.0.1","colour":"red"}]}"#)).await;
+    let r =
+        edge.api("PUT", "/v1/state", Some(r#"{"sandboxes":[{"id":"a","workspace":"ws_1","address":"10.0.0.1","colour":"red"}]}"#)).await;
     assert_eq!((r.status, r.code()), (400, "invalid_state".into()));
     assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("unknown field `colour`"));
     let r = edge.api("PUT", "/v1/state", Some(r#"{"sandboxes":[{"id":"a","workspace":"ws_nope","address":"10.0.0.1"}]}"#)).await;
@@ -74,7 +85,11 @@ async fn auth_health_and_error_shapes() {
     assert_eq!((r.status, r.code()), (409, "conflict".into()), "{}", r.text());
     assert_eq!(r.json()["error"]["path"], "sandboxes[0].id");
     let r = edge
-        .api("PUT", "/v1/workspaces/ws_x", Some(r#"{"id":"ws_x","slug":"x","preview_domain":{"host":"preview.tenant-one.test","verified":true}}"#))
+        .api(
+            "PUT",
+            "/v1/workspaces/ws_x",
+            Some(r#"{"id":"ws_x","slug":"x","preview_domain":{"host":"preview.tenant-one.test","verified":true}}"#),
+        )
         .await;
     assert_eq!((r.status, r.code()), (409, "conflict".into()), "{}", r.text());
     let r = edge.api("DELETE", "/v1/sandboxes/abc12345", None).await;
@@ -133,7 +148,8 @@ async fn writes_route_at_once_with_generations_and_if_match() {
     let r = edge.api("POST", "/v1/state/ops", Some(&ops.to_string())).await;
     assert_eq!((r.status, r.code()), (400, "invalid_state".into()), "{}", r.text());
     assert_eq!(edge.get(&host, "/").await.status, 200, "the delete was not applied");
-    let ops = json!({"ops": [{"op": "upsert", "kind": "sandbox", "value": {"id": "x", "workspace": "ws_1", "address": "10.0.0.1", "bogus": 1}}]});
+    let ops =
+        json!({"ops": [{"op": "upsert", "kind": "sandbox", "value": {"id": "x", "workspace": "ws_1", "address": "10.0.0.1", "bogus": 1}}]});
     let r = edge.api("POST", "/v1/state/ops", Some(&ops.to_string())).await;
     assert_eq!(r.json()["error"]["path"], "ops[0].value.bogus", "{}", r.text());
     let ops = json!({"ops": [{"op": "delete", "kind": "sandbox", "id": "apibox"}, {"op": "delete", "kind": "share_token", "id": "nope"}]});

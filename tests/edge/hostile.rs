@@ -10,7 +10,11 @@ async fn host_normalisation_and_malformed_hosts() {
     let pa = f.pa();
 
     // Upper case, port, trailing dot: all the same host.
-    for host in [format!("{pa}-ABC12345.Sandbox.LOCALHOST"), format!("{pa}-abc12345.sandbox.localhost.:9999"), format!("{pa}-abc12345.sandbox.localhost.")] {
+    for host in [
+        format!("{pa}-ABC12345.Sandbox.LOCALHOST"),
+        format!("{pa}-abc12345.sandbox.localhost.:9999"),
+        format!("{pa}-abc12345.sandbox.localhost."),
+    ] {
         let r = edge.get(&host, "/").await;
         assert_eq!(r.status, 200, "{host}: {}", r.text());
         assert_eq!(r.json()["origin"], "a-public");
@@ -62,7 +66,13 @@ async fn garbage_on_the_wire_does_not_take_the_edge_down() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = Fixture::start().await;
     let edge = Edge::start(&f.toml("")).await;
-    for junk in [&b"\x00\x01\x02\x03garbage\r\n\r\n"[..], b"GET / HTTP/9.9\r\n\r\n", b"GET /\r\n\r\n", b"\r\n\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"] {
+    for junk in [
+        &b"\x00\x01\x02\x03garbage\r\n\r\n"[..],
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"\r\n\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    ] {
         let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
         let _ = s.write_all(junk).await;
         let mut buf = Vec::new();

@@ -62,7 +62,10 @@ async fn usage_is_attributed_by_id_and_never_lost_or_doubled() {
     let entries: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     let first = &entries[0];
     assert_eq!(first["path"], "/p?token=REDACTED&x=1");
-    assert_eq!((first["route"].as_str(), first["workspace"].as_str(), first["sandbox"].as_str()), (Some("preview"), Some("ws_1"), Some("abc12345")));
+    assert_eq!(
+        (first["route"].as_str(), first["workspace"].as_str(), first["sandbox"].as_str()),
+        (Some("preview"), Some("ws_1"), Some("abc12345"))
+    );
     assert_eq!(first["status"], 200);
     assert!(first["request_id"].as_str().is_some_and(|r| r.len() == 32));
     assert!(first["upstream"].as_str().is_some_and(|u| u.starts_with("127.0.0.2:")));

@@ -63,7 +63,8 @@ impl Spec {
         if op.is_null() {
             return Err(format!("{method} {t} is not documented"));
         }
-        let resp = op["responses"].get(r.status.to_string()).ok_or_else(|| format!("{method} {t}: status {} is not documented", r.status))?;
+        let resp =
+            op["responses"].get(r.status.to_string()).ok_or_else(|| format!("{method} {t}: status {} is not documented", r.status))?;
         let resp = self.resolve(resp);
         let ct = r.header("content-type").unwrap_or_default();
         if ct.starts_with("application/json") {

@@ -31,7 +31,9 @@ async fn broken_reload_keeps_the_old_table_and_says_where() {
 
     // A dangling reference and a bad address: refused, every error logged with its
     // key path and line:column; the old routes keep serving.
-    let bad = f.toml("[[sandboxes]]\nid = \"bad\"\nworkspace = \"ws_nope\"\naddress = \"127.0.0.3\"\n").replace("id = \"abc12345\"", "id = \"abc12345\"\n# comment");
+    let bad = f
+        .toml("[[sandboxes]]\nid = \"bad\"\nworkspace = \"ws_nope\"\naddress = \"127.0.0.3\"\n")
+        .replace("id = \"abc12345\"", "id = \"abc12345\"\n# comment");
     edge.write_config(&bad);
     edge.hup();
     let logged = eventually(Duration::from_secs(10), || async {

@@ -56,9 +56,7 @@ async fn tenant_isolation_and_not_found_pages() {
     // zzz99 belongs to ws_2: not through ws_1's preview domain, HTML or JSON.
     let r = edge.get(&format!("{pb}-zzz99.preview.tenant-one.test"), "/").await;
     assert_eq!((r.status, r.code()), (404, "preview_not_found".into()));
-    let html = edge
-        .request(&format!("GET / HTTP/1.1\r\nHost: {pb}-zzz99.preview.tenant-one.test\r\nAccept: text/html,*/*\r\n"))
-        .await;
+    let html = edge.request(&format!("GET / HTTP/1.1\r\nHost: {pb}-zzz99.preview.tenant-one.test\r\nAccept: text/html,*/*\r\n")).await;
     assert_eq!(html.status, 404);
     assert!(html.header("content-type").unwrap_or_default().starts_with("text/html"));
     let page = html.text();

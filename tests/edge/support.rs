@@ -120,7 +120,8 @@ impl Edge {
 
     /// A control-API request with extra headers (`("If-Match", "\"3\"")`).
     pub async fn api_with(&self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Response {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {CONTROL_TOKEN}\r\nConnection: close\r\n", self.control);
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {CONTROL_TOKEN}\r\nConnection: close\r\n", self.control);
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -224,14 +225,14 @@ pub async fn raw_request(addr: SocketAddr, raw: &str) -> Response {
 }
 
 pub fn parse_response(buf: &[u8]) -> Response {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(buf)));
+    let end =
+        buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(buf)));
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
     let rest = &buf[end + 4..];
     let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     let body = if chunked { dechunk(rest) } else { rest.to_vec() };
@@ -341,9 +342,16 @@ impl Origin {
                 .body(BodyExt::boxed(StreamBody::new(stream)))
                 .expect("response");
         }
-        let headers: BTreeMap<String, Vec<String>> = req.headers().keys().map(|k| {
-            (k.as_str().to_string(), req.headers().get_all(k).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect())
-        }).collect();
+        let headers: BTreeMap<String, Vec<String>> = req
+            .headers()
+            .keys()
+            .map(|k| {
+                (
+                    k.as_str().to_string(),
+                    req.headers().get_all(k).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect(),
+                )
+            })
+            .collect();
         let body = serde_json::json!({
             "origin": name,
             "addr": addr.to_string(),
