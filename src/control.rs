@@ -12,7 +12,7 @@ pub mod verify;
 use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
 use crate::state::store::{Store, WriteError};
-use crate::state::{Deployment, Id, Sandbox, ShareToken, State, StateError, Workspace};
+use crate::state::{find_by_id, remove_by_id, upsert_by_id, Deployment, Id, Identified, Sandbox, ShareToken, State, StateError, Workspace};
 use crate::usage::Usage;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -382,7 +382,7 @@ impl ControlApi {
 
     async fn delete_object(self: &Arc<Self>, kind: Kind, id: String) -> Result<Response<Full<Bytes>>, ApiError> {
         self.blocking(move |api| {
-            let in_toml = api.store.read(|_, toml, _, _| kind.get(toml, &id).is_some());
+            let in_toml = api.store.read(|_, toml, _, _| kind.contains(toml, &id));
             api.store
                 .write_api(None, |s| {
                     if kind.delete(s, &id) {
@@ -411,7 +411,7 @@ impl ControlApi {
         let body = self.body(req).await?;
         self.blocking(move |api| {
             let b: Body = parse(&body)?;
-            let in_toml = api.store.read(|_, toml, _, _| toml.deployments.iter().any(|d| d.id.as_str() == id));
+            let in_toml = api.store.read(|_, toml, _, _| find_by_id(&toml.deployments, &id).is_some());
             api.store
                 .write_api(if_match, |s| {
                     let Some(d) = s.deployments.iter_mut().find(|d| d.id.as_str() == id) else {
@@ -598,25 +598,29 @@ impl Kind {
 
     fn get(self, s: &State, id: &str) -> Option<serde_json::Value> {
         let v = match self {
-            Kind::Workspace => s.workspaces.iter().find(|o| o.id.as_str() == id).map(serde_json::to_value),
-            Kind::Sandbox => s.sandboxes.iter().find(|o| o.id.as_str() == id).map(serde_json::to_value),
-            Kind::ShareToken => s.share_tokens.iter().find(|o| o.id.as_str() == id).map(serde_json::to_value),
-            Kind::Deployment => s.deployments.iter().find(|o| o.id.as_str() == id).map(serde_json::to_value),
+            Kind::Workspace => find_by_id(&s.workspaces, id).map(serde_json::to_value),
+            Kind::Sandbox => find_by_id(&s.sandboxes, id).map(serde_json::to_value),
+            Kind::ShareToken => find_by_id(&s.share_tokens, id).map(serde_json::to_value),
+            Kind::Deployment => find_by_id(&s.deployments, id).map(serde_json::to_value),
         };
         v.and_then(Result::ok)
     }
 
-    fn delete(self, s: &mut State, id: &str) -> bool {
-        fn rm<T>(v: &mut Vec<T>, f: impl Fn(&T) -> bool) -> bool {
-            let n = v.len();
-            v.retain(|o| !f(o));
-            v.len() != n
-        }
+    fn contains(self, s: &State, id: &str) -> bool {
         match self {
-            Kind::Workspace => rm(&mut s.workspaces, |o| o.id.as_str() == id),
-            Kind::Sandbox => rm(&mut s.sandboxes, |o| o.id.as_str() == id),
-            Kind::ShareToken => rm(&mut s.share_tokens, |o| o.id.as_str() == id),
-            Kind::Deployment => rm(&mut s.deployments, |o| o.id.as_str() == id),
+            Kind::Workspace => find_by_id(&s.workspaces, id).is_some(),
+            Kind::Sandbox => find_by_id(&s.sandboxes, id).is_some(),
+            Kind::ShareToken => find_by_id(&s.share_tokens, id).is_some(),
+            Kind::Deployment => find_by_id(&s.deployments, id).is_some(),
+        }
+    }
+
+    fn delete(self, s: &mut State, id: &str) -> bool {
+        match self {
+            Kind::Workspace => remove_by_id(&mut s.workspaces, id),
+            Kind::Sandbox => remove_by_id(&mut s.sandboxes, id),
+            Kind::ShareToken => remove_by_id(&mut s.share_tokens, id),
+            Kind::Deployment => remove_by_id(&mut s.deployments, id),
         }
     }
 }
@@ -642,38 +646,20 @@ impl Object {
 
     fn id(&self) -> &str {
         match self {
-            Object::Workspace(o) => o.id.as_str(),
-            Object::Sandbox(o) => o.id.as_str(),
-            Object::ShareToken(o) => o.id.as_str(),
-            Object::Deployment(o) => o.id.as_str(),
+            Object::Workspace(o) => o.id_str(),
+            Object::Sandbox(o) => o.id_str(),
+            Object::ShareToken(o) => o.id_str(),
+            Object::Deployment(o) => o.id_str(),
         }
     }
 
     /// Replaces the object with the same id, or appends it.
     fn upsert(self, s: &mut State) {
-        fn put<T>(v: &mut Vec<T>, o: T, same: impl Fn(&T) -> bool) {
-            match v.iter_mut().find(|x| same(x)) {
-                Some(slot) => *slot = o,
-                None => v.push(o),
-            }
-        }
         match self {
-            Object::Workspace(o) => {
-                let id = o.id.clone();
-                put(&mut s.workspaces, o, |x| x.id == id)
-            }
-            Object::Sandbox(o) => {
-                let id = o.id.clone();
-                put(&mut s.sandboxes, o, |x| x.id == id)
-            }
-            Object::ShareToken(o) => {
-                let id = o.id.clone();
-                put(&mut s.share_tokens, o, |x| x.id == id)
-            }
-            Object::Deployment(o) => {
-                let id = o.id.clone();
-                put(&mut s.deployments, o, |x| x.id == id)
-            }
+            Object::Workspace(o) => upsert_by_id(&mut s.workspaces, o),
+            Object::Sandbox(o) => upsert_by_id(&mut s.sandboxes, o),
+            Object::ShareToken(o) => upsert_by_id(&mut s.share_tokens, o),
+            Object::Deployment(o) => upsert_by_id(&mut s.deployments, o),
         }
     }
 }

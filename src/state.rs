@@ -196,6 +196,42 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
+/// An object of the routing state, identified by its id within its kind.
+pub trait Identified {
+    fn id_str(&self) -> &str;
+}
+
+macro_rules! identified {
+    ($($t:ty),*) => {$(
+        impl Identified for $t {
+            fn id_str(&self) -> &str {
+                self.id.as_str()
+            }
+        }
+    )*};
+}
+identified!(Workspace, Sandbox, ShareToken, Deployment);
+
+/// The object with `id` in `objects`.
+pub fn find_by_id<'a, T: Identified>(objects: &'a [T], id: &str) -> Option<&'a T> {
+    objects.iter().find(|o| o.id_str() == id)
+}
+
+/// Removes the object with `id`; true if there was one.
+pub fn remove_by_id<T: Identified>(objects: &mut Vec<T>, id: &str) -> bool {
+    let n = objects.len();
+    objects.retain(|o| o.id_str() != id);
+    objects.len() != n
+}
+
+/// Replaces the object with the same id as `object`, or appends it.
+pub fn upsert_by_id<T: Identified>(objects: &mut Vec<T>, object: T) {
+    match objects.iter_mut().find(|o| o.id_str() == object.id_str()) {
+        Some(slot) => *slot = object,
+        None => objects.push(object),
+    }
+}
+
 impl State {
     /// Appends `other`'s objects to this state (used to merge TOML and API state; the
     /// merged result is validated as a whole, which reports ids or hosts defined twice).

@@ -11,7 +11,7 @@
 //! Generations only grow: every published table gets the next one, and the generation
 //! is persisted with the API state, so a restart continues from it.
 
-use super::{validate, State, StateError};
+use super::{validate, Identified, State, StateError};
 use crate::config::{Config, Domains, PlatformBranding};
 use crate::metrics::Metrics;
 use crate::routing::{publish, RouteTable, SharedTable};
@@ -280,33 +280,24 @@ fn relabel(mut e: StateError, api: &State) -> StateError {
     e
 }
 
+/// The first API object of one kind whose id the TOML part also defines.
+fn shared_id<T: Identified>(toml: &[T], api: &[T], kind: &str, what: &str) -> Result<(), StateError> {
+    let ids: HashSet<&str> = toml.iter().map(Identified::id_str).collect();
+    match api.iter().enumerate().find(|(_, o)| ids.contains(o.id_str())) {
+        Some((i, o)) => {
+            Err(StateError { path: format!("{kind}[{i}].id"), message: format!("{what} `{}` is pinned by the TOML file", o.id_str()) })
+        }
+        None => Ok(()),
+    }
+}
+
 /// An id or host defined in both parts.
 fn conflicts(toml: &State, api: &State) -> Result<(), StateError> {
     let conflict = |path: String, what: String| Err(StateError { path, message: format!("{what} is pinned by the TOML file") });
-    let ids: HashSet<&str> = toml.workspaces.iter().map(|w| w.id.as_str()).collect();
-    for (i, w) in api.workspaces.iter().enumerate() {
-        if ids.contains(w.id.as_str()) {
-            return conflict(format!("workspaces[{i}].id"), format!("workspace `{}`", w.id));
-        }
-    }
-    let ids: HashSet<&str> = toml.sandboxes.iter().map(|s| s.id.as_str()).collect();
-    for (i, s) in api.sandboxes.iter().enumerate() {
-        if ids.contains(s.id.as_str()) {
-            return conflict(format!("sandboxes[{i}].id"), format!("sandbox `{}`", s.id));
-        }
-    }
-    let ids: HashSet<&str> = toml.share_tokens.iter().map(|s| s.id.as_str()).collect();
-    for (i, s) in api.share_tokens.iter().enumerate() {
-        if ids.contains(s.id.as_str()) {
-            return conflict(format!("share_tokens[{i}].id"), format!("share token `{}`", s.id));
-        }
-    }
-    let ids: HashSet<&str> = toml.deployments.iter().map(|d| d.id.as_str()).collect();
-    for (i, d) in api.deployments.iter().enumerate() {
-        if ids.contains(d.id.as_str()) {
-            return conflict(format!("deployments[{i}].id"), format!("deployment `{}`", d.id));
-        }
-    }
+    shared_id(&toml.workspaces, &api.workspaces, "workspaces", "workspace")?;
+    shared_id(&toml.sandboxes, &api.sandboxes, "sandboxes", "sandbox")?;
+    shared_id(&toml.share_tokens, &api.share_tokens, "share_tokens", "share token")?;
+    shared_id(&toml.deployments, &api.deployments, "deployments", "deployment")?;
     let mut hosts: HashSet<&str> = HashSet::new();
     for w in &toml.workspaces {
         hosts.extend(w.preview_domain.iter().chain(w.deploy_domain.iter()).map(|d| d.host.as_str()));
