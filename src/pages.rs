@@ -225,16 +225,6 @@ impl Pages {
         i
     }
 
-    /// Number of distinct brandings rendered.
-    pub fn len(&self) -> usize {
-        self.brandings.len()
-    }
-
-    /// True when only the built-in brandings exist.
-    pub fn is_empty(&self) -> bool {
-        self.brandings.len() <= 2
-    }
-
     /// The HTML page for `code` in `branding`.
     pub fn html(&self, branding: u32, code: ErrorCode, detail: Detail, request_id: &str) -> Bytes {
         let r = self.brandings.get(branding as usize).unwrap_or(&self.brandings[Self::NEUTRAL as usize]);
