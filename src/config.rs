@@ -28,6 +28,10 @@ pub struct Config {
     pub branding: PlatformBranding,
     pub dns: Dns,
     pub log: Log,
+    /// `[tokens]` as written.
+    pub tokens: Tokens,
+    /// The keys `[tokens]` names, loaded from the environment and key files.
+    pub keys: std::sync::Arc<crate::access::Keys>,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
     pub state: State,
     /// The file it came from (`None` for the embedded default).
@@ -191,6 +195,60 @@ impl Default for Log {
     }
 }
 
+/// `[tokens]`: keys for `mp_` preview tokens and the session cookie (CONTRACT §3).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tokens {
+    /// Environment variable holding the session-cookie key (at least 32 bytes), shared
+    /// by every edge node. Unset: a random key kept in `<state_dir>/session.key`.
+    #[serde(default = "default_session_key_env")]
+    pub session_key_env: String,
+    /// Longest session a share token without `expires_at` opens, in seconds.
+    #[serde(default = "default_share_session_ttl")]
+    pub share_session_ttl_secs: u64,
+    /// `mp_` verification keys; several at once for rotation.
+    #[serde(default)]
+    pub preview_keys: Vec<PreviewKeySpec>,
+}
+
+fn default_session_key_env() -> String {
+    "MIOSA_EDGE_SESSION_KEY".into()
+}
+
+fn default_share_session_ttl() -> u64 {
+    7 * 86_400
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens { session_key_env: default_session_key_env(), share_session_ttl_secs: default_share_session_ttl(), preview_keys: Vec::new() }
+    }
+}
+
+/// `[[tokens.preview_keys]]`: one `mp_` verification key.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewKeySpec {
+    /// Matched against the token header's `kid`.
+    pub kid: String,
+    /// The only algorithm this key accepts.
+    pub alg: KeyAlg,
+    /// HS256: environment variable holding the secret (at least 32 bytes).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// ES256 / EdDSA: PEM `PUBLIC KEY` (SPKI) file.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+}
+
+/// Algorithms a preview key may be pinned to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+pub enum KeyAlg {
+    HS256,
+    ES256,
+    EdDSA,
+}
+
 /// `[dns]`: resolvers for domain verification (and later DNS-01 checks).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -252,7 +310,8 @@ struct RawConfig {
     share_tokens: Vec<state::ShareToken>,
     #[serde(default)]
     deployments: Vec<state::Deployment>,
-    tokens: Option<IgnoredAny>,
+    #[serde(default)]
+    tokens: Tokens,
     tls: Option<IgnoredAny>,
     acme: Option<IgnoredAny>,
     #[serde(rename = "static")]
@@ -319,13 +378,9 @@ impl Config {
             Err(e) => return Err(invalid(vec![issue_from_toml(text, Some(&doc), &e)])),
         };
         let mut errors: Vec<StateError> = Vec::new();
-        for (name, present) in [
-            ("tokens", raw.tokens.is_some()),
-            ("tls", raw.tls.is_some()),
-            ("acme", raw.acme.is_some()),
-            ("static", raw.static_.is_some()),
-            ("wake", raw.wake.is_some()),
-        ] {
+        for (name, present) in
+            [("tls", raw.tls.is_some()), ("acme", raw.acme.is_some()), ("static", raw.static_.is_some()), ("wake", raw.wake.is_some())]
+        {
             if present {
                 errors.push(StateError {
                     path: name.into(),
@@ -369,6 +424,15 @@ impl Config {
                 .push(StateError { path: "branding.name".into(), message: "must be 1 to 64 characters without control characters".into() });
         }
         errors.extend(check_domains(&raw.domains));
+        errors.extend(check_tokens(&raw.tokens));
+        let keys = if errors.iter().any(|e| e.path.starts_with("tokens")) {
+            crate::access::Keys::none()
+        } else {
+            crate::access::Keys::load(&raw.tokens, env_bytes).unwrap_or_else(|es| {
+                errors.extend(es);
+                crate::access::Keys::none()
+            })
+        };
         let state =
             State { workspaces: raw.workspaces, sandboxes: raw.sandboxes, share_tokens: raw.share_tokens, deployments: raw.deployments };
         if let Err(es) = state::validate(&state, &raw.domains) {
@@ -392,10 +456,48 @@ impl Config {
             branding: raw.branding,
             dns: raw.dns,
             log: raw.log,
+            tokens: raw.tokens,
+            keys: std::sync::Arc::new(keys),
             state,
             source: source.map(Path::to_owned),
         })
     }
+}
+
+/// The raw bytes of an environment variable.
+fn env_bytes(name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStringExt;
+    std::env::var_os(name).map(|v| v.into_vec())
+}
+
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn check_tokens(t: &Tokens) -> Vec<StateError> {
+    let mut errs = Vec::new();
+    let mut err = |path: String, message: &str| errs.push(StateError { path, message: message.into() });
+    if !is_env_name(&t.session_key_env) {
+        err("tokens.session_key_env".into(), "must be an environment variable name (A-Z, 0-9, _)");
+    }
+    if !(60..=30 * 86_400).contains(&t.share_session_ttl_secs) {
+        err("tokens.share_session_ttl_secs".into(), "must be between 60 and 2592000 (30 days)");
+    }
+    let mut kids = std::collections::HashSet::new();
+    for (i, k) in t.preview_keys.iter().enumerate() {
+        let p = format!("tokens.preview_keys[{i}]");
+        if k.kid.is_empty() || k.kid.len() > 64 || !k.kid.bytes().all(|b| b.is_ascii_graphic()) {
+            err(format!("{p}.kid"), "must be 1 to 64 printable ASCII characters");
+        } else if !kids.insert(k.kid.as_str()) {
+            err(format!("{p}.kid"), "is used by another preview key");
+        }
+        if let Some(v) = &k.secret_env {
+            if !is_env_name(v) {
+                err(format!("{p}.secret_env"), "must be an environment variable name (A-Z, 0-9, _)");
+            }
+        }
+    }
+    errs
 }
 
 fn check_domains(d: &Domains) -> Vec<StateError> {

@@ -48,7 +48,7 @@ pub struct ControlApi {
 pub enum ControlError {
     #[error("refusing to serve the control API on non-loopback {addr} without a token: set {env}")]
     NoTokenOnPublicAddress { addr: SocketAddr, env: String },
-    #[error("cannot write the generated control token to {path}: {source}")]
+    #[error("cannot write the generated secret to {path}: {source}")]
     TokenFile {
         path: std::path::PathBuf,
         #[source]
@@ -73,29 +73,42 @@ pub fn resolve_token(env: &str, listen: SocketAddr, state_dir: &Path) -> Result<
         return Err(ControlError::NoTokenOnPublicAddress { addr: listen, env: env.to_string() });
     }
     let path = state_dir.join("control.token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
+    let (token, generated) = secret_file(&path)?;
+    if generated {
+        tracing::warn!(file = %path.display(), "{env} is not set: generated a control API token and wrote it to this file (mode 0600)");
+    } else {
+        tracing::info!(file = %path.display(), "control API token read from file ({env} is not set)");
+    }
+    Ok(token)
+}
+
+/// A secret kept in `path`: read if it holds at least 32 characters, else 32 random
+/// bytes as hex written there (mode 0600, temp file + fsync + rename). Returns the
+/// secret and whether it was generated now.
+pub fn secret_file(path: &Path) -> Result<(String, bool), ControlError> {
+    if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim();
         if t.len() >= 32 {
-            tracing::info!(file = %path.display(), "control API token read from file ({env} is not set)");
-            return Ok(t.to_string());
+            return Ok((t.to_string(), false));
         }
     }
     let mut raw = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| ControlError::Random)?;
-    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(state_dir)?;
-        let tmp = state_dir.join(".control.token.tmp");
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp"));
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(token.as_bytes())?;
+        f.write_all(secret.as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, path)
     };
-    write().map_err(|source| ControlError::TokenFile { path: path.clone(), source })?;
-    tracing::warn!(file = %path.display(), "{env} is not set: generated a control API token and wrote it to this file (mode 0600)");
-    Ok(token)
+    write().map_err(|source| ControlError::TokenFile { path: path.to_owned(), source })?;
+    Ok((secret, true))
 }
 
 impl ControlApi {

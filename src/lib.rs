@@ -21,6 +21,7 @@
 //! through `ArcSwap`; writers (start-up, TOML reload) validate and build a whole new
 //! table off the request path and swap it in with one store.
 
+pub mod access;
 pub mod access_log;
 pub mod config;
 pub mod control;

@@ -37,6 +37,23 @@ pub enum UpstreamFailure {
 
 const FAILURES: [&str; 4] = ["refused", "timeout", "reset", "other"];
 
+/// The credential a private-preview request presented, for the `credential` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// An `mp_` token (query or header).
+    PreviewToken = 0,
+    /// An `ms_` token (query or header).
+    ShareToken = 1,
+    /// The edge's session cookie.
+    Session = 2,
+    /// A share password posted to the form.
+    Password = 3,
+    /// Nothing usable.
+    None = 4,
+}
+
+const CREDENTIALS: [&str; 5] = ["preview_token", "share_token", "session", "password", "none"];
+
 /// The edge's metrics.
 pub struct Metrics {
     pub registry: Registry,
@@ -47,6 +64,9 @@ pub struct Metrics {
     reload_err: IntCounter,
     writes_ok: IntCounter,
     writes_rejected: IntCounter,
+    access: Vec<IntCounter>,
+    /// Live connections (WebSockets, streams) cut because their share was revoked or expired.
+    pub revoked_connections: IntCounter,
     /// Generation of the routing table being served.
     pub generation: IntGauge,
     /// Sandboxes in the routing table being served.
@@ -123,6 +143,25 @@ impl Metrics {
             IntGauge::new("miosa_edge_sandboxes", "Sandboxes in the routing table being served.")
                 .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let access = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "miosa_edge_access_checks_total",
+                    "Access decisions on private previews, by credential presented and result (granted, denied).",
+                ),
+                &["credential", "result"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let revoked_connections = register(
+            &registry,
+            IntCounter::new(
+                "miosa_edge_revoked_connections_total",
+                "Live connections (WebSockets, streams) closed because the share token that opened them was revoked or expired.",
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let mut requests = Vec::new();
         for k in KINDS {
             for c in CLASSES {
@@ -137,6 +176,8 @@ impl Metrics {
             reload_err: reloads.with_label_values(&["error"]),
             writes_ok: writes.with_label_values(&["ok"]),
             writes_rejected: writes.with_label_values(&["rejected"]),
+            access: CREDENTIALS.iter().flat_map(|c| ["granted", "denied"].map(|r| access.with_label_values(&[*c, r]))).collect(),
+            revoked_connections,
             generation,
             sandboxes,
             registry,
@@ -160,6 +201,11 @@ impl Metrics {
     /// Counts one failed upstream attempt.
     pub fn upstream_failure(&self, reason: UpstreamFailure) {
         self.upstream_failures[reason as usize].inc();
+    }
+
+    /// Counts one access decision on a private preview.
+    pub fn access(&self, credential: Credential, granted: bool) {
+        self.access[credential as usize * 2 + usize::from(!granted)].inc();
     }
 
     /// Counts one config reload.
@@ -205,12 +251,17 @@ mod tests {
         m.request(RouteKind::Edge, 404, 0.0001);
         m.upstream_failure(UpstreamFailure::Refused);
         m.reload(false);
+        m.access(Credential::ShareToken, false);
+        m.access(Credential::Session, true);
         let text = m.render();
         assert!(text.contains(r#"miosa_edge_requests_total{route="preview",status_class="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"miosa_edge_requests_total{route="edge",status_class="4xx"} 1"#));
         assert!(text.contains(r#"miosa_edge_upstream_failures_total{reason="refused"} 1"#));
         assert!(text.contains(r#"miosa_edge_config_reloads_total{result="error"} 1"#));
         assert!(text.contains("miosa_edge_request_duration_seconds_bucket"));
+        assert!(text.contains(r#"miosa_edge_access_checks_total{credential="share_token",result="denied"} 1"#), "{text}");
+        assert!(text.contains(r#"miosa_edge_access_checks_total{credential="session",result="granted"} 1"#));
+        assert!(text.contains(r#"miosa_edge_access_checks_total{credential="session",result="denied"} 0"#));
         assert_eq!(m.reload_counts(), (0, 1));
     }
 }

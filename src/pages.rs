@@ -20,6 +20,12 @@ pub enum ErrorCode {
     PreviewNotFound,
     DomainNotVerified,
     PreviewAuthRequired,
+    PreviewTokenInvalid,
+    PreviewTokenExpired,
+    ShareTokenInvalid,
+    ShareTokenExpired,
+    SharePasswordRequired,
+    TooManyAttempts,
     SandboxUnavailable,
     SandboxStarting,
     UpstreamTimeout,
@@ -39,12 +45,18 @@ pub struct Detail {
 
 impl ErrorCode {
     /// All codes, for rendering and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidHost,
         ErrorCode::UnknownHost,
         ErrorCode::PreviewNotFound,
         ErrorCode::DomainNotVerified,
         ErrorCode::PreviewAuthRequired,
+        ErrorCode::PreviewTokenInvalid,
+        ErrorCode::PreviewTokenExpired,
+        ErrorCode::ShareTokenInvalid,
+        ErrorCode::ShareTokenExpired,
+        ErrorCode::SharePasswordRequired,
+        ErrorCode::TooManyAttempts,
         ErrorCode::SandboxUnavailable,
         ErrorCode::SandboxStarting,
         ErrorCode::UpstreamTimeout,
@@ -59,7 +71,13 @@ impl ErrorCode {
             ErrorCode::InvalidHost => 400,
             ErrorCode::UnknownHost | ErrorCode::PreviewNotFound => 404,
             ErrorCode::DomainNotVerified => 421,
-            ErrorCode::PreviewAuthRequired => 401,
+            ErrorCode::PreviewAuthRequired
+            | ErrorCode::PreviewTokenInvalid
+            | ErrorCode::PreviewTokenExpired
+            | ErrorCode::ShareTokenInvalid
+            | ErrorCode::ShareTokenExpired
+            | ErrorCode::SharePasswordRequired => 401,
+            ErrorCode::TooManyAttempts => 429,
             ErrorCode::SandboxUnavailable => 502,
             ErrorCode::SandboxStarting | ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => 503,
             ErrorCode::UpstreamTimeout => 504,
@@ -75,6 +93,12 @@ impl ErrorCode {
             ErrorCode::PreviewNotFound => "preview_not_found",
             ErrorCode::DomainNotVerified => "domain_not_verified",
             ErrorCode::PreviewAuthRequired => "preview_auth_required",
+            ErrorCode::PreviewTokenInvalid => "preview_token_invalid",
+            ErrorCode::PreviewTokenExpired => "preview_token_expired",
+            ErrorCode::ShareTokenInvalid => "share_token_invalid",
+            ErrorCode::ShareTokenExpired => "share_token_expired",
+            ErrorCode::SharePasswordRequired => "share_password_required",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
             ErrorCode::SandboxUnavailable => "sandbox_unavailable",
             ErrorCode::SandboxStarting => "sandbox_starting",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
@@ -88,6 +112,7 @@ impl ErrorCode {
     pub fn retry_after(self) -> Option<u32> {
         match self {
             ErrorCode::SandboxStarting => Some(5),
+            ErrorCode::TooManyAttempts => Some(60),
             ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => Some(10),
             _ => None,
         }
@@ -100,6 +125,12 @@ impl ErrorCode {
             ErrorCode::PreviewNotFound => "Preview not found",
             ErrorCode::DomainNotVerified => "Domain not verified",
             ErrorCode::PreviewAuthRequired => "This preview is private",
+            ErrorCode::PreviewTokenInvalid => "This link is not valid",
+            ErrorCode::PreviewTokenExpired => "This link has expired",
+            ErrorCode::ShareTokenInvalid => "This share link is not valid",
+            ErrorCode::ShareTokenExpired => "This share link has expired",
+            ErrorCode::SharePasswordRequired => "Password required",
+            ErrorCode::TooManyAttempts => "Too many attempts",
             ErrorCode::SandboxUnavailable => "Nothing is answering",
             ErrorCode::SandboxStarting => "Starting up",
             ErrorCode::UpstreamTimeout => "The server took too long",
@@ -117,6 +148,12 @@ impl ErrorCode {
             ErrorCode::PreviewNotFound => "There is no preview for this sandbox and port.",
             ErrorCode::DomainNotVerified => "This domain's DNS records have not been verified yet.",
             ErrorCode::PreviewAuthRequired => "This preview is private: open it with an access link or token.",
+            ErrorCode::PreviewTokenInvalid => "The preview token is not valid for this preview.",
+            ErrorCode::PreviewTokenExpired => "The preview token has expired.",
+            ErrorCode::ShareTokenInvalid => "The share token is unknown, revoked, or for another preview.",
+            ErrorCode::ShareTokenExpired => "The share token has expired.",
+            ErrorCode::SharePasswordRequired => "This share link is protected by a password.",
+            ErrorCode::TooManyAttempts => "Too many wrong passwords; wait a minute before trying again.",
             ErrorCode::SandboxUnavailable => "Nothing accepted the connection: no server is listening on this port.",
             ErrorCode::SandboxStarting => "The sandbox is starting; retry in a few seconds.",
             ErrorCode::UpstreamTimeout => "The server did not answer in time.",
@@ -141,6 +178,24 @@ impl ErrorCode {
             ),
             ErrorCode::PreviewAuthRequired => out.push_str(
                 "<p>Open it with the link you were given (it carries an access token), or open it from your workspace.</p>",
+            ),
+            ErrorCode::PreviewTokenInvalid => out.push_str(
+                "<p>The access token in this link is not valid for this preview: it may be damaged, or made for another sandbox or port. Open the preview again from your workspace to get a fresh link.</p>",
+            ),
+            ErrorCode::PreviewTokenExpired => {
+                out.push_str("<p>The access token in this link has expired. Open the preview again from your workspace to get a fresh link.</p>")
+            }
+            ErrorCode::ShareTokenInvalid => out.push_str(
+                "<p>This share link is unknown, has been revoked, or belongs to another preview. Ask the person who shared it for a new link.</p>",
+            ),
+            ErrorCode::ShareTokenExpired => {
+                out.push_str("<p>This share link has expired. Ask the person who shared it for a new link.</p>")
+            }
+            ErrorCode::SharePasswordRequired => {
+                out.push_str("<p>This share link is protected by a password. Open it in a browser to enter the password.</p>")
+            }
+            ErrorCode::TooManyAttempts => out.push_str(
+                "<p>Too many wrong passwords were tried for this link. Wait a minute, then try again.</p>",
             ),
             ErrorCode::SandboxUnavailable if d.deployment => out.push_str(
                 "<p>The app did not accept the connection or reset it. It may be restarting; try again in a moment.</p>",
@@ -185,7 +240,10 @@ pub struct Pages {
     dedupe: HashMap<WorkspaceBranding, u32>,
 }
 
-const CSS: &str = "*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1c1c1e;background:#f6f6f8;display:flex;min-height:100vh;align-items:center;justify-content:center}main{max-width:36rem;margin:1.5rem;padding:2rem;background:#fff;border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.08)}header{margin-bottom:1.25rem;min-height:8px}header img{max-height:40px;max-width:200px}header .name{font-weight:600;font-size:1.1rem}h1{font-size:1.4rem;margin:0 0 .75rem}code{background:#f0f0f3;padding:.1em .3em;border-radius:4px;font-size:.9em}.meta{color:#6e6e73;font-size:.85rem;margin-top:1.5rem}a{color:var(--accent)}.bar{height:4px;background:var(--accent);border-radius:2px;width:3rem}@media (prefers-color-scheme:dark){body{background:#1c1c1e;color:#f2f2f7}main{background:#2c2c2e}code{background:#3a3a3c}}";
+const CSS: &str = "*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1c1c1e;background:#f6f6f8;display:flex;min-height:100vh;align-items:center;justify-content:center}main{max-width:36rem;margin:1.5rem;padding:2rem;background:#fff;border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.08)}header{margin-bottom:1.25rem;min-height:8px}header img{max-height:40px;max-width:200px}header .name{font-weight:600;font-size:1.1rem}h1{font-size:1.4rem;margin:0 0 .75rem}code{background:#f0f0f3;padding:.1em .3em;border-radius:4px;font-size:.9em}.meta{color:#6e6e73;font-size:.85rem;margin-top:1.5rem}a{color:var(--accent)}.bar{height:4px;background:var(--accent);border-radius:2px;width:3rem}form{display:flex;flex-direction:column;gap:.75rem}input[type=password]{display:block;width:100%;margin-top:.25rem;padding:.5rem;font:inherit;border:1px solid #c7c7cc;border-radius:6px}button{padding:.55rem 1rem;font:inherit;color:#fff;background:var(--accent);border:0;border-radius:6px;cursor:pointer}.err{color:#c4281c}@media (prefers-color-scheme:dark){body{background:#1c1c1e;color:#f2f2f7}main{background:#2c2c2e}code{background:#3a3a3c}}";
+
+/// Where the share-password form posts (reserved on private preview hosts).
+pub const PASSWORD_PATH: &str = "/__miosa/share-password";
 
 /// The CSP of every edge page: no scripts, inline styles only, https images.
 pub const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; base-uri 'none'; form-action 'self'";
@@ -244,6 +302,33 @@ impl Pages {
         out.push_str("<p class=\"meta\">Error <code>");
         out.push_str(code.as_str());
         out.push_str("</code> · Request ID <code>");
+        escape_into(request_id, &mut out);
+        out.push_str("</code></p>");
+        out.push_str(&r.foot);
+        Bytes::from(out)
+    }
+
+    /// The password form of a protected share link (answered with 401): posts
+    /// `password` and `next` to [`PASSWORD_PATH`]. `next` is the path to return to;
+    /// `wrong` adds the wrong-password notice.
+    pub fn password_form(&self, branding: u32, next: &str, wrong: bool, request_id: &str) -> Bytes {
+        let r = self.brandings.get(branding as usize).unwrap_or(&self.brandings[Self::NEUTRAL as usize]);
+        let mut out = String::with_capacity(r.head_open.len() + r.header.len() + r.foot.len() + 1200);
+        out.push_str(&r.head_open);
+        out.push_str("<title>Password required</title></head><body><main>");
+        out.push_str(&r.header);
+        out.push_str("<h1>Password required</h1><p>This preview was shared with a password. Enter it to continue.</p>");
+        if wrong {
+            out.push_str("<p class=\"err\" role=\"alert\">That password is not correct.</p>");
+        }
+        out.push_str("<form method=\"post\" action=\"");
+        out.push_str(PASSWORD_PATH);
+        out.push_str("\"><input type=\"hidden\" name=\"next\" value=\"");
+        escape_into(next, &mut out);
+        out.push_str(
+            "\"><label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" required autofocus></label><button type=\"submit\">Continue</button></form>",
+        );
+        out.push_str("<p class=\"meta\">Request ID <code>");
         escape_into(request_id, &mut out);
         out.push_str("</code></p>");
         out.push_str(&r.foot);

@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! request_filter          request id; host → one routes.load() → Route
-//!                         Denied / private / suspended / static → page (rescue)
+//!                         private preview → access::authorize (token → 303 +
+//!                         cookie | header | cookie | form | 401 page)
+//!                         Denied / suspended / static → page (rescue)
 //! upstream_peer           sandbox address:port | round-robin instance
-//! upstream_request_filter X-Forwarded-*, X-Request-Id; strip X-Miosa-*
+//! upstream_request_filter X-Forwarded-*, X-Request-Id; strip X-Miosa-* and the
+//!                         edge's cookies (the credential firewall)
+//! revocation              a share-opened WebSocket or stream ends when the share goes
 //! response_filter         X-Request-Id; X-Robots-Tag on previews
 //! fail_to_connect         one retry on another instance (deployments)
 //! fail_to_proxy           the single place where failures become pages
@@ -14,9 +18,12 @@
 //! Invariant: the edge only connects to addresses found in the route table loaded by
 //! this request (`RequestCtx::table`), never to one derived from the request.
 
+use crate::access::cookie::{self, Kind as SessionKind, Session as CookieSession};
+use crate::access::password::{self, Passwords};
+use crate::access::{self, Grant};
 use crate::access_log::{self, AccessLog};
-use crate::metrics::{Metrics, RouteKind, UpstreamFailure};
-use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP};
+use crate::metrics::{Credential, Metrics, RouteKind, UpstreamFailure};
+use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP, PASSWORD_PATH};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
 use crate::state::{Access, SandboxState};
 use crate::usage::{Kind as UsageKind, Usage, UsageCell};
@@ -61,6 +68,7 @@ pub struct EdgeProxy {
     access_log: Option<Arc<AccessLog>>,
     opts: ProxyOptions,
     ids: RequestIds,
+    passwords: Passwords,
 }
 
 /// Where a request is going.
@@ -87,7 +95,33 @@ pub struct RequestCtx {
     edge_status: Option<u16>,
     /// Usage counters of the workspace, deployment and sandbox this request is for.
     usage: [Option<Arc<UsageCell>>; 3],
+    /// The share a private preview was opened with, watched while the exchange lives.
+    share_watch: Option<ShareWatch>,
 }
+
+/// The preview a request is for, as access checks need it.
+#[derive(Clone, Copy)]
+struct PreviewRef<'a> {
+    table: &'a RouteTable,
+    /// The normalised host (cookies are bound to it).
+    host: &'a str,
+    sandbox: &'a str,
+    port: u16,
+}
+
+/// What [`EdgeProxy::revocation`] rechecks for a share-opened exchange.
+struct ShareWatch {
+    share: [u8; 32],
+    sandbox: Box<str>,
+    port: u16,
+}
+
+/// How often live share-opened connections recheck their share (CONTRACT §3: closed
+/// within 10 s of revocation or expiry).
+const REVOCATION_CHECK: Duration = Duration::from_secs(1);
+/// The error type the vendored pingora-proxy raises when [`EdgeProxy::revocation`] fires.
+const REVOKED: &str = "credential_revoked";
+static X_MIOSA_TOKEN: HeaderName = HeaderName::from_static("x-miosa-token");
 
 impl EdgeProxy {
     /// A proxy reading routes from `routes`.
@@ -98,7 +132,7 @@ impl EdgeProxy {
         access_log: Option<Arc<AccessLog>>,
         opts: ProxyOptions,
     ) -> EdgeProxy {
-        EdgeProxy { routes, metrics, usage, access_log, opts, ids: RequestIds::new() }
+        EdgeProxy { routes, metrics, usage, access_log, opts, ids: RequestIds::new(), passwords: Passwords::new() }
     }
 
     fn attribute(&self, ctx: &mut RequestCtx, table: &RouteTable, workspace: Option<u32>) {
@@ -109,21 +143,31 @@ impl EdgeProxy {
 
     /// Writes an edge-generated answer (the one way the edge answers by itself).
     async fn respond(&self, session: &mut Session, ctx: &mut RequestCtx, code: ErrorCode, detail: Detail) -> Result<()> {
+        self.respond_with(session, ctx, code, detail, None, &[]).await
+    }
+
+    /// [`Self::respond`] with `Set-Cookie` lines, and for HTML clients an alternative
+    /// body (the password form) in place of the code's page.
+    async fn respond_with(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        code: ErrorCode,
+        detail: Detail,
+        html: Option<bytes::Bytes>,
+        cookies: &[String],
+    ) -> Result<()> {
         let status = code.status();
-        let wants_html = session
-            .req_header()
-            .headers
-            .get(header::ACCEPT)
-            .is_some_and(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")));
-        let body = if wants_html {
-            match &ctx.table {
+        let wants_html = wants_html(session.req_header());
+        let body = match (wants_html, html) {
+            (true, Some(b)) => b,
+            (true, None) => match &ctx.table {
                 Some(t) => t.pages.html(ctx.branding, code, detail, request_id_str(&ctx.request_id)),
                 None => self.routes.load().pages.html(Pages::PLATFORM, code, detail, request_id_str(&ctx.request_id)),
-            }
-        } else {
-            Pages::json(code)
+            },
+            (false, _) => Pages::json(code),
         };
-        let mut resp = ResponseHeader::build(status, Some(8))?;
+        let mut resp = ResponseHeader::build(status, Some(8 + cookies.len()))?;
         resp.insert_header(header::CONTENT_TYPE, if wants_html { "text/html; charset=utf-8" } else { "application/json" })?;
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
@@ -138,6 +182,9 @@ impl EdgeProxy {
         if let Some(s) = code.retry_after() {
             resp.insert_header(header::RETRY_AFTER, s)?;
         }
+        for c in cookies {
+            resp.append_header(header::SET_COOKIE, c.as_str())?;
+        }
         ctx.edge_status = Some(status);
         let head_only = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(resp), head_only).await?;
@@ -145,6 +192,225 @@ impl EdgeProxy {
             session.write_response_body(Some(body), true).await?;
         }
         Ok(())
+    }
+
+    /// A `303 See Other` to `location` (a path on this host) setting `cookies`.
+    async fn redirect(&self, session: &mut Session, ctx: &mut RequestCtx, location: &[u8], cookies: &[String]) -> Result<()> {
+        let mut resp = ResponseHeader::build(303, Some(6 + cookies.len()))?;
+        let location = HeaderValue::from_bytes(location).map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "bad request target"))?;
+        resp.insert_header(header::LOCATION, location)?;
+        resp.insert_header(header::CONTENT_LENGTH, 0)?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(XRID, ctx.request_id.clone())?;
+        resp.insert_header(header::REFERRER_POLICY, "no-referrer")?;
+        if ctx.preview {
+            resp.insert_header(XRT, NOINDEX.clone())?;
+        }
+        for c in cookies {
+            resp.append_header(header::SET_COOKIE, c.as_str())?;
+        }
+        ctx.edge_status = Some(303);
+        session.write_response_header(Box::new(resp), true).await
+    }
+
+    /// Access to a preview (CONTRACT §3). A token in the URL is always taken out by a
+    /// redirect; on private previews a credential is required. `Ok(true)` when the
+    /// edge answered; otherwise the request may go upstream.
+    async fn authorize(&self, session: &mut Session, ctx: &mut RequestCtx, p: &PreviewRef<'_>, private: bool) -> Result<bool> {
+        let PreviewRef { table, host, sandbox, port } = *p;
+        let now = access::now();
+        let req = session.req_header();
+        let cctx = cookie::Context { secure: self.opts.tls || is_localhost(host), cross_site: is_cross_site_frame(req) };
+        if private && req.uri.path() == PASSWORD_PATH {
+            self.password_post(session, ctx, p, cctx, now).await?;
+            return Ok(true);
+        }
+        if let Some((token, location)) = url_token(req.raw_path()) {
+            if !private {
+                // Nothing to open, but a token never reaches the sandbox.
+                self.redirect(session, ctx, &location, &[]).await?;
+                return Ok(true);
+            }
+            let credential = if token.starts_with("ms_") { Credential::ShareToken } else { Credential::PreviewToken };
+            return match access::verify_token(table, &token, sandbox, port, now) {
+                Ok(grant) => {
+                    self.metrics.access(credential, true);
+                    let kind = match (grant.share, grant.needs_password) {
+                        (Some(_), true) => SessionKind::Pending,
+                        (Some(_), false) => SessionKind::Share,
+                        (None, _) => SessionKind::Preview,
+                    };
+                    let expires = if kind == SessionKind::Pending { grant.expires.min(now + cookie::PENDING_SECS) } else { grant.expires };
+                    let s = CookieSession { kind, cross_site: cctx.cross_site, expires, share: grant.share };
+                    let Some(value) = cookie::encode(&table.access, host, &s) else {
+                        self.respond(session, ctx, ErrorCode::InternalError, Detail::default()).await?;
+                        return Ok(true);
+                    };
+                    let name = if kind == SessionKind::Pending { cctx.pending_name() } else { cctx.session_name() };
+                    let set = cookie::set_cookie(cctx, name, &value, expires - now);
+                    self.redirect(session, ctx, &location, &[set]).await?;
+                    Ok(true)
+                }
+                Err(code) => {
+                    self.metrics.access(credential, false);
+                    self.respond(session, ctx, code, Detail { port: Some(port), deployment: false }).await?;
+                    Ok(true)
+                }
+            };
+        }
+        if !private {
+            return Ok(false);
+        }
+        let detail = Detail { port: Some(port), deployment: false };
+        if let Some(v) = req.headers.get(&X_MIOSA_TOKEN) {
+            let token = std::str::from_utf8(v.as_bytes()).unwrap_or("").trim();
+            let credential = if token.starts_with("ms_") { Credential::ShareToken } else { Credential::PreviewToken };
+            let result = access::verify_token(table, token, sandbox, port, now);
+            self.metrics.access(credential, matches!(result, Ok(g) if !g.needs_password));
+            return match result {
+                Ok(g) if g.needs_password => {
+                    self.respond(session, ctx, ErrorCode::SharePasswordRequired, detail).await?;
+                    Ok(true)
+                }
+                Ok(g) => {
+                    self.watch(ctx, &g, sandbox, port);
+                    Ok(false)
+                }
+                Err(code) => {
+                    self.respond(session, ctx, code, detail).await?;
+                    Ok(true)
+                }
+            };
+        }
+        // The session cookie; one that fails counts as none and is cleared.
+        let mut clear = Vec::new();
+        let cookies = || req.headers.get_all(header::COOKIE).into_iter().map(|v| v.as_bytes());
+        if let Some(v) = cookie::find(cookies(), cctx.session_name()) {
+            match cookie::decode(&table.access, host, v, now).filter(|s| s.kind != SessionKind::Pending) {
+                Some(s) if access::still_valid(table, &s.grant(), sandbox, port, now) => {
+                    self.metrics.access(Credential::Session, true);
+                    self.watch(ctx, &s.grant(), sandbox, port);
+                    return Ok(false);
+                }
+                s => {
+                    self.metrics.access(Credential::Session, false);
+                    let c = cookie::Context { cross_site: s.map_or(cctx.cross_site, |s| s.cross_site), ..cctx };
+                    clear.push(cookie::clear_cookie(c, cctx.session_name()));
+                }
+            }
+        }
+        if let Some(v) = cookie::find(cookies(), cctx.pending_name()) {
+            match cookie::decode(&table.access, host, v, now).filter(|s| s.kind == SessionKind::Pending) {
+                Some(s) if access::still_valid(table, &s.grant(), sandbox, port, now) => {
+                    let next = String::from_utf8_lossy(req.raw_path()).into_owned();
+                    let form = table.pages.password_form(ctx.branding, password::safe_next(&next), false, request_id_str(&ctx.request_id));
+                    self.respond_with(session, ctx, ErrorCode::SharePasswordRequired, detail, Some(form), &clear).await?;
+                    return Ok(true);
+                }
+                s => {
+                    let c = cookie::Context { cross_site: s.map_or(cctx.cross_site, |s| s.cross_site), ..cctx };
+                    clear.push(cookie::clear_cookie(c, cctx.pending_name()));
+                }
+            }
+        }
+        if clear.is_empty() {
+            self.metrics.access(Credential::None, false);
+        }
+        self.respond_with(session, ctx, ErrorCode::PreviewAuthRequired, detail, None, &clear).await?;
+        Ok(true)
+    }
+
+    /// The password form's POST: checks the pending cookie, the attempt limit and the
+    /// password (argon2 off the proxy threads), then opens the session.
+    async fn password_post(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        p: &PreviewRef<'_>,
+        cctx: cookie::Context,
+        now: i64,
+    ) -> Result<()> {
+        let PreviewRef { table, host, sandbox, port } = *p;
+        let detail = Detail { port: Some(port), deployment: false };
+        if session.req_header().method != http::Method::POST {
+            return self.redirect(session, ctx, b"/", &[]).await;
+        }
+        let req = session.req_header();
+        let pending = cookie::find(req.headers.get_all(header::COOKIE).into_iter().map(|v| v.as_bytes()), cctx.pending_name())
+            .and_then(|v| cookie::decode(&table.access, host, v, now))
+            .filter(|s| s.kind == SessionKind::Pending);
+        let Some((pending, hash)) = pending.and_then(|p| p.share.map(|h| (p, h))) else {
+            // The form outlived its pending cookie (15 minutes): start again from the link.
+            return self.respond(session, ctx, ErrorCode::PreviewAuthRequired, detail).await;
+        };
+        let share = match table.share(&hash) {
+            Some(s) => s,
+            None => return self.respond(session, ctx, ErrorCode::ShareTokenInvalid, detail).await,
+        };
+        if let Err(code) = access::check_share(share, sandbox, port, now) {
+            return self.respond(session, ctx, code, detail).await;
+        }
+        let Some(hash_str) = share.password_hash.clone() else {
+            // The password was removed meanwhile: the token alone opens the session.
+            return self.open_share_session(session, ctx, p, pending, share.expires_at, "/", now).await;
+        };
+        let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        if !self.passwords.allowed(&hash, ip, now) {
+            self.metrics.access(Credential::Password, false);
+            return self.respond(session, ctx, ErrorCode::TooManyAttempts, detail).await;
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > password::MAX_FORM_BYTES {
+                return Error::e_explain(ErrorType::HTTPStatus(413), "password form too large");
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let form = password::parse_form(&body);
+        let next = password::safe_next(&form.next).to_string();
+        if self.passwords.verify(hash_str, form.password).await {
+            self.metrics.access(Credential::Password, true);
+            self.passwords.succeeded(&hash, ip);
+            return self.open_share_session(session, ctx, p, pending, share.expires_at, &next, now).await;
+        }
+        self.metrics.access(Credential::Password, false);
+        self.passwords.failed(&hash, ip, now);
+        let form = table.pages.password_form(ctx.branding, &next, true, request_id_str(&ctx.request_id));
+        self.respond_with(session, ctx, ErrorCode::SharePasswordRequired, detail, Some(form), &[]).await
+    }
+
+    /// Opens a share session after its password (303 to `next`, session cookie set,
+    /// pending cookie cleared). The cookies are framed like the link was opened (a
+    /// partitioned cookie in a cross-site frame): the form's own POST is same-origin.
+    #[allow(clippy::too_many_arguments)]
+    async fn open_share_session(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        p: &PreviewRef<'_>,
+        pending: CookieSession,
+        expires_at: Option<i64>,
+        next: &str,
+        now: i64,
+    ) -> Result<()> {
+        let (table, host) = (p.table, p.host);
+        let cctx = cookie::Context { secure: self.opts.tls || is_localhost(host), cross_site: pending.cross_site };
+        let ttl_end = now.saturating_add(table.access.share_session_ttl);
+        let expires = expires_at.map_or(ttl_end, |t| t.min(ttl_end));
+        let s = CookieSession { kind: SessionKind::Share, cross_site: pending.cross_site, expires, share: pending.share };
+        let Some(value) = cookie::encode(&table.access, host, &s) else {
+            return self.respond(session, ctx, ErrorCode::InternalError, Detail::default()).await;
+        };
+        let cookies =
+            [cookie::set_cookie(cctx, cctx.session_name(), &value, expires - now), cookie::clear_cookie(cctx, cctx.pending_name())];
+        self.redirect(session, ctx, next.as_bytes(), &cookies).await
+    }
+
+    /// Remembers a share-backed grant so that a live exchange ends with its share.
+    fn watch(&self, ctx: &mut RequestCtx, grant: &Grant, sandbox: &str, port: u16) {
+        if let Some(share) = grant.share {
+            ctx.share_watch = Some(ShareWatch { share, sandbox: sandbox.into(), port });
+        }
     }
 
     /// Routes the request; `Ok(true)` when the edge answered it itself.
@@ -185,10 +451,10 @@ impl EdgeProxy {
                 let ws = table.workspace(sandbox.workspace);
                 ctx.branding = ws.map(|w| if tenant_host { w.tenant_branding } else { w.branding }).unwrap_or(Pages::PLATFORM);
                 let detail = Detail { port: Some(port), deployment: false };
-                if access == Access::Private {
-                    // Preview tokens and share links are not implemented in this version:
-                    // a private preview is closed to everyone rather than open to anyone.
-                    self.respond(session, ctx, ErrorCode::PreviewAuthRequired, detail).await?;
+                let private = access == Access::Private;
+                if (private || has_url_token(session.req_header().raw_path()))
+                    && self.authorize(session, ctx, &PreviewRef { table: &table, host, sandbox: sandbox_id, port }, private).await?
+                {
                     return Ok(true);
                 }
                 if sandbox.state == SandboxState::Suspended {
@@ -243,6 +509,7 @@ impl ProxyHttp for EdgeProxy {
             retries: 0,
             edge_status: None,
             usage: [None, None, None],
+            share_watch: None,
         }
     }
 
@@ -304,6 +571,7 @@ impl ProxyHttp for EdgeProxy {
         }
         req.insert_header(XRID, ctx.request_id.clone())?;
         strip_edge_headers(req);
+        strip_edge_cookies(req)?;
         Ok(())
     }
 
@@ -381,7 +649,34 @@ impl ProxyHttp for EdgeProxy {
         FailToProxy { error_code: status, can_reuse_downstream: false }
     }
 
+    fn revocation(&self, ctx: &RequestCtx) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
+        let w = ctx.share_watch.as_ref()?;
+        let (routes, metrics) = (self.routes.clone(), self.metrics.clone());
+        let (share, sandbox, port) = (w.share, w.sandbox.clone(), w.port);
+        Some(Box::pin(async move {
+            let mut tick = tokio::time::interval(REVOCATION_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let table = routes.load();
+                let grant = Grant { expires: i64::MAX, share: Some(share), needs_password: false };
+                if !access::still_valid(&table, &grant, &sandbox, port, access::now()) {
+                    metrics.revoked_connections.inc();
+                    return;
+                }
+            }
+        }))
+    }
+
     fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        if matches!(e.etype(), ErrorType::Custom(REVOKED)) {
+            tracing::info!(
+                request_id = request_id_str(&ctx.request_id),
+                route = ctx.kind.as_str(),
+                "share revoked or expired: live connection closed"
+            );
+            return true;
+        }
         // Upstream failures are routine for previews (a dev server not started yet):
         // they become a page and a metric, and a warning without pingora's dump.
         if matches!(e.esource(), ErrorSource::Upstream) {
@@ -438,6 +733,82 @@ fn failure_reason(e: &Error) -> UpstreamFailure {
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => UpstreamFailure::Reset,
         _ => UpstreamFailure::Other,
     }
+}
+
+/// Whether the client accepts an HTML page.
+fn wants_html(req: &RequestHeader) -> bool {
+    req.headers.get(header::ACCEPT).is_some_and(|v| v.as_bytes().windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html")))
+}
+
+/// `localhost` and `*.localhost`: secure contexts for browsers even over plain HTTP.
+fn is_localhost(host: &str) -> bool {
+    host == "localhost" || host.ends_with(".localhost")
+}
+
+/// A navigation into a cross-site frame (`Sec-Fetch-Dest: iframe`, `Sec-Fetch-Site: cross-site`).
+fn is_cross_site_frame(req: &RequestHeader) -> bool {
+    let is = |name: &str, v: &[u8]| req.headers.get(name).is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(v));
+    is("sec-fetch-dest", b"iframe") && is("sec-fetch-site", b"cross-site")
+}
+
+/// Whether a request target carries an edge token (`token=mp_…` or `token=ms_…`).
+fn has_url_token(raw_path: &[u8]) -> bool {
+    raw_path.windows(9).any(|w| w == b"token=mp_" || w == b"token=ms_")
+        || raw_path.windows(11).any(|w| w.eq_ignore_ascii_case(b"token=mp%5f") || w.eq_ignore_ascii_case(b"token=ms%5f"))
+}
+
+/// The edge token in a request target's query, and the same target without it (every
+/// `token` parameter holding an `mp_`/`ms_` token removed, the rest kept in order).
+/// A `token` parameter of the app's own (another value) is left alone.
+fn url_token(raw_path: &[u8]) -> Option<(String, Vec<u8>)> {
+    let q = raw_path.iter().position(|b| *b == b'?')?;
+    let (path, query) = (&raw_path[..q], &raw_path[q + 1..]);
+    let mut token = None;
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for pair in query.split(|b| *b == b'&') {
+        if let Some(v) = pair.strip_prefix(b"token=") {
+            let v = password::form_decode(v);
+            if v.starts_with("mp_") || v.starts_with("ms_") {
+                token.get_or_insert(v);
+                continue;
+            }
+        }
+        kept.push(pair);
+    }
+    let token = token?;
+    let mut location = path.to_vec();
+    if location.is_empty() {
+        location.push(b'/');
+    }
+    let kept: Vec<&[u8]> = kept.into_iter().filter(|p| !p.is_empty()).collect();
+    if !kept.is_empty() {
+        location.push(b'?');
+        location.extend_from_slice(&kept.join(&b'&'));
+    }
+    // An absolute-form target (`GET http://host/p?token=…`): redirect to its path.
+    if !location.starts_with(b"/") {
+        let after_scheme = location.windows(3).position(|w| w == b"://").map(|i| i + 3).unwrap_or(0);
+        let p = location[after_scheme..].iter().position(|b| *b == b'/').map(|i| i + after_scheme);
+        location = match p {
+            Some(i) => location[i..].to_vec(),
+            None => b"/".to_vec(),
+        };
+    }
+    Some((token, location))
+}
+
+/// Removes the edge's own cookies from the `Cookie` headers, keeping the app's.
+fn strip_edge_cookies(req: &mut RequestHeader) -> Result<()> {
+    if !req.headers.get_all(header::COOKIE).iter().any(|v| cookie::mentions_edge_cookie(v.as_bytes())) {
+        return Ok(());
+    }
+    let kept: Vec<Vec<u8>> =
+        req.headers.get_all(header::COOKIE).iter().filter_map(|v| cookie::without_edge_cookies(v.as_bytes())).collect();
+    req.remove_header(&header::COOKIE);
+    for v in kept {
+        req.append_header(header::COOKIE, HeaderValue::from_bytes(&v).map_err(|_| Error::new(ErrorType::InternalError))?)?;
+    }
+    Ok(())
 }
 
 /// Removes every `X-Miosa-*` header (the credential firewall of CONTRACT §3).
@@ -497,6 +868,23 @@ impl std::fmt::Debug for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_tokens_are_taken_out_of_the_target() {
+        let t = |p: &str| url_token(p.as_bytes()).map(|(t, l)| (t, String::from_utf8(l).unwrap()));
+        assert_eq!(t("/a?token=mp_x.y.z"), Some(("mp_x.y.z".into(), "/a".into())));
+        assert_eq!(t("/a?x=1&token=ms_abc&y=2"), Some(("ms_abc".into(), "/a?x=1&y=2".into())));
+        assert_eq!(t("/a?token=ms_1&token=mp_2&z"), Some(("ms_1".into(), "/a?z".into())), "every edge token goes");
+        assert_eq!(t("/a?token=app-own&b=1"), None, "an app's own `token` stays");
+        assert_eq!(t("/a?token=app&token=mp_1"), Some(("mp_1".into(), "/a?token=app".into())));
+        assert_eq!(t("/a?xtoken=mp_1"), None);
+        assert_eq!(t("?token=mp_1"), Some(("mp_1".into(), "/".into())));
+        assert_eq!(t("http://h.example/p/q?token=mp_1&a"), Some(("mp_1".into(), "/p/q?a".into())), "absolute form");
+        assert_eq!(t("http://h.example?token=mp_1"), Some(("mp_1".into(), "/".into())));
+        assert_eq!(t("/a?token=mp%5F1"), Some(("mp_1".into(), "/a".into())), "percent-encoded");
+        assert!(has_url_token(b"/?a=1&token=mp_x") && has_url_token(b"/?token=MS%5fx") && !has_url_token(b"/?token=x"));
+        assert!(is_localhost("localhost") && is_localhost("3000-a.sandbox.localhost") && !is_localhost("notlocalhost"));
+    }
 
     #[test]
     fn request_ids() {

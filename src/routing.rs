@@ -116,6 +116,18 @@ impl DeploymentEntry {
     }
 }
 
+/// A share-token record as the request path needs it, keyed by its token's SHA-256.
+#[derive(Debug)]
+pub struct ShareEntry {
+    pub id: Box<str>,
+    pub sandbox: Box<str>,
+    pub port: Option<u16>,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+    /// argon2id PHC string.
+    pub password_hash: Option<Arc<str>>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ExactHost {
     deployment: u32,
@@ -153,6 +165,9 @@ pub struct RouteTable {
     exact: Map<ExactHost>,
     preview_domains: Map<TenantDomain>,
     deploy_domains: Map<TenantDomain>,
+    shares: HashMap<[u8; 32], ShareEntry, RandomState>,
+    /// Token and session keys in force with this table (one snapshot per request).
+    pub access: Arc<crate::access::Keys>,
 }
 
 impl std::fmt::Debug for RouteTable {
@@ -268,6 +283,20 @@ impl RouteTable {
             });
         }
 
+        let mut shares = HashMap::with_capacity_and_hasher(state.share_tokens.len(), RandomState::new());
+        for t in &state.share_tokens {
+            shares.insert(
+                t.token_sha256.0,
+                ShareEntry {
+                    id: t.id.as_str().into(),
+                    sandbox: t.sandbox.as_str().into(),
+                    port: t.port.map(|p| p.0),
+                    expires_at: t.expires_at.map(|e| e.0),
+                    password_hash: t.password_hash.as_ref().map(|h| Arc::from(h.as_str())),
+                },
+            );
+        }
+
         Ok(RouteTable {
             generation,
             domains: domains.clone(),
@@ -280,6 +309,8 @@ impl RouteTable {
             exact,
             preview_domains,
             deploy_domains,
+            shares,
+            access: Arc::new(crate::access::Keys::none()),
         })
     }
 
@@ -299,6 +330,17 @@ impl RouteTable {
     /// A deployment by index (as found in routes).
     pub fn deployment(&self, i: u32) -> Option<&DeploymentEntry> {
         self.deployments.get(i as usize)
+    }
+
+    /// A share record by its token's SHA-256.
+    pub fn share(&self, sha256: &[u8; 32]) -> Option<&ShareEntry> {
+        self.shares.get(sha256)
+    }
+
+    /// The same table with `keys` in force.
+    pub fn with_access(mut self, keys: Arc<crate::access::Keys>) -> RouteTable {
+        self.access = keys;
+        self
     }
 
     /// Number of sandboxes in the table.

@@ -4,7 +4,7 @@
 use crate::access_log::AccessLog;
 use crate::config::reload::Reloader;
 use crate::config::Config;
-use crate::control::{resolve_token, ControlApi, ControlError};
+use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
 use crate::proxy::{EdgeProxy, ProxyOptions};
 use crate::state::store::{OpenError, Store};
@@ -50,7 +50,16 @@ fn resolve_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
 }
 
 /// Runs the edge until it is told to stop (SIGTERM graceful, SIGINT fast).
-pub fn run(cfg: Config) -> Result<(), StartError> {
+pub fn run(mut cfg: Config) -> Result<(), StartError> {
+    if !cfg.keys.has_session_key() {
+        // No shared session key configured: one kept in the state directory, so
+        // sessions survive restarts of this node (several nodes must share a key).
+        let path = cfg.server.state_dir.join("session.key");
+        let (key, generated) = secret_file(&path)?;
+        let what = if generated { "generated a session key into" } else { "using the session key in" };
+        tracing::warn!(file = %path.display(), "${} is not set: {what} this file; set it on every edge node so sessions work across nodes", cfg.tokens.session_key_env);
+        cfg.keys = Arc::new((*cfg.keys).clone().with_session_key(key.as_bytes()));
+    }
     let metrics = Arc::new(Metrics::new());
     // The last acknowledged control-plane state is loaded before anything listens.
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);

@@ -54,7 +54,9 @@ impl Reloader {
             tracing::info!("running the embedded default config: nothing to reload");
             return Ok(self.store.generation());
         };
-        let result = Config::load(Some(path)).and_then(|cfg| {
+        let result = Config::load(Some(path)).and_then(|mut cfg| {
+            // A session key generated at start-up stays in force unless one is configured.
+            cfg.keys = std::sync::Arc::new((*cfg.keys).clone().inherit_session_key(&self.started_with.keys));
             self.store.replace_toml(&cfg).map(|generation| (cfg, generation)).map_err(|errs| ConfigError::Invalid {
                 file: path.display().to_string(),
                 issues: errs.into_iter().map(|i| ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 }).collect(),

@@ -87,6 +87,7 @@ struct Inner {
     generation: u64,
     domains: Domains,
     branding: PlatformBranding,
+    keys: Arc<crate::access::Keys>,
     toml: State,
     api: State,
 }
@@ -121,7 +122,14 @@ impl Store {
                 std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir { path: dir.to_owned(), source })?;
             }
         }
-        let inner = Inner { generation, domains: cfg.domains.clone(), branding: cfg.branding.clone(), toml: cfg.state.clone(), api };
+        let inner = Inner {
+            generation,
+            domains: cfg.domains.clone(),
+            branding: cfg.branding.clone(),
+            keys: cfg.keys.clone(),
+            toml: cfg.state.clone(),
+            api,
+        };
         conflicts(&inner.toml, &inner.api).map_err(|e| OpenError::Invalid(vec![e]))?;
         let table = build(&inner, &inner.api, generation).map_err(OpenError::Invalid)?;
         metrics.generation.set(generation as i64);
@@ -212,6 +220,7 @@ impl Store {
             generation: g.generation,
             domains: cfg.domains.clone(),
             branding: cfg.branding.clone(),
+            keys: cfg.keys.clone(),
             toml: cfg.state.clone(),
             api: State::default(),
         };
@@ -225,6 +234,7 @@ impl Store {
         self.publish(&mut g, table, generation);
         g.domains = candidate.domains;
         g.branding = candidate.branding;
+        g.keys = candidate.keys;
         g.toml = candidate.toml;
         Ok(generation)
     }
@@ -256,7 +266,7 @@ fn build(base: &Inner, api: &State, generation: u64) -> Result<RouteTable, Vec<S
     if let Err(errs) = validate(whole, &base.domains) {
         return Err(errs.into_iter().map(|e| relabel(e, api)).collect());
     }
-    RouteTable::build_validated(&base.domains, &base.branding, whole, generation).map_err(|e| e.0)
+    RouteTable::build_validated(&base.domains, &base.branding, whole, generation).map(|t| t.with_access(base.keys.clone())).map_err(|e| e.0)
 }
 
 /// Turns `sandboxes[7].x` into `toml: sandboxes[2].x` when index 7 is past the API

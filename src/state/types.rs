@@ -212,10 +212,25 @@ fn check_password_hash(s: &str) -> Result<(), String> {
     // Full verification happens with the argon2 crate when the hash is used; here we
     // insist on the PHC shape so that a typo fails at push time, not at login time.
     let parts: Vec<&str> = s.split('$').collect();
-    if parts.len() == 6 && parts[0].is_empty() && parts[1] == "argon2id" && parts[2].starts_with("v=") {
-        Ok(())
-    } else {
-        Err("must be an argon2id PHC string ($argon2id$v=19$m=…,t=…,p=…$salt$hash)".into())
+    if !(parts.len() == 6 && parts[0].is_empty() && parts[1] == "argon2id" && parts[2].starts_with("v=")) {
+        return Err("must be an argon2id PHC string ($argon2id$v=19$m=…,t=…,p=…$salt$hash)".into());
+    }
+    // Bounded cost: a pushed hash decides how much memory and time each password try
+    // takes on the edge (argon2's default is m=19456,t=2,p=1).
+    let (mut m, mut t, mut p) = (None, None, None);
+    for kv in parts[3].split(',') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v: Option<u32> = v.parse().ok();
+        match k {
+            "m" => m = v,
+            "t" => t = v,
+            "p" => p = v,
+            _ => {}
+        }
+    }
+    match (m, t, p) {
+        (Some(m), Some(t), Some(p)) if (8..=262_144).contains(&m) && (1..=16).contains(&t) && (1..=8).contains(&p) => Ok(()),
+        _ => Err("argon2id parameters must be m=8..262144 (KiB), t=1..16, p=1..8".into()),
     }
 }
 
@@ -521,5 +536,7 @@ mod tests {
         assert!(PasswordHash::try_from("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA").is_ok());
         assert!(PasswordHash::try_from("$argon2i$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA").is_err());
         assert!(PasswordHash::try_from("hunter2").is_err());
+        assert!(PasswordHash::try_from("$argon2id$v=19$m=4194304,t=2,p=1$c2FsdA$aGFzaA").is_err(), "4 GiB per try is refused");
+        assert!(PasswordHash::try_from("$argon2id$v=19$t=2,p=1$c2FsdA$aGFzaA").is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod alloc;
 mod control;
 mod forwarding;

@@ -41,6 +41,23 @@ where
 /// The control API token every test edge is started with.
 pub const CONTROL_TOKEN: &str = "test-control-token-0123456789abcdef";
 
+/// The session-cookie key every test edge gets (env `MIOSA_EDGE_SESSION_KEY`).
+pub const SESSION_KEY: &str = "test-session-key-0123456789abcdef0123456789";
+/// The HS256 secret of preview key `k1` (env `MIOSA_PREVIEW_KEY_K1`).
+pub const PREVIEW_KEY_K1: &str = "test-preview-key-k1-0123456789abcdef012345";
+/// The HS256 secret of preview key `k2` (env `MIOSA_PREVIEW_KEY_K2`).
+pub const PREVIEW_KEY_K2: &str = "test-preview-key-k2-0123456789abcdef012345";
+
+/// The `[tokens]` section matching the keys above.
+pub const TOKENS_TOML: &str = r#"
+[tokens]
+session_key_env = "MIOSA_EDGE_SESSION_KEY"
+[[tokens.preview_keys]]
+kid = "k1"
+alg = "HS256"
+secret_env = "MIOSA_PREVIEW_KEY_K1"
+"#;
+
 /// A running edge process, killed on drop.
 pub struct Edge {
     pub child: Child,
@@ -87,6 +104,9 @@ impl Edge {
             .arg(config)
             .env("MIOSA_EDGE_LOG", std::env::var("MIOSA_TEST_EDGE_LOG").unwrap_or_else(|_| "info".into()))
             .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
+            .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
+            .env("MIOSA_PREVIEW_KEY_K1", PREVIEW_KEY_K1)
+            .env("MIOSA_PREVIEW_KEY_K2", PREVIEW_KEY_K2)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

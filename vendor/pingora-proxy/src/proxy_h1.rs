@@ -516,6 +516,9 @@ where
 
         let mut next_upstream_task: Option<HttpTask> = None;
 
+        // miosa-edge patch: the service may cut the exchange (see `ProxyHttp::revocation`).
+        let mut revocation = self.inner.revocation(ctx);
+
         /* duplex mode without caching
          * Read body from downstream while reading response from upstream
          * If response is done, only read body from downstream
@@ -559,7 +562,17 @@ where
                 session.cache.support_streaming_partial_write() == Some(true);
             let upgraded = session.was_upgraded();
 
+            let revoked: OptionFuture<_> = revocation.as_mut().map(|f| f.as_mut()).into();
+
             tokio::select! {
+                // miosa-edge patch: cut the exchange when the service says so.
+                Some(()) = revoked => {
+                    return Error::e_explain(
+                        pingora_error::ErrorType::Custom("credential_revoked"),
+                        "the credential that opened this exchange was revoked",
+                    );
+                }
+
                 // only try to send to pipe if there is capacity to avoid deadlock
                 // Otherwise deadlock could happen if both upstream and downstream are blocked
                 // on sending to their corresponding pipes which are both full.

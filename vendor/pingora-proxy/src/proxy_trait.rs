@@ -543,6 +543,19 @@ pub trait ProxyHttp {
     ) {
     }
 
+    /// miosa-edge patch: a future that resolves when this exchange must be cut short
+    /// (for example, the credential that opened it was revoked). Polled alongside the
+    /// body pipes of an HTTP/1 upstream exchange, so it ends idle WebSockets and
+    /// streams too; when it resolves the exchange fails with
+    /// `ErrorType::Custom("credential_revoked")` and the connection is closed.
+    /// The default is `None` (never cut).
+    fn revocation(
+        &self,
+        _ctx: &Self::CTX,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
+        None
+    }
+
     /// A value of true means that the log message will be suppressed. The default value is false.
     ///
     /// See also: [`Self::suppress_proxy_warn_log`].
