@@ -66,9 +66,10 @@ async fn usage_is_attributed_by_id_and_never_lost_or_doubled() {
         (first["route"].as_str(), first["workspace"].as_str(), first["sandbox"].as_str()),
         (Some("preview"), Some("ws_1"), Some("abc12345"))
     );
-    assert_eq!(first["status"], 200);
+    assert_eq!(first["status"], 303, "an edge token is taken out of the URL before anything goes upstream");
     assert!(first["request_id"].as_str().is_some_and(|r| r.len() == 32));
-    assert!(first["upstream"].as_str().is_some_and(|u| u.starts_with("127.0.0.2:")));
+    assert!(first["upstream"].is_null(), "{first}");
+    assert!(entries.iter().any(|e| e["upstream"].as_str().is_some_and(|u| u.starts_with("127.0.0.2:"))), "upstreams are logged");
     let unknown = entries.iter().find(|e| e["host"] == "nothing.example").expect("unknown host logged");
     assert_eq!((unknown["status"].as_u64(), unknown["route"].as_str()), (Some(404), Some("edge")));
     assert!(entries.iter().any(|e| e["deployment"] == "dep_1"));

@@ -93,7 +93,11 @@ fn check_reports_line_and_column() {
 
     // A good file passes; so does the shipped example and the embedded default.
     for good in ["config/edge.example.toml", "config/dev.toml", "config/edge.container.toml"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config", good]).output().expect("run check");
+        let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
+            .args(["check", "--config", good])
+            .env("MIOSA_PREVIEW_KEY_K1", crate::support::PREVIEW_KEY_K1)
+            .output()
+            .expect("run check");
         assert!(out.status.success(), "{good}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
