@@ -3,6 +3,8 @@
 //! `cargo bench --bench hot` — host lookup over 1M sandboxes + 100k custom domains
 //! (hits of every class and misses), host normalisation, error-page rendering, and
 //! building the whole table. Setup prints the table's resident size per sandbox.
+//! `cargo bench --bench hot -- access` — `mp_` verification (HS256, EdDSA), session
+//! cookie verification, and share-token lookup in a table of 1M share records.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use miosa_edge::config::{Domains, PlatformBranding};
@@ -158,5 +160,105 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_lookup);
+fn bench_access(c: &mut Criterion) {
+    use miosa_edge::access::{self, cookie, mint};
+    use miosa_edge::config::{KeyAlg, PreviewKeySpec, Tokens};
+    use ring::signature::KeyPair;
+    use std::sync::Arc;
+
+    const SECRET: &[u8] = b"bench-hs256-secret-0123456789abcdef";
+    // An Ed25519 key pair; the public half as the PEM file the edge loads.
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let b64 = |der: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(der)
+    };
+    let mut spki = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    spki.extend_from_slice(pair.public_key().as_ref());
+    let dir = tempfile::tempdir().unwrap();
+    let pub_file = dir.path().join("ed.pem");
+    std::fs::write(&pub_file, format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", b64(&spki))).unwrap();
+    let priv_pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", b64(pkcs8.as_ref()));
+    let tokens = Tokens {
+        session_key_env: "SESSION".into(),
+        preview_keys: vec![
+            PreviewKeySpec { kid: "k1".into(), alg: KeyAlg::HS256, secret_env: Some("HS".into()), public_key_file: None },
+            PreviewKeySpec { kid: "ed".into(), alg: KeyAlg::EdDSA, secret_env: None, public_key_file: Some(pub_file) },
+        ],
+        ..Tokens::default()
+    };
+    let keys = access::Keys::load(&tokens, |n| match n {
+        "HS" => Some(SECRET.to_vec()),
+        "SESSION" => Some(b"bench-session-key-0123456789abcdef".to_vec()),
+        _ => None,
+    })
+    .unwrap();
+    let now = access::now();
+    let hs = mint::preview_token(mint::SigningKey::Hs256(SECRET), Some("k1"), "abc12345", Some(5173), now, now + 3600).unwrap();
+    let ed = mint::preview_token(mint::SigningKey::Pem(KeyAlg::EdDSA, priv_pem.as_bytes()), Some("ed"), "abc12345", None, now, now + 3600)
+        .unwrap();
+    let mut g = c.benchmark_group("access");
+    for (name, t) in [("mp_verify_hs256", &hs), ("mp_verify_eddsa", &ed)] {
+        let jws = t.strip_prefix("mp_").unwrap();
+        assert!(access::verify_preview(&keys, jws, "abc12345", 5173, now).is_ok());
+        g.bench_function(name, |b| b.iter(|| black_box(access::verify_preview(&keys, black_box(jws), "abc12345", 5173, now).is_ok())));
+    }
+    let host = "5173-abc12345.sandbox.miosa.app";
+    let session = cookie::Session { kind: cookie::Kind::Preview, cross_site: false, expires: now + 3600, share: None };
+    let value = cookie::encode(&keys, host, &session).unwrap();
+    assert_eq!(cookie::decode(&keys, host, &value, now), Some(session));
+    g.bench_function("session_cookie_verify", |b| b.iter(|| black_box(cookie::decode(&keys, black_box(host), black_box(&value), now))));
+
+    // 1M share records over 1,000 sandboxes; tokens presented in a spread order.
+    const SHARES: usize = 1_000_000;
+    let mut state = State::default();
+    state.workspaces.push(Workspace {
+        id: WorkspaceId::try_from("ws_1").unwrap(),
+        slug: Label::try_from("one").unwrap(),
+        preview_domain: None,
+        deploy_domain: None,
+        branding: None,
+    });
+    for i in 0..1000 {
+        state.sandboxes.push(Sandbox {
+            id: SandboxId::try_from(format!("sb{i:05}")).unwrap(),
+            workspace: WorkspaceId::try_from("ws_1").unwrap(),
+            address: Address(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1))),
+            state: SandboxState::Running,
+            previews: vec![Preview { port: Port(5173), access: Access::Private }],
+        });
+    }
+    let token = |i: usize| format!("ms_bench-share-token-{i:012}");
+    for i in 0..SHARES {
+        state.share_tokens.push(ShareToken {
+            id: Id::try_from(format!("sh_{i}")).unwrap(),
+            token_sha256: Sha256(access::share_hash(&token(i))),
+            sandbox: SandboxId::try_from(format!("sb{:05}", i % 1000)).unwrap(),
+            port: None,
+            expires_at: None,
+            password_hash: None,
+        });
+    }
+    let table = RouteTable::build(&domains(), &PlatformBranding::default(), &state, 1).unwrap().with_access(Arc::new(keys.clone()));
+    drop(state);
+    let presented: Vec<(String, String)> = hosts(4096, |i| token(i % SHARES))
+        .into_iter()
+        .enumerate()
+        .map(|(j, t)| (t, format!("sb{:05}", (j.wrapping_mul(7919) % SHARES) % 1000)))
+        .collect();
+    assert!(access::verify_share(&table, &presented[1].0, &presented[1].1, 5173, now).is_ok());
+    let mut i = 0usize;
+    g.bench_function("share_verify_1M_records", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            let (t, sb) = &presented[i];
+            black_box(access::verify_share(&table, black_box(t), sb, 5173, now).is_ok())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_lookup, bench_access);
 criterion_main!(benches);

@@ -90,6 +90,8 @@ impl Keys {
     /// like `state_dir`. A missing session-key variable is not an error here: the
     /// server then uses a key kept in the state directory ([`Keys::with_session_key`]).
     pub fn load(tokens: &Tokens, env: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Keys, Vec<StateError>> {
+        // An empty variable counts as unset.
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
         let mut errors = Vec::new();
         let mut err = |path: String, message: String| errors.push(StateError { path, message });
         let session = match env(&tokens.session_key_env) {

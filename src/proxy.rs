@@ -649,6 +649,13 @@ impl ProxyHttp for EdgeProxy {
         FailToProxy { error_code: status, can_reuse_downstream: false }
     }
 
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        // pingora's own summary prints the whole target: tokens in URLs must not reach logs.
+        let req = session.req_header();
+        let host = req.uri.authority().map(|a| a.as_str()).or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        format!("{} {}, Host: {}", req.method, access_log::redact(&String::from_utf8_lossy(req.raw_path())), host.unwrap_or("-"))
+    }
+
     fn revocation(&self, ctx: &RequestCtx) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
         let w = ctx.share_watch.as_ref()?;
         let (routes, metrics) = (self.routes.clone(), self.metrics.clone());

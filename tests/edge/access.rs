@@ -412,3 +412,50 @@ async fn tokens_config_errors_are_reported() {
     assert!(err.contains("tokens.preview_keys[0].secret_env: environment variable MIOSA_TEST_UNSET_VAR_XYZ is not set"), "{err}");
     assert!(err.contains("tokens.preview_keys[1].public_key_file: cannot read /nonexistent.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn cli_minted_tokens_open_the_preview() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&format!("{TOKENS_TOML}\n{}", f.toml(""))).await;
+    let pp = f.a_private.addr.port();
+    let host = format!("{pp}-abc12345.sandbox.localhost");
+    let cli = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
+            .args(args)
+            .env("MIOSA_PREVIEW_KEY_K1", PREVIEW_KEY_K1)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cli");
+        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        let out = child.wait_with_output().expect("cli");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let config = edge.config.to_str().expect("utf-8 path").to_string();
+    let port = pp.to_string();
+    let (ok, token, err) = cli(&["token", "mint", "--config", &config, "--sandbox", "abc12345", "--port", &port, "--ttl", "10m"], "");
+    assert!(ok && token.starts_with("mp_"), "{err}");
+    let r = edge.request(&get(&host, "/", &format!("X-Miosa-Token: {token}\r\n"))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (ok, _, err) = cli(&["token", "mint", "--config", &config, "--sandbox", "abc12345", "--ttl", "2d"], "");
+    assert!(!ok && err.contains("between 1 second and 24 hours"), "{err}");
+
+    let (ok, out, err) = cli(&["token", "share", "--password"], "open sesame\n");
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let (token, sha, hash) = (j["token"].as_str().unwrap(), j["token_sha256"].as_str().unwrap(), j["password_hash"].as_str().unwrap());
+    let body = format!("{{\"id\":\"sh_cli\",\"token_sha256\":\"{sha}\",\"sandbox\":\"abc12345\",\"password_hash\":\"{hash}\"}}");
+    assert_eq!(edge.api("PUT", "/v1/share-tokens/sh_cli", Some(&body)).await.status, 200);
+    let r = edge.request(&get(&host, &format!("/?token={token}"), "")).await;
+    let pending = cookie(&r, "__Host-miosa_share_pending");
+    let form = "password=open+sesame&next=%2F";
+    let raw = format!(
+        "POST /__miosa/share-password HTTP/1.1\r\nHost: {host}\r\nCookie: {pending}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len()
+    );
+    let r = crate::support::raw_request(edge.addr, &raw).await;
+    assert_eq!(r.status, 303, "the CLI's password hash verifies: {}", r.text());
+    assert!(r.headers_named("set-cookie").iter().any(|c| c.starts_with("__Host-miosa_session=")));
+}

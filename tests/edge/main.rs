@@ -5,6 +5,7 @@ mod support;
 
 mod access;
 mod alloc;
+mod browser;
 mod control;
 mod forwarding;
 mod hostile;
