@@ -294,8 +294,7 @@ impl EdgeProxy {
                 }
                 s => {
                     self.metrics.access(Credential::Session, false);
-                    let c = cookie::Context { cross_site: s.map_or(cctx.cross_site, |s| s.cross_site), ..cctx };
-                    clear.push(cookie::clear_cookie(c, cctx.session_name()));
+                    clear_both(&mut clear, cctx, cctx.session_name(), s.map(|s| s.cross_site));
                 }
             }
         }
@@ -307,10 +306,7 @@ impl EdgeProxy {
                     self.respond_with(session, ctx, ErrorCode::SharePasswordRequired, detail, Some(form), &clear).await?;
                     return Ok(true);
                 }
-                s => {
-                    let c = cookie::Context { cross_site: s.map_or(cctx.cross_site, |s| s.cross_site), ..cctx };
-                    clear.push(cookie::clear_cookie(c, cctx.pending_name()));
-                }
+                s => clear_both(&mut clear, cctx, cctx.pending_name(), s.map(|s| s.cross_site)),
             }
         }
         if clear.is_empty() {
@@ -739,6 +735,21 @@ fn failure_reason(e: &Error) -> UpstreamFailure {
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamFailure::Timeout,
         ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => UpstreamFailure::Reset,
         _ => UpstreamFailure::Other,
+    }
+}
+
+/// Clears cookie `name` as it was set: partitioned or not (`cross_site`), or both ways
+/// when that is unknown (an unreadable cookie), since a partitioned cookie is only
+/// cleared by a partitioned `Set-Cookie`.
+fn clear_both(out: &mut Vec<String>, cctx: cookie::Context, name: &str, cross_site: Option<bool>) {
+    match cross_site {
+        Some(cross_site) => out.push(cookie::clear_cookie(cookie::Context { cross_site, ..cctx }, name)),
+        None => {
+            out.push(cookie::clear_cookie(cookie::Context { cross_site: false, ..cctx }, name));
+            if cctx.secure {
+                out.push(cookie::clear_cookie(cookie::Context { cross_site: true, ..cctx }, name));
+            }
+        }
     }
 }
 

@@ -15,17 +15,22 @@ Pinning: each proxy alone on CPU 0; wrk and the origin share CPU 1.
 Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
   1. keep-alive HTTP/1.1, 1 KiB response, sandbox-preview host;
   2. keep-alive, 64 KiB response;
+  5. scenario 1 on a private preview: every request carries the edge's session cookie
+     (obtained once through a share link), which the edge verifies (HMAC over the host,
+     share record lookup) and strips before forwarding; nginx and the bare proxy get the
+     same request and forward it as it is;
   7. scenario 1 on the edge while its routing table (100k sandboxes) is replaced
      through the control API as often as it can, up to 10 times a second.
 The figure that counts is the proxy's own CPU time per request (utime+stime of its
 process from /proc over requests served): on 2 cores wrk saturates first, so requests/s
 alone says little. Every process started is stopped at the end, also on failure.
 """
-import argparse, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
+import argparse, hashlib, http.client, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 CLK = os.sysconf("SC_CLK_TCK")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKEN = "load-bench-token-0123456789abcdef0123"
+SHARE = "ms_load-bench-share-link-0123456789"
 
 
 def free_port():
@@ -61,8 +66,10 @@ def to_us(v):
     return n * {"us": 1, "ms": 1e3, "s": 1e6}[u]
 
 
-def wrk(port, host, path, seconds, conns):
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}"]
+def wrk(port, host, path, seconds, conns, headers=()):
+    extra = [x for h in headers for x in ("-H", h)]
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}", *extra,
+           f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -198,6 +205,15 @@ id = "bench"
 workspace = "ws_bench"
 address = "127.0.0.1"
 previews = [{{ port = {o_port}, access = "public" }}]
+[[sandboxes]]
+id = "priv"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {o_port}, access = "private" }}]
+[[share_tokens]]
+id = "sh_bench"
+token_sha256 = "{hashlib.sha256(SHARE.encode()).hexdigest()}"
+sandbox = "priv"
 """)
         env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
         edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
@@ -208,10 +224,10 @@ previews = [{{ port = {o_port}, access = "public" }}]
         targets = [("direct", o_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge), ("bare pingora", b_port, bare)]
         rows = []
 
-        def run(scenario, label, port, proc, path, hostname):
-            wrk(port, hostname, path, 1, a.connections)  # warm-up: connections, pools, caches
+        def run(scenario, label, port, proc, path, hostname, headers=()):
+            wrk(port, hostname, path, 1, a.connections, headers)  # warm-up: connections, pools, caches
             before = cpu_ticks(proc.pid) if proc else 0
-            r = wrk(port, hostname, path, a.seconds, a.connections)
+            r = wrk(port, hostname, path, a.seconds, a.connections, headers)
             after = cpu_ticks(proc.pid) if proc else 0
             r["cpu_us"] = ((after - before) / CLK * 1e6 / r["requests"]) if proc and r["requests"] else None
             r["scenario"], r["target"] = scenario, label
@@ -223,6 +239,21 @@ previews = [{{ port = {o_port}, access = "public" }}]
             for _ in range(a.rounds):
                 for label, port, proc in targets:
                     run(scenario, label, port, proc, path, host)
+
+        # Scenario 5: a private preview with the session cookie on every request.
+        priv_host = f"{o_port}-priv.sandbox.localhost"
+        c = http.client.HTTPConnection("127.0.0.1", e_port, timeout=10)
+        c.request("GET", f"/1k?token={SHARE}", headers={"Host": priv_host})
+        resp = c.getresponse()
+        resp.read()
+        set_cookie = resp.getheader("Set-Cookie") or ""
+        if resp.status != 303 or not set_cookie:
+            sys.exit(f"scenario 5: the share link answered {resp.status} without a session cookie")
+        session = set_cookie.split(";")[0]
+        cookie = [f"Cookie: theme=dark; {session}; lang=en"]
+        for _ in range(a.rounds):
+            for label, port, proc in targets:
+                run("5 private preview, cookie", label, port, proc, "/1k", priv_host, cookie)
 
         # Scenario 7: table swaps under load (edge only).
         swap_host = f"{o_port}-swap.sandbox.localhost"
