@@ -30,6 +30,10 @@ pub struct Config {
     pub log: Log,
     /// `[tokens]` as written.
     pub tokens: Tokens,
+    /// `[static]`: the release store and the edge's release cache.
+    pub static_: Static,
+    /// `[wake]`: the control plane's wake-up hook (absent = suspended sandboxes answer 503 at once).
+    pub wake: Option<Wake>,
     /// The keys `[tokens]` names, loaded from the environment and key files.
     pub keys: std::sync::Arc<crate::access::Keys>,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
@@ -225,6 +229,100 @@ impl Default for Tokens {
     }
 }
 
+/// `[static]`: static releases (CONTRACT §7).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Static {
+    /// Where `<sha256>.tar.gz` archives are: a directory (relative to the working
+    /// directory), or `s3://bucket/prefix` (credentials and endpoint from `AWS_*` or
+    /// `STORAGE_*` variables).
+    #[serde(default = "default_store")]
+    pub store: String,
+    /// Where archives are unpacked; default `<state_dir>/releases`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Unpacked releases kept on disk; least recently used ones beyond this are removed
+    /// (never one that is active or being served).
+    #[serde(default = "default_cache_max_bytes")]
+    pub cache_max_bytes: u64,
+    /// Largest archive fetched.
+    #[serde(default = "default_max_archive_bytes")]
+    pub max_archive_bytes: u64,
+    /// Largest total of unpacked file sizes.
+    #[serde(default = "default_max_unpacked_bytes")]
+    pub max_unpacked_bytes: u64,
+    /// Most entries in an archive.
+    #[serde(default = "default_max_files")]
+    pub max_files: u64,
+    /// How long a request waits for a release still being fetched before answering
+    /// 503 `release_unavailable`.
+    #[serde(default = "default_release_wait_ms")]
+    pub wait_ms: u64,
+    /// After a deployment switches static releases, fingerprinted assets missing from
+    /// the new one are served from the previous one for this long (skew protection).
+    #[serde(default = "default_skew_window_secs")]
+    pub skew_window_secs: u64,
+    /// Files up to this size are served from memory; larger ones stream from disk.
+    #[serde(default = "default_memory_file_bytes")]
+    pub memory_file_bytes: u64,
+}
+
+fn default_store() -> String {
+    "releases".into()
+}
+fn default_cache_max_bytes() -> u64 {
+    10 << 30
+}
+fn default_max_archive_bytes() -> u64 {
+    1 << 30
+}
+fn default_max_unpacked_bytes() -> u64 {
+    2 << 30
+}
+fn default_max_files() -> u64 {
+    50_000
+}
+fn default_release_wait_ms() -> u64 {
+    10_000
+}
+fn default_skew_window_secs() -> u64 {
+    86_400
+}
+fn default_memory_file_bytes() -> u64 {
+    256 << 10
+}
+
+impl Default for Static {
+    fn default() -> Self {
+        Static {
+            store: default_store(),
+            cache_dir: None,
+            cache_max_bytes: default_cache_max_bytes(),
+            max_archive_bytes: default_max_archive_bytes(),
+            max_unpacked_bytes: default_max_unpacked_bytes(),
+            max_files: default_max_files(),
+            wait_ms: default_release_wait_ms(),
+            skew_window_secs: default_skew_window_secs(),
+            memory_file_bytes: default_memory_file_bytes(),
+        }
+    }
+}
+
+/// `[wake]`: waking suspended sandboxes (CONTRACT §8).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wake {
+    /// `http://host:port/path` the edge POSTs `{"sandbox": id}` to.
+    pub url: String,
+    /// How long requests wait for the sandbox to be pushed as running.
+    #[serde(default = "default_wake_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_wake_timeout_ms() -> u64 {
+    15_000
+}
+
 /// `[[tokens.preview_keys]]`: one `mp_` verification key.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -314,9 +412,10 @@ struct RawConfig {
     tokens: Tokens,
     tls: Option<IgnoredAny>,
     acme: Option<IgnoredAny>,
-    #[serde(rename = "static")]
-    static_: Option<IgnoredAny>,
-    wake: Option<IgnoredAny>,
+    #[serde(rename = "static", default)]
+    static_: Static,
+    #[serde(default)]
+    wake: Option<Wake>,
 }
 
 /// One problem in a config file.
@@ -378,9 +477,7 @@ impl Config {
             Err(e) => return Err(invalid(vec![issue_from_toml(text, Some(&doc), &e)])),
         };
         let mut errors: Vec<StateError> = Vec::new();
-        for (name, present) in
-            [("tls", raw.tls.is_some()), ("acme", raw.acme.is_some()), ("static", raw.static_.is_some()), ("wake", raw.wake.is_some())]
-        {
+        for (name, present) in [("tls", raw.tls.is_some()), ("acme", raw.acme.is_some())] {
             if present {
                 errors.push(StateError {
                     path: name.into(),
@@ -425,6 +522,10 @@ impl Config {
         }
         errors.extend(check_domains(&raw.domains));
         errors.extend(check_tokens(&raw.tokens));
+        errors.extend(check_static(&raw.static_));
+        if let Some(w) = &raw.wake {
+            errors.extend(check_wake(w));
+        }
         let keys = if errors.iter().any(|e| e.path.starts_with("tokens")) {
             crate::access::Keys::none()
         } else {
@@ -457,6 +558,8 @@ impl Config {
             dns: raw.dns,
             log: raw.log,
             tokens: raw.tokens,
+            static_: raw.static_,
+            wake: raw.wake,
             keys: std::sync::Arc::new(keys),
             state,
             source: source.map(Path::to_owned),
@@ -496,6 +599,38 @@ fn check_tokens(t: &Tokens) -> Vec<StateError> {
                 err(format!("{p}.secret_env"), "must be an environment variable name (A-Z, 0-9, _)");
             }
         }
+    }
+    errs
+}
+
+fn check_static(st: &Static) -> Vec<StateError> {
+    let mut errs = Vec::new();
+    if let Err(m) = crate::releases::store::check_spec(&st.store) {
+        errs.push(StateError { path: "static.store".into(), message: m });
+    }
+    for (key, v, min, max) in [
+        ("cache_max_bytes", st.cache_max_bytes, 1 << 20, u64::MAX),
+        ("max_archive_bytes", st.max_archive_bytes, 1024, 64 << 30),
+        ("max_unpacked_bytes", st.max_unpacked_bytes, 1024, 256 << 30),
+        ("max_files", st.max_files, 1, 10_000_000),
+        ("wait_ms", st.wait_ms, 0, 600_000),
+        ("skew_window_secs", st.skew_window_secs, 0, 30 * 86_400),
+        ("memory_file_bytes", st.memory_file_bytes, 0, 64 << 20),
+    ] {
+        if v < min || v > max {
+            errs.push(StateError { path: format!("static.{key}"), message: format!("must be between {min} and {max}") });
+        }
+    }
+    errs
+}
+
+fn check_wake(w: &Wake) -> Vec<StateError> {
+    let mut errs = Vec::new();
+    if let Err(e) = crate::upstream::wake::HookUrl::parse(&w.url) {
+        errs.push(StateError { path: "wake.url".into(), message: e.to_string() });
+    }
+    if !(100..=300_000).contains(&w.timeout_ms) {
+        errs.push(StateError { path: "wake.timeout_ms".into(), message: "must be between 100 and 300000".into() });
     }
     errs
 }

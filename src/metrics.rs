@@ -54,12 +54,28 @@ pub enum Credential {
 
 const CREDENTIALS: [&str; 5] = ["preview_token", "share_token", "session", "password", "none"];
 
+/// How a request held for a suspended sandbox ended, for the `result` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeWait {
+    /// The control plane pushed the sandbox as running: the request went on.
+    Woken = 0,
+    /// `[wake] timeout_ms` passed: 503 `sandbox_starting`.
+    Timeout = 1,
+    /// The wake hook call failed: 503 `sandbox_starting` at once.
+    Failed = 2,
+}
+
+const WAKE_WAITS: [&str; 3] = ["woken", "timeout", "failed"];
+
 /// The edge's metrics.
 pub struct Metrics {
     pub registry: Registry,
     requests: Vec<IntCounter>,
     durations: Vec<Histogram>,
     upstream_failures: Vec<IntCounter>,
+    wake_calls_ok: IntCounter,
+    wake_calls_err: IntCounter,
+    wake_waits: Vec<IntCounter>,
     reload_ok: IntCounter,
     reload_err: IntCounter,
     writes_ok: IntCounter,
@@ -67,6 +83,12 @@ pub struct Metrics {
     access: Vec<IntCounter>,
     /// Live connections (WebSockets, streams) cut because their share was revoked or expired.
     pub revoked_connections: IntCounter,
+    release_fetch_ok: IntCounter,
+    release_fetch_err: IntCounter,
+    /// Static releases unpacked in the cache.
+    pub releases_cached: IntGauge,
+    /// Bytes of unpacked static releases in the cache.
+    pub release_cache_bytes: IntGauge,
     /// Generation of the routing table being served.
     pub generation: IntGauge,
     /// Sandboxes in the routing table being served.
@@ -120,6 +142,25 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let wake_calls = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("miosa_edge_wake_calls_total", "Calls of the [wake] hook for suspended sandboxes, by result (ok, error)."),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let wake_waits = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "miosa_edge_wake_waits_total",
+                    "Requests held for a suspended sandbox, by how the wait ended (woken, timeout, failed).",
+                ),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let reloads = register(
             &registry,
             IntCounterVec::new(Opts::new("miosa_edge_config_reloads_total", "Config file reloads, by result (ok, error)."), &["result"])
@@ -162,6 +203,27 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let release_fetches = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "miosa_edge_release_fetches_total",
+                    "Static release fetches (download, verify, unpack, index), by result (ok, error).",
+                ),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let releases_cached = register(
+            &registry,
+            IntGauge::new("miosa_edge_releases_cached", "Static releases unpacked in the cache.")
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let release_cache_bytes = register(
+            &registry,
+            IntGauge::new("miosa_edge_release_cache_bytes", "Bytes of unpacked static releases in the cache.")
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let mut requests = Vec::new();
         for k in KINDS {
             for c in CLASSES {
@@ -172,12 +234,19 @@ impl Metrics {
             requests,
             durations: KINDS.iter().map(|k| dur.with_label_values(&[k.as_str()])).collect(),
             upstream_failures: FAILURES.iter().map(|r| fail.with_label_values(&[*r])).collect(),
+            wake_calls_ok: wake_calls.with_label_values(&["ok"]),
+            wake_calls_err: wake_calls.with_label_values(&["error"]),
+            wake_waits: WAKE_WAITS.iter().map(|r| wake_waits.with_label_values(&[*r])).collect(),
             reload_ok: reloads.with_label_values(&["ok"]),
             reload_err: reloads.with_label_values(&["error"]),
             writes_ok: writes.with_label_values(&["ok"]),
             writes_rejected: writes.with_label_values(&["rejected"]),
             access: CREDENTIALS.iter().flat_map(|c| ["granted", "denied"].map(|r| access.with_label_values(&[*c, r]))).collect(),
             revoked_connections,
+            release_fetch_ok: release_fetches.with_label_values(&["ok"]),
+            release_fetch_err: release_fetches.with_label_values(&["error"]),
+            releases_cached,
+            release_cache_bytes,
             generation,
             sandboxes,
             registry,
@@ -203,9 +272,24 @@ impl Metrics {
         self.upstream_failures[reason as usize].inc();
     }
 
+    /// Counts one call of the wake hook.
+    pub fn wake_call(&self, ok: bool) {
+        if ok { &self.wake_calls_ok } else { &self.wake_calls_err }.inc();
+    }
+
+    /// Counts one request held for a suspended sandbox, by how its wait ended.
+    pub fn wake_wait(&self, result: WakeWait) {
+        self.wake_waits[result as usize].inc();
+    }
+
     /// Counts one access decision on a private preview.
     pub fn access(&self, credential: Credential, granted: bool) {
         self.access[credential as usize * 2 + usize::from(!granted)].inc();
+    }
+
+    /// Counts one static release fetch.
+    pub fn release_fetch(&self, ok: bool) {
+        if ok { &self.release_fetch_ok } else { &self.release_fetch_err }.inc();
     }
 
     /// Counts one config reload.
@@ -250,6 +334,8 @@ mod tests {
         m.request(RouteKind::Preview, 200, 0.001);
         m.request(RouteKind::Edge, 404, 0.0001);
         m.upstream_failure(UpstreamFailure::Refused);
+        m.wake_call(false);
+        m.wake_wait(WakeWait::Woken);
         m.reload(false);
         m.access(Credential::ShareToken, false);
         m.access(Credential::Session, true);
@@ -257,6 +343,9 @@ mod tests {
         assert!(text.contains(r#"miosa_edge_requests_total{route="preview",status_class="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"miosa_edge_requests_total{route="edge",status_class="4xx"} 1"#));
         assert!(text.contains(r#"miosa_edge_upstream_failures_total{reason="refused"} 1"#));
+        assert!(text.contains(r#"miosa_edge_wake_calls_total{result="error"} 1"#), "{text}");
+        assert!(text.contains(r#"miosa_edge_wake_waits_total{result="woken"} 1"#));
+        assert!(text.contains(r#"miosa_edge_wake_waits_total{result="timeout"} 0"#));
         assert!(text.contains(r#"miosa_edge_config_reloads_total{result="error"} 1"#));
         assert!(text.contains("miosa_edge_request_duration_seconds_bucket"));
         assert!(text.contains(r#"miosa_edge_access_checks_total{credential="share_token",result="denied"} 1"#), "{text}");

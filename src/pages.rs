@@ -17,6 +17,7 @@ use std::fmt::Write;
 pub enum ErrorCode {
     InvalidHost,
     UnknownHost,
+    NotFound,
     PreviewNotFound,
     DomainNotVerified,
     PreviewAuthRequired,
@@ -45,9 +46,10 @@ pub struct Detail {
 
 impl ErrorCode {
     /// All codes, for rendering and tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidHost,
         ErrorCode::UnknownHost,
+        ErrorCode::NotFound,
         ErrorCode::PreviewNotFound,
         ErrorCode::DomainNotVerified,
         ErrorCode::PreviewAuthRequired,
@@ -69,7 +71,7 @@ impl ErrorCode {
     pub fn status(self) -> u16 {
         match self {
             ErrorCode::InvalidHost => 400,
-            ErrorCode::UnknownHost | ErrorCode::PreviewNotFound => 404,
+            ErrorCode::UnknownHost | ErrorCode::PreviewNotFound | ErrorCode::NotFound => 404,
             ErrorCode::DomainNotVerified => 421,
             ErrorCode::PreviewAuthRequired
             | ErrorCode::PreviewTokenInvalid
@@ -90,6 +92,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidHost => "invalid_host",
             ErrorCode::UnknownHost => "unknown_host",
+            ErrorCode::NotFound => "not_found",
             ErrorCode::PreviewNotFound => "preview_not_found",
             ErrorCode::DomainNotVerified => "domain_not_verified",
             ErrorCode::PreviewAuthRequired => "preview_auth_required",
@@ -122,6 +125,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidHost => "Bad request",
             ErrorCode::UnknownHost => "Nothing here yet",
+            ErrorCode::NotFound => "Page not found",
             ErrorCode::PreviewNotFound => "Preview not found",
             ErrorCode::DomainNotVerified => "Domain not verified",
             ErrorCode::PreviewAuthRequired => "This preview is private",
@@ -145,6 +149,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidHost => "The request's Host header is missing or malformed.",
             ErrorCode::UnknownHost => "No app or preview is configured for this host.",
+            ErrorCode::NotFound => "There is no page at this address in this app.",
             ErrorCode::PreviewNotFound => "There is no preview for this sandbox and port.",
             ErrorCode::DomainNotVerified => "This domain's DNS records have not been verified yet.",
             ErrorCode::PreviewAuthRequired => "This preview is private: open it with an access link or token.",
@@ -170,6 +175,9 @@ impl ErrorCode {
             ErrorCode::UnknownHost => out.push_str(
                 "<p>No app or preview is connected to this address. Check the URL for typos; if you just set it up, it may take a moment to appear.</p>",
             ),
+            ErrorCode::NotFound => {
+                out.push_str("<p>This app has no page at this address. Check the link for typos.</p>")
+            }
             ErrorCode::PreviewNotFound => out.push_str(
                 "<p>There is no preview for this sandbox and port. Check the port number at the start of the address: a port must be exposed as a preview before it can be opened.</p>",
             ),

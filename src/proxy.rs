@@ -5,6 +5,8 @@
 //!                         private preview → access::authorize (token → 303 +
 //!                         cookie | header | cookie | form | 401 page)
 //!                         Denied / suspended / static → page (rescue)
+//!                         suspended with [wake]: upstream::wake holds the request until
+//!                         the sandbox is pushed running, then routes on that new table
 //! upstream_peer           sandbox address:port | round-robin instance
 //! upstream_request_filter X-Forwarded-*, X-Request-Id; strip X-Miosa-* and the
 //!                         edge's cookies (the credential firewall)
@@ -24,8 +26,10 @@ use crate::access::{self, Grant};
 use crate::access_log::{self, AccessLog};
 use crate::metrics::{Credential, Metrics, RouteKind, UpstreamFailure};
 use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP, PASSWORD_PATH};
+use crate::releases::{serve, Releases};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
 use crate::state::{Access, SandboxState};
+use crate::upstream::wake::{Wait, Waker};
 use crate::usage::{Kind as UsageKind, Usage, UsageCell};
 use async_trait::async_trait;
 use http::header::{self, HeaderName, HeaderValue};
@@ -69,6 +73,11 @@ pub struct EdgeProxy {
     opts: ProxyOptions,
     ids: RequestIds,
     passwords: Passwords,
+    /// Wakes suspended sandboxes (`[wake]`); `None`: they answer 503 at once.
+    waker: Option<Arc<Waker>>,
+    releases: Option<Arc<Releases>>,
+    /// How long a request waits for a static release still being fetched.
+    release_wait: Duration,
 }
 
 /// Where a request is going.
@@ -116,6 +125,9 @@ struct ShareWatch {
     port: u16,
 }
 
+/// Read size when streaming a large static file from disk.
+const STATIC_CHUNK: usize = 64 << 10;
+
 /// How often live share-opened connections recheck their share (CONTRACT §3: closed
 /// within 10 s of revocation or expiry).
 const REVOCATION_CHECK: Duration = Duration::from_secs(1);
@@ -132,7 +144,104 @@ impl EdgeProxy {
         access_log: Option<Arc<AccessLog>>,
         opts: ProxyOptions,
     ) -> EdgeProxy {
-        EdgeProxy { routes, metrics, usage, access_log, opts, ids: RequestIds::new(), passwords: Passwords::new() }
+        EdgeProxy {
+            routes,
+            metrics,
+            usage,
+            access_log,
+            opts,
+            ids: RequestIds::new(),
+            passwords: Passwords::new(),
+            waker: None,
+            releases: None,
+            release_wait: Duration::ZERO,
+        }
+    }
+
+    /// Serves static releases from `releases`, waiting up to `wait` for one being fetched.
+    pub fn with_releases(mut self, releases: Arc<Releases>, wait: Duration) -> Self {
+        self.releases = Some(releases);
+        self.release_wait = wait;
+        self
+    }
+
+    /// Answers a request of a deployment whose active version is static release `sha`.
+    async fn serve_static(&self, session: &mut Session, ctx: &mut RequestCtx, deployment: &str, sha: &[u8; 32], spa: bool) -> Result<()> {
+        let detail = Detail { port: None, deployment: true };
+        let release = match &self.releases {
+            Some(r) => r.get(sha, self.release_wait).await.map_err(|e| tracing::warn!(deployment, error = %e, "static release not served")),
+            None => Err(()),
+        };
+        let Ok(release) = release else {
+            return self.respond(session, ctx, ErrorCode::ReleaseUnavailable, detail).await;
+        };
+        let req = session.req_header();
+        let head = req.method == http::Method::HEAD;
+        if !head && req.method != http::Method::GET {
+            let mut resp = ResponseHeader::build(405, Some(4))?;
+            resp.insert_header(header::ALLOW, "GET, HEAD")?;
+            resp.insert_header(header::CONTENT_LENGTH, 0)?;
+            resp.insert_header(XRID, ctx.request_id.clone())?;
+            ctx.edge_status = Some(405);
+            return session.write_response_header(Box::new(resp), true).await;
+        }
+        let Some(path) = serve::decode_path(req.uri.path()) else {
+            return self.respond(session, ctx, ErrorCode::NotFound, detail).await;
+        };
+        let previous = self.releases.as_ref().and_then(|r| r.previous(deployment, sha));
+        let found = serve::resolve(&release, previous.as_deref(), &path, wants_html(req), spa);
+        if matches!(found, serve::Found::Missing) {
+            return self.respond(session, ctx, ErrorCode::NotFound, detail).await;
+        }
+        let plan = serve::plan(req, &found);
+        let len = match &plan.body {
+            serve::Body::None => 0,
+            serve::Body::Memory(b) => b.len() as u64,
+            serve::Body::File { len, .. } => *len,
+        };
+        let mut resp = ResponseHeader::build(plan.status, Some(plan.headers.len() + 4))?;
+        for (name, value) in plan.headers {
+            resp.insert_header(name, value)?;
+        }
+        if plan.status != 304 {
+            // HEAD announces the length a GET would send.
+            resp.insert_header(header::CONTENT_LENGTH, len)?;
+        }
+        resp.insert_header(XRID, ctx.request_id.clone())?;
+        resp.insert_header("x-content-type-options", "nosniff")?;
+        ctx.edge_status = Some(plan.status);
+        let no_body = head || matches!(plan.body, serve::Body::None);
+        session.write_response_header(Box::new(resp), no_body).await?;
+        if no_body {
+            return Ok(());
+        }
+        match plan.body {
+            serve::Body::Memory(b) => session.write_response_body(Some(b), true).await,
+            serve::Body::File { path, offset, len } => {
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                let io = |e: std::io::Error| Error::because(ErrorType::InternalError, "reading a static release file", e);
+                let mut f = tokio::fs::File::open(&path).await.map_err(io)?;
+                f.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+                let mut left = len;
+                while left > 0 {
+                    let mut buf = bytes::BytesMut::with_capacity(STATIC_CHUNK.min(left as usize));
+                    let n = f.read_buf(&mut buf).await.map_err(io)?;
+                    if n == 0 {
+                        return Error::e_explain(ErrorType::InternalError, "static release file shrank while being served");
+                    }
+                    left -= n as u64;
+                    session.write_response_body(Some(buf.freeze()), left == 0).await?;
+                }
+                Ok(())
+            }
+            serve::Body::None => Ok(()),
+        }
+    }
+
+    /// Holds previews of suspended sandboxes while `waker` wakes them (CONTRACT §8).
+    pub fn with_waker(mut self, waker: Arc<Waker>) -> Self {
+        self.waker = Some(waker);
+        self
     }
 
     fn attribute(&self, ctx: &mut RequestCtx, table: &RouteTable, workspace: Option<u32>) {
@@ -409,6 +518,56 @@ impl EdgeProxy {
         }
     }
 
+    /// Routes a preview of a suspended sandbox `p` once the waker is done with it: on
+    /// the table in which it settled (the sandbox's address may have changed), or 503
+    /// `sandbox_starting`. `Ok(true)` when the edge answered.
+    async fn route_woken(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        wait: Wait,
+        p: &PreviewRef<'_>,
+        private: bool,
+    ) -> Result<bool> {
+        let detail = Detail { port: Some(p.port), deployment: false };
+        let Wait::Settled(table) = wait else {
+            self.respond(session, ctx, ErrorCode::SandboxStarting, detail).await?;
+            return Ok(true);
+        };
+        match table.lookup(p.host) {
+            Route::Preview { sandbox_id, sandbox, port, access, tenant_host }
+                if sandbox_id == p.sandbox && port == p.port && sandbox.state != SandboxState::Suspended =>
+            {
+                // Branding indexes belong to a table: take them from the new one.
+                let ws = table.workspace(sandbox.workspace);
+                ctx.branding = ws.map(|w| if tenant_host { w.tenant_branding } else { w.branding }).unwrap_or(Pages::PLATFORM);
+                ctx.table = Some(table.clone());
+                // Made private while the request waited: it needs a credential now.
+                if access == Access::Private
+                    && !private
+                    && self.authorize(session, ctx, &PreviewRef { table: &table, host: p.host, sandbox: sandbox_id, port }, true).await?
+                {
+                    return Ok(true);
+                }
+                ctx.target = Some(Target::Sandbox { addr: SocketAddr::new(sandbox.address, port) });
+                Ok(false)
+            }
+            // Deleted, or the port unlisted, while the request waited.
+            Route::Denied { code, branding, .. } => {
+                ctx.branding = branding;
+                ctx.table = Some(table.clone());
+                self.respond(session, ctx, code, detail).await?;
+                Ok(true)
+            }
+            // Suspended again already, or no longer this sandbox: the answer of a wait
+            // that did not succeed.
+            _ => {
+                self.respond(session, ctx, ErrorCode::SandboxStarting, detail).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// Routes the request; `Ok(true)` when the edge answered it itself.
     async fn route(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let table = self.routes.load_full();
@@ -454,8 +613,13 @@ impl EdgeProxy {
                     return Ok(true);
                 }
                 if sandbox.state == SandboxState::Suspended {
-                    self.respond(session, ctx, ErrorCode::SandboxStarting, detail).await?;
-                    return Ok(true);
+                    let Some(waker) = &self.waker else {
+                        self.respond(session, ctx, ErrorCode::SandboxStarting, detail).await?;
+                        return Ok(true);
+                    };
+                    let wait = waker.wake(sandbox_id, host, Instant::now()).await;
+                    let p = PreviewRef { table: &table, host, sandbox: sandbox_id, port };
+                    return self.route_woken(session, ctx, wait, &p, private).await;
                 }
                 ctx.target = Some(Target::Sandbox { addr: SocketAddr::new(sandbox.address, port) });
                 Ok(false)
@@ -468,8 +632,9 @@ impl EdgeProxy {
                 ctx.branding = ws.map(|w| if tenant_host { w.tenant_branding } else { w.branding }).unwrap_or(Pages::PLATFORM);
                 let detail = Detail { port: None, deployment: true };
                 match &deployment.release {
-                    ActiveRelease::Static { .. } => {
-                        self.respond(session, ctx, ErrorCode::ReleaseUnavailable, detail).await?;
+                    ActiveRelease::Static { sha256, spa } => {
+                        let (sha, spa, id) = (sha256.0, *spa, deployment.id.clone());
+                        self.serve_static(session, ctx, &id, &sha, spa).await?;
                         Ok(true)
                     }
                     ActiveRelease::Dynamic { .. } => match deployment.pick_instance(None) {

@@ -104,6 +104,14 @@ pub struct DeploymentEntry {
 }
 
 impl DeploymentEntry {
+    /// The SHA-256 of the active version's static release, if it is one.
+    pub fn static_release(&self) -> Option<[u8; 32]> {
+        match &self.release {
+            ActiveRelease::Static { sha256, .. } => Some(sha256.0),
+            ActiveRelease::Dynamic { .. } => None,
+        }
+    }
+
     /// Round-robin choice of an instance; `skip` avoids one that just failed.
     pub fn pick_instance(&self, skip: Option<SocketAddr>) -> Option<SocketAddr> {
         let ActiveRelease::Dynamic { instances, next } = &self.release else { return None };
@@ -166,6 +174,8 @@ pub struct RouteTable {
     preview_domains: Map<TenantDomain>,
     deploy_domains: Map<TenantDomain>,
     shares: HashMap<[u8; 32], ShareEntry, RandomState>,
+    /// Every static release named by any version, and whether it is active somewhere.
+    static_releases: Vec<(state::Sha256, bool)>,
     /// Token and session keys in force with this table (one snapshot per request).
     pub access: Arc<crate::access::Keys>,
 }
@@ -297,6 +307,23 @@ impl RouteTable {
             );
         }
 
+        let mut static_releases: Vec<(state::Sha256, bool)> = Vec::new();
+        let mut static_index: HashMap<[u8; 32], usize, RandomState> = HashMap::with_hasher(RandomState::new());
+        for d in &state.deployments {
+            for v in &d.versions {
+                if let Release::Static { sha256, .. } = &v.release {
+                    let active = v.id == d.active_version;
+                    match static_index.get(&sha256.0) {
+                        Some(&i) => static_releases[i].1 |= active,
+                        None => {
+                            static_index.insert(sha256.0, static_releases.len());
+                            static_releases.push((*sha256, active));
+                        }
+                    }
+                }
+            }
+        }
+
         Ok(RouteTable {
             generation,
             domains: domains.clone(),
@@ -310,6 +337,7 @@ impl RouteTable {
             preview_domains,
             deploy_domains,
             shares,
+            static_releases,
             access: Arc::new(crate::access::Keys::none()),
         })
     }
@@ -330,6 +358,17 @@ impl RouteTable {
     /// A deployment by index (as found in routes).
     pub fn deployment(&self, i: u32) -> Option<&DeploymentEntry> {
         self.deployments.get(i as usize)
+    }
+
+    /// Every static release named by a version of a deployment (fetched ahead of
+    /// activation), with whether it is some deployment's active release.
+    pub fn static_releases(&self) -> &[(state::Sha256, bool)] {
+        &self.static_releases
+    }
+
+    /// Every deployment.
+    pub fn deployments(&self) -> &[DeploymentEntry] {
+        &self.deployments
     }
 
     /// A share record by its token's SHA-256.

@@ -37,6 +37,12 @@ pub enum StartError {
     },
     #[error("cannot start the reload thread: {0}")]
     Reload(#[source] std::io::Error),
+    #[error("static.store: {0}")]
+    ReleaseStore(String),
+    #[error("cannot start the static release cache: {0}")]
+    Releases(#[source] std::io::Error),
+    #[error("wake.url: {0}")]
+    Wake(#[from] crate::upstream::wake::HookUrlError),
 }
 
 /// Picks the concrete address for a listener: checks that it can be bound (so a busy
@@ -91,6 +97,26 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
             tls: false,
         },
     );
+    // [wake]: previews of suspended sandboxes are held while the control plane starts them.
+    let proxy = match &cfg.wake {
+        Some(w) => {
+            let waker = crate::upstream::wake::Waker::new(w, routes.clone(), store.subscribe(), metrics.clone())?;
+            proxy.with_waker(Arc::new(waker))
+        }
+        None => proxy,
+    };
+    // [static]: releases are fetched as soon as a version names them, and served here.
+    let release_store = crate::releases::store::open(&cfg.static_.store).map_err(StartError::ReleaseStore)?;
+    let releases = crate::releases::Releases::start(
+        &cfg.static_,
+        &cfg.server.state_dir,
+        release_store,
+        routes.clone(),
+        store.subscribe(),
+        metrics.clone(),
+    )
+    .map_err(StartError::Releases)?;
+    let proxy = proxy.with_releases(releases, Duration::from_millis(cfg.static_.wait_ms));
     let mut svc = http_proxy_service_with_name(&server.configuration, proxy, "miosa-edge http");
     svc.add_tcp(&http.to_string());
     server.add_service(svc);

@@ -19,13 +19,15 @@ Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
      (obtained once through a share link), which the edge verifies (HMAC over the host,
      share record lookup) and strips before forwarding; nginx and the bare proxy get the
      same request and forward it as it is;
+  6. a static release file (1 KiB and 100 KiB) served by the edge from its release
+     cache, against nginx serving the same files from disk (no bare proxy here);
   7. scenario 1 on the edge while its routing table (100k sandboxes) is replaced
      through the control API as often as it can, up to 10 times a second.
 The figure that counts is the proxy's own CPU time per request (utime+stime of its
 process from /proc over requests served): on 2 cores wrk saturates first, so requests/s
 alone says little. Every process started is stopped at the end, also on failure.
 """
-import argparse, hashlib, http.client, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
+import argparse, hashlib, http.client, json, os, tarfile, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 CLK = os.sysconf("SC_CLK_TCK")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -155,9 +157,19 @@ def main():
     try:
         www = os.path.join(d, "www")
         os.makedirs(www)
-        for name, size in [("1k", 1024), ("64k", 65536)]:
+        for name, size in [("1k", 1024), ("64k", 65536), ("100k", 102400)]:
             with open(os.path.join(www, name), "wb") as f:
                 f.write(b"x" * size)
+        # The same files as a static release for the edge.
+        store = os.path.join(d, "store")
+        os.makedirs(store)
+        tgz = os.path.join(d, "release.tar.gz")
+        with tarfile.open(tgz, "w:gz") as t:
+            for name in ["1k", "100k"]:
+                t.add(os.path.join(www, name), arcname=name)
+        with open(tgz, "rb") as f:
+            release_sha = hashlib.sha256(f.read()).hexdigest()
+        shutil.move(tgz, os.path.join(store, f"{release_sha}.tar.gz"))
         o_port, n_port, e_port, b_port, c_port = (free_port() for _ in range(5))
         host = f"{o_port}-bench.sandbox.localhost"
 
@@ -168,6 +180,13 @@ def main():
   server {{
     listen 127.0.0.1:{n_port} default_server;
     return 404;
+  }}
+  server {{
+    listen 127.0.0.1:{n_port};
+    server_name site.bench.apps.localhost;
+    root {www};
+    sendfile on;
+    tcp_nopush on;
   }}
   server {{
     listen 127.0.0.1:{n_port};
@@ -210,6 +229,16 @@ id = "priv"
 workspace = "ws_bench"
 address = "127.0.0.1"
 previews = [{{ port = {o_port}, access = "private" }}]
+[static]
+store = "{store}"
+[[deployments]]
+id = "dep_static"
+workspace = "ws_bench"
+name = "site"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "static", sha256 = "{release_sha}" }}
 [[share_tokens]]
 id = "sh_bench"
 token_sha256 = "{hashlib.sha256(SHARE.encode()).hexdigest()}"
@@ -254,6 +283,25 @@ sandbox = "priv"
         for _ in range(a.rounds):
             for label, port, proc in targets:
                 run("5 private preview, cookie", label, port, proc, "/1k", priv_host, cookie)
+
+        # Scenario 6: static files (edge release cache vs nginx from disk).
+        static_host = "site.bench.apps.localhost"
+        for _ in range(100):  # the release is fetched and unpacked at start
+            c = http.client.HTTPConnection("127.0.0.1", e_port, timeout=10)
+            c.request("GET", "/1k", headers={"Host": static_host})
+            resp = c.getresponse()
+            resp.read()
+            if resp.status == 200:
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit(f"scenario 6: the static release never became available ({resp.status})")
+        for path in ["/1k", "/100k"]:
+            for _ in range(a.rounds):
+                for label, port, proc in targets[:3]:  # direct, nginx, edge
+                    if label == "direct":
+                        continue
+                    run(f"6 static file {path[1:]}", label, port, proc, path, static_host)
 
         # Scenario 7: table swaps under load (edge only).
         swap_host = f"{o_port}-swap.sandbox.localhost"

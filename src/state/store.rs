@@ -96,6 +96,9 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     routes: SharedTable,
+    /// The generation of each table right after it is published: lets waiters (the
+    /// waker) sleep until the table changes instead of polling it.
+    changes: tokio::sync::watch::Sender<u64>,
     metrics: Arc<Metrics>,
     file: Option<PathBuf>,
 }
@@ -134,7 +137,8 @@ impl Store {
         let table = build(&inner, &inner.api, generation).map_err(OpenError::Invalid)?;
         metrics.generation.set(generation as i64);
         metrics.sandboxes.set(table.sandbox_count() as i64);
-        let store = Store { inner: Mutex::new(inner), routes: Arc::new(ArcSwap::from_pointee(table)), metrics, file };
+        let changes = tokio::sync::watch::channel(generation).0;
+        let store = Store { inner: Mutex::new(inner), routes: Arc::new(ArcSwap::from_pointee(table)), changes, metrics, file };
         // Record the new generation so generations keep growing across restarts.
         if let Some(f) = &store.file {
             let g = store.lock();
@@ -154,6 +158,12 @@ impl Store {
     /// The published table (readers `load()` it once per request).
     pub fn routes(&self) -> SharedTable {
         self.routes.clone()
+    }
+
+    /// Notified with the new generation after every publish (the table is already
+    /// visible through [`Self::routes`] when the notification arrives).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The generation of the published table.
@@ -242,6 +252,8 @@ impl Store {
     fn publish(&self, g: &mut Inner, table: RouteTable, generation: u64) {
         let sandboxes = table.sandbox_count();
         publish(&self.routes, table);
+        // send_replace: delivered even when nobody subscribed yet.
+        self.changes.send_replace(generation);
         g.generation = generation;
         self.metrics.generation.set(generation as i64);
         self.metrics.sandboxes.set(sandboxes as i64);

@@ -11,8 +11,11 @@ mod forwarding;
 mod hostile;
 mod observe;
 mod openapi;
+mod releases;
 mod reload;
 mod routes;
+mod s3;
+mod wake;
 
 use support::{closed_port, Origin};
 

@@ -66,6 +66,8 @@ pub struct Edge {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub stderr: PathBuf,
+    /// Extra environment of the process (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 impl Edge {
@@ -77,13 +79,19 @@ impl Edge {
 
     /// Like [`Edge::start`], with extra `[control]` keys.
     pub async fn start_with(control_extra: &str, config_body: &str) -> Edge {
+        Edge::start_env(&[], &format!("{control_extra}\n\n{config_body}")).await
+    }
+
+    /// Like [`Edge::start`], with extra environment variables for the process.
+    pub async fn start_env(env: &[(&str, String)], config_body: &str) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("edge.toml");
-        let text = Edge::with_server(dir.path(), &format!("{control_extra}\n\n{config_body}"));
+        let text = Edge::with_server(dir.path(), config_body);
         std::fs::write(&config, text).expect("write config");
         let stderr = dir.path().join("edge.log");
-        let (child, addr, control) = Edge::spawn(&config, &stderr).await;
-        Edge { child, addr, control, dir, config, stderr }
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let (child, addr, control) = Edge::spawn(&config, &stderr, &env).await;
+        Edge { child, addr, control, dir, config, stderr, env }
     }
 
     /// Kills the process with SIGKILL (no shutdown of any kind) and starts a new one on
@@ -91,13 +99,13 @@ impl Edge {
     pub async fn kill9_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, addr, control) = Edge::spawn(&self.config, &self.stderr).await;
+        let (child, addr, control) = Edge::spawn(&self.config, &self.stderr, &self.env).await;
         self.child = child;
         self.addr = addr;
         self.control = control;
     }
 
-    async fn spawn(config: &Path, stderr: &Path) -> (Child, SocketAddr, SocketAddr) {
+    async fn spawn(config: &Path, stderr: &Path, env: &[(String, String)]) -> (Child, SocketAddr, SocketAddr) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(stderr).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
             .args(["run", "--config"])
@@ -107,6 +115,7 @@ impl Edge {
             .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
             .env("MIOSA_PREVIEW_KEY_K1", PREVIEW_KEY_K1)
             .env("MIOSA_PREVIEW_KEY_K2", PREVIEW_KEY_K2)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

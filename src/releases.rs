@@ -1,0 +1,338 @@
+//! Static releases (CONTRACT §7): fetched from the release store, verified, unpacked
+//! into the cache, indexed, and served by the edge itself.
+//!
+//! Data flow: a background thread is told of every published routing table; each new
+//! generation names the static releases of every version ([`RouteTable::static_releases`]),
+//! and any not yet cached is fetched at once ([`store`] → [`unpack`] → [`serve::Release`]),
+//! so activating a pushed version is a pointer move with nothing left to download. A
+//! request for a release still being fetched waits up to `[static] wait_ms`, then gets
+//! 503 `release_unavailable`; a failed fetch is retried with backoff.
+//!
+//! The same thread remembers, per deployment, the static release it served before the
+//! last switch and when the switch happened: for `skew_window_secs` after it, a
+//! fingerprinted asset missing from the new release is served from the previous one, so
+//! tabs opened before the deploy keep loading their chunks. (This memory is per process:
+//! a restart forgets it.)
+//!
+//! Eviction keeps the unpacked cache under `cache_max_bytes`, least recently used first,
+//! and never removes a release that is active, protected by skew, or being served (an
+//! `Arc` held by a request).
+
+use crate::config::Static;
+use crate::metrics::Metrics;
+use crate::routing::{RouteTable, SharedTable};
+use dashmap::DashMap;
+use serve::Release;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use store::ReleaseStore;
+use tokio::sync::watch;
+
+pub mod serve;
+pub mod store;
+#[cfg(test)]
+mod tests;
+pub mod unpack;
+
+/// Wait before a failed fetch is tried again (doubling up to [`MAX_BACKOFF`]).
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often the manager looks at the table without being told of a change.
+const WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+enum Slot {
+    /// Being fetched; the receiver changes when it is done (either way).
+    Fetching(watch::Receiver<()>),
+    Ready(Arc<Release>),
+    Failed {
+        error: Arc<str>,
+        at: Instant,
+        backoff: Duration,
+    },
+}
+
+struct Skew {
+    current: [u8; 32],
+    previous: Option<[u8; 32]>,
+    switched_at: Instant,
+}
+
+/// The release cache and its fetcher.
+pub struct Releases {
+    cfg: Static,
+    cache_dir: PathBuf,
+    store: Arc<dyn ReleaseStore>,
+    slots: DashMap<[u8; 32], Slot, ahash::RandomState>,
+    skew: DashMap<Box<str>, Skew, ahash::RandomState>,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+    routes: SharedTable,
+}
+
+impl std::fmt::Debug for Releases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Releases").field("cache_dir", &self.cache_dir).field("store", &self.store).finish()
+    }
+}
+
+/// Why a release cannot be served now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("release {0} is still being fetched")]
+    NotReady(String),
+    #[error("release {sha} failed: {error}")]
+    Failed { sha: String, error: Arc<str> },
+}
+
+impl Releases {
+    /// Starts the manager thread watching `routes`; releases are unpacked under
+    /// `[static] cache_dir` (default `<state_dir>/releases`).
+    pub fn start(
+        cfg: &Static,
+        state_dir: &Path,
+        store: Arc<dyn ReleaseStore>,
+        routes: SharedTable,
+        mut changes: watch::Receiver<u64>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<Releases>> {
+        let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| state_dir.join("releases"));
+        std::fs::create_dir_all(&cache_dir)?;
+        // Leftovers of an interrupted unpack or download.
+        for e in std::fs::read_dir(&cache_dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                let p = e.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).max_blocking_threads(2).enable_all().build()?;
+        let releases = Arc::new(Releases {
+            cfg: cfg.clone(),
+            cache_dir,
+            store,
+            slots: DashMap::with_hasher(ahash::RandomState::new()),
+            skew: DashMap::with_hasher(ahash::RandomState::new()),
+            runtime: rt.handle().clone(),
+            metrics,
+            routes: routes.clone(),
+        });
+        let r = releases.clone();
+        std::thread::Builder::new().name("miosa-releases".into()).spawn(move || {
+            rt.block_on(async move {
+                let mut seen = u64::MAX;
+                loop {
+                    let table = routes.load_full();
+                    if table.generation != seen {
+                        seen = table.generation;
+                        r.observe(&table, Instant::now());
+                    }
+                    // Woken by every publish; the timeout only guards against a missed one.
+                    let _ = tokio::time::timeout(WATCH_INTERVAL, changes.changed()).await;
+                }
+            })
+        })?;
+        Ok(releases)
+    }
+
+    /// Reacts to a new table: fetches missing releases, tracks switches for skew
+    /// protection, evicts beyond the cache bound.
+    pub fn observe(self: &Arc<Self>, table: &RouteTable, now: Instant) {
+        for (sha, _) in table.static_releases() {
+            self.ensure(sha.0);
+        }
+        for d in table.deployments() {
+            let Some(sha) = d.static_release() else { continue };
+            let mut e = self.skew.entry(d.id.clone()).or_insert(Skew { current: sha, previous: None, switched_at: now });
+            if e.current != sha {
+                e.previous = Some(e.current);
+                e.current = sha;
+                e.switched_at = now;
+            }
+        }
+        self.evict(table, now);
+    }
+
+    /// Starts fetching `sha` unless it is cached, being fetched, or failed recently.
+    fn ensure(self: &Arc<Self>, sha: [u8; 32]) {
+        let (tx, rx) = watch::channel(());
+        let last_backoff = match self.slots.entry(sha) {
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Slot::Fetching(rx));
+                Duration::ZERO
+            }
+            dashmap::Entry::Occupied(mut o) => {
+                let last = match o.get() {
+                    Slot::Ready(_) | Slot::Fetching(_) => return,
+                    Slot::Failed { at, backoff, .. } if at.elapsed() < *backoff => return,
+                    Slot::Failed { backoff, .. } => *backoff,
+                };
+                o.insert(Slot::Fetching(rx));
+                last
+            }
+        };
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            let result = this.fetch(sha).await;
+            let hex = unpack::hex(&sha);
+            match result {
+                Ok(release) => {
+                    tracing::info!(release = %hex, files = release.len(), bytes = release.disk_bytes, "static release ready");
+                    this.metrics.release_fetch(true);
+                    this.slots.insert(sha, Slot::Ready(Arc::new(release)));
+                    this.evict(&this.routes.load(), Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(release = %hex, error = %e, "static release unavailable");
+                    this.metrics.release_fetch(false);
+                    let backoff = if last_backoff.is_zero() { FIRST_BACKOFF } else { (last_backoff * 2).min(MAX_BACKOFF) };
+                    this.slots.insert(sha, Slot::Failed { error: e.into(), at: Instant::now(), backoff });
+                }
+            }
+            this.update_gauges();
+            drop(tx); // wakes every waiter
+        });
+    }
+
+    async fn fetch(&self, sha: [u8; 32]) -> Result<Release, String> {
+        let hex = unpack::hex(&sha);
+        let dir = self.cache_dir.join(&hex);
+        if !dir.is_dir() {
+            let archive = self.cache_dir.join(format!(".dl-{hex}-{}", std::process::id()));
+            let fetched = self.store.fetch(&format!("{hex}.tar.gz"), &archive, self.cfg.max_archive_bytes).await;
+            if let Err(e) = fetched {
+                let _ = tokio::fs::remove_file(&archive).await;
+                return Err(e.to_string());
+            }
+            let limits = unpack::Limits { max_files: self.cfg.max_files, max_unpacked_bytes: self.cfg.max_unpacked_bytes };
+            let (a, d) = (archive.clone(), dir.clone());
+            let unpacked = tokio::task::spawn_blocking(move || unpack::verify_and_unpack(&a, &sha, &d, limits)).await;
+            let _ = tokio::fs::remove_file(&archive).await;
+            match unpacked {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if dir.is_dir() => tracing::debug!(error = %e, "another fetch unpacked it first"),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(format!("unpack task failed: {e}")),
+            }
+        }
+        let mem = self.cfg.memory_file_bytes;
+        tokio::task::spawn_blocking(move || Release::load(sha, &dir, mem))
+            .await
+            .map_err(|e| format!("index task failed: {e}"))?
+            .map_err(|e| format!("cannot index the unpacked release: {e}"))
+    }
+
+    /// The release `sha`, waiting up to `wait` for a fetch in progress.
+    pub async fn get(self: &Arc<Self>, sha: &[u8; 32], wait: Duration) -> Result<Arc<Release>, ReleaseError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Decide under the map's shard lock, act after it is released (`ensure`
+            // takes the same shard's write lock).
+            let waiting = match self.slots.get(sha).as_deref() {
+                Some(Slot::Ready(r)) => {
+                    r.touch(unix_now());
+                    return Ok(r.clone());
+                }
+                Some(Slot::Fetching(rx)) => Some(rx.clone()),
+                Some(Slot::Failed { error, at, backoff }) if at.elapsed() < *backoff => {
+                    return Err(ReleaseError::Failed { sha: unpack::hex(sha), error: error.clone() });
+                }
+                _ => None,
+            };
+            let Some(mut rx) = waiting else {
+                self.ensure(*sha);
+                continue;
+            };
+            // Resolves when the fetch finishes (the sender is dropped).
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(ReleaseError::NotReady(unpack::hex(sha)));
+            }
+            if let Some(Slot::Failed { error, .. }) = self.slots.get(sha).as_deref() {
+                return Err(ReleaseError::Failed { sha: unpack::hex(sha), error: error.clone() });
+            }
+        }
+    }
+
+    /// The previous release of `deployment` while skew protection applies to its
+    /// current release `current` (and the previous one is cached).
+    pub fn previous(&self, deployment: &str, current: &[u8; 32]) -> Option<Arc<Release>> {
+        let skew = self.skew.get(deployment)?;
+        let previous = if skew.current == *current {
+            if skew.switched_at.elapsed() > Duration::from_secs(self.cfg.skew_window_secs) {
+                return None;
+            }
+            skew.previous?
+        } else {
+            // The switch is younger than the manager's last look at the table (it
+            // polls): what it saw as current is the previous release.
+            if self.cfg.skew_window_secs == 0 {
+                return None;
+            }
+            skew.current
+        };
+        match self.slots.get(&previous).as_deref() {
+            Some(Slot::Ready(r)) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    fn evict(&self, table: &RouteTable, now: Instant) {
+        let mut ready: Vec<([u8; 32], Arc<Release>)> =
+            self.slots.iter().filter_map(|e| if let Slot::Ready(r) = e.value() { Some((*e.key(), r.clone())) } else { None }).collect();
+        let mut total: u64 = ready.iter().map(|(_, r)| r.disk_bytes).sum();
+        if total <= self.cfg.cache_max_bytes {
+            self.update_gauges();
+            return;
+        }
+        let window = Duration::from_secs(self.cfg.skew_window_secs);
+        let protected: std::collections::HashSet<[u8; 32]> = table
+            .static_releases()
+            .iter()
+            .filter(|(_, active)| *active)
+            .map(|(s, _)| s.0)
+            .chain(self.skew.iter().filter(|s| now.duration_since(s.switched_at) <= window).filter_map(|s| s.previous))
+            .collect();
+        ready.sort_by_key(|(_, r)| r.last_used.load(std::sync::atomic::Ordering::Relaxed));
+        for (sha, r) in ready {
+            if total <= self.cfg.cache_max_bytes {
+                break;
+            }
+            // Two references: ours in `ready` and the slot's; more means a request holds it.
+            if protected.contains(&sha) || Arc::strong_count(&r) > 2 {
+                continue;
+            }
+            self.slots.remove(&sha);
+            total = total.saturating_sub(r.disk_bytes);
+            tracing::info!(release = %unpack::hex(&sha), bytes = r.disk_bytes, "static release evicted from the cache");
+            // Renamed out of the way at once, so a fetch that starts now never sees a
+            // half-deleted directory; deleted in the background.
+            let doomed = self.cache_dir.join(format!(".evict-{}-{}", unpack::hex(&sha), unix_nanos()));
+            match std::fs::rename(&r.root, &doomed) {
+                Ok(()) => {
+                    self.runtime.spawn_blocking(move || std::fs::remove_dir_all(doomed));
+                }
+                Err(e) => tracing::warn!(release = %unpack::hex(&sha), error = %e, "cannot remove an evicted release"),
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let (mut n, mut bytes) = (0i64, 0i64);
+        for e in self.slots.iter() {
+            if let Slot::Ready(r) = e.value() {
+                n += 1;
+                bytes += r.disk_bytes as i64;
+            }
+        }
+        self.metrics.releases_cached.set(n);
+        self.metrics.release_cache_bytes.set(bytes);
+    }
+}
+
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
