@@ -8,8 +8,9 @@
 //! `miosa_edge_config_reloads_total{result="error"}`. Requests in flight hold the table
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
-//! Listener addresses are fixed at start; a reload that changes `[server]` or
-//! `[control]` logs that a restart is needed for them and applies the rest.
+//! Listener addresses are fixed at start; a reload that changes `[server]`,
+//! `[control]`, `[static]` or `[wake]` logs that a restart is needed for them and
+//! applies the rest (routes, branding, `[tokens]` keys).
 
 use super::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
@@ -73,6 +74,9 @@ impl Reloader {
                     || cfg.control != self.started_with.control
                 {
                     tracing::warn!(file = %path.display(), "[server] listeners, threads, state_dir and [control] changed: they take effect on restart");
+                }
+                if cfg.static_ != self.started_with.static_ || cfg.wake != self.started_with.wake {
+                    tracing::warn!(file = %path.display(), "[static] and [wake] changed: they take effect on restart");
                 }
                 tracing::info!(file = %path.display(), generation, "config reloaded");
                 Ok(generation)

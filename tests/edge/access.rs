@@ -459,3 +459,25 @@ async fn cli_minted_tokens_open_the_preview() {
     assert_eq!(r.status, 303, "the CLI's password hash verifies: {}", r.text());
     assert!(r.headers_named("set-cookie").iter().any(|c| c.starts_with("__Host-miosa_session=")));
 }
+
+#[tokio::test]
+async fn keys_rotate_on_reload() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&format!("{TOKENS_TOML}\n{}", f.toml(""))).await;
+    let pp = f.a_private.addr.port();
+    let host = format!("{pp}-abc12345.sandbox.localhost");
+    let k2 = mint::preview_token(SigningKey::Hs256(PREVIEW_KEY_K2.as_bytes()), Some("k2"), "abc12345", None, now(), now() + 600).unwrap();
+    let r = edge.request(&get(&host, "/", &format!("X-Miosa-Token: {k2}\r\n"))).await;
+    assert_eq!((r.status, r.code()), (401, "preview_token_invalid".into()), "k2 is not configured yet");
+    edge.write_config(&format!(
+        "{TOKENS_TOML}\n[[tokens.preview_keys]]\nkid = \"k2\"\nalg = \"HS256\"\nsecret_env = \"MIOSA_PREVIEW_KEY_K2\"\n\n{}",
+        f.toml("")
+    ));
+    let ok = crate::support::eventually(Duration::from_secs(10), || {
+        let req = get(&host, "/", &format!("X-Miosa-Token: {k2}\r\n"));
+        let edge = &edge;
+        async move { (edge.request(&req).await.status == 200).then_some(()) }
+    })
+    .await;
+    assert!(ok.is_some(), "the key added to the file is used without a restart: {}", edge.log());
+}
