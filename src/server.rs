@@ -116,7 +116,7 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
         metrics.clone(),
     )
     .map_err(StartError::Releases)?;
-    let proxy = proxy.with_releases(releases, Duration::from_millis(cfg.static_.wait_ms));
+    let proxy = proxy.with_releases(releases, Duration::from_millis(cfg.static_.wait_ms)).with_table_changes(store.subscribe());
     let mut svc = http_proxy_service_with_name(&server.configuration, proxy, "miosa-edge http");
     svc.add_tcp(&http.to_string());
     server.add_service(svc);

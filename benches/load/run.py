@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--swap-sandboxes", type=int, default=100_000)
+    ap.add_argument("--scenarios", default="1,2,5,6,7", help="comma-separated scenario numbers to run")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
     a = ap.parse_args()
@@ -264,7 +265,10 @@ sandbox = "priv"
             print(f"  {scenario:<28} {label:<13} {r['rps']:>9.0f} req/s  p50 {r['p50']:>7.0f} us  p99 {r['p99']:>7.0f} us  "
                   f"cpu {('%.1f us/req' % r['cpu_us']) if r['cpu_us'] is not None else '-':>13}  errors {r['errors']}", flush=True)
 
+        only = set(a.scenarios.split(","))
         for scenario, path in [("1 keep-alive 1 KiB", "/1k"), ("2 keep-alive 64 KiB", "/64k")]:
+            if scenario[0] not in only:
+                continue
             for _ in range(a.rounds):
                 for label, port, proc in targets:
                     run(scenario, label, port, proc, path, host)
@@ -280,7 +284,7 @@ sandbox = "priv"
             sys.exit(f"scenario 5: the share link answered {resp.status} without a session cookie")
         session = set_cookie.split(";")[0]
         cookie = [f"Cookie: theme=dark; {session}; lang=en"]
-        for _ in range(a.rounds):
+        for _ in range(a.rounds if "5" in only else 0):
             for label, port, proc in targets:
                 run("5 private preview, cookie", label, port, proc, "/1k", priv_host, cookie)
 
@@ -297,7 +301,7 @@ sandbox = "priv"
         else:
             sys.exit(f"scenario 6: the static release never became available ({resp.status})")
         for path in ["/1k", "/100k"]:
-            for _ in range(a.rounds):
+            for _ in range(a.rounds if "6" in only else 0):
                 for label, port, proc in targets[:3]:  # direct, nginx, edge
                     if label == "direct":
                         continue
@@ -329,7 +333,7 @@ sandbox = "priv"
         # The route must exist before load starts.
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{c_port}/v1/state", data=bodies[0], method="PUT",
                                headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}), timeout=60).read()
-        for _ in range(a.rounds):
+        for _ in range(a.rounds if "7" in only else 0):
             stop.clear()
             swaps[0] = 0
             t = threading.Thread(target=swapper)
