@@ -11,12 +11,13 @@
 //! The same thread remembers, per deployment, the static release it served before the
 //! last switch and when the switch happened: for `skew_window_secs` after it, a
 //! fingerprinted asset missing from the new release is served from the previous one, so
-//! tabs opened before the deploy keep loading their chunks. (This memory is per process:
-//! a restart forgets it.)
+//! tabs opened before the deploy keep loading their chunks. This memory is kept in
+//! `<cache_dir>/skew.json`, so it survives restarts.
 //!
 //! Eviction keeps the unpacked cache under `cache_max_bytes`, least recently used first,
 //! and never removes a release that is active, protected by skew, or being served (an
-//! `Arc` held by a request).
+//! `Arc` held by a request: the check and the removal happen under the map's write lock,
+//! which a request needs to take its `Arc`).
 
 use crate::config::Static;
 use crate::metrics::Metrics;
@@ -25,7 +26,7 @@ use dashmap::DashMap;
 use serve::Release;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use store::ReleaseStore;
 use tokio::sync::watch;
 
@@ -52,10 +53,38 @@ enum Slot {
     },
 }
 
+/// What the edge remembers of a deployment's static releases (persisted in
+/// `<cache_dir>/skew.json`, so a restart keeps skew protection).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Skew {
+    #[serde(with = "hex32")]
     current: [u8; 32],
+    #[serde(with = "hex32_opt")]
     previous: Option<[u8; 32]>,
-    switched_at: Instant,
+    switched_at: SystemTime,
+}
+
+mod hex32 {
+    pub fn serialize<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::unpack::hex(v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        crate::state::Sha256::try_from(s).map(|h| h.0).map_err(serde::de::Error::custom)
+    }
+}
+
+mod hex32_opt {
+    pub fn serialize<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::hex32::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
+        let s: Option<String> = serde::Deserialize::deserialize(d)?;
+        s.map(|s| crate::state::Sha256::try_from(s).map(|h| h.0).map_err(serde::de::Error::custom)).transpose()
+    }
 }
 
 /// The release cache and its fetcher.
@@ -116,6 +145,7 @@ impl Releases {
             metrics,
             routes: routes.clone(),
         });
+        releases.load_skew();
         let r = releases.clone();
         std::thread::Builder::new().name("miosa-releases".into()).spawn(move || {
             rt.block_on(async move {
@@ -124,7 +154,7 @@ impl Releases {
                     let table = routes.load_full();
                     if table.generation != seen {
                         seen = table.generation;
-                        r.observe(&table, Instant::now());
+                        r.observe(&table, SystemTime::now());
                     }
                     // Woken by every publish; the timeout only guards against a missed one.
                     let _ = tokio::time::timeout(WATCH_INTERVAL, changes.changed()).await;
@@ -136,18 +166,28 @@ impl Releases {
 
     /// Reacts to a new table: fetches missing releases, tracks switches for skew
     /// protection, evicts beyond the cache bound.
-    pub fn observe(self: &Arc<Self>, table: &RouteTable, now: Instant) {
+    pub fn observe(self: &Arc<Self>, table: &RouteTable, now: SystemTime) {
         for (sha, _) in table.static_releases() {
             self.ensure(sha.0);
         }
+        let mut changed = false;
         for d in table.deployments() {
             let Some(sha) = d.static_release() else { continue };
-            let mut e = self.skew.entry(d.id.clone()).or_insert(Skew { current: sha, previous: None, switched_at: now });
+            let mut e = self.skew.entry(d.id.clone()).or_insert_with(|| {
+                changed = true;
+                Skew { current: sha, previous: None, switched_at: now }
+            });
             if e.current != sha {
                 e.previous = Some(e.current);
                 e.current = sha;
                 e.switched_at = now;
+                changed = true;
             }
+        }
+        let before = self.skew.len();
+        self.skew.retain(|id, _| table.deployments().iter().any(|d| *d.id == **id));
+        if changed || self.skew.len() != before {
+            self.save_skew();
         }
         self.evict(table, now);
     }
@@ -179,7 +219,7 @@ impl Releases {
                     tracing::info!(release = %hex, files = release.len(), bytes = release.disk_bytes, "static release ready");
                     this.metrics.release_fetch(true);
                     this.slots.insert(sha, Slot::Ready(Arc::new(release)));
-                    this.evict(&this.routes.load(), Instant::now());
+                    this.evict(&this.routes.load(), SystemTime::now());
                 }
                 Err(e) => {
                     tracing::warn!(release = %hex, error = %e, "static release unavailable");
@@ -257,7 +297,7 @@ impl Releases {
     pub fn previous(&self, deployment: &str, current: &[u8; 32]) -> Option<Arc<Release>> {
         let skew = self.skew.get(deployment)?;
         let previous = if skew.current == *current {
-            if skew.switched_at.elapsed() > Duration::from_secs(self.cfg.skew_window_secs) {
+            if skew.switched_at.elapsed().unwrap_or_default() > Duration::from_secs(self.cfg.skew_window_secs) {
                 return None;
             }
             skew.previous?
@@ -275,10 +315,18 @@ impl Releases {
         }
     }
 
-    fn evict(&self, table: &RouteTable, now: Instant) {
-        let mut ready: Vec<([u8; 32], Arc<Release>)> =
-            self.slots.iter().filter_map(|e| if let Slot::Ready(r) = e.value() { Some((*e.key(), r.clone())) } else { None }).collect();
-        let mut total: u64 = ready.iter().map(|(_, r)| r.disk_bytes).sum();
+    fn evict(&self, table: &RouteTable, now: SystemTime) {
+        // (sha, bytes, last use) of every cached release; no `Arc` is kept, so the
+        // reference count below counts only the slot and requests.
+        let mut ready: Vec<([u8; 32], u64, u64)> = self
+            .slots
+            .iter()
+            .filter_map(|e| match e.value() {
+                Slot::Ready(r) => Some((*e.key(), r.disk_bytes, r.last_used.load(std::sync::atomic::Ordering::Relaxed))),
+                _ => None,
+            })
+            .collect();
+        let mut total: u64 = ready.iter().map(|(_, bytes, _)| bytes).sum();
         if total <= self.cfg.cache_max_bytes {
             self.update_gauges();
             return;
@@ -289,20 +337,23 @@ impl Releases {
             .iter()
             .filter(|(_, active)| *active)
             .map(|(s, _)| s.0)
-            .chain(self.skew.iter().filter(|s| now.duration_since(s.switched_at) <= window).filter_map(|s| s.previous))
+            .chain(self.skew.iter().filter(|s| now.duration_since(s.switched_at).unwrap_or_default() <= window).filter_map(|s| s.previous))
             .collect();
-        ready.sort_by_key(|(_, r)| r.last_used.load(std::sync::atomic::Ordering::Relaxed));
-        for (sha, r) in ready {
+        ready.sort_by_key(|(_, _, last_used)| *last_used);
+        for (sha, bytes, _) in ready {
             if total <= self.cfg.cache_max_bytes {
                 break;
             }
-            // Two references: ours in `ready` and the slot's; more means a request holds it.
-            if protected.contains(&sha) || Arc::strong_count(&r) > 2 {
+            if protected.contains(&sha) {
                 continue;
             }
-            self.slots.remove(&sha);
-            total = total.saturating_sub(r.disk_bytes);
-            tracing::info!(release = %unpack::hex(&sha), bytes = r.disk_bytes, "static release evicted from the cache");
+            // Removed only if no request holds it, decided under the map's write lock:
+            // a request takes its `Arc` under the read lock, so none can take it after
+            // this check, and none that took it before can be reading the files.
+            let removed = self.slots.remove_if(&sha, |_, slot| matches!(slot, Slot::Ready(r) if Arc::strong_count(r) == 1));
+            let Some((_, Slot::Ready(r))) = removed else { continue };
+            total = total.saturating_sub(bytes);
+            tracing::info!(release = %unpack::hex(&sha), bytes, "static release evicted from the cache");
             // Renamed out of the way at once, so a fetch that starts now never sees a
             // half-deleted directory; deleted in the background.
             let doomed = self.cache_dir.join(format!(".evict-{}-{}", unpack::hex(&sha), unix_nanos()));
@@ -314,6 +365,36 @@ impl Releases {
             }
         }
         self.update_gauges();
+    }
+
+    fn skew_file(&self) -> PathBuf {
+        self.cache_dir.join("skew.json")
+    }
+
+    /// Writes the skew memory (temp file + rename; losing it costs only skew protection).
+    fn save_skew(&self) {
+        let map: std::collections::BTreeMap<String, Skew> = self.skew.iter().map(|e| (e.key().to_string(), e.value().clone())).collect();
+        let tmp = self.cache_dir.join(".skew.json.tmp");
+        let result = serde_json::to_vec(&map)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, self.skew_file()));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot save the static releases' skew memory");
+        }
+    }
+
+    /// Reads the skew memory of an earlier run, if any.
+    fn load_skew(&self) {
+        let Ok(bytes) = std::fs::read(self.skew_file()) else { return };
+        match serde_json::from_slice::<std::collections::BTreeMap<String, Skew>>(&bytes) {
+            Ok(map) => {
+                for (id, s) in map {
+                    self.skew.insert(id.into(), s);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring an unreadable skew.json"),
+        }
     }
 
     fn update_gauges(&self) {

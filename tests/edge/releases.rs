@@ -83,7 +83,7 @@ async fn static_releases_are_served_and_rolled_back() {
         ],
     );
     let b = put(store.path(), &[("index.html", b"<h1>release b</h1>"), ("assets/app-77aa00.js", b"b")]);
-    let edge = Edge::start(&edge_config(&f, store.path(), "")).await;
+    let mut edge = Edge::start(&edge_config(&f, store.path(), "")).await;
     let dynamic = format!("{{\"kind\":\"dynamic\",\"instances\":[\"{}\"]}}", f.d1.addr);
     push(&edge, &[("va", static_release(&a, true)), ("vb", static_release(&b, false)), ("vd", dynamic)], "va").await;
 
@@ -135,6 +135,14 @@ async fn static_releases_are_served_and_rolled_back() {
     assert_eq!(req(&edge, "GET", "/assets/app-77aa00.js", "").await.text(), "b");
     let r = req(&edge, "GET", "/assets/app-3f9a1c.js", "").await;
     assert_eq!((r.status, r.body == app_js), (200, true), "a tab opened before the deploy still gets its chunk");
+    // The memory of the previous release survives a restart (kill -9: no shutdown).
+    edge.kill9_and_restart().await;
+    let survived = eventually(Duration::from_secs(10), || {
+        let edge = &edge;
+        async move { (req(edge, "GET", "/assets/app-3f9a1c.js", "").await.status == 200).then_some(()) }
+    })
+    .await;
+    assert!(survived.is_some(), "skew protection is lost on restart: {}", edge.log());
     assert_eq!(req(&edge, "GET", "/big.bin", "Accept: application/json\r\n").await.status, 404, "only fingerprinted assets");
     let r = req(&edge, "GET", "/missing", "Accept: application/json\r\n").await;
     assert_eq!((r.status, r.code()), (404, "not_found".into()), "no 404.html in b: the edge's page");
