@@ -4,7 +4,7 @@
 # the bounded scenarios (about two minutes). Extra arguments go to run.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-scripts/deps
+scripts/deps build
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
