@@ -642,8 +642,7 @@ impl EdgeProxy {
                 let detail = Detail { port: None, deployment: true };
                 match &deployment.release {
                     ActiveRelease::Static { sha256, spa } => {
-                        let (sha, spa, id) = (sha256.0, *spa, deployment.id.clone());
-                        self.serve_static(session, ctx, &id, &sha, spa).await?;
+                        self.serve_static(session, ctx, &deployment.id, &sha256.0, *spa).await?;
                         Ok(true)
                     }
                     ActiveRelease::Dynamic { .. } => match deployment.pick_instance(None) {

@@ -223,7 +223,12 @@ pub enum Found<'r> {
 }
 
 /// Percent-decodes a URL path; `None` for invalid encodings, NUL, or `..` segments.
-pub fn decode_path(raw: &str) -> Option<String> {
+/// Borrows when there is nothing to decode (the common case).
+pub fn decode_path(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let ok = |s: &str| s.starts_with('/') && !s.contains('\0') && !s.contains('\\') && !s.split('/').any(|seg| seg == "..");
+    if !raw.contains('%') {
+        return ok(raw).then_some(std::borrow::Cow::Borrowed(raw));
+    }
     let b = raw.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -239,10 +244,7 @@ pub fn decode_path(raw: &str) -> Option<String> {
         }
     }
     let s = String::from_utf8(out).ok()?;
-    if !s.starts_with('/') || s.contains('\0') || s.contains('\\') || s.split('/').any(|seg| seg == "..") {
-        return None;
-    }
-    Some(s)
+    ok(&s).then_some(std::borrow::Cow::Owned(s))
 }
 
 /// Resolves a decoded path in `release`; `previous` is the deployment's previous
