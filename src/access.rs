@@ -347,9 +347,15 @@ pub fn verify_share(table: &RouteTable, token: &str, sandbox: &str, port: u16, n
     let hash = share_hash(token);
     let share = table.share(&hash).ok_or(ErrorCode::ShareTokenInvalid)?;
     check_share(share, sandbox, port, now)?;
-    let ttl_end = now.saturating_add(table.access.share_session_ttl);
-    let expires = share.expires_at.map_or(ttl_end, |t| t.min(ttl_end));
+    let expires = share_session_end(&table.access, share.expires_at, now);
     Ok(Grant { expires, share: Some(hash), needs_password: share.password_hash.is_some() })
+}
+
+/// When a session opened by a share ends: its `expires_at`, but at most
+/// `share_session_ttl` from `now`.
+pub fn share_session_end(keys: &Keys, expires_at: Option<i64>, now: i64) -> i64 {
+    let ttl_end = now.saturating_add(keys.share_session_ttl);
+    expires_at.map_or(ttl_end, |t| t.min(ttl_end))
 }
 
 /// Whether a share-backed grant still holds (the record exists, matches and has not
@@ -415,7 +421,7 @@ pub mod mint {
         let mut bytes = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| "no system randomness".to_string())?;
         let token = format!("ms_{}", B64.encode(bytes));
-        let hex: String = share_hash(&token).iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::state::Sha256(share_hash(&token)).to_string();
         Ok((token, hex))
     }
 }

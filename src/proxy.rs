@@ -509,8 +509,7 @@ impl EdgeProxy {
     ) -> Result<()> {
         let (table, host) = (p.table, p.host);
         let cctx = cookie::Context { secure: self.opts.tls || is_localhost(host), cross_site: pending.cross_site };
-        let ttl_end = now.saturating_add(table.access.share_session_ttl);
-        let expires = expires_at.map_or(ttl_end, |t| t.min(ttl_end));
+        let expires = access::share_session_end(&table.access, expires_at, now);
         let s = CookieSession { kind: SessionKind::Share, cross_site: pending.cross_site, expires, share: pending.share };
         let Some(value) = cookie::encode(&table.access, host, &s) else {
             return self.respond(session, ctx, ErrorCode::InternalError, Detail::default()).await;

@@ -40,9 +40,9 @@ pub enum UnpackError {
     },
 }
 
-/// Lower-case hex of 32 bytes.
+/// Lower-case hex of 32 bytes (a release's name).
 pub fn hex(b: &[u8; 32]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::state::Sha256(*b).to_string()
 }
 
 /// The SHA-256 of a file's contents.
