@@ -7,7 +7,7 @@
 //! `miosa-edge check` and reload logs can say `edge.toml:12:11: sandboxes[3].address: …`.
 
 use crate::state::{self, AccentColor, Host, HttpsUrl, State, StateError, SupportUrl};
-use serde::{de::IgnoredAny, Deserialize};
+use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 pub mod reload;
+pub mod tls;
 
 /// The embedded default configuration (`miosa-edge run` with no `--config`).
 pub const DEV_TOML: &str = include_str!("../config/dev.toml");
@@ -34,6 +35,10 @@ pub struct Config {
     pub static_: Static,
     /// `[wake]`: the control plane's wake-up hook (absent = suspended sandboxes answer 503 at once).
     pub wake: Option<Wake>,
+    /// `[tls]` (used when `[server] https` is set).
+    pub tls: tls::Tls,
+    /// `[acme]`: certificates obtained from a CA (absent = only `certs_dir` and the default).
+    pub acme: Option<tls::Acme>,
     /// The keys `[tokens]` names, loaded from the environment and key files.
     pub keys: std::sync::Arc<crate::access::Keys>,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
@@ -49,7 +54,7 @@ pub struct Server {
     /// Plain-HTTP listener. Port 0 picks a free port (logged at start).
     #[serde(default = "default_http")]
     pub http: SocketAddr,
-    /// TLS listener (not available in this version; see README).
+    /// TLS listener; absent = no TLS.
     #[serde(default)]
     pub https: Option<SocketAddr>,
     /// Persisted state, generated control token, ACME account.
@@ -410,8 +415,10 @@ struct RawConfig {
     deployments: Vec<state::Deployment>,
     #[serde(default)]
     tokens: Tokens,
-    tls: Option<IgnoredAny>,
-    acme: Option<IgnoredAny>,
+    #[serde(default)]
+    tls: Option<tls::Tls>,
+    #[serde(default)]
+    acme: Option<tls::Acme>,
     #[serde(rename = "static", default)]
     static_: Static,
     #[serde(default)]
@@ -477,19 +484,11 @@ impl Config {
             Err(e) => return Err(invalid(vec![issue_from_toml(text, Some(&doc), &e)])),
         };
         let mut errors: Vec<StateError> = Vec::new();
-        for (name, present) in [("tls", raw.tls.is_some()), ("acme", raw.acme.is_some())] {
-            if present {
-                errors.push(StateError {
-                    path: name.into(),
-                    message: format!("section `[{name}]` is not supported by this version of miosa-edge yet"),
-                });
+        errors.extend(tls::check(raw.server.https, raw.tls.as_ref(), raw.acme.as_ref()));
+        if let Some(https) = raw.server.https {
+            if https == raw.server.http && https.port() != 0 {
+                errors.push(StateError { path: "server.https".into(), message: "must differ from server.http".into() });
             }
-        }
-        if raw.server.https.is_some() {
-            errors.push(StateError {
-                path: "server.https".into(),
-                message: "the TLS listener is not supported by this version of miosa-edge yet".into(),
-            });
         }
         for (key, v, min, max) in [
             ("connect_timeout_ms", raw.server.connect_timeout_ms, 1, 600_000),
@@ -560,6 +559,8 @@ impl Config {
             tokens: raw.tokens,
             static_: raw.static_,
             wake: raw.wake,
+            tls: raw.tls.unwrap_or_default(),
+            acme: raw.acme,
             keys: std::sync::Arc::new(keys),
             state,
             source: source.map(Path::to_owned),

@@ -41,6 +41,9 @@ pub struct ControlApi {
     verifier: Option<Verifier>,
     proxy_addr: SocketAddr,
     proxy_up: AtomicBool,
+    /// The TLS certificates (`None` without `[server] https`) and the ACME service.
+    certs: Option<Arc<crate::tls::Watcher>>,
+    acme: Option<Arc<crate::acme::Manager>>,
 }
 
 /// Why the control API could not start.
@@ -141,7 +144,44 @@ impl ControlApi {
             verifier,
             proxy_addr,
             proxy_up: AtomicBool::new(false),
+            certs: None,
+            acme: None,
         }
+    }
+
+    /// Reports the certificates served and the names ACME manages.
+    pub fn with_certificates(mut self, certs: Arc<crate::tls::Watcher>, acme: Option<Arc<crate::acme::Manager>>) -> Self {
+        self.certs = Some(certs);
+        self.acme = acme;
+        self
+    }
+
+    /// `GET /v1/certificates`.
+    fn get_certificates(&self) -> Response<Full<Bytes>> {
+        let cert = |c: &crate::tls::Cert| {
+            serde_json::json!({
+                "source": c.source,
+                "names": c.names,
+                "issuer": c.issuer,
+                "not_before": c.not_before,
+                "not_after": c.not_after,
+                "renew_at": c.renew_at(),
+            })
+        };
+        let mut body = serde_json::json!({ "tls": self.certs.is_some(), "default": null, "certificates": [], "errors": [] });
+        if let Some(w) = &self.certs {
+            let index = w.index().load_full();
+            let mut certs: Vec<&Arc<crate::tls::Cert>> = index.certs().iter().collect();
+            certs.sort_by(|a, b| a.source.cmp(&b.source));
+            body["default"] = cert(index.default_cert());
+            body["certificates"] = certs.into_iter().map(|c| cert(c)).collect();
+            body["errors"] = serde_json::to_value(w.errors()).unwrap_or_default();
+        }
+        if let Some(a) = &self.acme {
+            body["managed"] = serde_json::to_value(a.statuses()).unwrap_or_default();
+            body["budget"] = a.budget();
+        }
+        json(StatusCode::OK, &body)
     }
 
     /// Serves on `listener` from a thread of its own until the process exits.
@@ -207,6 +247,7 @@ impl ControlApi {
         let result = match (&method, segs.as_slice()) {
             (&Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, "text/plain; version=0.0.4", self.render_metrics())),
             (&Method::GET, ["v1", "usage"]) => self.get_usage(req.uri().query()),
+            (&Method::GET, ["v1", "certificates"]) => Ok(self.get_certificates()),
             (&Method::GET, ["v1", "openapi.yaml"]) => Ok(text(StatusCode::OK, "application/yaml", OPENAPI_YAML.to_string())),
             (&Method::GET, ["v1", "state"]) => Ok(self.get_state()),
             (&Method::PUT, ["v1", "state"]) => self.put_state(req).await,
@@ -230,6 +271,7 @@ impl ControlApi {
                 _,
                 ["metrics"]
                 | ["v1", "usage"]
+                | ["v1", "certificates"]
                 | ["v1", "state"]
                 | ["v1", "state", "ops"]
                 | ["v1", "openapi.yaml"]

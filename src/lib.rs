@@ -22,6 +22,7 @@
 //! table off the request path and swap it in with one store.
 
 pub mod access;
+pub mod acme;
 pub mod access_log;
 pub mod config;
 pub mod control;
@@ -32,5 +33,6 @@ pub mod releases;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod usage;

@@ -93,6 +93,12 @@ pub struct Metrics {
     pub generation: IntGauge,
     /// Sandboxes in the routing table being served.
     pub sandboxes: IntGauge,
+    /// notAfter (Unix seconds) of each certificate served, by store entry.
+    pub certificate_expiry: prometheus::GaugeVec,
+    /// ACME orders, by result (success, failure).
+    pub acme_orders: IntCounterVec,
+    /// What is left of each CA rate limit the edge budgets against.
+    pub acme_budget: prometheus::IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -224,6 +230,30 @@ impl Metrics {
             IntGauge::new("miosa_edge_release_cache_bytes", "Bytes of unpacked static releases in the cache.")
                 .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let certificate_expiry = register(
+            &registry,
+            prometheus::GaugeVec::new(
+                Opts::new("miosa_edge_certificate_expiry_seconds", "notAfter of each certificate served (Unix seconds), by store entry."),
+                &["cert"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let acme_orders = register(
+            &registry,
+            IntCounterVec::new(Opts::new("miosa_edge_acme_orders_total", "ACME orders, by result (success, failure)."), &["result"])
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let acme_budget = register(
+            &registry,
+            prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "miosa_edge_acme_budget_remaining",
+                    "What is left of each CA rate limit (the tightest registered domain or hostname for per-name limits).",
+                ),
+                &["limit"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let mut requests = Vec::new();
         for k in KINDS {
             for c in CLASSES {
@@ -249,6 +279,9 @@ impl Metrics {
             release_cache_bytes,
             generation,
             sandboxes,
+            certificate_expiry,
+            acme_orders,
+            acme_budget,
             registry,
         }
     }

@@ -60,8 +60,15 @@ static PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 pub struct ProxyOptions {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
-    /// `X-Forwarded-Proto` of this listener.
-    pub tls: bool,
+}
+
+/// What the proxy does for TLS on its plain listener.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFront {
+    /// Plain-HTTP requests answer 308 to `https://` on this port (CONTRACT §9).
+    pub redirect_to: Option<u16>,
+    /// Pending ACME HTTP-01 challenges, answered before routing.
+    pub challenges: Option<Arc<crate::acme::Http01>>,
 }
 
 /// The proxy application.
@@ -80,6 +87,7 @@ pub struct EdgeProxy {
     release_wait: Duration,
     /// Told of every published table (live revocation of share-opened exchanges).
     table_changes: Option<tokio::sync::watch::Receiver<u64>>,
+    tls: TlsFront,
 }
 
 /// Where a request is going.
@@ -108,6 +116,8 @@ pub struct RequestCtx {
     usage: [Option<Arc<UsageCell>>; 3],
     /// The share a private preview was opened with, watched while the exchange lives.
     share_watch: Option<ShareWatch>,
+    /// The request came over TLS.
+    tls: bool,
 }
 
 /// The preview a request is for, as access checks need it.
@@ -158,7 +168,14 @@ impl EdgeProxy {
             releases: None,
             release_wait: Duration::ZERO,
             table_changes: None,
+            tls: TlsFront::default(),
         }
+    }
+
+    /// HTTPS redirects and ACME HTTP-01 answers on the plain listener.
+    pub fn with_tls(mut self, tls: TlsFront) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Lets live share-opened exchanges react to every published table at once.
@@ -314,7 +331,11 @@ impl EdgeProxy {
 
     /// A `303 See Other` to `location` (a path on this host) setting `cookies`.
     async fn redirect(&self, session: &mut Session, ctx: &mut RequestCtx, location: &[u8], cookies: &[String]) -> Result<()> {
-        let mut resp = ResponseHeader::build(303, Some(6 + cookies.len()))?;
+        self.redirect_with(session, ctx, 303, location, cookies).await
+    }
+
+    async fn redirect_with(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16, location: &[u8], cookies: &[String]) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(6 + cookies.len()))?;
         let location = HeaderValue::from_bytes(location).map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "bad request target"))?;
         resp.insert_header(header::LOCATION, location)?;
         resp.insert_header(header::CONTENT_LENGTH, 0)?;
@@ -327,8 +348,24 @@ impl EdgeProxy {
         for c in cookies {
             resp.append_header(header::SET_COOKIE, c.as_str())?;
         }
-        ctx.edge_status = Some(303);
+        ctx.edge_status = Some(status);
         session.write_response_header(Box::new(resp), true).await
+    }
+
+    /// An ACME HTTP-01 key authorization (`text/plain`, 200).
+    async fn answer_challenge(&self, session: &mut Session, ctx: &mut RequestCtx, key_auth: bytes::Bytes) -> Result<bool> {
+        let mut resp = ResponseHeader::build(200, Some(4))?;
+        resp.insert_header(header::CONTENT_TYPE, "text/plain")?;
+        resp.insert_header(header::CONTENT_LENGTH, key_auth.len())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(XRID, ctx.request_id.clone())?;
+        ctx.edge_status = Some(200);
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(resp), head_only).await?;
+        if !head_only {
+            session.write_response_body(Some(key_auth), true).await?;
+        }
+        Ok(true)
     }
 
     /// Access to a preview (CONTRACT §3). A token in the URL is always taken out by a
@@ -338,7 +375,7 @@ impl EdgeProxy {
         let PreviewRef { table, host, sandbox, port } = *p;
         let now = access::now();
         let req = session.req_header();
-        let cctx = cookie::Context { secure: self.opts.tls || is_localhost(host), cross_site: is_cross_site_frame(req) };
+        let cctx = cookie::Context { secure: ctx.tls || is_localhost(host), cross_site: is_cross_site_frame(req) };
         if private && req.uri.path() == PASSWORD_PATH {
             self.password_post(session, ctx, p, cctx, now).await?;
             return Ok(true);
@@ -508,7 +545,7 @@ impl EdgeProxy {
         now: i64,
     ) -> Result<()> {
         let (table, host) = (p.table, p.host);
-        let cctx = cookie::Context { secure: self.opts.tls || is_localhost(host), cross_site: pending.cross_site };
+        let cctx = cookie::Context { secure: ctx.tls || is_localhost(host), cross_site: pending.cross_site };
         let expires = access::share_session_end(&table.access, expires_at, now);
         let s = CookieSession { kind: SessionKind::Share, cross_site: pending.cross_site, expires, share: pending.share };
         let Some(value) = cookie::encode(&table.access, host, &s) else {
@@ -596,6 +633,22 @@ impl EdgeProxy {
             self.respond(session, ctx, ErrorCode::InvalidHost, Detail::default()).await?;
             return Ok(true);
         };
+        if !ctx.tls {
+            if let Some(port) = self.tls.redirect_to {
+                if !session.req_header().raw_path().starts_with(crate::acme::HTTP01_PREFIX.as_bytes()) {
+                    let raw = session.req_header().raw_path();
+                    let mut location = Vec::with_capacity(16 + host.len() + raw.len());
+                    location.extend_from_slice(b"https://");
+                    location.extend_from_slice(host.as_bytes());
+                    if port != 443 {
+                        location.extend_from_slice(format!(":{port}").as_bytes());
+                    }
+                    location.extend_from_slice(if raw.starts_with(b"/") { raw } else { b"/" });
+                    self.redirect_with(session, ctx, 308, &location, &[]).await?;
+                    return Ok(true);
+                }
+            }
+        }
         match table.lookup(host) {
             Route::Denied { code, branding, preview, workspace } => {
                 self.attribute(ctx, &table, workspace);
@@ -678,6 +731,7 @@ impl ProxyHttp for EdgeProxy {
             edge_status: None,
             usage: [None, None, None],
             share_watch: None,
+            tls: false,
         }
     }
 
@@ -686,6 +740,12 @@ impl ProxyHttp for EdgeProxy {
             Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
             _ => self.ids.next(),
         };
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if let Some(challenges) = &self.tls.challenges {
+            if let Some(key_auth) = challenges.answer(session.req_header().raw_path()) {
+                return self.answer_challenge(session, ctx, key_auth).await;
+            }
+        }
         self.route(session, ctx).await
     }
 
@@ -726,7 +786,7 @@ impl ProxyHttp for EdgeProxy {
                 req.remove_header(XFF);
             }
         }
-        req.insert_header(XFP, if self.opts.tls { PROTO_HTTPS.clone() } else { PROTO_HTTP.clone() })?;
+        req.insert_header(XFP, if ctx.tls { PROTO_HTTPS.clone() } else { PROTO_HTTP.clone() })?;
         let fwd_host = match req.uri.authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
             None => req.headers.get(header::HOST).cloned(),

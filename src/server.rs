@@ -6,7 +6,9 @@ use crate::config::reload::Reloader;
 use crate::config::Config;
 use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
-use crate::proxy::{EdgeProxy, ProxyOptions};
+use crate::proxy::{EdgeProxy, ProxyOptions, TlsFront};
+use crate::tls::{default_cert, DirStore, SniResolver, Watcher};
+use pingora::listeners::tls::TlsSettings;
 use crate::state::store::{OpenError, Store};
 use crate::usage::Usage;
 use pingora::proxy::http_proxy_service_with_name;
@@ -43,6 +45,10 @@ pub enum StartError {
     Releases(#[source] std::io::Error),
     #[error("wake.url: {0}")]
     Wake(#[from] crate::upstream::wake::HookUrlError),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("acme: {0}")]
+    Acme(String),
 }
 
 /// Picks the concrete address for a listener: checks that it can be bound (so a busy
@@ -72,6 +78,24 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     let routes = store.routes();
 
     let http = resolve_listener(cfg.server.http)?;
+    let https = cfg.server.https.map(resolve_listener).transpose()?;
+    // TLS: the default certificate, then certs_dir, watched; handshakes read the index.
+    let certs = match https {
+        Some(_) => {
+            let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str());
+            let default = default_cert::load_or_generate(&cfg.server.state_dir, &names).map_err(StartError::Tls)?;
+            let dir = &cfg.tls.certs_dir;
+            let store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
+            let watcher = Arc::new(Watcher::new(Arc::new(store), Arc::new(default), metrics.clone()));
+            watcher.scan();
+            watcher
+                .spawn(Duration::from_millis(cfg.tls.watch_interval_ms))
+                .map_err(|e| StartError::Tls(format!("cannot start the certificate watcher: {e}")))?;
+            Some(watcher)
+        }
+        None => None,
+    };
+    let http01 = Arc::new(crate::acme::Http01::default());
     let threads = match cfg.server.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
@@ -94,9 +118,12 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
         ProxyOptions {
             connect_timeout: Duration::from_millis(cfg.server.connect_timeout_ms),
             read_timeout: Duration::from_millis(cfg.server.read_timeout_ms),
-            tls: false,
         },
-    );
+    )
+    .with_tls(TlsFront {
+        redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
+        challenges: cfg.acme.as_ref().map(|_| http01.clone()),
+    });
     // [wake]: previews of suspended sandboxes are held while the control plane starts them.
     let proxy = match &cfg.wake {
         Some(w) => {
@@ -119,12 +146,33 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     let proxy = proxy.with_releases(releases, Duration::from_millis(cfg.static_.wait_ms)).with_table_changes(store.subscribe());
     let mut svc = http_proxy_service_with_name(&server.configuration, proxy, "miosa-edge http");
     svc.add_tcp(&http.to_string());
+    if let (Some(addr), Some(watcher)) = (https, &certs) {
+        let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
+        tls.set_cert_resolver(Arc::new(SniResolver::new(watcher.index())));
+        tls.enable_h2();
+        svc.add_tls_with_settings(&addr.to_string(), None, tls);
+    }
     server.add_service(svc);
+    let acme = match (&cfg.acme, &certs) {
+        (Some(a), Some(watcher)) => Some(
+            crate::acme::Manager::start(
+                a,
+                &cfg.server.state_dir,
+                cfg.dns.nameservers.as_deref(),
+                watcher.clone(),
+                store.clone(),
+                http01.clone(),
+                metrics.clone(),
+            )
+            .map_err(StartError::Acme)?,
+        ),
+        _ => None,
+    };
 
     let token = resolve_token(&cfg.control.token_env, cfg.control.listen, &cfg.server.state_dir)?;
     let control_listener = TcpListener::bind(cfg.control.listen).map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
     let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
-    ControlApi::new(
+    let control = ControlApi::new(
         store.clone(),
         metrics.clone(),
         usage,
@@ -133,8 +181,12 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
         cfg.control.max_body_bytes,
         cfg.dns.nameservers.as_deref(),
         http,
-    )
-    .spawn(control_listener)?;
+    );
+    let control = match &certs {
+        Some(w) => control.with_certificates(w.clone(), acme),
+        None => control,
+    };
+    control.spawn(control_listener)?;
 
     let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
     Reloader::new(cfg.clone(), store.clone(), metrics.clone()).spawn(interval).map_err(StartError::Reload)?;
@@ -142,7 +194,10 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     let source = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dev.toml".into());
     tracing::info!(http = %http, control = %control_addr, threads, config = %source, generation = store.generation(), "miosa-edge starting");
     // One machine-readable line on stdout: tests and scripts read the resolved ports.
-    println!("miosa-edge listening http={http} control={control_addr}");
+    match https {
+        Some(https) => println!("miosa-edge listening http={http} control={control_addr} https={https}"),
+        None => println!("miosa-edge listening http={http} control={control_addr}"),
+    }
     server.run(RunArgs::default());
     Ok(())
 }

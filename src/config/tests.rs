@@ -51,11 +51,22 @@ fn semantic_errors_are_all_reported_with_positions() {
 }
 
 #[test]
-fn unsupported_sections_say_so() {
+fn acme_needs_the_tls_listener_and_a_complete_dns01() {
     let i = issues("[acme]\ndirectory = \"https://example\"\n");
     assert_eq!(i[0].path, "acme");
-    assert!(i[0].message.contains("not supported"));
+    assert!(i[0].message.contains("server] https"), "{:?}", i[0]);
     assert_eq!(i[0].line, 1);
+    let i = issues("[server]\nhttps = \"127.0.0.1:0\"\n[acme]\ndirectory = \"ftp://x\"\ncontact = [\"ops@example.com\"]\n[acme.dns01]\nprovider = \"rfc2136\"\n");
+    let paths: Vec<&str> = i.iter().map(|x| x.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["acme.directory", "acme.contact[0]", "acme.dns01.server", "acme.dns01.tsig_key_name", "acme.dns01.tsig_secret_env"],
+        "{i:?}"
+    );
+    let i = issues("[server]\nhttps = \"127.0.0.1:0\"\n[acme]\ndirectory = \"https://ca.test/dir\"\n[acme.dns01]\nprovider = \"webhook\"\n");
+    assert_eq!(i[0].path, "acme.dns01.url");
+    let i = issues("[tls]\nwatch_interval_ms = 1\n");
+    assert_eq!(i[0].path, "tls.watch_interval_ms");
 }
 
 #[test]

@@ -259,6 +259,18 @@ impl Verifier {
         targets
     }
 
+    /// The TXT strings at `name` (each record's strings joined); empty on NXDOMAIN, no
+    /// data or any failure. Used by ACME to see a DNS-01 record before asking the CA.
+    pub async fn txt_values(&self, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for record in self.answers(name, RecordType::TXT).await {
+            if let RData::TXT(txt) = &record.data {
+                out.push(txt.txt_data.iter().map(|d| String::from_utf8_lossy(d)).collect::<String>());
+            }
+        }
+        out
+    }
+
     /// The answer records for `name`/`rtype`; empty on NXDOMAIN, no data, any failure or
     /// timeout (logged at debug level).
     async fn answers(&self, name: &str, rtype: RecordType) -> Vec<DnsRecord> {

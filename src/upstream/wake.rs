@@ -140,9 +140,19 @@ impl HookUrl {
     /// POSTs `{"sandbox": id}`; `Ok` for a 2xx answer. Unbounded in time: callers wrap it.
     async fn post(&self, sandbox: &str) -> Result<u16, CallError> {
         let body = serde_json::json!({ "sandbox": sandbox }).to_string();
+        self.post_to(&self.target, &body).await
+    }
+
+    /// POSTs the JSON `body` to this URL's path joined with `suffix` (`/set-txt`);
+    /// `Ok` for a 2xx answer. Unbounded in time: callers wrap it.
+    pub async fn post_json(&self, suffix: &str, body: &str) -> Result<u16, String> {
+        let target = format!("{}{suffix}", self.target.trim_end_matches('/'));
+        self.post_to(&target, body).await.map_err(|e| e.to_string())
+    }
+
+    async fn post_to(&self, target: &str, body: &str) -> Result<u16, CallError> {
         let request = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: miosa-edge/{}\r\nConnection: close\r\n\r\n{body}",
-            self.target,
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nUser-Agent: miosa-edge/{}\r\nConnection: close\r\n\r\n{body}",
             self.authority,
             body.len(),
             env!("CARGO_PKG_VERSION"),

@@ -1,0 +1,676 @@
+//! ACME (RFC 8555): certificates for the names the routing state implies, obtained and
+//! renewed in the background (CONTRACT §9).
+//!
+//! ```text
+//! routing state ──► subjects ──► tick: valid? backoff? budget? ──► order (≤ N at once)
+//!   *.{sandbox}, *.{slug}.{apps}      DNS-01: TXT via webhook / RFC 2136, seen on [dns]
+//!   *.{tenant domain} (TXT at          HTTP-01: token answered on the plain listener
+//!     {workspace}.{acme_zone})        ──► CertStore::save ──► Watcher::scan (served)
+//!   verified custom domains
+//! ```
+//!
+//! Names come only from the routing state, never from a request. Every order is
+//! written to the ledger before it starts (crash loops cannot hammer the CA); failures
+//! back off per name; the CA's rate limits are budgeted; the certificate being
+//! served keeps serving until a new one is saved.
+
+pub mod dns01;
+pub mod ledger;
+pub mod rfc2136;
+
+use crate::config::tls::Acme as AcmeConfig;
+use crate::config::Domains;
+use crate::control::verify::Verifier;
+use crate::metrics::Metrics;
+use crate::state::store::Store;
+use crate::state::State;
+use crate::tls::{Cert, Watcher};
+use bytes::Bytes;
+use dns01::Dns01Solver;
+use instant_acme::{
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use ledger::{registered_domain, Ledger};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Where HTTP-01 challenges are asked for.
+pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// How long a DNS-01 or HTTP-01 order may take at the CA.
+const POLL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a renewal-information window is refreshed when the CA names no time.
+const ARI_REFRESH_SECS: i64 = 6 * 3600;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Pending HTTP-01 challenges: token → key authorization.
+#[derive(Debug, Default)]
+pub struct Http01 {
+    tokens: Mutex<HashMap<String, Bytes>>,
+}
+
+impl Http01 {
+    /// The key authorization for a request to `/.well-known/acme-challenge/{token}`.
+    pub fn answer(&self, raw_path: &[u8]) -> Option<Bytes> {
+        let token = std::str::from_utf8(raw_path.strip_prefix(HTTP01_PREFIX.as_bytes())?).ok()?;
+        lock(&self.tokens).get(token).cloned()
+    }
+
+    fn insert(&self, token: &str, key_auth: &str) {
+        lock(&self.tokens).insert(token.to_owned(), Bytes::copy_from_slice(key_auth.as_bytes()));
+    }
+
+    fn remove(&self, token: &str) {
+        lock(&self.tokens).remove(token);
+    }
+}
+
+/// How a name is validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Challenge {
+    #[serde(rename = "dns-01")]
+    Dns01,
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+/// A certificate the edge should hold: one name each.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Subject {
+    /// `*.sandbox.example.com` or `app.customer.com`.
+    pub name: String,
+    pub challenge: Challenge,
+    /// DNS-01: where the TXT record is written (fully qualified, trailing dot).
+    pub txt_at: Option<String>,
+}
+
+/// The certificates the routing state implies (CONTRACT §9), sorted and deduplicated.
+pub fn subjects(toml: &State, api: &State, d: &Domains) -> Vec<Subject> {
+    let mut out = Vec::new();
+    let wild = |zone: &str, txt_at: String| Subject { name: format!("*.{zone}"), challenge: Challenge::Dns01, txt_at: Some(txt_at) };
+    out.push(wild(d.sandbox.as_str(), format!("_acme-challenge.{}.", d.sandbox.as_str())));
+    let deploying: HashSet<&str> = toml.deployments.iter().chain(&api.deployments).map(|x| x.workspace.as_str()).collect();
+    for w in toml.workspaces.iter().chain(&api.workspaces) {
+        if deploying.contains(w.id.as_str()) {
+            let zone = format!("{}.{}", w.slug.as_str(), d.apps.as_str());
+            out.push(wild(&zone, format!("_acme-challenge.{zone}.")));
+        }
+        for dom in [&w.preview_domain, &w.deploy_domain].into_iter().flatten() {
+            if dom.verified {
+                // `_acme-challenge.{D}` is a CNAME to `{workspace}.{acme_zone}` (CONTRACT §1).
+                out.push(wild(dom.host.as_str(), format!("{}.{}.", w.id.as_str(), d.acme_zone.as_str())));
+            }
+        }
+    }
+    for dep in toml.deployments.iter().chain(&api.deployments) {
+        for dom in &dep.domains {
+            if dom.verified {
+                out.push(Subject { name: dom.host.as_str().to_owned(), challenge: Challenge::Http01, txt_at: None });
+            }
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.name == b.name);
+    out
+}
+
+/// The certificate store entry for a managed name: `_wildcard.{parent}` for `*.{parent}`.
+pub fn entry_name(name: &str) -> String {
+    match name.strip_prefix("*.") {
+        Some(parent) => format!("_wildcard.{parent}"),
+        None => name.to_owned(),
+    }
+}
+
+/// What `GET /v1/certificates` says of a managed name.
+#[derive(Clone, Debug, Serialize)]
+pub struct SubjectStatus {
+    pub name: String,
+    pub challenge: Challenge,
+    /// valid | pending | ordering | backoff | deferred | unsupported
+    pub state: &'static str,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<i64>,
+    pub last_attempt_at: Option<i64>,
+    pub last_success_at: Option<i64>,
+    pub deferred_by: Option<&'static str>,
+}
+
+/// A renewal time from the CA (ARI), by certificate serial: (chosen time in the
+/// suggested window, when to ask again).
+type AriWindow = (Option<i64>, i64);
+
+/// Why an order failed.
+#[derive(Debug)]
+struct OrderError {
+    message: String,
+    /// The CA refused a challenge (counts toward the failed-validation limit).
+    validation: bool,
+}
+
+impl OrderError {
+    fn other(e: impl std::fmt::Display) -> OrderError {
+        OrderError { message: e.to_string(), validation: false }
+    }
+    fn validation(e: impl std::fmt::Display) -> OrderError {
+        OrderError { message: e.to_string(), validation: true }
+    }
+}
+
+enum Cleanup {
+    Txt(String, String),
+    Token(String),
+}
+
+/// The background ACME service.
+pub struct Manager {
+    cfg: AcmeConfig,
+    dir: PathBuf,
+    watcher: Arc<Watcher>,
+    store: Arc<Store>,
+    http01: Arc<Http01>,
+    dns: Option<Box<dyn Dns01Solver>>,
+    verifier: Verifier,
+    metrics: Arc<Metrics>,
+    ledger: Mutex<Ledger>,
+    status: Mutex<BTreeMap<String, SubjectStatus>>,
+    inflight: Mutex<HashSet<String>>,
+    orders: Arc<Semaphore>,
+    wake: Notify,
+    account: tokio::sync::OnceCell<Account>,
+    ari: Mutex<HashMap<Vec<u8>, AriWindow>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("acme::Manager").field("directory", &self.cfg.directory).finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Starts the service on a thread of its own. `http01` is shared with the proxy.
+    pub fn start(
+        cfg: &AcmeConfig,
+        state_dir: &std::path::Path,
+        nameservers: Option<&[std::net::SocketAddr]>,
+        watcher: Arc<Watcher>,
+        store: Arc<Store>,
+        http01: Arc<Http01>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Manager>, String> {
+        let dir = state_dir.join("acme");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dns = cfg.dns01.as_ref().map(dns01::solver).transpose()?;
+        let verifier = Verifier::new(nameservers).map_err(|e| format!("dns: {e}"))?;
+        let ledger = Ledger::load(&dir.join("ledger.json"));
+        let me = Arc::new(Manager {
+            cfg: cfg.clone(),
+            dir,
+            watcher,
+            store: store.clone(),
+            http01,
+            dns,
+            verifier,
+            metrics,
+            ledger: Mutex::new(ledger),
+            status: Mutex::new(BTreeMap::new()),
+            inflight: Mutex::new(HashSet::new()),
+            orders: Arc::new(Semaphore::new(cfg.max_concurrent_orders)),
+            wake: Notify::new(),
+            account: tokio::sync::OnceCell::new(),
+            ari: Mutex::new(HashMap::new()),
+        });
+        let runner = me.clone();
+        let changes = store.subscribe();
+        std::thread::Builder::new()
+            .name("acme".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return tracing::error!(error = %e, "cannot start the ACME runtime; no certificates will be ordered"),
+                };
+                rt.block_on(runner.run(changes));
+            })
+            .map_err(|e| format!("cannot start the ACME thread: {e}"))?;
+        Ok(me)
+    }
+
+    async fn run(self: Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
+        let mut feed = true;
+        loop {
+            let wait = self.clone().tick();
+            tokio::select! {
+                r = changes.changed(), if feed => feed = r.is_ok(),
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Looks at every managed name once; starts the orders that are due and allowed.
+    /// Returns how long until something is due again.
+    fn tick(self: Arc<Self>) -> Duration {
+        let now = crate::access::now();
+        let subjects = self.store.read(|_, toml, api, d| subjects(toml, api, d));
+        let index = self.watcher.index().load_full();
+        let mut next = now + 3600;
+        let mut ledger = lock(&self.ledger);
+        ledger.prune(now);
+        let mut statuses = lock(&self.status);
+        statuses.retain(|name, _| subjects.iter().any(|s| &s.name == name));
+        let mut started = false;
+        for s in subjects {
+            let b = ledger.names.get(&s.name).cloned().unwrap_or_default();
+            let st = statuses.entry(s.name.clone()).or_insert_with(|| SubjectStatus {
+                name: s.name.clone(),
+                challenge: s.challenge,
+                state: "pending",
+                failures: 0,
+                last_error: None,
+                next_attempt_at: None,
+                last_attempt_at: None,
+                last_success_at: None,
+                deferred_by: None,
+            });
+            st.failures = b.failures;
+            st.last_error = b.last_error.clone();
+            st.last_attempt_at = b.last_attempt;
+            st.last_success_at = b.last_success;
+            st.next_attempt_at = None;
+            st.deferred_by = None;
+            if lock(&self.inflight).contains(&s.name) {
+                st.state = "ordering";
+                continue;
+            }
+            if s.challenge == Challenge::Dns01 && self.dns.is_none() {
+                st.state = "unsupported";
+                st.last_error = Some("DNS-01 names need [acme.dns01]".into());
+                continue;
+            }
+            let cert = index.covering(&s.name).cloned();
+            if let Some(c) = &cert {
+                let due = self.due_at(c, now);
+                if now < due {
+                    st.state = "valid";
+                    st.next_attempt_at = Some(due);
+                    next = next.min(due);
+                    continue;
+                }
+            }
+            let not_before = ledger.next_try(&s.name);
+            if not_before > now {
+                st.state = "backoff";
+                st.next_attempt_at = Some(not_before);
+                next = next.min(not_before);
+                continue;
+            }
+            let registered = registered_domain(&s.name, &self.cfg.public_suffixes);
+            if let Err(d) = ledger.check(&s.name, &registered, cert.is_some(), &self.cfg.limits, now) {
+                st.state = "deferred";
+                st.deferred_by = Some(d.limit);
+                st.next_attempt_at = Some(d.until);
+                next = next.min(d.until);
+                continue;
+            }
+            let Ok(permit) = self.orders.clone().try_acquire_owned() else {
+                st.state = "pending";
+                continue;
+            };
+            ledger.started(&s.name, now);
+            st.state = "ordering";
+            st.last_attempt_at = Some(now);
+            lock(&self.inflight).insert(s.name.clone());
+            started = true;
+            let me = self.clone();
+            tokio::spawn(async move { me.order_task(s, registered, cert, permit).await });
+        }
+        if started {
+            self.persist(&ledger);
+        }
+        let b = ledger.budget(&self.cfg.limits, now);
+        for (limit, v) in [
+            ("orders_per_3h", b.orders),
+            ("certs_per_domain_per_week", b.certs_per_domain),
+            ("failures_per_host_per_hour", b.failures_per_host),
+            ("duplicates_per_week", b.duplicates),
+        ] {
+            self.metrics.acme_budget.with_label_values(&[limit]).set(v);
+        }
+        Duration::from_secs((next - now).clamp(1, 3600) as u64)
+    }
+
+    /// When `c` should be renewed: the CA's renewal window when it offers one (ARI),
+    /// else two thirds into its life.
+    fn due_at(self: &Arc<Self>, c: &Arc<Cert>, now: i64) -> i64 {
+        let fallback = c.renew_at();
+        if c.authority_key_id.is_none() || self.account.get().is_none() {
+            return fallback;
+        }
+        let cached = lock(&self.ari).get(&c.serial).copied();
+        if cached.is_none_or(|(_, refresh)| refresh <= now) {
+            lock(&self.ari).insert(c.serial.clone(), (cached.and_then(|x| x.0), now + ARI_REFRESH_SECS));
+            let me = self.clone();
+            let c = c.clone();
+            tokio::spawn(async move { me.fetch_ari(&c).await });
+        }
+        match cached.and_then(|x| x.0) {
+            Some(start) => start.min(c.not_after - 60),
+            None => fallback,
+        }
+    }
+
+    async fn fetch_ari(&self, c: &Cert) {
+        let (Some(account), Some(aki)) = (self.account.get(), c.authority_key_id.as_deref()) else { return };
+        let id = CertificateIdentifier::new(aki.into(), c.serial.as_slice().into());
+        let now = crate::access::now();
+        match account.renewal_info(&id).await {
+            Ok((info, retry)) => {
+                let start = info.suggested_window.start.unix_timestamp();
+                let end = info.suggested_window.end.unix_timestamp();
+                // a random point in the window spreads renewals of many certificates
+                let at = start + (end - start).max(0) * (c.serial.iter().map(|b| *b as i64).sum::<i64>() % 100) / 100;
+                let refresh = now + (retry.as_secs() as i64).clamp(60, ARI_REFRESH_SECS);
+                lock(&self.ari).insert(c.serial.clone(), (Some(at), refresh));
+                self.wake.notify_one();
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                lock(&self.ari).insert(c.serial.clone(), (None, i64::MAX));
+            }
+            Err(e) => tracing::debug!(error = %e, source = %c.source, "renewal information unavailable"),
+        }
+    }
+
+    fn persist(&self, ledger: &Ledger) {
+        if let Err(e) = ledger.save(&self.dir.join("ledger.json")) {
+            tracing::error!(error = %e, "cannot write the ACME ledger");
+        }
+    }
+
+    async fn order_task(self: Arc<Self>, s: Subject, registered: String, old: Option<Arc<Cert>>, permit: OwnedSemaphorePermit) {
+        tracing::info!(name = %s.name, challenge = ?s.challenge, renewal = old.is_some(), "ordering a certificate");
+        let result = match self.order(&s, old.as_deref()).await {
+            Ok((chain, key)) => {
+                let entry = entry_name(&s.name);
+                match self.watcher.store().save(&entry, chain.as_bytes(), key.as_bytes()) {
+                    Ok(()) => {
+                        self.watcher.scan();
+                        Ok(())
+                    }
+                    Err(e) => Err(OrderError::other(format!("cannot save the certificate: {e}"))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let now = crate::access::now();
+        {
+            let mut ledger = lock(&self.ledger);
+            match &result {
+                Ok(()) => {
+                    tracing::info!(name = %s.name, "certificate issued and serving");
+                    self.metrics.acme_orders.with_label_values(&["success"]).inc();
+                    ledger.succeeded(&s.name, &registered, now);
+                }
+                Err(e) => {
+                    let (min, max) = (self.cfg.backoff_min_secs as i64, self.cfg.backoff_max_secs as i64);
+                    let next = ledger.failed(&s.name, &e.message, e.validation, min, max, now);
+                    tracing::error!(name = %s.name, error = %e.message, retry_in_secs = next - now, "certificate order failed; the certificate being served (if any) keeps serving");
+                    self.metrics.acme_orders.with_label_values(&["failure"]).inc();
+                }
+            }
+            self.persist(&ledger);
+        }
+        lock(&self.inflight).remove(&s.name);
+        drop(permit);
+        self.wake.notify_one();
+    }
+
+    async fn account(&self) -> Result<Account, OrderError> {
+        self.account
+            .get_or_try_init(|| async {
+                #[derive(serde::Serialize, serde::Deserialize)]
+                struct Saved {
+                    directory: String,
+                    credentials: instant_acme::AccountCredentials,
+                }
+                let builder = || match &self.cfg.ca_bundle {
+                    Some(p) => Account::builder_with_root(p),
+                    None => Account::builder(),
+                };
+                let path = self.dir.join("account.json");
+                if let Ok(bytes) = std::fs::read(&path) {
+                    match serde_json::from_slice::<Saved>(&bytes) {
+                        Ok(saved) if saved.directory == self.cfg.directory => {
+                            return builder().map_err(OrderError::other)?.from_credentials(saved.credentials).await.map_err(OrderError::other);
+                        }
+                        Ok(_) => tracing::warn!("the ACME directory changed; registering a new account"),
+                        Err(e) => tracing::error!(error = %e, file = %path.display(), "ACME account file is corrupt; registering a new account"),
+                    }
+                }
+                let contact: Vec<&str> = self.cfg.contact.iter().map(String::as_str).collect();
+                let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
+                let (account, credentials) =
+                    builder().map_err(OrderError::other)?.create(&new, self.cfg.directory.clone(), None).await.map_err(OrderError::other)?;
+                let saved = Saved { directory: self.cfg.directory.clone(), credentials };
+                let tmp = path.with_extension("json.tmp");
+                let written = serde_json::to_vec(&saved)
+                    .map_err(std::io::Error::other)
+                    .and_then(|b| {
+                        use std::io::Write;
+                        use std::os::unix::fs::OpenOptionsExt;
+                        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+                        f.write_all(&b)?;
+                        f.sync_all()
+                    })
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = written {
+                    tracing::error!(error = %e, file = %path.display(), "cannot save the ACME account; it will be registered again at the next start");
+                }
+                tracing::info!(id = account.id(), "registered an ACME account");
+                Ok(account)
+            })
+            .await
+            .cloned()
+    }
+
+    /// One order, start to certificate: (PEM chain, PEM key).
+    async fn order(&self, s: &Subject, old: Option<&Cert>) -> Result<(String, String), OrderError> {
+        let account = self.account().await?;
+        let ids = [Identifier::Dns(s.name.clone())];
+        let replaces = old.and_then(|c| {
+            let ari_known = lock(&self.ari).get(&c.serial).is_some_and(|x| x.0.is_some());
+            let aki = c.authority_key_id.as_deref()?;
+            ari_known.then(|| CertificateIdentifier::new(aki.into(), c.serial.as_slice().into()).into_owned())
+        });
+        let mut new = NewOrder::new(&ids);
+        if let Some(r) = replaces {
+            new = new.replaces(r);
+        }
+        let mut order = account.new_order(&new).await.map_err(OrderError::other)?;
+        let mut cleanup = Vec::new();
+        let result = async {
+            let mut authzs = order.authorizations();
+            while let Some(a) = authzs.next().await {
+                let mut a = a.map_err(OrderError::other)?;
+                match a.status {
+                    AuthorizationStatus::Valid => continue,
+                    AuthorizationStatus::Pending => {}
+                    other => return Err(OrderError::validation(format!("authorization for {} is {other:?}", s.name))),
+                }
+                let ty = match s.challenge {
+                    Challenge::Dns01 => ChallengeType::Dns01,
+                    Challenge::Http01 => ChallengeType::Http01,
+                };
+                let mut ch = a.challenge(ty.clone()).ok_or_else(|| OrderError::other(format!("the CA offers no {ty:?} challenge for {}", s.name)))?;
+                let ka = ch.key_authorization();
+                match (s.challenge, &self.dns, &s.txt_at) {
+                    (Challenge::Dns01, Some(dns), Some(fqdn)) => {
+                        let value = ka.dns_value();
+                        dns.set_txt(fqdn, &value).await.map_err(OrderError::other)?;
+                        cleanup.push(Cleanup::Txt(fqdn.clone(), value.clone()));
+                        self.await_txt(fqdn, &value).await?;
+                    }
+                    (Challenge::Http01, _, _) => {
+                        self.http01.insert(&ch.token, ka.as_str());
+                        cleanup.push(Cleanup::Token(ch.token.clone()));
+                    }
+                    _ => return Err(OrderError::other("DNS-01 needs [acme.dns01]")),
+                }
+                ch.set_ready().await.map_err(OrderError::other)?;
+            }
+            let status = order.poll_ready(&RetryPolicy::new().timeout(POLL_TIMEOUT)).await.map_err(|e| match e {
+                instant_acme::Error::Api(p) => OrderError::validation(p),
+                e => OrderError::other(e),
+            })?;
+            if status != OrderStatus::Ready {
+                return Err(OrderError::validation(Self::why_invalid(&mut order).await));
+            }
+            let key = order.finalize().await.map_err(OrderError::other)?;
+            let chain = order.poll_certificate(&RetryPolicy::new().timeout(POLL_TIMEOUT)).await.map_err(OrderError::other)?;
+            Ok((chain, key))
+        }
+        .await;
+        for c in cleanup {
+            match c {
+                Cleanup::Token(t) => self.http01.remove(&t),
+                Cleanup::Txt(fqdn, value) => {
+                    if let Some(dns) = &self.dns {
+                        if let Err(e) = dns.clear_txt(&fqdn, &value).await {
+                            tracing::warn!(record = %fqdn, error = %e, "cannot clear the DNS-01 record");
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// The CA's reasons for an invalid order, from its challenges.
+    async fn why_invalid(order: &mut instant_acme::Order) -> String {
+        let mut reasons = Vec::new();
+        let mut authzs = order.authorizations();
+        while let Some(Ok(a)) = authzs.next().await {
+            for c in &a.challenges {
+                if let Some(p) = &c.error {
+                    reasons.push(p.to_string());
+                }
+            }
+        }
+        if reasons.is_empty() {
+            "the CA marked the order invalid".into()
+        } else {
+            reasons.join("; ")
+        }
+    }
+
+    /// Waits until `[dns] nameservers` serve `value` at `fqdn`, so the CA is not asked
+    /// to look before the record can be seen.
+    async fn await_txt(&self, fqdn: &str, value: &str) -> Result<(), OrderError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.propagation_timeout_secs);
+        loop {
+            if self.verifier.txt_values(fqdn.trim_end_matches('.')).await.iter().any(|v| v == value) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(OrderError::other(format!(
+                    "the TXT record at {fqdn} was not visible within {} s",
+                    self.cfg.propagation_timeout_secs
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Managed names and what is known of them.
+    pub fn statuses(&self) -> Vec<SubjectStatus> {
+        lock(&self.status).values().cloned().collect()
+    }
+
+    /// What is left of the CA's limits.
+    pub fn budget(&self) -> serde_json::Value {
+        let b = lock(&self.ledger).budget(&self.cfg.limits, crate::access::now());
+        serde_json::json!({
+            "orders_per_3h": b.orders,
+            "certs_per_domain_per_week": b.certs_per_domain,
+            "failures_per_host_per_hour": b.failures_per_host,
+            "duplicates_per_week": b.duplicates,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http01_answers_only_pending_tokens() {
+        let h = Http01::default();
+        assert!(h.answer(b"/.well-known/acme-challenge/abc").is_none());
+        h.insert("abc", "abc.thumb");
+        assert_eq!(h.answer(b"/.well-known/acme-challenge/abc").as_deref(), Some(&b"abc.thumb"[..]));
+        assert!(h.answer(b"/.well-known/acme-challenge/abcd").is_none());
+        assert!(h.answer(b"/other/abc").is_none());
+        h.remove("abc");
+        assert!(h.answer(b"/.well-known/acme-challenge/abc").is_none());
+    }
+
+    #[test]
+    fn entry_names_of_wildcards() {
+        assert_eq!(entry_name("*.sandbox.example.com"), "_wildcard.sandbox.example.com");
+        assert_eq!(entry_name("app.customer.com"), "app.customer.com");
+        assert!(crate::tls::store::valid_entry(&entry_name("*.a.b")));
+    }
+
+    #[test]
+    fn subjects_follow_the_routing_state() {
+        let cfg = crate::config::Config::parse(
+            r#"
+[domains]
+sandbox = "sandbox.example.com"
+apps = "example.com"
+edge_target = "edge.example.com"
+acme_zone = "acme.example.com"
+
+[[workspaces]]
+id = "ws_1"
+slug = "one"
+preview_domain = { host = "preview.tenant.test", verified = true }
+deploy_domain = { host = "apps.tenant.test", verified = false }
+
+[[workspaces]]
+id = "ws_2"
+slug = "two"
+
+[[deployments]]
+id = "dep_1"
+workspace = "ws_1"
+name = "web"
+domains = [{ host = "app.customer.test", verified = true }, { host = "new.customer.test", verified = false }]
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = { kind = "dynamic", instances = ["127.0.0.1:1"] }
+"#,
+            None,
+        )
+        .expect("config");
+        let got = subjects(&cfg.state, &State::default(), &cfg.domains);
+        let names: Vec<(&str, Challenge, Option<&str>)> = got.iter().map(|s| (s.name.as_str(), s.challenge, s.txt_at.as_deref())).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("*.one.example.com", Challenge::Dns01, Some("_acme-challenge.one.example.com.")),
+                ("*.preview.tenant.test", Challenge::Dns01, Some("ws_1.acme.example.com.")),
+                ("*.sandbox.example.com", Challenge::Dns01, Some("_acme-challenge.sandbox.example.com.")),
+                ("app.customer.test", Challenge::Http01, None),
+            ]
+        );
+    }
+}

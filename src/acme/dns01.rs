@@ -1,0 +1,61 @@
+//! DNS-01: writing `_acme-challenge` TXT records, and waiting until they can be seen.
+
+use crate::config::tls::{Dns01, Dns01Provider};
+use crate::upstream::wake::HookUrl;
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// Bound on one provider call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Something that can set and clear TXT records. Names are fully qualified with their
+/// trailing dot (`_acme-challenge.example.com.`).
+#[async_trait]
+pub trait Dns01Solver: Send + Sync + std::fmt::Debug {
+    /// Adds `value` at `fqdn` (other values there are kept: a wildcard and its base name
+    /// may be validated at the same time).
+    async fn set_txt(&self, fqdn: &str, value: &str) -> Result<(), String>;
+    /// Removes `value` at `fqdn`.
+    async fn clear_txt(&self, fqdn: &str, value: &str) -> Result<(), String>;
+}
+
+/// Builds the configured provider.
+pub fn solver(cfg: &Dns01) -> Result<Box<dyn Dns01Solver>, String> {
+    match cfg.provider {
+        Dns01Provider::Webhook => {
+            let url = cfg.url.as_deref().ok_or("acme.dns01.url is required for the webhook provider")?;
+            Ok(Box::new(Webhook { url: HookUrl::parse(url).map_err(|e| format!("acme.dns01.url: {e}"))? }))
+        }
+        Dns01Provider::Rfc2136 => Ok(Box::new(super::rfc2136::Rfc2136::from_config(cfg)?)),
+    }
+}
+
+/// POSTs `{"host": fqdn, "value": v}` to `<url>/set-txt` and `{"host": fqdn}` (with the
+/// value, for providers that keep several) to `<url>/clear-txt` — the shape
+/// pebble-challtestsrv speaks.
+#[derive(Debug)]
+pub struct Webhook {
+    url: HookUrl,
+}
+
+impl Webhook {
+    async fn call(&self, path: &str, body: serde_json::Value) -> Result<(), String> {
+        let body = body.to_string();
+        match tokio::time::timeout(CALL_TIMEOUT, self.url.post_json(path, &body)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("dns-01 webhook {path}: {e}")),
+            Err(_) => Err(format!("dns-01 webhook {path}: no answer within {CALL_TIMEOUT:?}")),
+        }
+    }
+}
+
+#[async_trait]
+impl Dns01Solver for Webhook {
+    async fn set_txt(&self, fqdn: &str, value: &str) -> Result<(), String> {
+        self.call("/set-txt", serde_json::json!({ "host": fqdn, "value": value })).await
+    }
+
+    async fn clear_txt(&self, fqdn: &str, value: &str) -> Result<(), String> {
+        self.call("/clear-txt", serde_json::json!({ "host": fqdn, "value": value })).await
+    }
+}
