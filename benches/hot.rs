@@ -5,6 +5,8 @@
 //! building the whole table. Setup prints the table's resident size per sandbox.
 //! `cargo bench --bench hot -- access` — `mp_` verification (HS256, EdDSA), session
 //! cookie verification, and share-token lookup in a table of 1M share records.
+//! `cargo bench --bench hot -- resolve` — the TLS certificate choice by SNI over 100k
+//! exact names and 10k wildcards (what every handshake runs).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use miosa_edge::config::{Domains, PlatformBranding};
@@ -260,5 +262,51 @@ fn bench_access(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_lookup, bench_access);
+fn bench_resolve(c: &mut Criterion) {
+    use miosa_edge::tls::{default_cert, store::parse_pair, Cert, CertIndex};
+    use std::sync::Arc;
+    // One real key pair shared by every entry: the index only looks at names.
+    let (chain, key) = default_cert::generate(&["localhost".into()]).unwrap();
+    let real = parse_pair("default", chain.as_bytes(), key.as_bytes()).unwrap();
+    let cert = |source: String, names: Vec<String>| {
+        Arc::new(Cert {
+            names,
+            not_before: real.not_before,
+            not_after: real.not_after,
+            issuer: real.issuer.clone(),
+            source,
+            serial: real.serial.clone(),
+            authority_key_id: None,
+            key: real.key.clone(),
+        })
+    };
+    let mut certs: Vec<Arc<Cert>> = (0..DOMAINS).map(|i| cert(format!("c{i}"), vec![format!("www.customer-{i}.com")])).collect();
+    certs.extend((0..WORKSPACES).map(|i| cert(format!("w{i}"), vec![format!("*.team-{i}.miosa.app")])));
+    certs.push(cert("sandbox".into(), vec!["*.sandbox.miosa.app".into()]));
+    let t0 = Instant::now();
+    let index = Arc::new(arc_swap::ArcSwap::from_pointee(CertIndex::new(cert("default".into(), vec!["localhost".into()]), certs)));
+    eprintln!("cert index: {} exact + {} wildcard names built in {:.0} ms", DOMAINS, WORKSPACES + 1, t0.elapsed().as_secs_f64() * 1e3);
+    let sets = [
+        ("exact_hit", hosts(4096, |i| format!("www.customer-{}.com", i % DOMAINS))),
+        ("wildcard_hit", hosts(4096, |i| format!("app-{i}.team-{}.miosa.app", i % WORKSPACES))),
+        ("sandbox_wildcard_hit", hosts(4096, |i| format!("5173-sb{i:08x}.sandbox.miosa.app"))),
+        ("miss_default", hosts(4096, |i| format!("nothing-{i}.example.org"))),
+    ];
+    let mut g = c.benchmark_group("resolve_100k");
+    for (name, hs) in &sets {
+        let got = index.load().resolve(Some(&hs[1])).source.clone();
+        assert_eq!(got == "default", name.starts_with("miss"), "{name}: {} → {got}", hs[1]);
+        let mut i = 0usize;
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                // what SniResolver::resolve does: one load, one lookup, one Arc clone
+                black_box(index.load().resolve(black_box(Some(hs[i].as_str()))).key.clone())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_lookup, bench_access, bench_resolve);
 criterion_main!(benches);

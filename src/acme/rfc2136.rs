@@ -1,7 +1,7 @@
 //! RFC 2136 dynamic DNS updates signed with TSIG (RFC 8945), for DNS-01.
 //!
 //! Every exchange is one signed message over TCP (two-byte length prefix) to the
-//! configured primary, bounded by [`EXCHANGE_TIMEOUT`]. An answer counts only with the
+//! configured primary, bounded by `EXCHANGE_TIMEOUT` (10 s). An answer counts only with the
 //! server's valid TSIG on it; an error answer (NOTAUTH for a bad key or signature, which
 //! servers send unsigned) fails the call with its rcode named. Without a configured
 //! zone, the zone of a name is the owner of the SOA the server gives for it (walking up
