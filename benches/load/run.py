@@ -15,6 +15,12 @@ Pinning: each proxy alone on CPU 0; wrk and the origin share CPU 1.
 Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
   1. keep-alive HTTP/1.1, 1 KiB response, sandbox-preview host;
   2. keep-alive, 64 KiB response;
+  3. a new TLS connection per request (full handshake, no resumption: wrk sends
+     `Connection: close`), 1 KiB response; both proxies serve the same ECDSA P-256
+     certificate for *.sandbox.localhost (wrk's SNI is the URL's IP, so both fall back to
+     their default/only certificate; the SNI lookup itself is benched by criterion);
+  4. HTTP/2 over TLS, 8 connections x 16 concurrent streams (h2load), 1 KiB response;
+     h2load reports mean and max latency only: the table's p50/p99 columns show those;
   5. scenario 1 on a private preview: every request carries the edge's session cookie
      (obtained once through a share link), which the edge verifies (HMAC over the host,
      share record lookup) and strips before forwarding; nginx and the bare proxy get the
@@ -68,10 +74,10 @@ def to_us(v):
     return n * {"us": 1, "ms": 1e3, "s": 1e6}[u]
 
 
-def wrk(port, host, path, seconds, conns, headers=()):
+def wrk(port, host, path, seconds, conns, headers=(), scheme="http"):
     extra = [x for h in headers for x in ("-H", h)]
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}", *extra,
-           f"http://127.0.0.1:{port}{path}"]
+           f"{scheme}://127.0.0.1:{port}{path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -81,6 +87,20 @@ def wrk(port, host, path, seconds, conns, headers=()):
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(bad.group(1)) if bad else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
     return {"requests": total, "rps": rps, "p50": p50, "p99": p99, "errors": errors}
+
+
+def h2load(port, host, path, seconds, conns, streams=16):
+    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{conns}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1",
+           "-H", f":authority: {host}", f"https://127.0.0.1:{port}{path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    if not m:
+        raise RuntimeError(f"h2load output not understood:\n{out}")
+    done, ok = int(m.group(2)), int(m.group(3))
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    return {"requests": done, "rps": rps, "p50": to_us(lat.group(3)), "p99": to_us(lat.group(2)),
+            "errors": int(m.group(4)) + int(m.group(5)) + (done - ok - int(m.group(4)))}
 
 
 class Procs:
@@ -145,7 +165,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--swap-sandboxes", type=int, default=100_000)
-    ap.add_argument("--scenarios", default="1,2,5,6,7", help="comma-separated scenario numbers to run")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated scenario numbers to run")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
     a = ap.parse_args()
@@ -171,7 +191,14 @@ def main():
         with open(tgz, "rb") as f:
             release_sha = hashlib.sha256(f.read()).hexdigest()
         shutil.move(tgz, os.path.join(store, f"{release_sha}.tar.gz"))
-        o_port, n_port, e_port, b_port, c_port = (free_port() for _ in range(5))
+        o_port, n_port, e_port, b_port, c_port, nt_port, et_port = (free_port() for _ in range(7))
+        # One certificate for both proxies (ECDSA P-256, as the edge generates).
+        certs = os.path.join(d, "certs")
+        os.makedirs(os.path.join(certs, "bench"))
+        crt, key = os.path.join(certs, "bench", "fullchain.pem"), os.path.join(certs, "bench", "privkey.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "7",
+                        "-subj", "/CN=bench", "-addext", "subjectAltName=DNS:*.sandbox.localhost,DNS:localhost",
+                        "-keyout", key, "-out", crt], check=True, capture_output=True)
         host = f"{o_port}-bench.sandbox.localhost"
 
         conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; tcp_nopush on; }}")
@@ -180,6 +207,7 @@ def main():
   upstream origin {{ server 127.0.0.1:{o_port}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{n_port} default_server;
+    listen 127.0.0.1:{nt_port} ssl http2 default_server;
     return 404;
   }}
   server {{
@@ -189,8 +217,14 @@ def main():
     sendfile on;
     tcp_nopush on;
   }}
+  ssl_certificate {crt};
+  ssl_certificate_key {key};
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache off;
+  ssl_session_tickets off;
   server {{
     listen 127.0.0.1:{n_port};
+    listen 127.0.0.1:{nt_port} ssl http2;
     server_name ~^(?<pport>[1-9][0-9]*)-(?<sandbox>[a-z0-9-]+)\\.sandbox\\.localhost$;
     location / {{
       proxy_pass http://origin;
@@ -211,9 +245,13 @@ def main():
         with open(edge_conf, "w") as f:
             f.write(f"""[server]
 http = "127.0.0.1:{e_port}"
+https = "127.0.0.1:{et_port}"
 state_dir = "{d}/var"
 threads = 1
 watch_interval_ms = 0
+[tls]
+certs_dir = "{certs}"
+redirect_http = false
 [control]
 listen = "127.0.0.1:{c_port}"
 max_body_bytes = 1073741824
@@ -248,16 +286,17 @@ sandbox = "priv"
         env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
         edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
         bare = procs.start("bare", [a.bare, f"127.0.0.1:{b_port}", f"127.0.0.1:{o_port}", "1"], 0)
-        for p in [o_port, n_port, e_port, b_port, c_port]:
+        for p in [o_port, n_port, e_port, b_port, c_port, nt_port, et_port]:
             wait_port(p)
 
         targets = [("direct", o_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge), ("bare pingora", b_port, bare)]
         rows = []
 
-        def run(scenario, label, port, proc, path, hostname, headers=()):
-            wrk(port, hostname, path, 1, a.connections, headers)  # warm-up: connections, pools, caches
+        def run(scenario, label, port, proc, path, hostname, headers=(), scheme="http", tool=None):
+            tool = tool or (lambda secs: wrk(port, hostname, path, secs, a.connections, headers, scheme))
+            tool(1)  # warm-up: connections, pools, caches
             before = cpu_ticks(proc.pid) if proc else 0
-            r = wrk(port, hostname, path, a.seconds, a.connections, headers)
+            r = tool(a.seconds)
             after = cpu_ticks(proc.pid) if proc else 0
             r["cpu_us"] = ((after - before) / CLK * 1e6 / r["requests"]) if proc and r["requests"] else None
             r["scenario"], r["target"] = scenario, label
@@ -272,6 +311,16 @@ sandbox = "priv"
             for _ in range(a.rounds):
                 for label, port, proc in targets:
                     run(scenario, label, port, proc, path, host)
+
+        # Scenarios 3 and 4: TLS (nginx and the edge; the bare proxy has no TLS).
+        tls_targets = [("nginx", nt_port, nginx), ("edge", et_port, edge)]
+        for _ in range(a.rounds if "3" in only else 0):
+            for label, port, proc in tls_targets:
+                run("3 TLS handshake per request", label, port, proc, "/1k", host, ["Connection: close"], "https")
+        for _ in range(a.rounds if "4" in only else 0):
+            for label, port, proc in tls_targets:
+                run("4 h2 over TLS, 16 streams", label, port, proc, "/1k", host,
+                    tool=lambda secs, port=port: h2load(port, host, "/1k", secs, 8))
 
         # Scenario 5: a private preview with the session cookie on every request.
         priv_host = f"{o_port}-priv.sandbox.localhost"
