@@ -99,6 +99,8 @@ pub struct Metrics {
     pub acme_orders: IntCounterVec,
     /// What is left of each CA rate limit the edge budgets against.
     pub acme_budget: prometheus::IntGaugeVec,
+    health_up: IntCounter,
+    health_down: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -254,6 +256,17 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let health = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "miosa_edge_instance_health_transitions_total",
+                    "Runtime instances taken out of rotation by their health check, or back in, by direction (unhealthy, healthy).",
+                ),
+                &["to"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let mut requests = Vec::new();
         for k in KINDS {
             for c in CLASSES {
@@ -282,8 +295,15 @@ impl Metrics {
             certificate_expiry,
             acme_orders,
             acme_budget,
+            health_up: health.with_label_values(&["healthy"]),
+            health_down: health.with_label_values(&["unhealthy"]),
             registry,
         }
+    }
+
+    /// An instance changed health (active checks).
+    pub fn health_transition(&self, healthy: bool) {
+        if healthy { &self.health_up } else { &self.health_down }.inc();
     }
 
     /// Counts one answered request.

@@ -29,6 +29,7 @@ use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP, PASSWORD_PATH};
 use crate::releases::{serve, Releases};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
 use crate::state::{Access, SandboxState};
+use crate::upstream::health;
 use crate::upstream::wake::{Wait, Waker};
 use crate::usage::{Kind as UsageKind, Usage, UsageCell};
 use async_trait::async_trait;
@@ -118,6 +119,8 @@ pub struct RequestCtx {
     share_watch: Option<ShareWatch>,
     /// The request came over TLS.
     tls: bool,
+    /// The instance this request is using (outstanding-request count).
+    instance: Option<crate::upstream::health::InFlight>,
 }
 
 /// The preview a request is for, as access checks need it.
@@ -697,9 +700,10 @@ impl EdgeProxy {
                         self.serve_static(session, ctx, &deployment.id, &sha256.0, *spa).await?;
                         Ok(true)
                     }
-                    ActiveRelease::Dynamic { .. } => match deployment.pick_instance(None) {
-                        Some(addr) => {
-                            ctx.target = Some(Target::Deployment { index, addr });
+                    ActiveRelease::Dynamic { .. } => match deployment.pick_instance(None, health::now_ms()) {
+                        Some(inst) => {
+                            ctx.target = Some(Target::Deployment { index, addr: inst.addr });
+                            ctx.instance = Some(inst.health.start());
                             Ok(false)
                         }
                         None => {
@@ -732,6 +736,7 @@ impl ProxyHttp for EdgeProxy {
             usage: [None, None, None],
             share_watch: None,
             tls: false,
+            instance: None,
         }
     }
 
@@ -753,11 +758,17 @@ impl ProxyHttp for EdgeProxy {
         let addr = match ctx.target {
             Some(Target::Sandbox { addr }) => addr,
             Some(Target::Deployment { index, addr }) if ctx.retries > 0 => {
-                // A retry after a failed connect: another instance of the same table.
-                let next = ctx.table.as_ref().and_then(|t| t.deployment(index)).and_then(|d| d.pick_instance(Some(addr)));
-                let next = next.unwrap_or(addr);
-                ctx.target = Some(Target::Deployment { index, addr: next });
-                next
+                // A retry after a failure before any response: another instance of the same table.
+                let table = ctx.table.clone();
+                let next = table.as_ref().and_then(|t| t.deployment(index)).and_then(|d| d.pick_instance(Some(addr), health::now_ms()));
+                match next {
+                    Some(inst) => {
+                        ctx.instance = Some(inst.health.start());
+                        ctx.target = Some(Target::Deployment { index, addr: inst.addr });
+                        inst.addr
+                    }
+                    None => addr,
+                }
             }
             Some(Target::Deployment { addr, .. }) => addr,
             None => return Error::e_explain(ErrorType::InternalError, "no upstream chosen for this request"),
@@ -803,7 +814,32 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    fn error_while_proxy(&self, peer: &HttpPeer, session: &mut Session, e: Box<Error>, ctx: &mut RequestCtx, client_reused: bool) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let reset = matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError);
+        if reset && matches!(e.esource(), ErrorSource::Upstream) {
+            if let Some(i) = &ctx.instance {
+                i.health().passive_failure();
+            }
+        }
+        let replayable = session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
+        if !replayable || session.response_written().is_some() {
+            e.set_retry(false);
+        } else if reset && ctx.retries == 0 && matches!(ctx.target, Some(Target::Deployment { .. })) {
+            // The instance went away before answering an idempotent request (killed,
+            // restarted): once more on another instance, so no GET is lost.
+            ctx.retries += 1;
+            e.set_retry(true);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        if let Some(i) = &ctx.instance {
+            i.health().passive_success();
+        }
         resp.insert_header(XRID, ctx.request_id.clone())?;
         if ctx.preview {
             resp.append_header(XRT, NOINDEX.clone())?;
@@ -813,6 +849,9 @@ impl ProxyHttp for EdgeProxy {
 
     fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
         self.metrics.upstream_failure(failure_reason(&e));
+        if let Some(i) = &ctx.instance {
+            i.health().passive_failure();
+        }
         // Nothing reached the upstream yet, so any method may be retried once on
         // another instance of the same deployment.
         if let Some(Target::Deployment { index, .. }) = ctx.target {

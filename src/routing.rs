@@ -22,6 +22,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 mod key;
+
+/// splitmix64: spreads a counter over 64 bits.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 pub use key::Key;
 
 type Map<V> = HashMap<Key, V, RandomState>;
@@ -89,8 +97,15 @@ pub struct WorkspaceEntry {
 /// What a deployment's active version serves.
 #[derive(Debug)]
 pub enum ActiveRelease {
-    Dynamic { instances: Box<[SocketAddr]>, next: AtomicUsize },
+    Dynamic { instances: Box<[Instance]>, next: AtomicUsize, balance: state::Balance, health_check: Option<Box<state::HealthCheck>> },
     Static { sha256: state::Sha256, spa: bool },
+}
+
+/// A runtime instance and its shared health (outstanding requests, ejection, checks).
+#[derive(Debug)]
+pub struct Instance {
+    pub addr: SocketAddr,
+    pub health: Arc<crate::upstream::health::InstanceHealth>,
 }
 
 /// A deployment as the request path needs it.
@@ -112,15 +127,42 @@ impl DeploymentEntry {
         }
     }
 
-    /// Round-robin choice of an instance; `skip` avoids one that just failed.
-    pub fn pick_instance(&self, skip: Option<SocketAddr>) -> Option<SocketAddr> {
-        let ActiveRelease::Dynamic { instances, next } = &self.release else { return None };
-        if instances.is_empty() {
+    /// Chooses an instance of the active version: the less loaded of two (or the next
+    /// in turn with `round_robin`) among those neither ejected nor failing their health
+    /// check; `skip` avoids one that just failed. When every instance is ejected after
+    /// failures seen by requests, those not failing active checks are tried anyway
+    /// (better than refusing all traffic on a blip); `None` when every instance fails its
+    /// health check (503 `no_healthy_instance`).
+    pub fn pick_instance(&self, skip: Option<SocketAddr>, now_ms: u64) -> Option<&Instance> {
+        let ActiveRelease::Dynamic { instances, next, balance, .. } = &self.release else { return None };
+        let n = instances.len();
+        if n == 0 {
             return None;
         }
-        let n = instances.len();
-        let start = next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| instances[(start + i) % n]).find(|a| Some(*a) != skip).or(Some(instances[start % n]))
+        let ok = |i: &&Instance| Some(i.addr) != skip && i.health.available(now_ms);
+        let r = next.fetch_add(1, Ordering::Relaxed);
+        let chosen = match balance {
+            state::Balance::RoundRobin => (0..n).map(|k| &instances[(r + k) % n]).find(ok),
+            state::Balance::LeastLoaded => {
+                // Two distinct candidates from a mixed counter (cheap, lock-free).
+                let x = mix(r as u64);
+                let a = &instances[(x % n as u64) as usize];
+                let b = &instances[if n > 1 { (((x >> 32) % (n as u64 - 1)) as usize + (x % n as u64) as usize + 1) % n } else { 0 }];
+                match (ok(&a), ok(&b)) {
+                    (true, true) => Some(if b.health.outstanding() < a.health.outstanding() { b } else { a }),
+                    (true, false) => Some(a),
+                    (false, true) => Some(b),
+                    (false, false) => instances.iter().filter(ok).min_by_key(|i| i.health.outstanding()),
+                }
+            }
+        };
+        chosen.or_else(|| {
+            let alive = |i: &&Instance| !i.health.is_down();
+            (0..n).map(|k| &instances[(r + k) % n]).filter(alive).find(|i| Some(i.addr) != skip).or_else(|| {
+                // Only the instance that just failed is left: try it again.
+                instances.iter().filter(alive).next()
+            })
+        })
     }
 }
 
@@ -274,9 +316,12 @@ impl RouteTable {
                 BuildError(vec![state::StateError { path: String::new(), message: format!("deployment `{}` has no active version", d.id) }])
             })?;
             let release = match &version.release {
-                Release::Dynamic { instances, .. } => {
-                    ActiveRelease::Dynamic { instances: instances.iter().map(|a| a.0).collect(), next: AtomicUsize::new(0) }
-                }
+                Release::Dynamic { instances, balance, health_check } => ActiveRelease::Dynamic {
+                    instances: instances.iter().map(|a| Instance { addr: a.0, health: crate::upstream::health::instance(a.0) }).collect(),
+                    next: AtomicUsize::new(0),
+                    balance: *balance,
+                    health_check: health_check.clone().map(Box::new),
+                },
                 Release::Static { sha256, spa } => ActiveRelease::Static { sha256: *sha256, spa: *spa },
             };
             workspaces[ws as usize].deployments.insert(d.name.as_str().into(), i);

@@ -47,6 +47,8 @@ pub enum StartError {
     Wake(#[from] crate::upstream::wake::HookUrlError),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("cannot start the health checker: {0}")]
+    Health(#[source] std::io::Error),
     #[error("acme: {0}")]
     Acme(String),
 }
@@ -96,6 +98,9 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
         None => None,
     };
     let http01 = Arc::new(crate::acme::Http01::default());
+    // Active health checks of runtime instances, following the routing table.
+    crate::upstream::health::spawn_checker(routes.clone(), store.subscribe(), metrics.clone())
+        .map_err(StartError::Health)?;
     let threads = match cfg.server.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,

@@ -153,6 +153,9 @@ pub enum Release {
         instances: Vec<Instance>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health_check: Option<HealthCheck>,
+        /// How an instance is chosen per request.
+        #[serde(default, skip_serializing_if = "Balance::is_default")]
+        balance: Balance,
     },
     /// A static release archive served by the edge.
     Static {
@@ -162,17 +165,51 @@ pub enum Release {
     },
 }
 
-/// Active health check of a dynamic release.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Instance selection of a dynamic release.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Power of two choices over outstanding requests (the less loaded of two).
+    #[default]
+    LeastLoaded,
+    RoundRobin,
+}
+
+impl Balance {
+    fn is_default(&self) -> bool {
+        *self == Balance::LeastLoaded
+    }
+}
+
+/// Active health check of a dynamic release: `GET path` on every instance of the
+/// active version each `interval_ms`; 2xx/3xx within `timeout_ms` is a pass.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub path: String,
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
+    #[serde(default = "default_hc_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Passes in a row that bring an unhealthy instance back.
+    #[serde(default = "default_healthy")]
+    pub healthy_threshold: u32,
+    /// Failures in a row that take an instance out.
+    #[serde(default = "default_unhealthy")]
+    pub unhealthy_threshold: u32,
 }
 
 fn default_interval_ms() -> u64 {
     5000
+}
+fn default_hc_timeout_ms() -> u64 {
+    2000
+}
+fn default_healthy() -> u32 {
+    2
+}
+fn default_unhealthy() -> u32 {
+    3
 }
 
 /// A validation error: the key path of the first bad field and what is wrong with it.
@@ -363,7 +400,7 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
                 err(format!("{vp}.id"), format!("version id `{}` is used twice", v.id));
             }
             match &v.release {
-                Release::Dynamic { instances, health_check } => {
+                Release::Dynamic { instances, health_check, .. } => {
                     if instances.is_empty() {
                         err(format!("{vp}.release.instances"), "a dynamic release needs at least one instance".into());
                     }
@@ -383,6 +420,14 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
                         }
                         if !(100..=3_600_000).contains(&hc.interval_ms) {
                             err(format!("{vp}.release.health_check.interval_ms"), "must be between 100 and 3600000".into());
+                        }
+                        if !(10..=60_000).contains(&hc.timeout_ms) || hc.timeout_ms > hc.interval_ms.max(10) {
+                            err(format!("{vp}.release.health_check.timeout_ms"), "must be between 10 and 60000 and at most interval_ms".into());
+                        }
+                        for (k, v) in [("healthy_threshold", hc.healthy_threshold), ("unhealthy_threshold", hc.unhealthy_threshold)] {
+                            if !(1..=100).contains(&v) {
+                                err(format!("{vp}.release.health_check.{k}"), "must be between 1 and 100".into());
+                            }
                         }
                     }
                 }

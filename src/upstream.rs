@@ -1,4 +1,5 @@
-//! Upstream concerns beyond routing: waking suspended sandboxes (later: instance
-//! selection and health checks).
+//! Upstream concerns beyond routing: instance health (load, passive ejection, active
+//! checks) and waking suspended sandboxes.
 
+pub mod health;
 pub mod wake;

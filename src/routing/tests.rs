@@ -122,14 +122,12 @@ fn unverified_domains() {
 }
 
 #[test]
-fn round_robin_and_retry_skip() {
+fn retry_skips_the_instance_that_failed() {
     let t = table();
     let Route::Deployment { deployment, .. } = t.lookup("app.customer.com") else { panic!() };
-    let a = deployment.pick_instance(None).unwrap();
-    let b = deployment.pick_instance(None).unwrap();
-    assert_ne!(a, b);
-    for _ in 0..4 {
-        assert_ne!(deployment.pick_instance(Some(a)), Some(a));
+    let a = deployment.pick_instance(None, 0).unwrap().addr;
+    for _ in 0..8 {
+        assert_ne!(deployment.pick_instance(Some(a), 0).map(|i| i.addr), Some(a));
     }
 }
 
@@ -203,5 +201,76 @@ fn hostile_hosts_never_panic_and_stay_in_bounds() {
         if let Some(h) = normalize_host(host.as_bytes(), &mut buf) {
             let _ = t.lookup(h);
         }
+    }
+}
+
+mod instances {
+    use super::super::*;
+    use crate::state::Balance;
+
+    fn deployment(n: usize, balance: Balance, base_port: u16) -> DeploymentEntry {
+        let instances: Box<[Instance]> = (0..n)
+            .map(|i| {
+                let addr: SocketAddr = format!("10.9.9.9:{}", base_port + i as u16).parse().unwrap();
+                Instance { addr, health: crate::upstream::health::instance(addr) }
+            })
+            .collect();
+        DeploymentEntry {
+            id: "d".into(),
+            workspace: 0,
+            name: "d".into(),
+            active_version: "v".into(),
+            release: ActiveRelease::Dynamic { instances, next: AtomicUsize::new(0), balance, health_check: None },
+        }
+    }
+
+    fn counts(d: &DeploymentEntry, picks: usize, skip: Option<SocketAddr>) -> Vec<usize> {
+        let ActiveRelease::Dynamic { instances, .. } = &d.release else { unreachable!() };
+        let mut c = vec![0; instances.len()];
+        for _ in 0..picks {
+            if let Some(p) = d.pick_instance(skip, 0) {
+                c[instances.iter().position(|i| i.addr == p.addr).unwrap()] += 1;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn least_loaded_avoids_the_busy_instance_and_round_robin_does_not() {
+        let d = deployment(3, Balance::LeastLoaded, 20_000);
+        let ActiveRelease::Dynamic { instances, .. } = &d.release else { unreachable!() };
+        let busy: Vec<_> = (0..50).map(|_| instances[0].health.start()).collect();
+        let c = counts(&d, 3000, None);
+        // the busy one only wins when both candidates are it (never: candidates are distinct)
+        assert_eq!(c[0], 0, "{c:?}");
+        assert!(c[1] > 1000 && c[2] > 1000, "{c:?}");
+        drop(busy);
+        assert_eq!(instances[0].health.outstanding(), 0);
+        let c = counts(&d, 3000, None);
+        assert!(c.iter().all(|n| *n > 700), "unloaded: spread over all {c:?}");
+
+        let rr = deployment(3, Balance::RoundRobin, 20_100);
+        let ActiveRelease::Dynamic { instances, .. } = &rr.release else { unreachable!() };
+        let _busy: Vec<_> = (0..50).map(|_| instances[0].health.start()).collect();
+        assert_eq!(counts(&rr, 3000, None), vec![1000, 1000, 1000]);
+    }
+
+    #[test]
+    fn ejected_and_unhealthy_instances_are_skipped_until_none_is_left() {
+        let d = deployment(3, Balance::LeastLoaded, 20_200);
+        let ActiveRelease::Dynamic { instances, .. } = &d.release else { unreachable!() };
+        instances[1].health.passive_failure();
+        let c = counts(&d, 1000, None);
+        assert_eq!(c[1], 0, "ejected: {c:?}");
+        // skip (the instance that just failed) is honoured while another is available
+        let c = counts(&d, 1000, Some(instances[0].addr));
+        assert_eq!((c[0], c[1]), (0, 0), "{c:?}");
+        assert_eq!(c[2], 1000);
+        // all ejected after request failures: still tried rather than refusing everything
+        instances[0].health.passive_failure();
+        instances[2].health.passive_failure();
+        assert!(d.pick_instance(None, 0).is_some());
+        // a recovered response ends the failure run (ejection itself expires with time)
+        instances[1].health.passive_success();
     }
 }
