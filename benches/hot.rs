@@ -63,6 +63,7 @@ fn big_state() -> State {
                 release: Release::Dynamic {
                     instances: vec![Instance(format!("10.1.0.{}:8080", d % 250 + 1).parse().unwrap())],
                     health_check: None,
+                    balance: Balance::default(),
                 },
             }],
         });
