@@ -198,8 +198,23 @@ impl ControlApi {
                         return;
                     }
                 };
+                // SIGTERM / SIGQUIT: stop taking control connections (a process started
+                // with --upgrade binds the port next); those open finish.
+                use tokio::signal::unix::{signal, SignalKind};
+                let (mut term, mut quit) = match (signal(SignalKind::terminate()), signal(SignalKind::quit())) {
+                    (Ok(t), Ok(q)) => (t, q),
+                    _ => {
+                        tracing::error!("cannot watch SIGTERM/SIGQUIT for the control API");
+                        return;
+                    }
+                };
                 loop {
-                    let (sock, _) = match listener.accept().await {
+                    let accepted = tokio::select! {
+                        a = listener.accept() => a,
+                        _ = term.recv() => break,
+                        _ = quit.recv() => break,
+                    };
+                    let (sock, _) = match accepted {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::warn!(error = %e, "control API accept failed");
@@ -220,6 +235,9 @@ impl ControlApi {
                         let _ = conn.await;
                     });
                 }
+                drop(listener);
+                tracing::info!("control API closed: the process is stopping");
+                std::future::pending::<()>().await;
             })
         })?)
     }

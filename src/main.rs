@@ -21,6 +21,10 @@ enum Command {
     Run {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
+        /// Take over the listening sockets of the running edge (zero-downtime binary
+        /// upgrade): start this, then send SIGQUIT to the old process (README).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file without starting anything; exit status 1 on errors.
     Check {
@@ -194,7 +198,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             init_logs();
             let cfg = match Config::load(config.as_deref()) {
                 Ok(c) => c,
@@ -203,7 +207,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match miosa_edge::server::run(cfg) {
+            match miosa_edge::server::run(cfg, upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -11,7 +11,8 @@ use crate::tls::{default_cert, DirStore, SniResolver, Watcher};
 use pingora::listeners::tls::TlsSettings;
 use crate::state::store::{OpenError, Store};
 use crate::usage::Usage;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::http_proxy;
+use pingora::services::listening::Service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use std::net::{SocketAddr, TcpListener};
@@ -47,6 +48,8 @@ pub enum StartError {
     Wake(#[from] crate::upstream::wake::HookUrlError),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     #[error("cannot start the health checker: {0}")]
     Health(#[source] std::io::Error),
     #[error("acme: {0}")]
@@ -63,8 +66,56 @@ fn resolve_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
     Ok(actual)
 }
 
-/// Runs the edge until it is told to stop (SIGTERM graceful, SIGINT fast).
-pub fn run(mut cfg: Config) -> Result<(), StartError> {
+/// The control listener, bound once the previous process let go of it (upgrade).
+fn bind_control(addr: SocketAddr, upgrade: bool) -> Result<TcpListener, StartError> {
+    let deadline = std::time::Instant::now() + UPGRADE_CONTROL_WAIT;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) if upgrade && e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => return Err(StartError::Bind { addr, source }),
+        }
+    }
+}
+
+/// How long an upgrading process waits for the old one to release the control port.
+const UPGRADE_CONTROL_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs the edge until it is told to stop: SIGTERM graceful (stop accepting, finish
+/// in-flight requests), SIGQUIT graceful with the listening sockets handed to a process
+/// started with `upgrade`, SIGINT fast.
+pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
+    if upgrade {
+        for (key, addr) in [("server.http", Some(cfg.server.http)), ("server.https", cfg.server.https), ("control.listen", Some(cfg.control.listen))] {
+            if addr.is_some_and(|a| a.port() == 0) {
+                return Err(StartError::Upgrade(format!("{key} must name a port to take over, not 0")));
+            }
+        }
+    }
+    let threads = match cfg.server.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(10),
+        upgrade_sock: cfg.server.state_dir.join("upgrade.sock").display().to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = std::fs::create_dir_all(&cfg.server.state_dir) {
+        return Err(StartError::Upgrade(format!("state_dir {}: {e}", cfg.server.state_dir.display())));
+    }
+    let opt = pingora::server::configuration::Opt { upgrade, ..Default::default() };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    // With `upgrade`, this waits for the old process's sockets (sent on its SIGQUIT);
+    // everything below (state, control port) is taken after that, so no acknowledged
+    // write of the old process is missed.
+    server.bootstrap();
+    let control_listener = bind_control(cfg.control.listen, upgrade)?;
+
     if !cfg.keys.has_session_key() {
         // No shared session key configured: one kept in the state directory, so
         // sessions survive restarts of this node (several nodes must share a key).
@@ -79,8 +130,9 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);
     let routes = store.routes();
 
-    let http = resolve_listener(cfg.server.http)?;
-    let https = cfg.server.https.map(resolve_listener).transpose()?;
+    // Taken over sockets are not bound again; fresh ones are checked (and port 0 resolved).
+    let http = if upgrade { cfg.server.http } else { resolve_listener(cfg.server.http)? };
+    let https = if upgrade { cfg.server.https } else { cfg.server.https.map(resolve_listener).transpose()? };
     // TLS: the default certificate, then certs_dir, watched; handshakes read the index.
     let certs = match https {
         Some(_) => {
@@ -101,14 +153,6 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     // Active health checks of runtime instances, following the routing table.
     crate::upstream::health::spawn_checker(routes.clone(), store.subscribe(), metrics.clone())
         .map_err(StartError::Health)?;
-    let threads = match cfg.server.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
-    };
-
-    let conf = ServerConf { threads, grace_period_seconds: Some(1), graceful_shutdown_timeout_seconds: Some(10), ..Default::default() };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
 
     let usage = Arc::new(Usage::default());
     let access_log = match cfg.log.access.as_str() {
@@ -149,7 +193,12 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     )
     .map_err(StartError::Releases)?;
     let proxy = proxy.with_releases(releases, Duration::from_millis(cfg.static_.wait_ms)).with_table_changes(store.subscribe());
-    let mut svc = http_proxy_service_with_name(&server.configuration, proxy, "miosa-edge http");
+    // Hostile clients: the request-head deadline and body timeout in the proxy, the
+    // per-IP connection cap around it (crate::hostile).
+    let limits = crate::hostile::Limits::from_config(&cfg.server);
+    let proxy = http_proxy(&server.configuration, proxy.with_limits(limits));
+    let capped = crate::hostile::ConnectionCap::new(proxy, limits.max_connections_per_ip, metrics.clone());
+    let mut svc = Service::new("miosa-edge http".to_string(), capped);
     svc.add_tcp(&http.to_string());
     if let (Some(addr), Some(watcher)) = (https, &certs) {
         let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
@@ -175,7 +224,6 @@ pub fn run(mut cfg: Config) -> Result<(), StartError> {
     };
 
     let token = resolve_token(&cfg.control.token_env, cfg.control.listen, &cfg.server.state_dir)?;
-    let control_listener = TcpListener::bind(cfg.control.listen).map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
     let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
     let control = ControlApi::new(
         store.clone(),
