@@ -179,6 +179,8 @@ pub struct Manager {
     http01: Arc<Http01>,
     dns: Option<Box<dyn Dns01Solver>>,
     verifier: Verifier,
+    /// `[dns] nameservers`, asked directly for DNS-01 records.
+    nameservers: Vec<std::net::SocketAddr>,
     metrics: Arc<Metrics>,
     ledger: Mutex<Ledger>,
     status: Mutex<BTreeMap<String, SubjectStatus>>,
@@ -219,6 +221,7 @@ impl Manager {
             http01,
             dns,
             verifier,
+            nameservers: nameservers.map(<[_]>::to_vec).unwrap_or_default(),
             metrics,
             ledger: Mutex::new(ledger),
             status: Mutex::new(BTreeMap::new()),
@@ -570,12 +573,28 @@ impl Manager {
         }
     }
 
-    /// Waits until `[dns] nameservers` serve `value` at `fqdn`, so the CA is not asked
-    /// to look before the record can be seen.
+    /// Waits until every one of `[dns] nameservers` (or the system's resolver) serves
+    /// `value` at `fqdn`, so the CA is not asked to look before the record can be seen.
     async fn await_txt(&self, fqdn: &str, value: &str) -> Result<(), OrderError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.propagation_timeout_secs);
         loop {
-            if self.verifier.txt_values(fqdn.trim_end_matches('.')).await.iter().any(|v| v == value) {
+            let seen = if self.nameservers.is_empty() {
+                self.verifier.txt_values(fqdn.trim_end_matches('.')).await.iter().any(|v| v == value)
+            } else {
+                let mut all = true;
+                for ns in &self.nameservers {
+                    match dns01::txt_at(*ns, fqdn).await {
+                        Ok(values) if values.iter().any(|v| v == value) => {}
+                        Ok(_) => all = false,
+                        Err(e) => {
+                            tracing::debug!(nameserver = %ns, record = %fqdn, error = %e, "DNS-01 propagation check");
+                            all = false;
+                        }
+                    }
+                }
+                all
+            };
+            if seen {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {

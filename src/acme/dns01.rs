@@ -59,3 +59,30 @@ impl Dns01Solver for Webhook {
         self.call("/clear-txt", serde_json::json!({ "host": fqdn, "value": value })).await
     }
 }
+
+/// The TXT strings at `fqdn` as `server` answers them, asked directly over TCP (not
+/// through a stub resolver, which answers names under `localhost.` itself, RFC 6761).
+pub async fn txt_at(server: std::net::SocketAddr, fqdn: &str) -> Result<Vec<String>, String> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut name = Name::from_ascii(fqdn).map_err(|e| format!("{fqdn}: not a domain name: {e}"))?;
+    name.set_fqdn(true);
+    let mut msg = Message::query();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(name.clone(), RecordType::TXT));
+    let request = msg.to_vec().map_err(|e| format!("encoding a TXT query: {e}"))?;
+    let bytes = tokio::time::timeout(CALL_TIMEOUT, super::rfc2136::tcp_exchange(server, &request))
+        .await
+        .map_err(|_| format!("{server}: no answer within {CALL_TIMEOUT:?}"))?
+        .map_err(|e| format!("{server}: {e}"))?;
+    let answer = Message::from_vec(&bytes).map_err(|e| format!("{server}: malformed answer: {e}"))?;
+    let mut out = Vec::new();
+    for r in &answer.answers {
+        if let RData::TXT(txt) = &r.data {
+            if r.name.eq_case(&name) || r.name.to_lowercase() == name.to_lowercase() {
+                out.push(txt.txt_data.iter().map(|d| String::from_utf8_lossy(d)).collect::<String>());
+            }
+        }
+    }
+    Ok(out)
+}

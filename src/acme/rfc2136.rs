@@ -234,7 +234,7 @@ fn fqdn(s: &str) -> Result<Name, String> {
 }
 
 /// Sends one length-prefixed message over a new TCP connection and reads one back.
-async fn tcp_exchange(server: SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(super) async fn tcp_exchange(server: SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
     let len = u16::try_from(request.len()).map_err(|_| std::io::Error::other("request longer than 65535 bytes"))?;
     let mut stream = TcpStream::connect(server).await?;
     let mut framed = Vec::with_capacity(request.len() + 2);

@@ -4,17 +4,21 @@
 mod support;
 
 mod access;
+mod acme;
 mod alloc;
 mod browser;
 mod control;
 mod forwarding;
 mod hostile;
+mod lifecycle;
 mod observe;
 mod openapi;
 mod releases;
 mod reload;
 mod routes;
 mod s3;
+mod tls;
+mod upstreams;
 mod wake;
 
 use support::{closed_port, Origin};

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+/// Certificates, a TLS client, and Pebble (ACME) for the TLS tests.
+pub mod pebble;
+
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
@@ -63,11 +66,15 @@ pub struct Edge {
     pub child: Child,
     pub addr: SocketAddr,
     pub control: SocketAddr,
+    /// The TLS listener, when `[server] https` is set.
+    pub https: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub stderr: PathBuf,
     /// Extra environment of the process (kept for restarts).
     env: Vec<(String, String)>,
+    /// Extra `[server]` keys (kept for `write_config`).
+    server_extra: String,
 }
 
 impl Edge {
@@ -84,14 +91,25 @@ impl Edge {
 
     /// Like [`Edge::start`], with extra environment variables for the process.
     pub async fn start_env(env: &[(&str, String)], config_body: &str) -> Edge {
+        Edge::start_opts("", env, config_body).await
+    }
+
+    /// Like [`Edge::start_env`], with extra `[server]` keys (`https = "127.0.0.1:0"`, an
+    /// explicit `http = "127.0.0.1:PORT"`); a key given here replaces the test default.
+    pub async fn start_opts(server_extra: &str, env: &[(&str, String)], config_body: &str) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("edge.toml");
-        let text = Edge::with_server(dir.path(), config_body);
+        let text = Edge::with_server(dir.path(), server_extra, config_body);
         std::fs::write(&config, text).expect("write config");
         let stderr = dir.path().join("edge.log");
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-        let (child, addr, control) = Edge::spawn(&config, &stderr, &env).await;
-        Edge { child, addr, control, dir, config, stderr, env }
+        let (child, addr, control, https) = Edge::spawn(&config, &stderr, &env).await;
+        Edge { child, addr, control, https, dir, config, stderr, env, server_extra: server_extra.to_string() }
+    }
+
+    /// The TLS listener (panics when the edge runs without one).
+    pub fn https(&self) -> SocketAddr {
+        self.https.unwrap_or_else(|| panic!("the edge announced no https= listener: {}", self.log()))
     }
 
     /// Kills the process with SIGKILL (no shutdown of any kind) and starts a new one on
@@ -99,13 +117,14 @@ impl Edge {
     pub async fn kill9_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, addr, control) = Edge::spawn(&self.config, &self.stderr, &self.env).await;
+        let (child, addr, control, https) = Edge::spawn(&self.config, &self.stderr, &self.env).await;
         self.child = child;
         self.addr = addr;
         self.control = control;
+        self.https = https;
     }
 
-    async fn spawn(config: &Path, stderr: &Path, env: &[(String, String)]) -> (Child, SocketAddr, SocketAddr) {
+    async fn spawn(config: &Path, stderr: &Path, env: &[(String, String)]) -> (Child, SocketAddr, SocketAddr, Option<SocketAddr>) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(stderr).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))
             .args(["run", "--config"])
@@ -125,21 +144,30 @@ impl Edge {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("miosa-edge listening http=") {
-                    let (http, control) = rest.split_once(" control=").unwrap_or((rest, ""));
-                    if let (Some(tx), Ok(h), Ok(c)) = (tx.take(), http.trim().parse::<SocketAddr>(), control.trim().parse::<SocketAddr>()) {
-                        let _ = tx.send((h, c));
+                if let Some(rest) = line.strip_prefix("miosa-edge listening ") {
+                    // `http=A control=B[ https=C]`
+                    let field = |key: &str| {
+                        rest.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<SocketAddr>().ok())
+                    };
+                    if let (Some(h), Some(c)) = (field("http"), field("control")) {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send((h, c, field("https")));
+                        }
                     }
                 }
             }
         });
-        let (addr, control) = match tokio::time::timeout(Duration::from_secs(20), rx).await {
+        let (addr, control, https) = match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(a)) => a,
             _ => panic!("edge did not start: {}", std::fs::read_to_string(stderr).unwrap_or_default()),
         };
         let up = eventually(Duration::from_secs(10), || async move { TcpStream::connect(addr).await.ok().map(|_| ()) }).await;
         assert!(up.is_some(), "edge never accepted connections on {addr}");
-        (child, addr, control)
+        if let Some(https) = https {
+            let up = eventually(Duration::from_secs(10), || async move { TcpStream::connect(https).await.ok().map(|_| ()) }).await;
+            assert!(up.is_some(), "edge never accepted connections on https {https}");
+        }
+        (child, addr, control, https)
     }
 
     /// A control-API request with the test token; `body` is sent as JSON when given.
@@ -167,18 +195,29 @@ impl Edge {
         raw_request(self.control, &head).await
     }
 
-    fn with_server(dir: &Path, body: &str) -> String {
-        format!(
-            "[server]\nhttp = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nwatch_interval_ms = 100\nconnect_timeout_ms = 2000\nread_timeout_ms = 3000\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n{body}",
-            dir.join("var").display()
-        )
+    fn with_server(dir: &Path, server_extra: &str, body: &str) -> String {
+        let state_dir = format!("\"{}\"", dir.join("var").display());
+        let defaults = [
+            ("http", "\"127.0.0.1:0\""),
+            ("state_dir", state_dir.as_str()),
+            ("watch_interval_ms", "100"),
+            ("connect_timeout_ms", "2000"),
+            ("read_timeout_ms", "3000"),
+        ];
+        let given = |key: &str| server_extra.lines().any(|l| l.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+        let mut server = String::from("[server]\n");
+        for (k, v) in defaults.iter().filter(|(k, _)| !given(k)) {
+            server.push_str(&format!("{k} = {v}\n"));
+        }
+        server.push_str(server_extra.trim());
+        format!("{server}\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n{body}")
     }
 
     /// Replaces the config file atomically (write + rename), as editors and config
     /// management do.
     pub fn write_config(&self, body: &str) {
         let tmp = self.dir.path().join("edge.toml.tmp");
-        std::fs::write(&tmp, Edge::with_server(self.dir.path(), body)).expect("write config");
+        std::fs::write(&tmp, Edge::with_server(self.dir.path(), &self.server_extra, body)).expect("write config");
         std::fs::rename(&tmp, &self.config).expect("rename config");
     }
 
@@ -419,6 +458,12 @@ pub async fn ws_echo(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
+}
+
+/// A free port on 127.0.0.1, chosen by the kernel (bound then released), for a server
+/// whose port another process must know before it starts.
+pub fn free_port() -> u16 {
+    closed_port("127.0.0.1")
 }
 
 /// A port on `ip` where nothing listens (bound then closed).

@@ -1,0 +1,278 @@
+//! The TLS listener as CONTRACT §9, without ACME: certificates from `certs_dir` made by a
+//! test CA, picked by SNI (exact, one-label wildcard, default), hot reload of the
+//! directory, ALPN and protocol versions, and the plain listener's redirect.
+
+use crate::support::pebble::{
+    cert_info, certificates, certs_dir, install_pair, is_default, metric, served_cert, tls_connect, tls_get, tls_get_opts, tls_toml,
+    unix_now, TestCa, TlsOpts,
+};
+use crate::support::{eventually, Edge, Response};
+use crate::Fixture;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `[server]` keys: a TLS listener on a free port.
+const HTTPS: &str = "https = \"127.0.0.1:0\"";
+
+/// The `errors` entry of `/v1/certificates` for a certs_dir entry.
+fn error_for(certs: &serde_json::Value, entry: &str) -> Option<serde_json::Value> {
+    certs["errors"].as_array()?.iter().find(|e| e["entry"] == entry).cloned()
+}
+
+#[tokio::test]
+async fn sni_picks_exact_then_wildcard_then_default() {
+    let f = Fixture::start().await;
+    let ca = TestCa::new("miosa-edge test CA");
+    let (_certs, dir) = certs_dir();
+    let exact_host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let exact = ca.issue(&[&exact_host]);
+    let wild = ca.issue(&["*.sandbox.localhost"]);
+    let tenant = ca.issue(&["app.customer.test"]);
+    install_pair(&dir, "exact", &exact);
+    install_pair(&dir, "wild", &wild);
+    // Indexed by the names it carries, not by the directory's name.
+    install_pair(&dir, "not-the-name", &tenant);
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, true), f.toml(""))).await;
+    let https = edge.https();
+
+    // Exact name: verifies against the test CA, reaches the sandbox, which is told https.
+    let r = tls_get(https, Some(&exact_host), &exact_host, "/x?y=1", Some(ca.roots()), &["http/1.1"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    assert_eq!(r.info.cert().serial, exact.serial, "the exact certificate wins over the wildcard");
+    assert_eq!(r.response.status, 200, "{}", r.response.text());
+    let j = r.response.json();
+    assert_eq!(j["origin"], "a-public");
+    assert_eq!(j["path"], "/x?y=1");
+    assert_eq!(j["headers"]["x-forwarded-proto"], serde_json::json!(["https"]), "{j}");
+
+    // One label under the wildcard.
+    let wild_host = format!("{}-zzz99.sandbox.localhost", f.pb());
+    let r = tls_get(https, Some(&wild_host), &wild_host, "/", Some(ca.roots()), &[]).await.expect("wildcard handshake verifies");
+    assert_eq!(r.info.cert().serial, wild.serial);
+    assert_eq!(r.response.json()["origin"], "b-public");
+
+    // By SAN, whatever the directory is called.
+    let r = tls_get(https, Some("app.customer.test"), "app.customer.test", "/", Some(ca.roots()), &[])
+        .await
+        .expect("tenant handshake verifies");
+    assert_eq!(r.info.cert().serial, tenant.serial);
+    assert_eq!(r.response.status, 200);
+    assert!(["d1", "d2"].contains(&r.response.json()["origin"].as_str().unwrap_or_default()), "{}", r.response.text());
+
+    // The default: no SNI, unknown names, two labels under the wildcard, the wildcard's
+    // bare parent. Always the same self-signed certificate, never a tenant's.
+    let default = served_cert(https, None).await.expect("handshake without SNI");
+    assert!(is_default(&default), "no SNI gets the default: {default:?}");
+    assert_eq!(default.issuer_cn, default.subject_cn, "the default is self-signed: {default:?}");
+    for name in ["localhost", "*.sandbox.localhost", "*.apps.localhost"] {
+        assert!(default.names.iter().any(|n| n == name), "default names {:?} lack {name}", default.names);
+    }
+    for sni in ["unknown.example.org", "a.b.sandbox.localhost", &format!("x.{exact_host}"), "sandbox.localhost", "customer.test"] {
+        let c = served_cert(https, Some(sni)).await.unwrap_or_else(|e| panic!("{sni}: {e}"));
+        assert_eq!(c.serial, default.serial, "{sni} gets the default, got {c:?}");
+    }
+    let verified = tls_connect(https, &TlsOpts::verified("unknown.example.org", ca.roots())).await;
+    assert!(verified.is_err(), "the default does not verify against the tenant CA");
+
+    // Generated into the state directory.
+    let current = edge.dir.path().join("var/default-cert/current");
+    let files: Vec<_> = std::fs::read_dir(&current).map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(!files.is_empty(), "default certificate in {}", current.display());
+
+    // The control API lists what is served.
+    let certs = certificates(&edge).await;
+    assert_eq!(certs["default"]["source"], "default", "{certs}");
+    let mut names: Vec<String> = serde_json::from_value(certs["default"]["names"].clone()).expect("default names");
+    let mut want = default.names.clone();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "{certs}");
+    assert_eq!(certs["default"]["not_after"], default.not_after);
+    assert!(certs.get("managed").is_none() && certs.get("budget").is_none(), "no [acme], no managed/budget: {certs}");
+    assert_eq!(certs["errors"], serde_json::json!([]), "{certs}");
+    let list = certs["certificates"].as_array().expect("certificates array");
+    assert_eq!(list.len(), 3, "{certs}");
+    for (entry, leaf, name) in
+        [("exact", &exact, exact_host.as_str()), ("wild", &wild, "*.sandbox.localhost"), ("not-the-name", &tenant, "app.customer.test")]
+    {
+        let c = list.iter().find(|c| c["source"] == entry).unwrap_or_else(|| panic!("{entry} not listed: {certs}"));
+        let info = cert_info(&leaf.der);
+        assert_eq!(c["names"], serde_json::json!([name]), "{c}");
+        assert_eq!(c["issuer"], "miosa-edge test CA", "{c}");
+        assert_eq!((c["not_before"].as_i64(), c["not_after"].as_i64()), (Some(info.not_before), Some(info.not_after)), "{c}");
+        let renew_at = info.not_before + (info.not_after - info.not_before) * 2 / 3;
+        assert!(c["renew_at"].as_i64().is_some_and(|r| (r - renew_at).abs() <= 1), "renew_at at 2/3 of life ({renew_at}): {c}");
+    }
+
+    // And the metrics carry each certificate's expiry.
+    let m = edge.api("GET", "/metrics", None).await.text();
+    let exp = metric(&m, "miosa_edge_certificate_expiry_seconds", "cert=\"exact\"");
+    assert_eq!(exp.map(|v| v as i64), Some(cert_info(&exact.der).not_after), "{m}");
+}
+
+#[tokio::test]
+async fn certs_dir_changes_are_served_without_restart() {
+    let f = Fixture::start().await;
+    let ca = TestCa::new("miosa-edge test CA");
+    let (_certs, dir) = certs_dir();
+    let mut edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, true), f.toml(""))).await;
+    let https = edge.https();
+    let pid = edge.child.id();
+    let host = "hot.customer.test";
+    let default = served_cert(https, Some(host)).await.expect("handshake");
+    assert!(is_default(&default), "nothing for {host} yet: {default:?}");
+
+    let serial_for = |name: &'static str| async move { served_cert(https, Some(name)).await.ok().map(|c| c.serial) };
+
+    // Added after the start.
+    let first = ca.issue(&[host]);
+    install_pair(&dir, "hot", &first);
+    eventually(Duration::from_secs(10), || async { (serial_for(host).await? == first.serial).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("added pair never served\n{}", edge.log()));
+    tls_connect(https, &TlsOpts::verified(host, ca.roots())).await.expect("the added certificate verifies");
+
+    // Replaced.
+    let second = ca.issue(&[host]);
+    install_pair(&dir, "hot", &second);
+    eventually(Duration::from_secs(10), || async { (serial_for(host).await? == second.serial).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("replaced pair never served\n{}", edge.log()));
+
+    // Broken PEM: reported, the previous certificate keeps serving.
+    let before = unix_now();
+    std::fs::write(dir.join("hot/fullchain.pem"), "-----BEGIN CERTIFICATE-----\nnot*base64!\n-----END CERTIFICATE-----\n").expect("write");
+    let err = eventually(Duration::from_secs(10), || async { error_for(&certificates(&edge).await, "hot") })
+        .await
+        .unwrap_or_else(|| panic!("broken pair never reported\n{}", edge.log()));
+    assert!(err["error"].as_str().is_some_and(|e| !e.is_empty()), "{err}");
+    assert!(err["at"].as_i64().is_some_and(|at| at >= before - 1 && at <= unix_now() + 1), "{err}");
+    for _ in 0..3 {
+        assert_eq!(serial_for(host).await, Some(second.serial.clone()), "the previous certificate keeps serving");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    // A key that does not match its certificate: reported, not served.
+    let (k1, k2) = (rcgen::KeyPair::generate().expect("key"), rcgen::KeyPair::generate().expect("key"));
+    let now = time::OffsetDateTime::now_utc();
+    let mismatched =
+        ca.issue_for_key(&["mismatch.customer.test"], now - time::Duration::hours(1), now + time::Duration::days(30), &k1, &k2);
+    install_pair(&dir, "mismatch", &mismatched);
+    let err = eventually(Duration::from_secs(10), || async { error_for(&certificates(&edge).await, "mismatch") })
+        .await
+        .unwrap_or_else(|| panic!("mismatched key never reported\n{}", edge.log()));
+    assert!(err["error"].as_str().is_some_and(|e| !e.is_empty()), "{err}");
+    let c = served_cert(https, Some("mismatch.customer.test")).await.expect("handshake");
+    assert!(is_default(&c), "a pair whose key does not match is not served: {c:?}");
+    assert_eq!(serial_for(host).await, Some(second.serial.clone()));
+
+    // Fixing the broken entry serves the fix and clears its error.
+    let third = ca.issue(&[host]);
+    install_pair(&dir, "hot", &third);
+    let fixed = eventually(Duration::from_secs(10), || async {
+        (serial_for(host).await? == third.serial && error_for(&certificates(&edge).await, "hot").is_none()).then_some(())
+    })
+    .await;
+    if fixed.is_none() {
+        panic!("fixed pair not served or its error not cleared: {}\n{}", certificates(&edge).await, edge.log());
+    }
+
+    assert_eq!(edge.child.id(), pid);
+    assert!(edge.child.try_wait().expect("try_wait").is_none(), "the edge was not restarted and is still running");
+}
+
+#[tokio::test]
+async fn alpn_prefers_h2_and_tls12_and_tls13_both_work() {
+    let f = Fixture::start().await;
+    let ca = TestCa::new("miosa-edge test CA");
+    let (_certs, dir) = certs_dir();
+    install_pair(&dir, "wild", &ca.issue(&["*.sandbox.localhost"]));
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, true), f.toml(""))).await;
+    let https = edge.https();
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let opts = |alpn: &[&[u8]], versions: Vec<&'static rustls::SupportedProtocolVersion>| TlsOpts {
+        sni: Some(host.clone()),
+        roots: Some(ca.roots()),
+        alpn: alpn.iter().map(|a| a.to_vec()).collect(),
+        versions,
+    };
+
+    // h2 offered: h2, whichever order the client lists, and the server speaks it.
+    for offer in [&[&b"h2"[..], b"http/1.1"][..], &[b"http/1.1", b"h2"]] {
+        let (mut s, info) = tls_connect(https, &opts(offer, vec![])).await.unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+        assert_eq!(info.alpn.as_deref(), Some(&b"h2"[..]), "offer {offer:?}");
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.expect("h2 preface");
+        let mut frame = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut frame)).await.expect("h2 answer timed out").expect("read h2 frame");
+        assert_eq!(frame[3], 0x4, "the server's first HTTP/2 frame is SETTINGS: {frame:?}");
+    }
+
+    // http/1.1 only, and no ALPN at all: HTTP/1.1.
+    let r = tls_get_opts(https, &opts(&[b"http/1.1"], vec![]), &host, "/").await.expect("http/1.1");
+    assert_eq!(r.info.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(r.response.json()["origin"], "a-public");
+    let r = tls_get_opts(https, &opts(&[], vec![]), &host, "/").await.expect("no alpn");
+    assert_eq!(r.info.alpn, None);
+    assert_eq!(r.response.status, 200);
+
+    // TLS 1.2 only and TLS 1.3 only clients.
+    let check = |r: Result<crate::support::pebble::TlsResponse, String>, want: rustls::ProtocolVersion| {
+        let r = r.unwrap_or_else(|e| panic!("{want:?}: {e}"));
+        assert_eq!(r.info.version, Some(want));
+        assert_eq!(r.response.status, 200, "{}", r.response.text());
+        assert_eq!(r.response.json()["headers"]["x-forwarded-proto"], serde_json::json!(["https"]));
+    };
+    check(tls_get_opts(https, &opts(&[b"http/1.1"], vec![&rustls::version::TLS12]), &host, "/").await, rustls::ProtocolVersion::TLSv1_2);
+    check(tls_get_opts(https, &opts(&[b"http/1.1"], vec![&rustls::version::TLS13]), &host, "/").await, rustls::ProtocolVersion::TLSv1_3);
+    let (_, info) = tls_connect(https, &opts(&[b"h2", b"http/1.1"], vec![&rustls::version::TLS12])).await.expect("tls 1.2 with h2");
+    assert_eq!((info.version, info.alpn.as_deref()), (Some(rustls::ProtocolVersion::TLSv1_2), Some(&b"h2"[..])));
+}
+
+#[tokio::test]
+async fn plain_http_redirects_to_https_except_acme_challenges() {
+    let f = Fixture::start().await;
+    let (_certs, dir) = certs_dir();
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, true), f.toml(""))).await;
+    let tls_port = edge.https().port();
+    let location = |r: &Response| r.header("location").map(str::to_string);
+
+    let r = edge.request("GET /a?b=1 HTTP/1.1\r\nHost: 3000-x.sandbox.localhost\r\n").await;
+    assert_eq!(r.status, 308, "{}", r.text());
+    assert_eq!(location(&r), Some(format!("https://3000-x.sandbox.localhost:{tls_port}/a?b=1")));
+
+    // The plain port in Host is not carried over; other methods are redirected too.
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let r = edge.request(&format!("GET /p/q HTTP/1.1\r\nHost: {host}:{}\r\n", edge.addr.port())).await;
+    assert_eq!((r.status, location(&r)), (308, Some(format!("https://{host}:{tls_port}/p/q"))));
+    let r = edge.request(&format!("POST /form HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n")).await;
+    assert_eq!((r.status, location(&r)), (308, Some(format!("https://{host}:{tls_port}/form"))));
+
+    // ACME challenge paths are not redirected: an unknown token is routed normally.
+    let r =
+        edge.request("GET /.well-known/acme-challenge/unknown HTTP/1.1\r\nHost: app.customer.test\r\nAccept: application/json\r\n").await;
+    assert_ne!(r.status, 308, "{:?}", r.headers);
+    assert!(location(&r).is_none(), "{:?}", r.headers);
+    assert_eq!(r.status, 200, "routed to the deployment: {}", r.text());
+    assert_eq!(r.json()["path"], "/.well-known/acme-challenge/unknown");
+    let r =
+        edge.request(&format!("GET /.well-known/acme-challenge/unknown HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["origin"], "a-public");
+    let r = edge.request("GET /.well-known/acme-challenge/unknown HTTP/1.1\r\nHost: 3000-x.sandbox.localhost\r\n").await;
+    assert!(r.status != 308 && location(&r).is_none(), "{} {:?}", r.status, r.headers);
+}
+
+#[tokio::test]
+async fn redirect_http_false_keeps_plain_http_serving() {
+    let f = Fixture::start().await;
+    let (_certs, dir) = certs_dir();
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, false), f.toml(""))).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let r = edge.get(&host, "/a?b=1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["origin"], "a-public");
+    assert_eq!(r.json()["headers"]["x-forwarded-proto"], serde_json::json!(["http"]));
+    let r = tls_get(edge.https(), Some(&host), &host, "/", None, &[]).await.expect("TLS still served");
+    assert_eq!(r.response.json()["headers"]["x-forwarded-proto"], serde_json::json!(["https"]));
+}
