@@ -116,6 +116,10 @@ pub fn subjects(toml: &State, api: &State, d: &Domains) -> Vec<Subject> {
             }
         }
     }
+    // A wildcard the edge holds anyway covers exact names one label under it: no
+    // per-host certificate (and order) for those.
+    let wildcards: HashSet<String> = out.iter().filter_map(|s| s.name.strip_prefix("*.").map(str::to_owned)).collect();
+    out.retain(|s| s.challenge == Challenge::Dns01 || !s.name.split_once('.').is_some_and(|(_, parent)| wildcards.contains(parent)));
     out.sort();
     out.dedup_by(|a, b| a.name == b.name);
     out
@@ -671,7 +675,7 @@ slug = "two"
 id = "dep_1"
 workspace = "ws_1"
 name = "web"
-domains = [{ host = "app.customer.test", verified = true }, { host = "new.customer.test", verified = false }]
+domains = [{ host = "app.customer.test", verified = true }, { host = "new.customer.test", verified = false }, { host = "www.preview.tenant.test", verified = true }]
 active_version = "v1"
 [[deployments.versions]]
 id = "v1"
