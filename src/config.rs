@@ -73,6 +73,18 @@ pub struct Server {
     /// How often the config file is checked for changes (0 = only on SIGHUP).
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
+    /// The longest a whole request head may take to arrive: from the start of the
+    /// connection, or from the end of the previous response on a keep-alive connection
+    /// (so it also closes idle keep-alive connections). Slowloris clients are cut off.
+    #[serde(default = "default_client_header_timeout_ms")]
+    pub client_header_timeout_ms: u64,
+    /// The longest wait between two reads of a client's request body.
+    #[serde(default = "default_client_body_timeout_ms")]
+    pub client_body_timeout_ms: u64,
+    /// Live client connections one IP address may hold; more are closed at once
+    /// (0 = unlimited).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: u32,
 }
 
 fn default_http() -> SocketAddr {
@@ -90,6 +102,15 @@ fn default_read_timeout_ms() -> u64 {
 fn default_watch_interval_ms() -> u64 {
     1_000
 }
+fn default_client_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_client_body_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_connections_per_ip() -> u32 {
+    256
+}
 
 impl Default for Server {
     fn default() -> Self {
@@ -101,6 +122,9 @@ impl Default for Server {
             connect_timeout_ms: default_connect_timeout_ms(),
             read_timeout_ms: default_read_timeout_ms(),
             watch_interval_ms: default_watch_interval_ms(),
+            client_header_timeout_ms: default_client_header_timeout_ms(),
+            client_body_timeout_ms: default_client_body_timeout_ms(),
+            max_connections_per_ip: default_max_connections_per_ip(),
         }
     }
 }
@@ -494,6 +518,8 @@ impl Config {
             ("connect_timeout_ms", raw.server.connect_timeout_ms, 1, 600_000),
             ("read_timeout_ms", raw.server.read_timeout_ms, 1, 86_400_000),
             ("watch_interval_ms", raw.server.watch_interval_ms, 0, 3_600_000),
+            ("client_header_timeout_ms", raw.server.client_header_timeout_ms, 100, 3_600_000),
+            ("client_body_timeout_ms", raw.server.client_body_timeout_ms, 100, 86_400_000),
         ] {
             if v < min || v > max {
                 errors.push(StateError { path: format!("server.{key}"), message: format!("must be between {min} and {max}") });

@@ -8,7 +8,9 @@
 //!
 //! ```text
 //! accept (pingora listener)
-//!  → request_filter          request id; table = routes.load(); route = table.lookup(host)
+//!  → hostile::ConnectionCap  per-IP connection cap; the request head within its timeout
+//!  → request_filter          request id; hostile::screen (414/431/400, closed)
+//!                            table = routes.load(); route = table.lookup(host)
 //!                            denied / private / suspended / static → branded page, stop
 //!  → upstream_peer           sandbox addr:port | round-robin instance
 //!  → upstream_request_filter X-Forwarded-For/Proto/Host, X-Request-Id; strip X-Miosa-*
@@ -26,6 +28,7 @@ pub mod acme;
 pub mod access_log;
 pub mod config;
 pub mod control;
+pub mod hostile;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;

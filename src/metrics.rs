@@ -83,6 +83,9 @@ pub struct Metrics {
     access: Vec<IntCounter>,
     /// Live connections (WebSockets, streams) cut because their share was revoked or expired.
     pub revoked_connections: IntCounter,
+    /// Client connections closed at once because their IP address held
+    /// `[server] max_connections_per_ip` connections already.
+    pub connections_over_ip_cap: IntCounter,
     release_fetch_ok: IntCounter,
     release_fetch_err: IntCounter,
     /// Static releases unpacked in the cache.
@@ -211,6 +214,14 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let connections_over_ip_cap = register(
+            &registry,
+            IntCounter::new(
+                "miosa_edge_connections_over_ip_cap_total",
+                "Client connections closed at once because their IP address already held [server] max_connections_per_ip connections.",
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let release_fetches = register(
             &registry,
             IntCounterVec::new(
@@ -286,6 +297,7 @@ impl Metrics {
             writes_rejected: writes.with_label_values(&["rejected"]),
             access: CREDENTIALS.iter().flat_map(|c| ["granted", "denied"].map(|r| access.with_label_values(&[*c, r]))).collect(),
             revoked_connections,
+            connections_over_ip_cap,
             release_fetch_ok: release_fetches.with_label_values(&["ok"]),
             release_fetch_err: release_fetches.with_label_values(&["error"]),
             releases_cached,

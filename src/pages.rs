@@ -16,6 +16,15 @@ use std::fmt::Write;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     InvalidHost,
+    /// A request the edge refuses to forward: ambiguous framing, a NUL in the path,
+    /// a target it cannot route (see `crate::hostile`).
+    BadRequest,
+    /// The request line is too long.
+    UriTooLong,
+    /// Too many header fields, or too many bytes of them.
+    RequestHeaderTooLarge,
+    /// The client stopped sending its request body.
+    RequestTimeout,
     UnknownHost,
     NotFound,
     PreviewNotFound,
@@ -46,8 +55,12 @@ pub struct Detail {
 
 impl ErrorCode {
     /// All codes, for rendering and tests.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::InvalidHost,
+        ErrorCode::BadRequest,
+        ErrorCode::UriTooLong,
+        ErrorCode::RequestHeaderTooLarge,
+        ErrorCode::RequestTimeout,
         ErrorCode::UnknownHost,
         ErrorCode::NotFound,
         ErrorCode::PreviewNotFound,
@@ -70,7 +83,10 @@ impl ErrorCode {
     /// HTTP status.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::InvalidHost => 400,
+            ErrorCode::InvalidHost | ErrorCode::BadRequest => 400,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::UriTooLong => 414,
+            ErrorCode::RequestHeaderTooLarge => 431,
             ErrorCode::UnknownHost | ErrorCode::PreviewNotFound | ErrorCode::NotFound => 404,
             ErrorCode::DomainNotVerified => 421,
             ErrorCode::PreviewAuthRequired
@@ -91,6 +107,10 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidHost => "invalid_host",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::RequestHeaderTooLarge => "request_header_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::UnknownHost => "unknown_host",
             ErrorCode::NotFound => "not_found",
             ErrorCode::PreviewNotFound => "preview_not_found",
@@ -123,7 +143,10 @@ impl ErrorCode {
 
     fn title(self) -> &'static str {
         match self {
-            ErrorCode::InvalidHost => "Bad request",
+            ErrorCode::InvalidHost | ErrorCode::BadRequest => "Bad request",
+            ErrorCode::UriTooLong => "Address too long",
+            ErrorCode::RequestHeaderTooLarge => "Request too large",
+            ErrorCode::RequestTimeout => "Request timed out",
             ErrorCode::UnknownHost => "Nothing here yet",
             ErrorCode::NotFound => "Page not found",
             ErrorCode::PreviewNotFound => "Preview not found",
@@ -148,6 +171,10 @@ impl ErrorCode {
     pub fn message(self) -> &'static str {
         match self {
             ErrorCode::InvalidHost => "The request's Host header is missing or malformed.",
+            ErrorCode::BadRequest => "The request is malformed or ambiguous and was not forwarded.",
+            ErrorCode::UriTooLong => "The request's address (URL) is too long.",
+            ErrorCode::RequestHeaderTooLarge => "The request's headers are too large or too many.",
+            ErrorCode::RequestTimeout => "The request was not received in time.",
             ErrorCode::UnknownHost => "No app or preview is configured for this host.",
             ErrorCode::NotFound => "There is no page at this address in this app.",
             ErrorCode::PreviewNotFound => "There is no preview for this sandbox and port.",
@@ -172,6 +199,14 @@ impl ErrorCode {
     fn explain(self, d: Detail, out: &mut String) {
         match self {
             ErrorCode::InvalidHost => out.push_str("<p>The request did not name a valid host name, so it cannot be routed.</p>"),
+            ErrorCode::BadRequest => {
+                out.push_str("<p>The request is malformed or ambiguous, so it was not forwarded. Try again from a regular browser.</p>")
+            }
+            ErrorCode::UriTooLong => out.push_str("<p>The address of this request is too long. Shorten the link and try again.</p>"),
+            ErrorCode::RequestHeaderTooLarge => out.push_str(
+                "<p>The request carries too many or too large headers. Clearing this site's cookies usually fixes it.</p>",
+            ),
+            ErrorCode::RequestTimeout => out.push_str("<p>The request was not received in time. Check your connection and try again.</p>"),
             ErrorCode::UnknownHost => out.push_str(
                 "<p>No app or preview is connected to this address. Check the URL for typos; if you just set it up, it may take a moment to appear.</p>",
             ),

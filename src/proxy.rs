@@ -89,6 +89,8 @@ pub struct EdgeProxy {
     /// Told of every published table (live revocation of share-opened exchanges).
     table_changes: Option<tokio::sync::watch::Receiver<u64>>,
     tls: TlsFront,
+    /// Timeouts for slow clients (`crate::hostile`).
+    limits: crate::hostile::Limits,
 }
 
 /// Where a request is going.
@@ -172,7 +174,14 @@ impl EdgeProxy {
             release_wait: Duration::ZERO,
             table_changes: None,
             tls: TlsFront::default(),
+            limits: crate::hostile::Limits::default(),
         }
+    }
+
+    /// Bounds slow clients: the request-head deadline and the body read timeout.
+    pub fn with_limits(mut self, limits: crate::hostile::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// HTTPS redirects and ACME HTTP-01 answers on the plain listener.
@@ -746,6 +755,14 @@ impl ProxyHttp for EdgeProxy {
             _ => self.ids.next(),
         };
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if let Some(code) = crate::hostile::screen_session(session) {
+            // Ambiguous or oversized: answer, and never read what follows on this connection.
+            session.set_keepalive(None);
+            return self.respond(session, ctx, code, Detail::default()).await.map(|()| true);
+        }
+        if !session.is_upgrade_req() {
+            session.set_read_timeout(Some(self.limits.body_timeout));
+        }
         if let Some(challenges) = &self.tls.challenges {
             if let Some(key_auth) = challenges.answer(session.req_header().raw_path()) {
                 return self.answer_challenge(session, ctx, key_auth).await;
@@ -778,7 +795,9 @@ impl ProxyHttp for EdgeProxy {
         peer.options.total_connection_timeout = Some(self.opts.connect_timeout);
         // Upgraded connections (WebSocket hot reload) may idle for long; everything
         // else must answer within the read timeout.
-        peer.options.read_timeout = if session.is_upgrade_req() { None } else { Some(self.opts.read_timeout) };
+        let idle = if session.is_upgrade_req() { None } else { Some(self.opts.read_timeout) };
+        peer.options.read_timeout = idle;
+        peer.options.write_timeout = idle;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
     }
@@ -878,6 +897,8 @@ impl ProxyHttp for EdgeProxy {
                 Some(ErrorCode::UpstreamTimeout)
             }
             (ErrorSource::Upstream, _) => Some(ErrorCode::SandboxUnavailable),
+            // The client stopped sending its body ([server] client_body_timeout_ms).
+            (ErrorSource::Downstream, ErrorType::ReadTimedout) => Some(ErrorCode::RequestTimeout),
             (ErrorSource::Downstream, _) => None,
             (ErrorSource::Internal | ErrorSource::Unset, _) => Some(ErrorCode::InternalError),
         };
@@ -914,6 +935,10 @@ impl ProxyHttp for EdgeProxy {
             }
         };
         FailToProxy { error_code: status, can_reuse_downstream: false }
+    }
+
+    fn request_header_timeout(&self) -> Option<Duration> {
+        Some(self.limits.header_timeout)
     }
 
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {

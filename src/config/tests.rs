@@ -126,3 +126,16 @@ fn mangled_files_are_errors_not_panics() {
     }
     assert!(errors > 500, "the mangling did produce errors ({errors})");
 }
+
+#[test]
+fn hostile_client_limits_have_defaults_and_bounds() {
+    let c = Config::parse("", None).unwrap();
+    assert_eq!((c.server.client_header_timeout_ms, c.server.client_body_timeout_ms, c.server.max_connections_per_ip), (10_000, 60_000, 256));
+    let c = Config::parse("[server]\nmax_connections_per_ip = 0\nclient_header_timeout_ms = 1500\n", None).unwrap();
+    assert_eq!((c.server.max_connections_per_ip, c.server.client_header_timeout_ms), (0, 1500));
+    let i = issues("[server]\nclient_header_timeout_ms = 0\nclient_body_timeout_ms = 99\n");
+    let paths: Vec<&str> = i.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(paths, ["server.client_header_timeout_ms", "server.client_body_timeout_ms"], "{i:?}");
+    let i = issues("[server]\nmax_connections_per_ip = -1\n");
+    assert_eq!(i[0].path, "server.max_connections_per_ip", "{:?}", i[0]);
+}

@@ -329,9 +329,27 @@ where
     {
         // phase 1 read request header
 
+        // miosa-edge patch: a deadline for the whole request head (see
+        // `ProxyHttp::request_header_timeout`); the connection is closed when it passes.
+        let header_deadline = self.inner.request_header_timeout();
+        let read_head = async {
+            match header_deadline {
+                Some(limit) => match time::timeout(limit, downstream_session.read_request()).await {
+                    Ok(res) => Some(res),
+                    Err(_) => None,
+                },
+                None => Some(downstream_session.read_request().await),
+            }
+        };
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
-            res = downstream_session.read_request() => { res }
+            res = read_head => match res {
+                Some(res) => res,
+                None => {
+                    debug!("request header not received within {header_deadline:?}, closing");
+                    return None;
+                }
+            },
             _ = self.await_shutdown() => {
                 // service shutting down, dropping the connection to stop more req from coming in
                 return None;

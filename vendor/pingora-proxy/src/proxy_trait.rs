@@ -543,6 +543,17 @@ pub trait ProxyHttp {
     ) {
     }
 
+    /// miosa-edge patch: the longest time a whole request head may take to arrive,
+    /// counted from when pingora starts reading it: the start of the connection for its
+    /// first request, the end of the previous exchange on a keep-alive connection (so it
+    /// also bounds idle keep-alive connections). pingora's own read timeouts apply per
+    /// read, so a client sending one byte at a time (slowloris) would never meet them.
+    /// When it passes, the connection is closed without an answer, as nginx does for
+    /// `client_header_timeout`. The default is `None` (no limit but pingora's).
+    fn request_header_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// miosa-edge patch: a future that resolves when this exchange must be cut short
     /// (for example, the credential that opened it was revoked). Polled alongside the
     /// body pipes of an HTTP/1 upstream exchange, so it ends idle WebSockets and

@@ -1,0 +1,245 @@
+//! Hostile and slow clients: the checks a request passes before it is routed, the
+//! per-IP connection cap, and the timeouts that bound slow clients.
+//!
+//! ```text
+//! accept (+ TLS handshake, ≤ 60 s: pingora)
+//!  → ConnectionCap          over [server] max_connections_per_ip for this IP → closed
+//!  → request head           pingora parses it; the whole head must arrive within
+//!                           client_header_timeout_ms (vendored pingora-proxy patch 3)
+//!                           or the connection is closed without an answer
+//!  → EdgeProxy::request_filter
+//!      screen()             414 / 431 / 400 (connection closed), else routing
+//!      body reads           client_body_timeout_ms between two reads → 408
+//! ```
+//!
+//! What pingora 0.9 refuses itself with a bare `400` and a closed connection before any
+//! of this runs (measured, `tests/edge/hostile.rs`): differing duplicate or unparseable
+//! `Content-Length`, a final `Transfer-Encoding` other than `chunked`, `Transfer-Encoding`
+//! on HTTP/1.0, obs-fold and whitespace before a colon, control characters in header
+//! values, bad chunk sizes and chunk framing, request targets over 64 KiB (the `http`
+//! crate's URI limit), more than 256 header fields or more than 1 MiB of head, an
+//! absolute-form target whose authority differs from `Host`, two `Host` fields, and
+//! `CONNECT` (405). Control characters and spaces in the request target are
+//! percent-encoded by pingora before the edge sees it (`/a%01b`), so nothing raw reaches
+//! an upstream.
+//!
+//! What [`screen`] adds, allocation-free and in this order: targets over
+//! [`MAX_TARGET_BYTES`] (414 `uri_too_long`); more than [`MAX_HEADERS`] fields or
+//! [`MAX_HEADER_BYTES`] of them (431 `request_header_too_large`); any request framed by
+//! both `Content-Length` and `Transfer-Encoding` (pingora drops the length and forwards
+//! the chunked body), `Transfer-Encoding` other than one `chunked`, and `Content-Length`
+//! repeated or not plain digits (pingora forwards `4, 4` and two identical fields as
+//! they came) — all 400 `bad_request`; a NUL in the path (raw or `%00`), `*` with a
+//! method other than `OPTIONS`, and absolute-form targets with a scheme other than
+//! `http`/`https` (400 `bad_request`). A refused request closes its connection: what
+//! follows it on the wire is never read as another request.
+
+use crate::config;
+use crate::metrics::Metrics;
+use crate::pages::ErrorCode;
+use async_trait::async_trait;
+use dashmap::DashMap;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use pingora::apps::ServerApp;
+use pingora::http::RequestHeader;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest request target (path and query, or the whole absolute-form URI): 414 above.
+/// nginx's default `large_client_header_buffers` allows 8 KiB too.
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+/// Most header fields a request may carry: 431 above (pingora refuses over 256 with 400).
+pub const MAX_HEADERS: usize = 100;
+/// Most bytes of header fields (names, values and 4 bytes of framing each): 431 above.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// The limits of `[server]` that bound slow and greedy clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The whole request head must arrive within this (see `config::Server`).
+    pub header_timeout: Duration,
+    /// Longest wait between two reads of a request body.
+    pub body_timeout: Duration,
+    /// Live connections per client IP; 0 = unlimited.
+    pub max_connections_per_ip: u32,
+}
+
+impl Limits {
+    /// The limits configured in `[server]`.
+    pub fn from_config(s: &config::Server) -> Limits {
+        Limits {
+            header_timeout: Duration::from_millis(s.client_header_timeout_ms),
+            body_timeout: Duration::from_millis(s.client_body_timeout_ms),
+            max_connections_per_ip: s.max_connections_per_ip,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::from_config(&config::Server::default())
+    }
+}
+
+/// Why the edge refuses `session`'s request before routing it, if it does. The raw
+/// HTTP/1 head is looked at only when the request carries `Transfer-Encoding`.
+pub fn screen_session(session: &pingora::proxy::Session) -> Option<ErrorCode> {
+    screen(session.req_header(), || session.as_http1().map(|h| h.get_headers_raw_bytes()))
+}
+
+/// Why the edge refuses a request, if it does (module docs). `raw_head` gives the
+/// request head as received (HTTP/1 only): pingora removes `Content-Length` from the
+/// parsed head when `Transfer-Encoding` is present, so only the raw head shows both.
+pub fn screen<R: AsRef<[u8]>>(req: &RequestHeader, raw_head: impl FnOnce() -> Option<R>) -> Option<ErrorCode> {
+    let target = req.raw_path();
+    if target.len() > MAX_TARGET_BYTES {
+        return Some(ErrorCode::UriTooLong);
+    }
+    if req.headers.len() > MAX_HEADERS {
+        return Some(ErrorCode::RequestHeaderTooLarge);
+    }
+    let bytes: usize = req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Some(ErrorCode::RequestHeaderTooLarge);
+    }
+    let mut te = req.headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        if te.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Some(ErrorCode::BadRequest);
+        }
+        if req.headers.contains_key(CONTENT_LENGTH) || raw_head().is_some_and(|raw| has_field(raw.as_ref(), b"content-length")) {
+            return Some(ErrorCode::BadRequest);
+        }
+    }
+    let mut cl = req.headers.get_all(CONTENT_LENGTH).iter();
+    if let Some(first) = cl.next() {
+        let v = first.as_bytes();
+        if cl.next().is_some() || v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+            return Some(ErrorCode::BadRequest);
+        }
+    }
+    // origin-form, `*` for OPTIONS, or absolute-form with an http(s) scheme (pingora
+    // checks that its authority is the Host); pingora answers CONNECT itself.
+    let form_ok = match target.first() {
+        Some(b'/') => true,
+        Some(b'*') => target.len() == 1 && req.method == http::Method::OPTIONS,
+        _ => match target.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let scheme = &target[..i];
+                (scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) && target[i..].starts_with(b"://")
+            }
+            None => false,
+        },
+    };
+    if !form_ok && req.method != http::Method::CONNECT {
+        return Some(ErrorCode::BadRequest);
+    }
+    if has_nul(req.uri.path().as_bytes()) || has_nul(path_of(target)) {
+        return Some(ErrorCode::BadRequest);
+    }
+    None
+}
+
+/// The path part of a raw request target (before `?` or `#`).
+fn path_of(target: &[u8]) -> &[u8] {
+    let end = target.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(target.len());
+    &target[..end]
+}
+
+/// A NUL byte, raw or percent-encoded.
+fn has_nul(path: &[u8]) -> bool {
+    path.contains(&0) || path.windows(3).any(|w| w == b"%00")
+}
+
+/// Whether a raw HTTP/1 head has a field named `name` (lower-case ASCII): a line that
+/// starts with the name, in any case, directly followed by `:`.
+fn has_field(raw: &[u8], name: &[u8]) -> bool {
+    raw.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() > name.len() && line[name.len()] == b':' && line[..name.len()].eq_ignore_ascii_case(name))
+}
+
+/// Live connections per client IP, and the cap.
+struct PerIp {
+    max: u32,
+    live: DashMap<IpAddr, u32, ahash::RandomState>,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted<'a> {
+    per_ip: &'a PerIp,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    /// Counts a new connection from `ip`, or `None` when `ip` is at the cap.
+    fn admit(&self, ip: IpAddr) -> Option<Admitted<'_>> {
+        let mut n = self.live.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Admitted { per_ip: self, ip })
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.per_ip.live.remove_if_mut(&self.ip, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+/// A pingora application wrapped with the per-IP connection cap: a connection from an
+/// IP address that already holds `max_connections_per_ip` live connections is closed
+/// before anything is read from it. A connection counts for as long as pingora serves
+/// it: every request of a keep-alive connection, its idle time (bounded by
+/// `client_header_timeout_ms`), an upgraded WebSocket, every stream of an HTTP/2
+/// connection. pingora's `ConnectionFilter` sees accepts but not closes, so it cannot
+/// keep this count; wrapping `ServerApp::process_new` sees both.
+pub struct ConnectionCap<A> {
+    inner: Arc<A>,
+    per_ip: PerIp,
+    metrics: Arc<Metrics>,
+}
+
+impl<A> ConnectionCap<A> {
+    /// `inner` under a cap of `max` connections per IP (0 = unlimited).
+    pub fn new(inner: A, max: u32, metrics: Arc<Metrics>) -> Self {
+        ConnectionCap { inner: Arc::new(inner), per_ip: PerIp { max, live: DashMap::default() }, metrics }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let ip = match self.per_ip.max {
+            0 => None,
+            _ => stream.get_socket_digest().and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())),
+        };
+        let _admitted = match ip {
+            Some(ip) => match self.per_ip.admit(ip) {
+                Some(a) => Some(a),
+                None => {
+                    self.metrics.connections_over_ip_cap.inc();
+                    tracing::debug!(client = %ip, "connection over max_connections_per_ip closed");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod tests;
