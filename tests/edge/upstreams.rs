@@ -134,6 +134,9 @@ async fn killing_one_of_three_instances_under_load_loses_no_get() {
     .await;
     assert!(killed.is_some(), "load never got going");
     b.kill();
+    // Aborting takes effect at each task's next await: let a task that was between its
+    // read and its count finish counting before taking the figure.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let b_at_kill = b.served.load(Ordering::Relaxed);
     let mut failures = Vec::new();
     for cl in clients {
