@@ -515,7 +515,9 @@ impl Manager {
                     Challenge::Dns01 => ChallengeType::Dns01,
                     Challenge::Http01 => ChallengeType::Http01,
                 };
-                let mut ch = a.challenge(ty.clone()).ok_or_else(|| OrderError::other(format!("the CA offers no {ty:?} challenge for {}", s.name)))?;
+                let mut ch = a
+                    .challenge(ty.clone())
+                    .ok_or_else(|| OrderError::other(format!("the CA offers no {ty:?} challenge for {}", s.name)))?;
                 let ka = ch.key_authorization();
                 match (s.challenge, &self.dns, &s.txt_at) {
                     (Challenge::Dns01, Some(dns), Some(fqdn)) => {

@@ -24,8 +24,8 @@
 //! table off the request path and swap it in with one store.
 
 pub mod access;
-pub mod acme;
 pub mod access_log;
+pub mod acme;
 pub mod config;
 pub mod control;
 pub mod hostile;

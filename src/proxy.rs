@@ -346,7 +346,14 @@ impl EdgeProxy {
         self.redirect_with(session, ctx, 303, location, cookies).await
     }
 
-    async fn redirect_with(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16, location: &[u8], cookies: &[String]) -> Result<()> {
+    async fn redirect_with(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        location: &[u8],
+        cookies: &[String],
+    ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(6 + cookies.len()))?;
         let location = HeaderValue::from_bytes(location).map_err(|_| Error::explain(ErrorType::HTTPStatus(400), "bad request target"))?;
         resp.insert_header(header::LOCATION, location)?;
@@ -833,7 +840,14 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    fn error_while_proxy(&self, peer: &HttpPeer, session: &mut Session, e: Box<Error>, ctx: &mut RequestCtx, client_reused: bool) -> Box<Error> {
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let reset = matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError);
         if reset && matches!(e.esource(), ErrorSource::Upstream) {

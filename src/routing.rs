@@ -160,7 +160,7 @@ impl DeploymentEntry {
             let alive = |i: &&Instance| !i.health.is_down();
             (0..n).map(|k| &instances[(r + k) % n]).filter(alive).find(|i| Some(i.addr) != skip).or_else(|| {
                 // Only the instance that just failed is left: try it again.
-                instances.iter().filter(alive).next()
+                instances.iter().find(alive)
             })
         })
     }

@@ -7,14 +7,14 @@ use crate::config::Config;
 use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
 use crate::proxy::{EdgeProxy, ProxyOptions, TlsFront};
-use crate::tls::{default_cert, DirStore, SniResolver, Watcher};
-use pingora::listeners::tls::TlsSettings;
 use crate::state::store::{OpenError, Store};
+use crate::tls::{default_cert, DirStore, SniResolver, Watcher};
 use crate::usage::Usage;
+use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy;
-use pingora::services::listening::Service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
+use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +50,12 @@ pub enum StartError {
     Tls(String),
     #[error("upgrade: {0}")]
     Upgrade(String),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the health checker: {0}")]
     Health(#[source] std::io::Error),
     #[error("acme: {0}")]
@@ -88,7 +94,9 @@ const UPGRADE_CONTROL_WAIT: Duration = Duration::from_secs(30);
 /// started with `upgrade`, SIGINT fast.
 pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     if upgrade {
-        for (key, addr) in [("server.http", Some(cfg.server.http)), ("server.https", cfg.server.https), ("control.listen", Some(cfg.control.listen))] {
+        for (key, addr) in
+            [("server.http", Some(cfg.server.http)), ("server.https", cfg.server.https), ("control.listen", Some(cfg.control.listen))]
+        {
             if addr.is_some_and(|a| a.port() == 0) {
                 return Err(StartError::Upgrade(format!("{key} must name a port to take over, not 0")));
             }
@@ -106,7 +114,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         ..Default::default()
     };
     if let Err(e) = std::fs::create_dir_all(&cfg.server.state_dir) {
-        return Err(StartError::Upgrade(format!("state_dir {}: {e}", cfg.server.state_dir.display())));
+        return Err(StartError::StateDir { path: cfg.server.state_dir.clone(), source: e });
     }
     let opt = pingora::server::configuration::Opt { upgrade, ..Default::default() };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
@@ -151,8 +159,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     };
     let http01 = Arc::new(crate::acme::Http01::default());
     // Active health checks of runtime instances, following the routing table.
-    crate::upstream::health::spawn_checker(routes.clone(), store.subscribe(), metrics.clone())
-        .map_err(StartError::Health)?;
+    crate::upstream::health::spawn_checker(routes.clone(), store.subscribe(), metrics.clone()).map_err(StartError::Health)?;
 
     let usage = Arc::new(Usage::default());
     let access_log = match cfg.log.access.as_str() {

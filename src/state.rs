@@ -422,7 +422,10 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
                             err(format!("{vp}.release.health_check.interval_ms"), "must be between 100 and 3600000".into());
                         }
                         if !(10..=60_000).contains(&hc.timeout_ms) || hc.timeout_ms > hc.interval_ms.max(10) {
-                            err(format!("{vp}.release.health_check.timeout_ms"), "must be between 10 and 60000 and at most interval_ms".into());
+                            err(
+                                format!("{vp}.release.health_check.timeout_ms"),
+                                "must be between 10 and 60000 and at most interval_ms".into(),
+                            );
                         }
                         for (k, v) in [("healthy_threshold", hc.healthy_threshold), ("unhealthy_threshold", hc.unhealthy_threshold)] {
                             if !(1..=100).contains(&v) {

@@ -49,7 +49,9 @@ impl Cert {
 
     /// Whether this certificate is valid for `name` (exact, or a one-label wildcard).
     pub fn covers(&self, name: &str) -> bool {
-        self.names.iter().any(|n| n == name || (n.starts_with("*.") && name.split_once('.').is_some_and(|(l, p)| !l.is_empty() && l != "*" && p == &n[2..])))
+        self.names.iter().any(|n| {
+            n == name || (n.starts_with("*.") && name.split_once('.').is_some_and(|(l, p)| !l.is_empty() && l != "*" && p == &n[2..]))
+        })
     }
 }
 

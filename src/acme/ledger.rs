@@ -243,7 +243,10 @@ mod tests {
         // failed validations per host
         l.failed("a.x.test", "e", true, 1, 1, now - 100);
         l.failed("a.x.test", "e", true, 1, 1, now - 50);
-        assert_eq!(l.check("a.x.test", "x.test", false, &limits, now), Err(Deferral { limit: "failures_per_host_per_hour", until: now - 100 + HOUR }));
+        assert_eq!(
+            l.check("a.x.test", "x.test", false, &limits, now),
+            Err(Deferral { limit: "failures_per_host_per_hour", until: now - 100 + HOUR })
+        );
         assert!(l.check("b.x.test", "x.test", false, &limits, now).is_ok());
         // duplicates
         l.succeeded("b.x.test", "x.test", now - 10);
@@ -257,7 +260,10 @@ mod tests {
         for t in 0..3 {
             l.started("e.z.test", now - 10 + t);
         }
-        assert_eq!(l.check("f.w.test", "w.test", false, &limits, now), Err(Deferral { limit: "orders_per_3h", until: now - 10 + 3 * HOUR }));
+        assert_eq!(
+            l.check("f.w.test", "w.test", false, &limits, now),
+            Err(Deferral { limit: "orders_per_3h", until: now - 10 + 3 * HOUR })
+        );
         let b = l.budget(&limits, now);
         assert_eq!(b, Budget { orders: 0, certs_per_domain: 0, failures_per_host: 0, duplicates: 0 });
         // three hours later the orders have aged out

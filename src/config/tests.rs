@@ -63,7 +63,8 @@ fn acme_needs_the_tls_listener_and_a_complete_dns01() {
         ["acme.directory", "acme.contact[0]", "acme.dns01.server", "acme.dns01.tsig_key_name", "acme.dns01.tsig_secret_env"],
         "{i:?}"
     );
-    let i = issues("[server]\nhttps = \"127.0.0.1:0\"\n[acme]\ndirectory = \"https://ca.test/dir\"\n[acme.dns01]\nprovider = \"webhook\"\n");
+    let i =
+        issues("[server]\nhttps = \"127.0.0.1:0\"\n[acme]\ndirectory = \"https://ca.test/dir\"\n[acme.dns01]\nprovider = \"webhook\"\n");
     assert_eq!(i[0].path, "acme.dns01.url");
     let i = issues("[tls]\nwatch_interval_ms = 1\n");
     assert_eq!(i[0].path, "tls.watch_interval_ms");
@@ -130,7 +131,10 @@ fn mangled_files_are_errors_not_panics() {
 #[test]
 fn hostile_client_limits_have_defaults_and_bounds() {
     let c = Config::parse("", None).unwrap();
-    assert_eq!((c.server.client_header_timeout_ms, c.server.client_body_timeout_ms, c.server.max_connections_per_ip), (10_000, 60_000, 256));
+    assert_eq!(
+        (c.server.client_header_timeout_ms, c.server.client_body_timeout_ms, c.server.max_connections_per_ip),
+        (10_000, 60_000, 256)
+    );
     let c = Config::parse("[server]\nmax_connections_per_ip = 0\nclient_header_timeout_ms = 1500\n", None).unwrap();
     assert_eq!((c.server.max_connections_per_ip, c.server.client_header_timeout_ms), (0, 1500));
     let i = issues("[server]\nclient_header_timeout_ms = 0\nclient_body_timeout_ms = 99\n");

@@ -149,13 +149,8 @@ pub fn parse_pair(source: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<Cert
     if names.is_empty() {
         return Err("the certificate carries no DNS name (subjectAltName)".into());
     }
-    let issuer = x
-        .issuer()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| x.issuer().to_string());
+    let issuer =
+        x.issuer().iter_common_name().next().and_then(|c| c.as_str().ok()).map(str::to_owned).unwrap_or_else(|| x.issuer().to_string());
     let authority_key_id = x.extensions().iter().find_map(|e| match e.parsed_extension() {
         x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0.to_vec()),
         _ => None,

@@ -127,9 +127,9 @@ pub fn spawn_checker(routes: SharedTable, mut changes: tokio::sync::watch::Recei
                     keep
                 });
                 for (k, health) in wanted {
-                    if !running.contains_key(&k) {
-                        let (addr, hc) = k.clone();
-                        running.insert(k, tokio::spawn(check_loop(addr, hc, health, metrics.clone())));
+                    if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(k) {
+                        let (addr, hc) = slot.key().clone();
+                        slot.insert(tokio::spawn(check_loop(addr, hc, health, metrics.clone())));
                     }
                 }
                 // Instances no table refers to any more: forget them.

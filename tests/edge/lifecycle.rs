@@ -127,7 +127,11 @@ async fn upgrade_hands_the_sockets_over_under_load_without_a_failed_request() {
     signal(&old, "QUIT");
     until_up(&new_up, s.http, &s.log).await;
     let old_status = tokio::task::spawn_blocking(move || wait_exit(&mut old, Duration::from_secs(30))).await.unwrap();
-    assert!(old_status.is_some_and(|st| st.success()), "old process: {old_status:?}\n{}", std::fs::read_to_string(&s.log).unwrap_or_default());
+    assert!(
+        old_status.is_some_and(|st| st.success()),
+        "old process: {old_status:?}\n{}",
+        std::fs::read_to_string(&s.log).unwrap_or_default()
+    );
     // Load goes on against the new process alone for a moment.
     let after_exit = ok.load(Ordering::Relaxed);
     let more = eventually(Duration::from_secs(20), || async { (ok.load(Ordering::Relaxed) >= after_exit + 200).then_some(()) }).await;
@@ -138,7 +142,13 @@ async fn upgrade_hands_the_sockets_over_under_load_without_a_failed_request() {
     let failed = failed.lock().unwrap().clone();
     let served = ok.load(Ordering::Relaxed);
     assert!(more.is_some(), "the new process did not serve after the old one exited");
-    assert!(failed.is_empty(), "{} of {} requests failed across the upgrade: {:?}", failed.len(), served + failed.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the upgrade: {:?}",
+        failed.len(),
+        served + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     assert!(served > before + 200, "served {served}, {before} before the upgrade");
     eprintln!("upgrade under load: {served} requests, 0 failed ({before} before SIGQUIT, {after_exit} when the old process exited)");
     // The control API moved too.
@@ -164,7 +174,8 @@ async fn sigterm_stops_accepting_and_lets_a_request_in_flight_finish() {
 
     signal(&edge, "TERM");
     // New connections are refused once the listener is closed...
-    let closed = eventually(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(s.http).await.is_err().then_some(()) }).await;
+    let closed =
+        eventually(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(s.http).await.is_err().then_some(()) }).await;
     assert!(closed.is_some(), "still accepting after SIGTERM");
     // ...while the request in flight completes.
     ctl.release.send(()).expect("release");

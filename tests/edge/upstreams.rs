@@ -118,7 +118,9 @@ async fn killing_one_of_three_instances_under_load_loses_no_get() {
         clients.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             for _ in 0..PER_CLIENT {
-                let r = raw_request(addr, "GET / HTTP/1.1\r\nHost: app.customer.test\r\nAccept: application/json\r\nConnection: close\r\n\r\n").await;
+                let r =
+                    raw_request(addr, "GET / HTTP/1.1\r\nHost: app.customer.test\r\nAccept: application/json\r\nConnection: close\r\n\r\n")
+                        .await;
                 if r.status != 200 {
                     failures.push(format!("{} {}", r.status, r.text()));
                 }
@@ -142,7 +144,14 @@ async fn killing_one_of_three_instances_under_load_loses_no_get() {
     for cl in clients {
         failures.extend(cl.await.expect("client"));
     }
-    assert!(failures.is_empty(), "{} of {} GETs failed: {:?}\n{}", failures.len(), CLIENTS * PER_CLIENT, &failures[..failures.len().min(5)], edge.log());
+    assert!(
+        failures.is_empty(),
+        "{} of {} GETs failed: {:?}\n{}",
+        failures.len(),
+        CLIENTS * PER_CLIENT,
+        &failures[..failures.len().min(5)],
+        edge.log()
+    );
     assert!(b_at_kill > 0, "b served nothing before it was killed");
     assert_eq!(b.served.load(Ordering::Relaxed), b_at_kill, "a killed instance cannot serve");
     assert!(a.served.load(Ordering::Relaxed) > 0 && c.served.load(Ordering::Relaxed) > 0);
@@ -154,7 +163,8 @@ async fn all_instances_unhealthy_answer_503_and_one_coming_back_recovers() {
     let a = Instance::start("a", format!("{ip}:0").parse().unwrap()).await;
     let b = Instance::start("b", format!("{ip}:0").parse().unwrap()).await;
     let (a_addr, b_addr) = (a.addr, b.addr);
-    let hc = ", health_check = { path = \"/healthz\", interval_ms = 200, timeout_ms = 150, healthy_threshold = 1, unhealthy_threshold = 2 }";
+    let hc =
+        ", health_check = { path = \"/healthz\", interval_ms = 200, timeout_ms = 150, healthy_threshold = 1, unhealthy_threshold = 2 }";
     let edge = Edge::start(&config(&[&a, &b], hc)).await;
     assert_eq!(edge.get("app.customer.test", "/").await.status, 200);
 
