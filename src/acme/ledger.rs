@@ -112,13 +112,15 @@ impl Ledger {
     /// the per-domain limit, as at Let's Encrypt.
     pub fn check(&self, name: &str, registered: &str, renewal: bool, limits: &Limits, now: i64) -> Result<(), Deferral> {
         let oldest_in = |times: &mut dyn Iterator<Item = i64>, window: i64, limit: u32| -> Option<i64> {
+            // (limits are validated to be at least 1; a 0 here would mean "no slot")
+            let limit = limit.max(1) as usize;
             let mut v: Vec<i64> = times.filter(|t| *t > now - window).collect();
-            if v.len() < limit as usize {
+            if v.len() < limit {
                 return None;
             }
             v.sort_unstable();
             // the wait until enough of them age out of the window
-            Some(v[v.len() - limit as usize] + window)
+            Some(v[v.len() - limit] + window)
         };
         if let Some(until) = oldest_in(&mut self.orders.iter().copied(), 3 * HOUR, limits.orders_per_3h) {
             return Err(Deferral { limit: "orders_per_3h", until });
