@@ -466,17 +466,9 @@ impl Manager {
                 let (account, credentials) =
                     builder().map_err(OrderError::other)?.create(&new, self.cfg.directory.clone(), None).await.map_err(OrderError::other)?;
                 let saved = Saved { directory: self.cfg.directory.clone(), credentials };
-                let tmp = path.with_extension("json.tmp");
                 let written = serde_json::to_vec(&saved)
                     .map_err(std::io::Error::other)
-                    .and_then(|b| {
-                        use std::io::Write;
-                        use std::os::unix::fs::OpenOptionsExt;
-                        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-                        f.write_all(&b)?;
-                        f.sync_all()
-                    })
-                    .and_then(|()| std::fs::rename(&tmp, &path));
+                    .and_then(|b| crate::state::store::write_atomic(&path, &b, 0o600));
                 if let Err(e) = written {
                     tracing::error!(error = %e, file = %path.display(), "cannot save the ACME account; it will be registered again at the next start");
                 }

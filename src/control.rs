@@ -99,16 +99,8 @@ pub fn secret_file(path: &Path) -> Result<(String, bool), ControlError> {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| ControlError::Random)?;
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(secret.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+        crate::state::store::write_atomic(path, secret.as_bytes(), 0o600)
     };
     write().map_err(|source| ControlError::TokenFile { path: path.to_owned(), source })?;
     Ok((secret, true))

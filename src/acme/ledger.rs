@@ -7,7 +7,7 @@
 use crate::config::tls::Limits;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const HOUR: i64 = 3_600;
 const WEEK: i64 = 7 * 86_400;
@@ -93,12 +93,8 @@ impl Ledger {
 
     /// Writes atomically (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp: PathBuf = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::state::store::write_atomic(path, &bytes, 0o644)
     }
 
     /// Forgets history no limit looks at any more.

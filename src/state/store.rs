@@ -355,6 +355,25 @@ fn load(file: &Path) -> Result<(u64, State), OpenError> {
     Ok((p.generation, State { workspaces: s.workspaces, sandboxes: s.sandboxes, share_tokens: s.share_tokens, deployments: s.deployments }))
 }
 
+/// Writes `bytes` to `path` so readers see the old file or the new one, never a part:
+/// a temp file beside it (created with `mode`), fsync, rename, fsync of the directory.
+/// For small files (keys, tokens, certificates, ledgers); `state.json` streams its own.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    // the rename itself is durable once the directory is synced (best effort)
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 /// Writes `state.json` durably: temp file, fsync, rename, fsync of the directory.
 fn persist_file(file: &Path, generation: u64, api: &State) -> std::io::Result<()> {
     #[derive(Serialize)]

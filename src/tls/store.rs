@@ -94,8 +94,6 @@ impl CertStore for DirStore {
     }
 
     fn save(&self, entry: &str, fullchain: &[u8], privkey: &[u8]) -> io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if !valid_entry(entry) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid certificate entry name {entry:?}")));
         }
@@ -103,17 +101,8 @@ impl CertStore for DirStore {
         std::fs::create_dir_all(&d)?;
         // Key first: a reader that sees the new key with the old chain finds a mismatch,
         // keeps the old certificate, and rereads when the chain's stamp changes.
-        for (name, data, mode) in [("privkey.pem", privkey, 0o600), ("fullchain.pem", fullchain, 0o644)] {
-            let tmp = d.join(format!(".{name}.tmp"));
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, d.join(name))?;
-        }
-        if let Ok(dir) = std::fs::File::open(&d) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        crate::state::store::write_atomic(&d.join("privkey.pem"), privkey, 0o600)?;
+        crate::state::store::write_atomic(&d.join("fullchain.pem"), fullchain, 0o644)
     }
 }
 

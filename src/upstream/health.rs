@@ -193,12 +193,6 @@ async fn probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         }
         n += r;
     }
-    let line = &buf[..n];
-    let status = line
-        .strip_prefix(b"HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|d| std::str::from_utf8(d).ok())
-        .and_then(|d| d.parse::<u16>().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP/1.x response"))?;
-    Ok(status)
+    super::wake::parse_status_line(&buf[..n])
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP/1.x response"))
 }

@@ -240,7 +240,7 @@ async fn read_status(conn: &mut TcpStream) -> Result<u16, CallError> {
 }
 
 /// The status of `HTTP/1.x NNN[ reason]` (the first line of `head`).
-fn parse_status_line(head: &[u8]) -> Option<u16> {
+pub(super) fn parse_status_line(head: &[u8]) -> Option<u16> {
     let line = head.split(|b| *b == b'\n').next()?;
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let rest = line.strip_prefix(b"HTTP/1.")?;
