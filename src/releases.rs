@@ -374,11 +374,9 @@ impl Releases {
     /// Writes the skew memory (temp file + rename; losing it costs only skew protection).
     fn save_skew(&self) {
         let map: std::collections::BTreeMap<String, Skew> = self.skew.iter().map(|e| (e.key().to_string(), e.value().clone())).collect();
-        let tmp = self.cache_dir.join(".skew.json.tmp");
         let result = serde_json::to_vec(&map)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, self.skew_file()));
+            .and_then(|bytes| crate::state::store::write_atomic(&self.skew_file(), &bytes, 0o644));
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot save the static releases' skew memory");
         }
