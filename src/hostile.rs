@@ -2,8 +2,9 @@
 //! per-IP connection cap, and the timeouts that bound slow clients.
 //!
 //! ```text
-//! accept (+ TLS handshake, ≤ 60 s: pingora)
-//!  → ConnectionCap          over [server] max_connections_per_ip for this IP → closed
+//! accept
+//!  → front::Front           over [server] max_connections_per_ip for this IP → closed;
+//!                           then the TLS handshake within [tls] handshake_timeout_ms
 //!  → request head           pingora parses it; the whole head must arrive within
 //!                           client_header_timeout_ms (vendored pingora-proxy patch 3)
 //!                           or the connection is closed without an answer
@@ -35,15 +36,10 @@
 //! follows it on the wire is never read as another request.
 
 use crate::config;
-use crate::metrics::Metrics;
 use crate::pages::ErrorCode;
-use async_trait::async_trait;
 use dashmap::DashMap;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use pingora::apps::ServerApp;
 use pingora::http::RequestHeader;
-use pingora::protocols::Stream;
-use pingora::server::ShutdownWatch;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,82 +158,44 @@ fn has_field(raw: &[u8], name: &[u8]) -> bool {
         .any(|line| line.len() > name.len() && line[name.len()] == b':' && line[..name.len()].eq_ignore_ascii_case(name))
 }
 
-/// Live connections per client IP, and the cap.
-struct PerIp {
-    max: u32,
-    live: DashMap<IpAddr, u32, ahash::RandomState>,
+/// Live connections per client IP, and the cap (`[server] max_connections_per_ip`,
+/// 0 = unlimited). Kept by [`crate::front::Front`], which admits each connection once,
+/// when it is accepted, and holds its [`Admitted`] for as long as the connection lives.
+#[derive(Debug)]
+pub(crate) struct PerIp {
+    pub(crate) max: u32,
+    pub(crate) live: DashMap<IpAddr, u32, ahash::RandomState>,
 }
 
 /// One admitted connection; gives its place back when dropped.
-struct Admitted<'a> {
-    per_ip: &'a PerIp,
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    per_ip: Arc<PerIp>,
     ip: IpAddr,
 }
 
 impl PerIp {
+    pub(crate) fn new(max: u32) -> Arc<PerIp> {
+        Arc::new(PerIp { max, live: DashMap::default() })
+    }
+
     /// Counts a new connection from `ip`, or `None` when `ip` is at the cap.
-    fn admit(&self, ip: IpAddr) -> Option<Admitted<'_>> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
         let mut n = self.live.entry(ip).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
-        Some(Admitted { per_ip: self, ip })
+        Some(Admitted { per_ip: self.clone(), ip })
     }
 }
 
-impl Drop for Admitted<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
         self.per_ip.live.remove_if_mut(&self.ip, |_, n| {
             *n = n.saturating_sub(1);
             *n == 0
         });
-    }
-}
-
-/// A pingora application wrapped with the per-IP connection cap: a connection from an
-/// IP address that already holds `max_connections_per_ip` live connections is closed
-/// before anything is read from it. A connection counts for as long as pingora serves
-/// it: every request of a keep-alive connection, its idle time (bounded by
-/// `client_header_timeout_ms`), an upgraded WebSocket, every stream of an HTTP/2
-/// connection. pingora's `ConnectionFilter` sees accepts but not closes, so it cannot
-/// keep this count; wrapping `ServerApp::process_new` sees both.
-pub struct ConnectionCap<A> {
-    inner: Arc<A>,
-    per_ip: PerIp,
-    metrics: Arc<Metrics>,
-}
-
-impl<A> ConnectionCap<A> {
-    /// `inner` under a cap of `max` connections per IP (0 = unlimited).
-    pub fn new(inner: A, max: u32, metrics: Arc<Metrics>) -> Self {
-        ConnectionCap { inner: Arc::new(inner), per_ip: PerIp { max, live: DashMap::default() }, metrics }
-    }
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCap<A> {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let ip = match self.per_ip.max {
-            0 => None,
-            _ => stream.get_socket_digest().and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())),
-        };
-        let _admitted = match ip {
-            Some(ip) => match self.per_ip.admit(ip) {
-                Some(a) => Some(a),
-                None => {
-                    self.metrics.connections_over_ip_cap.inc();
-                    tracing::debug!(client = %ip, "connection over max_connections_per_ip closed");
-                    return None;
-                }
-            },
-            None => None,
-        };
-        self.inner.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await
     }
 }
 

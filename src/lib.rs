@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! accept (pingora listener)
-//!  → hostile::ConnectionCap  per-IP connection cap; the request head within its timeout
+//!  → front::Front            per-IP connection cap; TLS handshake on the https port
 //!  → request_filter          request id; hostile::screen (414/431/400, closed)
 //!                            table = routes.load(); route = table.lookup(host)
 //!                            denied / private / suspended / static → branded page, stop
@@ -28,6 +28,7 @@ pub mod access_log;
 pub mod acme;
 pub mod config;
 pub mod control;
+pub mod front;
 pub mod hostile;
 pub mod metrics;
 pub mod pages;

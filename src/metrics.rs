@@ -67,6 +67,27 @@ pub enum WakeWait {
 
 const WAKE_WAITS: [&str; 3] = ["woken", "timeout", "failed"];
 
+/// Why a TLS handshake failed, for the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// Not finished within `[tls] handshake_timeout_ms`.
+    Timeout = 0,
+    /// The client closed or reset the connection during the handshake.
+    Closed = 1,
+    /// What the client sent is not TLS, or not well-formed TLS (plain HTTP to the TLS port).
+    Malformed = 2,
+    /// No protocol version, cipher suite or key exchange in common.
+    Incompatible = 3,
+    /// The client sent a fatal alert: usually it refused the certificate.
+    Alert = 4,
+    /// Any other TLS or I/O error.
+    Other = 5,
+}
+
+const HANDSHAKE_FAILURES: [&str; 6] = ["timeout", "closed", "malformed", "incompatible", "alert", "other"];
+/// Protocol versions of completed handshakes, for the `version` label.
+const TLS_VERSIONS: [&str; 3] = ["1.2", "1.3", "other"];
+
 /// The edge's metrics.
 pub struct Metrics {
     pub registry: Registry,
@@ -104,6 +125,9 @@ pub struct Metrics {
     pub acme_budget: prometheus::IntGaugeVec,
     health_up: IntCounter,
     health_down: IntCounter,
+    tls_handshakes: Vec<IntCounter>,
+    tls_handshake_failures: Vec<IntCounter>,
+    tls_handshake_duration: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -278,6 +302,36 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let tls_handshakes = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("miosa_edge_tls_handshakes_total", "Completed TLS handshakes on [server] https, by protocol version."),
+                &["version"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let tls_failures = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "miosa_edge_tls_handshake_failures_total",
+                    "TLS handshakes that did not complete, by reason (timeout, closed, malformed, incompatible, alert, other).",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let tls_duration = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "miosa_edge_tls_handshake_duration_seconds",
+                    "Time from a connection's accept to its completed TLS handshake (includes the client's round trips).",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
         let mut requests = Vec::new();
         for k in KINDS {
             for c in CLASSES {
@@ -309,6 +363,9 @@ impl Metrics {
             acme_budget,
             health_up: health.with_label_values(&["healthy"]),
             health_down: health.with_label_values(&["unhealthy"]),
+            tls_handshakes: TLS_VERSIONS.iter().map(|v| tls_handshakes.with_label_values(&[*v])).collect(),
+            tls_handshake_failures: HANDSHAKE_FAILURES.iter().map(|r| tls_failures.with_label_values(&[*r])).collect(),
+            tls_handshake_duration: tls_duration,
             registry,
         }
     }
@@ -316,6 +373,22 @@ impl Metrics {
     /// An instance changed health (active checks).
     pub fn health_transition(&self, healthy: bool) {
         if healthy { &self.health_up } else { &self.health_down }.inc();
+    }
+
+    /// Counts one completed TLS handshake; `version` as rustls names it (`TLSv1_3`).
+    pub fn tls_handshake(&self, version: &str, seconds: f64) {
+        let i = match version {
+            "TLSv1_2" => 0,
+            "TLSv1_3" => 1,
+            _ => 2,
+        };
+        self.tls_handshakes[i].inc();
+        self.tls_handshake_duration.observe(seconds);
+    }
+
+    /// Counts one TLS handshake that did not complete.
+    pub fn tls_handshake_failure(&self, reason: HandshakeFailure) {
+        self.tls_handshake_failures[reason as usize].inc();
     }
 
     /// Counts one answered request.
@@ -404,7 +477,15 @@ mod tests {
         m.reload(false);
         m.access(Credential::ShareToken, false);
         m.access(Credential::Session, true);
+        m.tls_handshake("TLSv1_3", 0.002);
+        m.tls_handshake("SSLv3", 0.002);
+        m.tls_handshake_failure(HandshakeFailure::Malformed);
         let text = m.render();
+        assert!(text.contains(r#"miosa_edge_tls_handshakes_total{version="1.3"} 1"#), "{text}");
+        assert!(text.contains(r#"miosa_edge_tls_handshakes_total{version="other"} 1"#));
+        assert!(text.contains(r#"miosa_edge_tls_handshake_failures_total{reason="malformed"} 1"#));
+        assert!(text.contains(r#"miosa_edge_tls_handshake_failures_total{reason="timeout"} 0"#));
+        assert!(text.contains("miosa_edge_tls_handshake_duration_seconds_count 2"));
         assert!(text.contains(r#"miosa_edge_requests_total{route="preview",status_class="2xx"} 1"#), "{text}");
         assert!(text.contains(r#"miosa_edge_requests_total{route="edge",status_class="4xx"} 1"#));
         assert!(text.contains(r#"miosa_edge_upstream_failures_total{reason="refused"} 1"#));

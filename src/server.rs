@@ -204,14 +204,27 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // per-IP connection cap around it (crate::hostile).
     let limits = crate::hostile::Limits::from_config(&cfg.server);
     let proxy = http_proxy(&server.configuration, proxy.with_limits(limits));
-    let capped = crate::hostile::ConnectionCap::new(proxy, limits.max_connections_per_ip, metrics.clone());
-    let mut svc = Service::new("miosa-edge http".to_string(), capped);
+    // Both listeners accept plain TCP; crate::front admits each connection under the
+    // per-IP cap and performs the TLS handshake on the https port itself, so handshakes
+    // are timed, bounded and counted.
+    let tls = match (https, &certs) {
+        (Some(addr), Some(watcher)) => {
+            let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
+            tls.set_cert_resolver(Arc::new(SniResolver::new(watcher.index())));
+            tls.enable_h2();
+            Some(crate::front::TlsListener {
+                port: addr.port(),
+                acceptor: tls.build(),
+                handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+            })
+        }
+        _ => None,
+    };
+    let front = crate::front::Front::new(proxy, limits.max_connections_per_ip, tls, metrics.clone());
+    let mut svc = Service::new("miosa-edge http".to_string(), front);
     svc.add_tcp(&http.to_string());
-    if let (Some(addr), Some(watcher)) = (https, &certs) {
-        let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
-        tls.set_cert_resolver(Arc::new(SniResolver::new(watcher.index())));
-        tls.enable_h2();
-        svc.add_tls_with_settings(&addr.to_string(), None, tls);
+    if let Some(addr) = https {
+        svc.add_tcp(&addr.to_string());
     }
     server.add_service(svc);
     let acme = match (&cfg.acme, &certs) {

@@ -19,11 +19,20 @@ pub struct Tls {
     /// How often `certs_dir` is checked for added or replaced files.
     #[serde(default = "default_watch_ms")]
     pub watch_interval_ms: u64,
+    /// A TLS handshake must finish within this, from the connection's accept; a client
+    /// that stalls in it is disconnected (counted as `timeout`).
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for Tls {
     fn default() -> Self {
-        Tls { certs_dir: default_certs_dir(), redirect_http: true, watch_interval_ms: default_watch_ms() }
+        Tls {
+            certs_dir: default_certs_dir(),
+            redirect_http: true,
+            watch_interval_ms: default_watch_ms(),
+            handshake_timeout_ms: default_handshake_ms(),
+        }
     }
 }
 
@@ -35,6 +44,9 @@ fn yes() -> bool {
 }
 fn default_watch_ms() -> u64 {
     1_000
+}
+fn default_handshake_ms() -> u64 {
+    10_000
 }
 
 /// `[acme]`: certificates obtained and renewed from an RFC 8555 CA.
@@ -164,6 +176,9 @@ pub fn check(https: Option<SocketAddr>, tls: Option<&Tls>, acme: Option<&Acme>) 
     if let Some(t) = tls {
         if !(100..=3_600_000).contains(&t.watch_interval_ms) {
             err("tls.watch_interval_ms", "must be between 100 and 3600000".into());
+        }
+        if !(100..=300_000).contains(&t.handshake_timeout_ms) {
+            err("tls.handshake_timeout_ms", "must be between 100 and 300000".into());
         }
         if t.certs_dir.as_os_str().is_empty() {
             err("tls.certs_dir", "must be a directory path".into());

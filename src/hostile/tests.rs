@@ -73,7 +73,7 @@ fn targets() {
 
 #[test]
 fn per_ip_counts_and_gives_back() {
-    let p = PerIp { max: 2, live: DashMap::default() };
+    let p = PerIp::new(2);
     let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
     let one = p.admit(a).expect("first");
     let two = p.admit(a).expect("second");

@@ -98,10 +98,10 @@ async fn garbage_on_the_wire_does_not_take_the_edge_down() {
 
 /// What a raw exchange produced: every byte the edge sent, and whether it closed the
 /// connection within `limit` (EOF or reset) rather than keeping it open.
-struct Exchange {
-    bytes: Vec<u8>,
-    closed: bool,
-    took: Duration,
+pub(crate) struct Exchange {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) closed: bool,
+    pub(crate) took: Duration,
 }
 
 impl Exchange {
@@ -124,7 +124,7 @@ impl Exchange {
 }
 
 /// Reads from `s` until the edge closes it or `limit` passes.
-async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Exchange {
+pub(crate) async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Exchange {
     let start = Instant::now();
     let mut bytes = Vec::new();
     let mut buf = [0u8; 16 << 10];
@@ -147,7 +147,7 @@ async fn exchange(addr: SocketAddr, raw: &[u8]) -> Exchange {
 }
 
 /// A connection to `addr` from source address `ip` (any 127/8 address is local).
-async fn connect_from(ip: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_from(ip: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::from((ip, 0)))?;
     sock.connect(addr).await

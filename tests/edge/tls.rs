@@ -276,3 +276,75 @@ async fn redirect_http_false_keeps_plain_http_serving() {
     let r = tls_get(edge.https(), Some(&host), &host, "/", None, &[]).await.expect("TLS still served");
     assert_eq!(r.response.json()["headers"]["x-forwarded-proto"], serde_json::json!(["https"]));
 }
+
+/// The edge makes TLS handshakes itself (`front::Front`): completed ones are counted by
+/// version and timed, failed ones counted by reason, a client that stalls is closed at
+/// `[tls] handshake_timeout_ms`, and a connection still handshaking already holds its
+/// place under `max_connections_per_ip`.
+///
+/// With pingora's own TLS listener (before), none of these were counted, every failure
+/// was an ERROR log line, a stalled handshake was held for 60 s, and handshaking
+/// connections were not under the per-IP cap.
+#[tokio::test]
+async fn handshakes_are_counted_bounded_and_capped() {
+    use crate::hostile::{connect_from, read_until_closed};
+    let f = Fixture::start().await;
+    let ca = TestCa::new("miosa-edge test CA");
+    let (_certs, dir) = certs_dir();
+    install_pair(&dir, "wild", &ca.issue(&["*.sandbox.localhost"]));
+    let toml = tls_toml(&dir, true).replace("[tls]\n", "[tls]\nhandshake_timeout_ms = 2000\n");
+    let edge = Edge::start_opts(&format!("{HTTPS}\nmax_connections_per_ip = 3"), &[], &format!("{toml}{}", f.toml(""))).await;
+    let https = edge.https();
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let count = |text: &str, name: &str, label: &str| metric(text, name, label).unwrap_or(0.0);
+
+    // Completed: TLS 1.3 and TLS 1.2, each answered.
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let opts = TlsOpts { versions: vec![v], ..TlsOpts::verified(&host, ca.roots()) };
+        let r = tls_get_opts(https, &opts, &host, "/").await.unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+        assert_eq!(r.response.status, 200, "{}", r.response.text());
+    }
+    // Plain HTTP sent to the TLS port: not TLS, closed.
+    let mut s = tokio::net::TcpStream::connect(https).await.expect("connect");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("write");
+    let x = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(x.closed && !x.bytes.starts_with(b"HTTP/"), "plain HTTP on the TLS port: closed {} {:?}", x.closed, x.bytes);
+    // A client that refuses the certificate (it trusts another CA) sends an alert.
+    let other = TestCa::new("another CA");
+    assert!(tls_connect(https, &TlsOpts::verified(&host, other.roots())).await.is_err(), "the client must refuse the certificate");
+    // A client that connects and leaves before saying anything.
+    drop(tokio::net::TcpStream::connect(https).await.expect("connect"));
+
+    // Three silent connections from 127.0.0.3 hold its three places while they handshake:
+    // a fourth is closed at once, long before the handshake timeout would close it.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(connect_from([127, 0, 0, 3], https).await.expect("connect from 127.0.0.3"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = connect_from([127, 0, 0, 3], https).await.expect("connect");
+    let x = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
+    assert!(x.closed && x.took < Duration::from_millis(1500), "fourth: closed {} after {:?}", x.closed, x.took);
+    // The silent ones are closed at the handshake timeout (2 s), not pingora's 60 s.
+    let started = std::time::Instant::now();
+    for s in &mut silent {
+        let x = read_until_closed(s, Duration::from_secs(10)).await;
+        assert!(x.closed && x.bytes.is_empty(), "a stalled handshake must be closed, got {:?} after {:?}", x.bytes, x.took);
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1200) && waited < Duration::from_secs(8), "stalled handshakes closed after {waited:?}");
+
+    let text = crate::support::pebble::metrics(&edge).await;
+    let tls = "miosa_edge_tls_handshakes_total";
+    let failed = "miosa_edge_tls_handshake_failures_total";
+    assert!(count(&text, tls, r#"version="1.3""#) >= 1.0, "{text}");
+    assert!(count(&text, tls, r#"version="1.2""#) >= 1.0, "{text}");
+    assert!(count(&text, "miosa_edge_tls_handshake_duration_seconds_count", "") >= 2.0, "{text}");
+    assert!(count(&text, failed, r#"reason="malformed""#) >= 1.0, "{text}");
+    assert!(count(&text, failed, r#"reason="alert""#) >= 1.0, "{text}");
+    assert!(count(&text, failed, r#"reason="closed""#) >= 1.0, "{text}");
+    assert_eq!(count(&text, failed, r#"reason="timeout""#), 3.0, "{text}");
+    assert!(count(&text, "miosa_edge_connections_over_ip_cap_total", "") >= 1.0, "{text}");
+    // Failed handshakes are not errors of the edge: nothing at ERROR in its log.
+    assert!(!edge.log().contains("ERROR"), "{}", edge.log());
+}
