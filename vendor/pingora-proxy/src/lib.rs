@@ -334,7 +334,9 @@ where
         let header_deadline = self.inner.request_header_timeout();
         let read_head = async {
             match header_deadline {
-                Some(limit) => match time::timeout(limit, downstream_session.read_request()).await {
+                // pingora's fast timer: one shared timer per 10 ms of deadlines, no
+                // per-request entry in tokio's timer wheel.
+                Some(limit) => match pingora_timeout::fast_timeout::fast_timeout(limit, downstream_session.read_request()).await {
                     Ok(res) => Some(res),
                     Err(_) => None,
                 },
