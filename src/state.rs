@@ -11,8 +11,11 @@ pub mod types;
 
 use crate::config::Domains;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
 use std::fmt;
+
+// Validation hashes every id and host of the state (100k+ on a large push): ahash, not SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, ahash::RandomState>;
 pub use types::*;
 
 /// The whole routing state (TOML routing sections, or a control-plane push).
@@ -304,11 +307,11 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
         })
         .collect();
 
-    let mut ws_ids: HashMap<&str, usize> = HashMap::new();
-    let mut slugs: HashMap<&str, usize> = HashMap::new();
+    let mut ws_ids: HashMap<&str, usize> = HashMap::default();
+    let mut slugs: HashMap<&str, usize> = HashMap::default();
     // host → where it was first claimed, for "no host is claimed twice".
-    let mut hosts: HashMap<&str, String> = HashMap::new();
-    let mut tenant_domains: HashMap<&str, &str> = HashMap::new();
+    let mut hosts: HashMap<&str, String> = HashMap::default();
+    let mut tenant_domains: HashMap<&str, &str> = HashMap::default();
 
     for (i, w) in state.workspaces.iter().enumerate() {
         let p = format!("workspaces[{i}]");
@@ -338,29 +341,32 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
         }
     }
 
-    let mut sandboxes: HashMap<&str, (usize, &Sandbox)> = HashMap::new();
+    let mut sandboxes: HashMap<&str, (usize, &Sandbox)> = HashMap::default();
+    sandboxes.reserve(state.sandboxes.len());
     for (i, s) in state.sandboxes.iter().enumerate() {
-        let p = format!("sandboxes[{i}]");
+        // Paths are formatted only for errors: this loop runs once per sandbox.
         if let Some((prev, _)) = sandboxes.insert(s.id.as_str(), (i, s)) {
-            err(format!("{p}.id"), format!("sandbox id `{}` is already used by sandboxes[{prev}]", s.id));
+            err(format!("sandboxes[{i}].id"), format!("sandbox id `{}` is already used by sandboxes[{prev}]", s.id));
         }
         if !ws_ids.contains_key(s.workspace.as_str()) {
-            err(format!("{p}.workspace"), format!("workspace `{}` does not exist", s.workspace));
+            err(format!("sandboxes[{i}].workspace"), format!("workspace `{}` does not exist", s.workspace));
         }
         if s.id.as_str().len() > 57 {
             // `{port}-{id}` must fit one 63-byte DNS label.
-            err(format!("{p}.id"), format!("sandbox id `{}` is longer than 57 characters", s.id));
+            err(format!("sandboxes[{i}].id"), format!("sandbox id `{}` is longer than 57 characters", s.id));
         }
-        let mut ports = HashSet::new();
-        for (j, pv) in s.previews.iter().enumerate() {
-            if !ports.insert(pv.port) {
-                err(format!("{p}.previews[{j}].port"), format!("port {} is listed twice", pv.port.0));
+        if s.previews.len() > 1 {
+            let mut ports = HashSet::default();
+            for (j, pv) in s.previews.iter().enumerate() {
+                if !ports.insert(pv.port) {
+                    err(format!("sandboxes[{i}].previews[{j}].port"), format!("port {} is listed twice", pv.port.0));
+                }
             }
         }
     }
 
-    let mut share_ids = HashSet::new();
-    let mut share_hashes = HashSet::new();
+    let mut share_ids = HashSet::default();
+    let mut share_hashes = HashSet::default();
     for (i, t) in state.share_tokens.iter().enumerate() {
         let p = format!("share_tokens[{i}]");
         if !share_ids.insert(t.id.as_str()) {
@@ -381,8 +387,8 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
         }
     }
 
-    let mut dep_ids = HashSet::new();
-    let mut dep_names = HashSet::new();
+    let mut dep_ids = HashSet::default();
+    let mut dep_names = HashSet::default();
     for (i, d) in state.deployments.iter().enumerate() {
         let p = format!("deployments[{i}]");
         if !dep_ids.insert(d.id.as_str()) {
@@ -393,7 +399,7 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
         } else if !dep_names.insert((d.workspace.as_str(), d.name.as_str())) {
             err(format!("{p}.name"), format!("workspace `{}` already has a deployment named `{}`", d.workspace, d.name));
         }
-        let mut version_ids = HashSet::new();
+        let mut version_ids = HashSet::default();
         for (j, v) in d.versions.iter().enumerate() {
             let vp = format!("{p}.versions[{j}]");
             if !version_ids.insert(v.id.as_str()) {
@@ -404,7 +410,7 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
                     if instances.is_empty() {
                         err(format!("{vp}.release.instances"), "a dynamic release needs at least one instance".into());
                     }
-                    let mut seen = HashSet::new();
+                    let mut seen = HashSet::default();
                     for (k, inst) in instances.iter().enumerate() {
                         if !seen.insert(inst.0) {
                             err(format!("{vp}.release.instances[{k}]"), format!("instance `{}` is listed twice", inst.0));
