@@ -510,8 +510,9 @@ impl Config {
         let mut errors: Vec<StateError> = Vec::new();
         errors.extend(tls::check(raw.server.https, raw.tls.as_ref(), raw.acme.as_ref()));
         if let Some(https) = raw.server.https {
-            if https == raw.server.http && https.port() != 0 {
-                errors.push(StateError { path: "server.https".into(), message: "must differ from server.http".into() });
+            // Connections are told apart by the port they arrived on (crate::front).
+            if https.port() == raw.server.http.port() && https.port() != 0 {
+                errors.push(StateError { path: "server.https".into(), message: "must use another port than server.http".into() });
             }
         }
         for (key, v, min, max) in [

@@ -68,6 +68,11 @@ fn acme_needs_the_tls_listener_and_a_complete_dns01() {
     assert_eq!(i[0].path, "acme.dns01.url");
     let i = issues("[tls]\nwatch_interval_ms = 1\n");
     assert_eq!(i[0].path, "tls.watch_interval_ms");
+    let i = issues("[tls]\nhandshake_timeout_ms = 0\n");
+    assert_eq!(i[0].path, "tls.handshake_timeout_ms");
+    // The TLS listener is told apart by its port: another address on the same port is refused.
+    let i = issues("[server]\nhttp = \"127.0.0.1:8080\"\nhttps = \"127.0.0.2:8080\"\n");
+    assert_eq!((i[0].path.as_str(), i[0].message.as_str()), ("server.https", "must use another port than server.http"));
 }
 
 #[test]
