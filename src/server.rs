@@ -220,10 +220,12 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         }
         _ => None,
     };
+    // The https port is only listened on with its TLS side in place: never as plain HTTP.
+    let https_listener = tls.as_ref().and(https);
     let front = crate::front::Front::new(proxy, limits.max_connections_per_ip, tls, metrics.clone());
     let mut svc = Service::new("miosa-edge http".to_string(), front);
     svc.add_tcp(&http.to_string());
-    if let Some(addr) = https {
+    if let Some(addr) = https_listener {
         svc.add_tcp(&addr.to_string());
     }
     server.add_service(svc);
