@@ -73,7 +73,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             return self.inner.process_new(stream, shutdown).await;
         }
         let digest = stream.get_socket_digest();
-        let admitted = match (self.per_ip.max, digest.as_deref().and_then(peer_ip)) {
+        let client = digest.as_deref().and_then(peer_ip);
+        let admitted = match (self.per_ip.max, client) {
             (0, _) | (_, None) => None,
             (_, Some(ip)) => match self.per_ip.admit(ip) {
                 Some(a) => Some(a),
@@ -100,12 +101,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     Ok(Err(e)) => {
                         let reason = handshake_failure(&e);
                         self.metrics.tls_handshake_failure(reason);
-                        tracing::debug!(?reason, error = %e, client = ?digest.as_deref().and_then(peer_ip), "TLS handshake failed");
+                        tracing::debug!(?reason, error = %e, ?client, "TLS handshake failed");
                         return None;
                     }
                     Err(_) => {
                         self.metrics.tls_handshake_failure(HandshakeFailure::Timeout);
-                        tracing::debug!(client = ?digest.as_deref().and_then(peer_ip), "TLS handshake timed out");
+                        tracing::debug!(?client, "TLS handshake timed out");
                         return None;
                     }
                 }
@@ -142,14 +143,10 @@ fn into_l4(stream: Stream) -> Option<L4Stream> {
 /// or the socket gave (`explain_err`), so the reason is read from it; the unit test
 /// below pins these texts to the rustls version in use.
 pub(crate) fn handshake_failure(e: &pingora::Error) -> HandshakeFailure {
-    classify(&e.to_string())
-}
-
-fn classify(text: &str) -> HandshakeFailure {
     const CLOSED: [&str; 4] = ["handshake eof", "connection reset", "broken pipe", "connection aborted"];
     const MALFORMED: [&str; 3] = ["corrupt message", "unexpected message", "unexpected handshake message"];
     const INCOMPATIBLE: [&str; 2] = ["peer is incompatible", "doesn't support any known protocol"];
-    let t = text.to_ascii_lowercase();
+    let t = e.to_string().to_ascii_lowercase();
     let has = |needles: &[&str]| needles.iter().any(|n| t.contains(n));
     if has(&CLOSED) {
         HandshakeFailure::Closed

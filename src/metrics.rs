@@ -145,17 +145,30 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C
     c
 }
 
+/// A counter family, registered in `r`.
+fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric definition: {e}")))
+}
+
+/// A counter, registered in `r`.
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric definition: {e}")))
+}
+
+/// A gauge, registered in `r`.
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric definition: {e}")))
+}
+
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let req = register(
+        let req = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new("miosa_edge_requests_total", "Requests answered, by route kind and status class."),
-                &["route", "status_class"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_requests_total",
+            "Requests answered, by route kind and status class.",
+            &["route", "status_class"],
         );
         let dur = register(
             &registry,
@@ -169,104 +182,53 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
-        let fail = register(
+        let fail = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new("miosa_edge_upstream_failures_total", "Failed attempts to reach a sandbox or instance, by reason."),
-                &["reason"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_upstream_failures_total",
+            "Failed attempts to reach a sandbox or instance, by reason.",
+            &["reason"],
         );
-        let wake_calls = register(
+        let wake_calls = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new("miosa_edge_wake_calls_total", "Calls of the [wake] hook for suspended sandboxes, by result (ok, error)."),
-                &["result"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_wake_calls_total",
+            "Calls of the [wake] hook for suspended sandboxes, by result (ok, error).",
+            &["result"],
         );
-        let wake_waits = register(
+        let wake_waits = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "miosa_edge_wake_waits_total",
-                    "Requests held for a suspended sandbox, by how the wait ended (woken, timeout, failed).",
-                ),
-                &["result"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_wake_waits_total",
+            "Requests held for a suspended sandbox, by how the wait ended (woken, timeout, failed).",
+            &["result"],
         );
-        let reloads = register(
+        let reloads = counters(&registry, "miosa_edge_config_reloads_total", "Config file reloads, by result (ok, error).", &["result"]);
+        let writes =
+            counters(&registry, "miosa_edge_state_writes_total", "Control-API state writes, by result (ok, rejected).", &["result"]);
+        let generation = gauge(&registry, "miosa_edge_state_generation", "Generation of the routing table being served.");
+        let sandboxes = gauge(&registry, "miosa_edge_sandboxes", "Sandboxes in the routing table being served.");
+        let access = counters(
             &registry,
-            IntCounterVec::new(Opts::new("miosa_edge_config_reloads_total", "Config file reloads, by result (ok, error)."), &["result"])
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_access_checks_total",
+            "Access decisions on private previews, by credential presented and result (granted, denied).",
+            &["credential", "result"],
         );
-        let writes = register(
+        let revoked_connections = counter(
             &registry,
-            IntCounterVec::new(
-                Opts::new("miosa_edge_state_writes_total", "Control-API state writes, by result (ok, rejected)."),
-                &["result"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_revoked_connections_total",
+            "Live connections (WebSockets, streams) closed because the share token that opened them was revoked or expired.",
         );
-        let generation = register(
+        let connections_over_ip_cap = counter(
             &registry,
-            IntGauge::new("miosa_edge_state_generation", "Generation of the routing table being served.")
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_connections_over_ip_cap_total",
+            "Client connections closed at once because their IP address already held [server] max_connections_per_ip connections.",
         );
-        let sandboxes = register(
+        let release_fetches = counters(
             &registry,
-            IntGauge::new("miosa_edge_sandboxes", "Sandboxes in the routing table being served.")
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_release_fetches_total",
+            "Static release fetches (download, verify, unpack, index), by result (ok, error).",
+            &["result"],
         );
-        let access = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "miosa_edge_access_checks_total",
-                    "Access decisions on private previews, by credential presented and result (granted, denied).",
-                ),
-                &["credential", "result"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
-        let revoked_connections = register(
-            &registry,
-            IntCounter::new(
-                "miosa_edge_revoked_connections_total",
-                "Live connections (WebSockets, streams) closed because the share token that opened them was revoked or expired.",
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
-        let connections_over_ip_cap = register(
-            &registry,
-            IntCounter::new(
-                "miosa_edge_connections_over_ip_cap_total",
-                "Client connections closed at once because their IP address already held [server] max_connections_per_ip connections.",
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
-        let release_fetches = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "miosa_edge_release_fetches_total",
-                    "Static release fetches (download, verify, unpack, index), by result (ok, error).",
-                ),
-                &["result"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
-        let releases_cached = register(
-            &registry,
-            IntGauge::new("miosa_edge_releases_cached", "Static releases unpacked in the cache.")
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
-        let release_cache_bytes = register(
-            &registry,
-            IntGauge::new("miosa_edge_release_cache_bytes", "Bytes of unpacked static releases in the cache.")
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
+        let releases_cached = gauge(&registry, "miosa_edge_releases_cached", "Static releases unpacked in the cache.");
+        let release_cache_bytes = gauge(&registry, "miosa_edge_release_cache_bytes", "Bytes of unpacked static releases in the cache.");
         let certificate_expiry = register(
             &registry,
             prometheus::GaugeVec::new(
@@ -275,11 +237,7 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
-        let acme_orders = register(
-            &registry,
-            IntCounterVec::new(Opts::new("miosa_edge_acme_orders_total", "ACME orders, by result (success, failure)."), &["result"])
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
-        );
+        let acme_orders = counters(&registry, "miosa_edge_acme_orders_total", "ACME orders, by result (success, failure).", &["result"]);
         let acme_budget = register(
             &registry,
             prometheus::IntGaugeVec::new(
@@ -291,35 +249,23 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
-        let health = register(
+        let health = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "miosa_edge_instance_health_transitions_total",
-                    "Runtime instances taken out of rotation by their health check, or back in, by direction (unhealthy, healthy).",
-                ),
-                &["to"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_instance_health_transitions_total",
+            "Runtime instances taken out of rotation by their health check, or back in, by direction (unhealthy, healthy).",
+            &["to"],
         );
-        let tls_handshakes = register(
+        let tls_handshakes = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new("miosa_edge_tls_handshakes_total", "Completed TLS handshakes on [server] https, by protocol version."),
-                &["version"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_tls_handshakes_total",
+            "Completed TLS handshakes on [server] https, by protocol version.",
+            &["version"],
         );
-        let tls_failures = register(
+        let tls_failures = counters(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "miosa_edge_tls_handshake_failures_total",
-                    "TLS handshakes that did not complete, by reason (timeout, closed, malformed, incompatible, alert, other).",
-                ),
-                &["reason"],
-            )
-            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            "miosa_edge_tls_handshake_failures_total",
+            "TLS handshakes that did not complete, by reason (timeout, closed, malformed, incompatible, alert, other).",
+            &["reason"],
         );
         let tls_duration = register(
             &registry,
