@@ -233,6 +233,10 @@ impl<SV> HttpProxy<SV, ()> {
     }
 }
 
+/// miosa-edge patch 6: how long a connection waiting for its request head may still
+/// receive one once shutdown has begun.
+const SHUTDOWN_HEAD_GRACE: Duration = Duration::from_secs(1);
+
 impl<SV, C> HttpProxy<SV, C>
 where
     C: custom::Connector,
@@ -332,29 +336,40 @@ where
         // miosa-edge patch: a deadline for the whole request head (see
         // `ProxyHttp::request_header_timeout`); the connection is closed when it passes.
         let header_deadline = self.inner.request_header_timeout();
-        let read_head = async {
-            match header_deadline {
-                // pingora's fast timer: one shared timer per 10 ms of deadlines, no
-                // per-request entry in tokio's timer wheel.
-                Some(limit) => match pingora_timeout::fast_timeout::fast_timeout(limit, downstream_session.read_request()).await {
-                    Ok(res) => Some(res),
-                    Err(_) => None,
-                },
-                None => Some(downstream_session.read_request().await),
-            }
-        };
-        let res = tokio::select! {
-            biased; // biased select is cheaper, and we don't want to drop already buffered requests
-            res = read_head => match res {
+        let res = {
+            let read_head = async {
+                match header_deadline {
+                    // pingora's fast timer: one shared timer per 10 ms of deadlines, no
+                    // per-request entry in tokio's timer wheel.
+                    Some(limit) => match pingora_timeout::fast_timeout::fast_timeout(limit, downstream_session.read_request()).await {
+                        Ok(res) => Some(res),
+                        Err(_) => None,
+                    },
+                    None => Some(downstream_session.read_request().await),
+                }
+            };
+            tokio::pin!(read_head);
+            let res = tokio::select! {
+                biased; // biased select is cheaper, and we don't want to drop already buffered requests
+                res = &mut read_head => res,
+                _ = self.await_shutdown() => {
+                    // miosa-edge patch 6: a request already on its way when shutdown (or an
+                    // upgrade's hand-over) begins is still read and served: a connection
+                    // accepted a moment before, whose request is still in flight, used to be
+                    // dropped here with the request unread, and its client got a reset. An
+                    // idle connection is closed once the grace has passed.
+                    match pingora_timeout::fast_timeout::fast_timeout(SHUTDOWN_HEAD_GRACE, &mut read_head).await {
+                        Ok(res) => res,
+                        Err(_) => return None,
+                    }
+                }
+            };
+            match res {
                 Some(res) => res,
                 None => {
                     debug!("request header not received within {header_deadline:?}, closing");
                     return None;
                 }
-            },
-            _ = self.await_shutdown() => {
-                // service shutting down, dropping the connection to stop more req from coming in
-                return None;
             }
         };
         match res {
