@@ -9,10 +9,11 @@
 //! exact names and 10k wildcards (what every handshake runs).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use miosa_edge::config::{Domains, PlatformBranding};
-use miosa_edge::pages::{Detail, ErrorCode};
+use miosa_edge::codes::ErrorCode;
+use miosa_edge::pages::Detail;
 use miosa_edge::routing::{normalize_host, Route, RouteTable};
-use miosa_edge::state::*;
+use miosa_edge::schema::*;
+use miosa_edge::schema::{Domains, PlatformBranding};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -198,7 +199,7 @@ fn bench_access(c: &mut Criterion) {
         _ => None,
     })
     .unwrap();
-    let now = access::now();
+    let now = miosa_edge::clock::unix_now();
     let hs = mint::preview_token(mint::SigningKey::Hs256(SECRET), Some("k1"), "abc12345", Some(5173), now, now + 3600).unwrap();
     let ed = mint::preview_token(mint::SigningKey::Pem(KeyAlg::EdDSA, priv_pem.as_bytes()), Some("ed"), "abc12345", None, now, now + 3600)
         .unwrap();

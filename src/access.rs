@@ -18,10 +18,10 @@
 //!
 //! Secrets never appear in `Debug` output or logs.
 
+use crate::codes::ErrorCode;
 use crate::config::{KeyAlg, Tokens};
-use crate::pages::ErrorCode;
 use crate::routing::{RouteTable, ShareEntry};
-use crate::state::StateError;
+use crate::schema::StateError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use ring::hmac;
@@ -43,11 +43,6 @@ pub const MAX_TOKEN_LIFE_SECS: i64 = 86_400;
 const MAX_TOKEN_LEN: usize = 4096;
 /// Shortest secret accepted for HS256 and the session key (CONTRACT §3).
 pub const MIN_SECRET_LEN: usize = 32;
-
-/// The current Unix time in seconds.
-pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
 
 /// Verification material for one `kid`.
 #[derive(Clone)]
@@ -421,7 +416,7 @@ pub mod mint {
         let mut bytes = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| "no system randomness".to_string())?;
         let token = format!("ms_{}", B64.encode(bytes));
-        let hex = crate::state::Sha256(share_hash(&token)).to_string();
+        let hex = crate::schema::Sha256(share_hash(&token)).to_string();
         Ok((token, hex))
     }
 }

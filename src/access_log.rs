@@ -87,7 +87,7 @@ pub fn redact(path: &str) -> std::borrow::Cow<'_, str> {
 /// Now as RFC 3339 with milliseconds, UTC.
 pub fn now_rfc3339_ms() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = crate::state::Timestamp(now.as_secs() as i64).to_rfc3339();
+    let secs = crate::schema::Timestamp(now.as_secs() as i64).to_rfc3339();
     format!("{}.{:03}Z", secs.trim_end_matches('Z'), now.subsec_millis())
 }
 

@@ -19,11 +19,11 @@ pub mod ledger;
 pub mod rfc2136;
 
 use crate::config::tls::Acme as AcmeConfig;
-use crate::config::Domains;
 use crate::control::verify::Verifier;
 use crate::metrics::Metrics;
+use crate::schema::Domains;
+use crate::schema::State;
 use crate::state::store::Store;
-use crate::state::State;
 use crate::tls::{Cert, Watcher};
 use bytes::Bytes;
 use dns01::Dns01Solver;
@@ -265,7 +265,7 @@ impl Manager {
     /// Looks at every managed name once; starts the orders that are due and allowed.
     /// Returns how long until something is due again.
     fn tick(self: Arc<Self>) -> Duration {
-        let now = crate::access::now();
+        let now = crate::clock::unix_now();
         let subjects = self.store.read(|_, toml, api, d| subjects(toml, api, d));
         let index = self.watcher.index().load_full();
         let mut next = now + 3600;
@@ -377,7 +377,7 @@ impl Manager {
     async fn fetch_ari(&self, c: &Cert) {
         let (Some(account), Some(aki)) = (self.account.get(), c.authority_key_id.as_deref()) else { return };
         let id = CertificateIdentifier::new(aki.into(), c.serial.as_slice().into());
-        let now = crate::access::now();
+        let now = crate::clock::unix_now();
         match account.renewal_info(&id).await {
             Ok((info, retry)) => {
                 let start = info.suggested_window.start.unix_timestamp();
@@ -416,7 +416,7 @@ impl Manager {
             }
             Err(e) => Err(e),
         };
-        let now = crate::access::now();
+        let now = crate::clock::unix_now();
         {
             let mut ledger = lock(&self.ledger);
             match &result {
@@ -612,7 +612,7 @@ impl Manager {
 
     /// What is left of the CA's limits.
     pub fn budget(&self) -> serde_json::Value {
-        let b = lock(&self.ledger).budget(&self.cfg.limits, crate::access::now());
+        let b = lock(&self.ledger).budget(&self.cfg.limits, crate::clock::unix_now());
         serde_json::json!({
             "orders_per_3h": b.orders,
             "certs_per_domain_per_week": b.certs_per_domain,

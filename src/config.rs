@@ -6,7 +6,8 @@
 //! path is mapped back to the source position through `toml`'s spanned document, so
 //! `miosa-edge check` and reload logs can say `edge.toml:12:11: sandboxes[3].address: …`.
 
-use crate::state::{self, AccentColor, Host, HttpsUrl, State, StateError, SupportUrl};
+use crate::schema::{self, Domains, PlatformBranding, State, StateError};
+use crate::state;
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
@@ -126,54 +127,6 @@ impl Default for Server {
             client_body_timeout_ms: default_client_body_timeout_ms(),
             max_connections_per_ip: default_max_connections_per_ip(),
         }
-    }
-}
-
-/// `[domains]`: the platform's own suffixes (CONTRACT §1).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Domains {
-    #[serde(default = "d_sandbox")]
-    pub sandbox: Host,
-    #[serde(default = "d_apps")]
-    pub apps: Host,
-    #[serde(default = "d_edge")]
-    pub edge_target: Host,
-    #[serde(default = "d_acme")]
-    pub acme_zone: Host,
-}
-
-fn host(s: &str) -> Host {
-    Host::try_from(s).unwrap_or_else(|e| panic!("built-in default host {s}: {e}"))
-}
-fn d_sandbox() -> Host {
-    host("sandbox.localhost")
-}
-fn d_apps() -> Host {
-    host("apps.localhost")
-}
-fn d_edge() -> Host {
-    host("edge.localhost")
-}
-fn d_acme() -> Host {
-    host("acme.localhost")
-}
-
-impl Domains {
-    /// Domains from their four names (validated as hosts).
-    pub fn from_names(sandbox: &str, apps: &str, edge_target: &str, acme_zone: &str) -> Result<Domains, String> {
-        Ok(Domains {
-            sandbox: Host::try_from(sandbox)?,
-            apps: Host::try_from(apps)?,
-            edge_target: Host::try_from(edge_target)?,
-            acme_zone: Host::try_from(acme_zone)?,
-        })
-    }
-}
-
-impl Default for Domains {
-    fn default() -> Self {
-        Domains { sandbox: d_sandbox(), apps: d_apps(), edge_target: d_edge(), acme_zone: d_acme() }
     }
 }
 
@@ -385,33 +338,6 @@ pub struct Dns {
     pub nameservers: Option<Vec<SocketAddr>>,
 }
 
-/// `[branding]`: the platform's default look, used on hosts no workspace owns.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlatformBranding {
-    #[serde(default = "default_name")]
-    pub name: String,
-    #[serde(default)]
-    pub logo_url: Option<HttpsUrl>,
-    #[serde(default = "default_accent")]
-    pub accent_color: AccentColor,
-    #[serde(default)]
-    pub support_url: Option<SupportUrl>,
-}
-
-fn default_name() -> String {
-    "MIOSA".into()
-}
-fn default_accent() -> AccentColor {
-    AccentColor::try_from("#5b5bd6").unwrap_or_else(|e| panic!("built-in accent: {e}"))
-}
-
-impl Default for PlatformBranding {
-    fn default() -> Self {
-        PlatformBranding { name: default_name(), logo_url: None, accent_color: default_accent(), support_url: None }
-    }
-}
-
 /// The serde mirror of the file. Sections of CONTRACT §10 that this version does not
 /// implement yet are caught by name so the error says so instead of "unknown field".
 #[derive(Deserialize)]
@@ -430,13 +356,13 @@ struct RawConfig {
     #[serde(default)]
     log: Log,
     #[serde(default)]
-    workspaces: Vec<state::Workspace>,
+    workspaces: Vec<schema::Workspace>,
     #[serde(default)]
-    sandboxes: Vec<state::Sandbox>,
+    sandboxes: Vec<schema::Sandbox>,
     #[serde(default)]
-    share_tokens: Vec<state::ShareToken>,
+    share_tokens: Vec<schema::ShareToken>,
     #[serde(default)]
-    deployments: Vec<state::Deployment>,
+    deployments: Vec<schema::Deployment>,
     #[serde(default)]
     tokens: Tokens,
     #[serde(default)]
@@ -654,7 +580,7 @@ fn check_static(st: &Static) -> Vec<StateError> {
 
 fn check_wake(w: &Wake) -> Vec<StateError> {
     let mut errs = Vec::new();
-    if let Err(e) = crate::upstream::wake::HookUrl::parse(&w.url) {
+    if let Err(e) = crate::hook::HookUrl::parse(&w.url) {
         errs.push(StateError { path: "wake.url".into(), message: e.to_string() });
     }
     if !(100..=300_000).contains(&w.timeout_ms) {

@@ -11,8 +11,10 @@ pub mod verify;
 
 use crate::access_log::AccessLog;
 use crate::metrics::Metrics;
+use crate::schema::{
+    find_by_id, remove_by_id, upsert_by_id, Deployment, Id, Identified, Sandbox, ShareToken, State, StateError, Workspace,
+};
 use crate::state::store::{Store, WriteError};
-use crate::state::{find_by_id, remove_by_id, upsert_by_id, Deployment, Id, Identified, Sandbox, ShareToken, State, StateError, Workspace};
 use crate::usage::Usage;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -507,7 +509,7 @@ impl ControlApi {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Body {
-            host: crate::state::Host,
+            host: crate::schema::Host,
             kind: DomainKind,
         }
         let body = self.body(req).await?;

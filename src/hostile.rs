@@ -35,8 +35,8 @@
 //! `http`/`https` (400 `bad_request`). A refused request closes its connection: what
 //! follows it on the wire is never read as another request.
 
+use crate::codes::ErrorCode;
 use crate::config;
-use crate::pages::ErrorCode;
 use dashmap::DashMap;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use pingora::http::RequestHeader;

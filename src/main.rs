@@ -125,7 +125,7 @@ fn token_command(cmd: TokenCommand) -> Result<String, String> {
                 }
                 (alg, _, _) => return Err(format!("key `{}` is {alg:?}: pass its private key with --key-file", spec.kid)),
             };
-            let now = miosa_edge::access::now();
+            let now = miosa_edge::clock::unix_now();
             // The kid is always written, so the token keeps working when keys are added.
             mint::preview_token(key, Some(&spec.kid), &sandbox, port, now, now + ttl)
         }

@@ -6,43 +6,12 @@
 //! the code's pre-escaped text, a few digits (port) and the request id, so no request
 //! renders a template. Branded pages never name the platform.
 
-use crate::config::PlatformBranding;
-use crate::state::WorkspaceBranding;
+use crate::codes::ErrorCode;
+use crate::schema::PlatformBranding;
+use crate::schema::WorkspaceBranding;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt::Write;
-
-/// Every edge-generated failure, with its status and stable code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    InvalidHost,
-    /// A request the edge refuses to forward: ambiguous framing, a NUL in the path,
-    /// a target it cannot route (see `crate::hostile`).
-    BadRequest,
-    /// The request line is too long.
-    UriTooLong,
-    /// Too many header fields, or too many bytes of them.
-    RequestHeaderTooLarge,
-    /// The client stopped sending its request body.
-    RequestTimeout,
-    UnknownHost,
-    NotFound,
-    PreviewNotFound,
-    DomainNotVerified,
-    PreviewAuthRequired,
-    PreviewTokenInvalid,
-    PreviewTokenExpired,
-    ShareTokenInvalid,
-    ShareTokenExpired,
-    SharePasswordRequired,
-    TooManyAttempts,
-    SandboxUnavailable,
-    SandboxStarting,
-    UpstreamTimeout,
-    NoHealthyInstance,
-    ReleaseUnavailable,
-    InternalError,
-}
 
 /// Per-response details a page may mention.
 #[derive(Clone, Copy, Debug, Default)]
@@ -53,151 +22,36 @@ pub struct Detail {
     pub deployment: bool,
 }
 
-impl ErrorCode {
-    /// All codes, for rendering and tests.
-    pub const ALL: [ErrorCode; 22] = [
-        ErrorCode::InvalidHost,
-        ErrorCode::BadRequest,
-        ErrorCode::UriTooLong,
-        ErrorCode::RequestHeaderTooLarge,
-        ErrorCode::RequestTimeout,
-        ErrorCode::UnknownHost,
-        ErrorCode::NotFound,
-        ErrorCode::PreviewNotFound,
-        ErrorCode::DomainNotVerified,
-        ErrorCode::PreviewAuthRequired,
-        ErrorCode::PreviewTokenInvalid,
-        ErrorCode::PreviewTokenExpired,
-        ErrorCode::ShareTokenInvalid,
-        ErrorCode::ShareTokenExpired,
-        ErrorCode::SharePasswordRequired,
-        ErrorCode::TooManyAttempts,
-        ErrorCode::SandboxUnavailable,
-        ErrorCode::SandboxStarting,
-        ErrorCode::UpstreamTimeout,
-        ErrorCode::NoHealthyInstance,
-        ErrorCode::ReleaseUnavailable,
-        ErrorCode::InternalError,
-    ];
-
-    /// HTTP status.
-    pub fn status(self) -> u16 {
-        match self {
-            ErrorCode::InvalidHost | ErrorCode::BadRequest => 400,
-            ErrorCode::RequestTimeout => 408,
-            ErrorCode::UriTooLong => 414,
-            ErrorCode::RequestHeaderTooLarge => 431,
-            ErrorCode::UnknownHost | ErrorCode::PreviewNotFound | ErrorCode::NotFound => 404,
-            ErrorCode::DomainNotVerified => 421,
-            ErrorCode::PreviewAuthRequired
-            | ErrorCode::PreviewTokenInvalid
-            | ErrorCode::PreviewTokenExpired
-            | ErrorCode::ShareTokenInvalid
-            | ErrorCode::ShareTokenExpired
-            | ErrorCode::SharePasswordRequired => 401,
-            ErrorCode::TooManyAttempts => 429,
-            ErrorCode::SandboxUnavailable => 502,
-            ErrorCode::SandboxStarting | ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => 503,
-            ErrorCode::UpstreamTimeout => 504,
-            ErrorCode::InternalError => 500,
-        }
+/// A page's title for `code`.
+fn title(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::InvalidHost | ErrorCode::BadRequest => "Bad request",
+        ErrorCode::UriTooLong => "Address too long",
+        ErrorCode::RequestHeaderTooLarge => "Request too large",
+        ErrorCode::RequestTimeout => "Request timed out",
+        ErrorCode::UnknownHost => "Nothing here yet",
+        ErrorCode::NotFound => "Page not found",
+        ErrorCode::PreviewNotFound => "Preview not found",
+        ErrorCode::DomainNotVerified => "Domain not verified",
+        ErrorCode::PreviewAuthRequired => "This preview is private",
+        ErrorCode::PreviewTokenInvalid => "This link is not valid",
+        ErrorCode::PreviewTokenExpired => "This link has expired",
+        ErrorCode::ShareTokenInvalid => "This share link is not valid",
+        ErrorCode::ShareTokenExpired => "This share link has expired",
+        ErrorCode::SharePasswordRequired => "Password required",
+        ErrorCode::TooManyAttempts => "Too many attempts",
+        ErrorCode::SandboxUnavailable => "Nothing is answering",
+        ErrorCode::SandboxStarting => "Starting up",
+        ErrorCode::UpstreamTimeout => "The server took too long",
+        ErrorCode::NoHealthyInstance => "Temporarily unavailable",
+        ErrorCode::ReleaseUnavailable => "Temporarily unavailable",
+        ErrorCode::InternalError => "Something went wrong",
     }
+}
 
-    /// Stable machine-readable code.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidHost => "invalid_host",
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::UriTooLong => "uri_too_long",
-            ErrorCode::RequestHeaderTooLarge => "request_header_too_large",
-            ErrorCode::RequestTimeout => "request_timeout",
-            ErrorCode::UnknownHost => "unknown_host",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::PreviewNotFound => "preview_not_found",
-            ErrorCode::DomainNotVerified => "domain_not_verified",
-            ErrorCode::PreviewAuthRequired => "preview_auth_required",
-            ErrorCode::PreviewTokenInvalid => "preview_token_invalid",
-            ErrorCode::PreviewTokenExpired => "preview_token_expired",
-            ErrorCode::ShareTokenInvalid => "share_token_invalid",
-            ErrorCode::ShareTokenExpired => "share_token_expired",
-            ErrorCode::SharePasswordRequired => "share_password_required",
-            ErrorCode::TooManyAttempts => "too_many_attempts",
-            ErrorCode::SandboxUnavailable => "sandbox_unavailable",
-            ErrorCode::SandboxStarting => "sandbox_starting",
-            ErrorCode::UpstreamTimeout => "upstream_timeout",
-            ErrorCode::NoHealthyInstance => "no_healthy_instance",
-            ErrorCode::ReleaseUnavailable => "release_unavailable",
-            ErrorCode::InternalError => "internal_error",
-        }
-    }
-
-    /// Seconds for `Retry-After`, where a retry makes sense.
-    pub fn retry_after(self) -> Option<u32> {
-        match self {
-            ErrorCode::SandboxStarting => Some(5),
-            ErrorCode::TooManyAttempts => Some(60),
-            ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => Some(10),
-            _ => None,
-        }
-    }
-
-    fn title(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidHost | ErrorCode::BadRequest => "Bad request",
-            ErrorCode::UriTooLong => "Address too long",
-            ErrorCode::RequestHeaderTooLarge => "Request too large",
-            ErrorCode::RequestTimeout => "Request timed out",
-            ErrorCode::UnknownHost => "Nothing here yet",
-            ErrorCode::NotFound => "Page not found",
-            ErrorCode::PreviewNotFound => "Preview not found",
-            ErrorCode::DomainNotVerified => "Domain not verified",
-            ErrorCode::PreviewAuthRequired => "This preview is private",
-            ErrorCode::PreviewTokenInvalid => "This link is not valid",
-            ErrorCode::PreviewTokenExpired => "This link has expired",
-            ErrorCode::ShareTokenInvalid => "This share link is not valid",
-            ErrorCode::ShareTokenExpired => "This share link has expired",
-            ErrorCode::SharePasswordRequired => "Password required",
-            ErrorCode::TooManyAttempts => "Too many attempts",
-            ErrorCode::SandboxUnavailable => "Nothing is answering",
-            ErrorCode::SandboxStarting => "Starting up",
-            ErrorCode::UpstreamTimeout => "The server took too long",
-            ErrorCode::NoHealthyInstance => "Temporarily unavailable",
-            ErrorCode::ReleaseUnavailable => "Temporarily unavailable",
-            ErrorCode::InternalError => "Something went wrong",
-        }
-    }
-
-    /// The one-line message used in JSON errors.
-    pub fn message(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidHost => "The request's Host header is missing or malformed.",
-            ErrorCode::BadRequest => "The request is malformed or ambiguous and was not forwarded.",
-            ErrorCode::UriTooLong => "The request's address (URL) is too long.",
-            ErrorCode::RequestHeaderTooLarge => "The request's headers are too large or too many.",
-            ErrorCode::RequestTimeout => "The request was not received in time.",
-            ErrorCode::UnknownHost => "No app or preview is configured for this host.",
-            ErrorCode::NotFound => "There is no page at this address in this app.",
-            ErrorCode::PreviewNotFound => "There is no preview for this sandbox and port.",
-            ErrorCode::DomainNotVerified => "This domain's DNS records have not been verified yet.",
-            ErrorCode::PreviewAuthRequired => "This preview is private: open it with an access link or token.",
-            ErrorCode::PreviewTokenInvalid => "The preview token is not valid for this preview.",
-            ErrorCode::PreviewTokenExpired => "The preview token has expired.",
-            ErrorCode::ShareTokenInvalid => "The share token is unknown, revoked, or for another preview.",
-            ErrorCode::ShareTokenExpired => "The share token has expired.",
-            ErrorCode::SharePasswordRequired => "This share link is protected by a password.",
-            ErrorCode::TooManyAttempts => "Too many wrong passwords; wait a minute before trying again.",
-            ErrorCode::SandboxUnavailable => "Nothing accepted the connection: no server is listening on this port.",
-            ErrorCode::SandboxStarting => "The sandbox is starting; retry in a few seconds.",
-            ErrorCode::UpstreamTimeout => "The server did not answer in time.",
-            ErrorCode::NoHealthyInstance => "No healthy instance of this app is available right now.",
-            ErrorCode::ReleaseUnavailable => "This version of the app cannot be served right now.",
-            ErrorCode::InternalError => "The edge could not handle this request.",
-        }
-    }
-
-    /// HTML paragraphs explaining the failure (static text; details are escaped digits).
-    fn explain(self, d: Detail, out: &mut String) {
-        match self {
+/// HTML paragraphs explaining the failure (static text; details are escaped digits).
+fn explain(code: ErrorCode, d: Detail, out: &mut String) {
+    match code {
             ErrorCode::InvalidHost => out.push_str("<p>The request did not name a valid host name, so it cannot be routed.</p>"),
             ErrorCode::BadRequest => {
                 out.push_str("<p>The request is malformed or ambiguous, so it was not forwarded. Try again from a regular browser.</p>")
@@ -264,7 +118,6 @@ impl ErrorCode {
             ErrorCode::ReleaseUnavailable => out.push_str("<p>The files of this version of the app cannot be served right now. Try again in a moment.</p>"),
             ErrorCode::InternalError => out.push_str("<p>The edge could not handle this request. Try again; if it persists, contact support with the request id below.</p>"),
         }
-    }
 }
 
 /// A pre-rendered branding.
@@ -335,13 +188,13 @@ impl Pages {
             out.push_str("<meta http-equiv=\"refresh\" content=\"5\">");
         }
         out.push_str("<title>");
-        out.push_str(code.title());
+        out.push_str(title(code));
         out.push_str("</title></head><body><main>");
         out.push_str(&r.header);
         out.push_str("<h1>");
-        out.push_str(code.title());
+        out.push_str(title(code));
         out.push_str("</h1>");
-        code.explain(detail, &mut out);
+        explain(code, detail, &mut out);
         out.push_str("<p class=\"meta\">Error <code>");
         out.push_str(code.as_str());
         out.push_str("</code> · Request ID <code>");
@@ -438,7 +291,7 @@ pub fn escape_into(s: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AccentColor, HttpsUrl, SupportUrl};
+    use crate::schema::{AccentColor, HttpsUrl, SupportUrl};
 
     #[test]
     fn branded_page_never_names_the_platform() {

@@ -24,12 +24,12 @@ use crate::access::cookie::{self, Kind as SessionKind, Session as CookieSession}
 use crate::access::password::{self, Passwords};
 use crate::access::{self, Grant};
 use crate::access_log::{self, AccessLog};
+use crate::codes::ErrorCode;
 use crate::metrics::{Credential, Metrics, RouteKind, UpstreamFailure};
-use crate::pages::{Detail, ErrorCode, Pages, PAGE_CSP, PASSWORD_PATH};
+use crate::pages::{Detail, Pages, PAGE_CSP, PASSWORD_PATH};
 use crate::releases::{serve, Releases};
 use crate::routing::{normalize_host, ActiveRelease, Route, RouteTable, SharedTable};
-use crate::state::{Access, SandboxState};
-use crate::upstream::health;
+use crate::schema::{Access, SandboxState};
 use crate::upstream::wake::{Wait, Waker};
 use crate::usage::{Kind as UsageKind, Usage, UsageCell};
 use async_trait::async_trait;
@@ -395,7 +395,7 @@ impl EdgeProxy {
     /// edge answered; otherwise the request may go upstream.
     async fn authorize(&self, session: &mut Session, ctx: &mut RequestCtx, p: &PreviewRef<'_>, private: bool) -> Result<bool> {
         let PreviewRef { table, host, sandbox, port } = *p;
-        let now = access::now();
+        let now = crate::clock::unix_now();
         let req = session.req_header();
         let cctx = cookie::Context { secure: ctx.tls || is_localhost(host), cross_site: is_cross_site_frame(req) };
         if private && req.uri.path() == PASSWORD_PATH {
@@ -719,7 +719,7 @@ impl EdgeProxy {
                         self.serve_static(session, ctx, &deployment.id, &sha256.0, *spa).await?;
                         Ok(true)
                     }
-                    ActiveRelease::Dynamic { .. } => match deployment.pick_instance(None, health::now_ms()) {
+                    ActiveRelease::Dynamic { .. } => match deployment.pick_instance(None, crate::clock::monotonic_ms()) {
                         Some(inst) => {
                             ctx.target = Some(Target::Deployment { index, addr: inst.addr });
                             ctx.instance = Some(inst.health.start());
@@ -787,7 +787,10 @@ impl ProxyHttp for EdgeProxy {
             Some(Target::Deployment { index, addr }) if ctx.retries > 0 => {
                 // A retry after a failure before any response: another instance of the same table.
                 let table = ctx.table.clone();
-                let next = table.as_ref().and_then(|t| t.deployment(index)).and_then(|d| d.pick_instance(Some(addr), health::now_ms()));
+                let next = table
+                    .as_ref()
+                    .and_then(|t| t.deployment(index))
+                    .and_then(|d| d.pick_instance(Some(addr), crate::clock::monotonic_ms()));
                 match next {
                     Some(inst) => {
                         ctx.instance = Some(inst.health.start());
@@ -974,7 +977,7 @@ impl ProxyHttp for EdgeProxy {
             let grant = Grant { expires: i64::MAX, share: Some(share), needs_password: false };
             loop {
                 let table = routes.load_full();
-                let now = access::now();
+                let now = crate::clock::unix_now();
                 if !access::still_valid(&table, &grant, &sandbox, port, now) {
                     metrics.revoked_connections.inc();
                     return;

@@ -70,7 +70,7 @@ mod hex32 {
     }
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s: String = serde::Deserialize::deserialize(d)?;
-        crate::state::Sha256::try_from(s).map(|h| h.0).map_err(serde::de::Error::custom)
+        crate::schema::Sha256::try_from(s).map(|h| h.0).map_err(serde::de::Error::custom)
     }
 }
 
@@ -83,7 +83,7 @@ mod hex32_opt {
     }
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 32]>, D::Error> {
         let s: Option<String> = serde::Deserialize::deserialize(d)?;
-        s.map(|s| crate::state::Sha256::try_from(s).map(|h| h.0).map_err(serde::de::Error::custom)).transpose()
+        s.map(|s| crate::schema::Sha256::try_from(s).map(|h| h.0).map_err(serde::de::Error::custom)).transpose()
     }
 }
 
@@ -269,7 +269,7 @@ impl Releases {
             // takes the same shard's write lock).
             let waiting = match self.slots.get(sha).as_deref() {
                 Some(Slot::Ready(r)) => {
-                    r.touch(unix_now());
+                    r.touch(crate::clock::unix_now().max(0) as u64);
                     return Ok(r.clone());
                 }
                 Some(Slot::Fetching(rx)) => Some(rx.clone()),
@@ -410,8 +410,4 @@ impl Releases {
 
 fn unix_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -11,9 +11,11 @@
 //! → `{name}.{slug}.{apps}` → `{port}-{sandbox}.{tenant preview domain}` →
 //! `{name}.{tenant deploy domain}` → unknown host.
 
-use crate::config::{Domains, PlatformBranding};
-use crate::pages::{ErrorCode, Pages};
-use crate::state::{self, Access, Release, SandboxState, State};
+use crate::codes::ErrorCode;
+use crate::pages::Pages;
+use crate::schema::{self, Access, Release, SandboxState, State};
+use crate::schema::{Domains, PlatformBranding};
+use crate::state;
 use ahash::RandomState;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -97,8 +99,8 @@ pub struct WorkspaceEntry {
 /// What a deployment's active version serves.
 #[derive(Debug)]
 pub enum ActiveRelease {
-    Dynamic { instances: Box<[Instance]>, next: AtomicUsize, balance: state::Balance, health_check: Option<Box<state::HealthCheck>> },
-    Static { sha256: state::Sha256, spa: bool },
+    Dynamic { instances: Box<[Instance]>, next: AtomicUsize, balance: schema::Balance, health_check: Option<Box<schema::HealthCheck>> },
+    Static { sha256: schema::Sha256, spa: bool },
 }
 
 /// A runtime instance and its shared health (outstanding requests, ejection, checks).
@@ -142,8 +144,8 @@ impl DeploymentEntry {
         let ok = |i: &&Instance| Some(i.addr) != skip && i.health.available(now_ms);
         let r = next.fetch_add(1, Ordering::Relaxed);
         let chosen = match balance {
-            state::Balance::RoundRobin => (0..n).map(|k| &instances[(r + k) % n]).find(ok),
-            state::Balance::LeastLoaded => {
+            schema::Balance::RoundRobin => (0..n).map(|k| &instances[(r + k) % n]).find(ok),
+            schema::Balance::LeastLoaded => {
                 // Two distinct candidates from a mixed counter (cheap, lock-free).
                 let x = mix(r as u64);
                 let a = &instances[(x % n as u64) as usize];
@@ -217,7 +219,7 @@ pub struct RouteTable {
     deploy_domains: Map<TenantDomain>,
     shares: HashMap<[u8; 32], ShareEntry, RandomState>,
     /// Every static release named by any version, and whether it is active somewhere.
-    static_releases: Vec<(state::Sha256, bool)>,
+    static_releases: Vec<(schema::Sha256, bool)>,
     /// Token and session keys in force with this table (one snapshot per request).
     pub access: Arc<crate::access::Keys>,
 }
@@ -236,7 +238,7 @@ impl std::fmt::Debug for RouteTable {
 /// Why a table could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid routing state: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
-pub struct BuildError(pub Vec<state::StateError>);
+pub struct BuildError(pub Vec<schema::StateError>);
 
 fn keyed<V>(cap: usize) -> Map<V> {
     // Fixed seeds keep lookups deterministic across runs (benchmarks); hash flooding is
@@ -291,9 +293,9 @@ impl RouteTable {
                 deployments: keyed(0),
             });
         }
-        let ws_of = |id: &state::WorkspaceId| {
+        let ws_of = |id: &schema::WorkspaceId| {
             ws_index.get(id.as_str()).copied().ok_or_else(|| {
-                BuildError(vec![state::StateError { path: String::new(), message: format!("workspace `{id}` does not exist") }])
+                BuildError(vec![schema::StateError { path: String::new(), message: format!("workspace `{id}` does not exist") }])
             })
         };
 
@@ -313,7 +315,10 @@ impl RouteTable {
             let i = i as u32;
             let ws = ws_of(&d.workspace)?;
             let version = d.versions.iter().find(|v| v.id == d.active_version).ok_or_else(|| {
-                BuildError(vec![state::StateError { path: String::new(), message: format!("deployment `{}` has no active version", d.id) }])
+                BuildError(vec![schema::StateError {
+                    path: String::new(),
+                    message: format!("deployment `{}` has no active version", d.id),
+                }])
             })?;
             let release = match &version.release {
                 Release::Dynamic { instances, balance, health_check } => ActiveRelease::Dynamic {
@@ -352,7 +357,7 @@ impl RouteTable {
             );
         }
 
-        let mut static_releases: Vec<(state::Sha256, bool)> = Vec::new();
+        let mut static_releases: Vec<(schema::Sha256, bool)> = Vec::new();
         let mut static_index: HashMap<[u8; 32], usize, RandomState> = HashMap::with_hasher(RandomState::new());
         for d in &state.deployments {
             for v in &d.versions {
@@ -407,7 +412,7 @@ impl RouteTable {
 
     /// Every static release named by a version of a deployment (fetched ahead of
     /// activation), with whether it is some deployment's active release.
-    pub fn static_releases(&self) -> &[(state::Sha256, bool)] {
+    pub fn static_releases(&self) -> &[(schema::Sha256, bool)] {
         &self.static_releases
     }
 
@@ -527,13 +532,13 @@ impl RouteTable {
 }
 
 /// `host` without `.zone` (`None` unless it is strictly under `zone`).
-fn strip_zone<'h>(host: &'h str, zone: &state::Host) -> Option<&'h str> {
+fn strip_zone<'h>(host: &'h str, zone: &schema::Host) -> Option<&'h str> {
     let rest = host.strip_suffix(zone.as_str())?.strip_suffix('.')?;
     (!rest.is_empty()).then_some(rest)
 }
 
 /// The single label of `host` directly under `zone`.
-fn first_label_under<'h>(host: &'h str, zone: &state::Host) -> Option<&'h str> {
+fn first_label_under<'h>(host: &'h str, zone: &schema::Host) -> Option<&'h str> {
     strip_zone(host, zone).filter(|l| !l.contains('.'))
 }
 

@@ -45,7 +45,7 @@ pub enum StartError {
     #[error("cannot start the static release cache: {0}")]
     Releases(#[source] std::io::Error),
     #[error("wake.url: {0}")]
-    Wake(#[from] crate::upstream::wake::HookUrlError),
+    Wake(#[from] crate::hook::HookUrlError),
     #[error("tls: {0}")]
     Tls(String),
     #[error("upgrade: {0}")]

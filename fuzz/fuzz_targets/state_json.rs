@@ -4,9 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use miosa_edge::config::{Domains, PlatformBranding};
+use miosa_edge::schema::{Domains, PlatformBranding};
 use miosa_edge::routing::RouteTable;
-use miosa_edge::state::{self, State};
+use miosa_edge::schema::State;
+use miosa_edge::state;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = serde_json::from_slice::<State>(data) else { return };

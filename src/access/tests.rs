@@ -4,7 +4,7 @@ use super::password::{self, Passwords};
 use super::*;
 use crate::config::{Config, PreviewKeySpec, Tokens};
 use crate::routing::RouteTable;
-use crate::state::Timestamp;
+use crate::schema::Timestamp;
 use ring::signature::KeyPair;
 
 const K1: &[u8] = b"k1-secret-0123456789abcdef0123456789";
@@ -372,7 +372,7 @@ fn password_limits_forms_and_hashes() {
 
     let h = password::hash("s3cret").unwrap();
     assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
-    assert!(crate::state::PasswordHash::try_from(h.as_str()).is_ok(), "the CLI's hashes pass state validation");
+    assert!(crate::schema::PasswordHash::try_from(h.as_str()).is_ok(), "the CLI's hashes pass state validation");
     assert!(password::verify_now(&h, "s3cret"));
     assert!(!password::verify_now(&h, "s3cret "));
     assert!(!password::verify_now("$argon2id$v=19$m=19456,t=2,p=1$bad", "x"));

@@ -1,7 +1,7 @@
 //! DNS-01: writing `_acme-challenge` TXT records, and waiting until they can be seen.
 
 use crate::config::tls::{Dns01, Dns01Provider};
-use crate::upstream::wake::HookUrl;
+use crate::hook::HookUrl;
 use async_trait::async_trait;
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `[tls]` and `[acme]` (CONTRACT §9, §10).
 
-use crate::state::StateError;
+use crate::schema::StateError;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -207,13 +207,13 @@ pub fn check(https: Option<SocketAddr>, tls: Option<&Tls>, acme: Option<&Acme>) 
         err("acme.backoff_min_secs", "must be at least 1 and at most backoff_max_secs (at most 30 days)".into());
     }
     for (i, s) in a.public_suffixes.iter().enumerate() {
-        if crate::state::Host::try_from(s.as_str()).is_err() {
+        if crate::schema::Host::try_from(s.as_str()).is_err() {
             err(&format!("acme.public_suffixes[{i}]"), "must be a domain name".into());
         }
     }
     if let Some(d) = &a.dns01 {
         match d.provider {
-            Dns01Provider::Webhook => match d.url.as_deref().map(crate::upstream::wake::HookUrl::parse) {
+            Dns01Provider::Webhook => match d.url.as_deref().map(crate::hook::HookUrl::parse) {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => err("acme.dns01.url", e.to_string()),
                 None => err("acme.dns01.url", "is required for the webhook provider".into()),
@@ -233,7 +233,7 @@ pub fn check(https: Option<SocketAddr>, tls: Option<&Tls>, acme: Option<&Acme>) 
                     _ => err("acme.dns01.tsig_secret_env", "must name the environment variable holding the base64 TSIG secret".into()),
                 }
                 if let Some(z) = &d.zone {
-                    if crate::state::Host::try_from(z.trim_end_matches('.')).is_err() {
+                    if crate::schema::Host::try_from(z.trim_end_matches('.')).is_err() {
                         err("acme.dns01.zone", "must be a domain name".into());
                     }
                 }

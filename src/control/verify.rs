@@ -30,8 +30,8 @@
 //!   upstream recursive resolver may still cache on its side; that is outside our reach.)
 //! * `/etc/hosts` is never consulted: verification is about public DNS.
 
-use crate::config::Domains;
-use crate::state::{Host, WorkspaceId};
+use crate::schema::Domains;
+use crate::schema::{Host, WorkspaceId};
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};

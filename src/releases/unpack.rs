@@ -42,7 +42,7 @@ pub enum UnpackError {
 
 /// Lower-case hex of 32 bytes (a release's name).
 pub fn hex(b: &[u8; 32]) -> String {
-    crate::state::Sha256(*b).to_string()
+    crate::schema::Sha256(*b).to_string()
 }
 
 /// The SHA-256 of a file's contents.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{Domains, PlatformBranding};
+use crate::schema::{Domains, PlatformBranding};
 
 fn domains() -> Domains {
     Domains::from_names("sandbox.miosa.app", "miosa.app", "edge.miosa.app", "acme.miosa.app").unwrap()
@@ -206,7 +206,7 @@ fn hostile_hosts_never_panic_and_stay_in_bounds() {
 
 mod instances {
     use super::super::*;
-    use crate::state::Balance;
+    use crate::schema::Balance;
 
     fn deployment(n: usize, balance: Balance, base_port: u16) -> DeploymentEntry {
         let instances: Box<[Instance]> = (0..n)

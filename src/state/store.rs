@@ -12,9 +12,10 @@
 //! is persisted with the API state, so a restart continues from it.
 
 use super::{validate, Identified, State, StateError};
-use crate::config::{Config, Domains, PlatformBranding};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::{publish, RouteTable, SharedTable};
+use crate::schema::{Domains, PlatformBranding};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

@@ -23,7 +23,7 @@ pub fn load_or_generate(state_dir: &Path, names: &[String]) -> Result<Cert, Stri
     let store = DirStore::open(&state_dir.join(DIR)).map_err(|e| format!("{}: {e}", state_dir.join(DIR).display()))?;
     if let Ok((chain, key)) = store.read(ENTRY) {
         match parse_pair("default", &chain, &key) {
-            Ok(c) if c.names == names && c.not_after > crate::access::now() + 86_400 => return Ok(c),
+            Ok(c) if c.names == names && c.not_after > crate::clock::unix_now() + 86_400 => return Ok(c),
             Ok(_) => tracing::info!("default certificate is for other names or expiring; generating a new one"),
             Err(e) => tracing::warn!(error = %e, "default certificate cannot be used; generating a new one"),
         }
@@ -39,7 +39,7 @@ pub fn generate(names: &[String]) -> Result<(String, String), String> {
     let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(rcgen::DnType::CommonName, "miosa-edge default certificate");
-    let now = time_from_unix(crate::access::now());
+    let now = time_from_unix(crate::clock::unix_now());
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(825);
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;

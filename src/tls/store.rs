@@ -222,7 +222,7 @@ impl Watcher {
                 }
                 Err(error) => {
                     tracing::error!(entry = %name, %error, kept_previous = old.is_some(), "certificate pair cannot be used");
-                    Entry { stamp, good: old, error: Some(LoadError { entry: name.clone(), error, at: crate::access::now() }) }
+                    Entry { stamp, good: old, error: Some(LoadError { entry: name.clone(), error, at: crate::clock::unix_now() }) }
                 }
             };
             entries.insert(name, entry);

@@ -8,26 +8,20 @@
 
 use crate::metrics::Metrics;
 use crate::routing::{ActiveRelease, SharedTable};
-use crate::state::HealthCheck;
+use crate::schema::HealthCheck;
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// First ejection after a failure seen by a request; doubles per failure in a row.
 const EJECT_BASE_MS: u64 = 2_000;
 const EJECT_MAX_MS: u64 = 30_000;
 
-static START: LazyLock<Instant> = LazyLock::new(Instant::now);
 static REGISTRY: LazyLock<DashMap<SocketAddr, Arc<InstanceHealth>>> = LazyLock::new(DashMap::new);
-
-/// Milliseconds on a process-local monotonic clock.
-pub fn now_ms() -> u64 {
-    START.elapsed().as_millis() as u64
-}
 
 /// The shared state of the instance at `addr`.
 pub fn instance(addr: SocketAddr) -> Arc<InstanceHealth> {
@@ -38,7 +32,7 @@ pub fn instance(addr: SocketAddr) -> Arc<InstanceHealth> {
 #[derive(Debug, Default)]
 pub struct InstanceHealth {
     outstanding: AtomicU32,
-    /// Passive: not chosen before this time (ms, [`now_ms`]).
+    /// Passive: not chosen before this time (ms, [`crate::clock::monotonic_ms`]).
     ejected_until: AtomicU64,
     passive_failures: AtomicU32,
     /// Active: failed `unhealthy_threshold` checks in a row and not recovered.
@@ -71,7 +65,7 @@ impl InstanceHealth {
     /// failure in a row, at most 30 s).
     pub fn passive_failure(&self) {
         let n = self.passive_failures.fetch_add(1, Ordering::Relaxed).min(4);
-        self.ejected_until.store(now_ms() + (EJECT_BASE_MS << n).min(EJECT_MAX_MS), Ordering::Relaxed);
+        self.ejected_until.store(crate::clock::monotonic_ms() + (EJECT_BASE_MS << n).min(EJECT_MAX_MS), Ordering::Relaxed);
     }
 
     /// A request got a response: failures in a row end.
@@ -193,6 +187,6 @@ async fn probe(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         }
         n += r;
     }
-    super::wake::parse_status_line(&buf[..n])
+    crate::hook::parse_status_line(&buf[..n])
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP/1.x response"))
 }

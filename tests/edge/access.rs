@@ -7,7 +7,7 @@ use miosa_edge::access::mint::{self, SigningKey};
 use std::time::Duration;
 
 fn now() -> i64 {
-    miosa_edge::access::now()
+    miosa_edge::clock::unix_now()
 }
 
 /// An HS256 `mp_` token signed with `k1`.
@@ -302,7 +302,7 @@ async fn live_exchanges_end_with_their_share() {
     // A WebSocket opened with a share that expires in 3 s is closed when it expires,
     // idle as it is; the session cookie never outlives the share.
     let ws_host = format!("{}-wsbox.sandbox.localhost", ws_addr.port());
-    let expires = miosa_edge::state::Timestamp(now() + 3).to_rfc3339();
+    let expires = miosa_edge::schema::Timestamp(now() + 3).to_rfc3339();
     let token = push_share(&edge, "sh_soon", "wsbox", None, &format!(",\"expires_at\":\"{expires}\"")).await;
     let r = edge.request(&get(&ws_host, &format!("/?token={token}"), "")).await;
     assert_eq!(r.status, 303);

@@ -1,9 +1,9 @@
 //! Host lookup allocates nothing (DESIGN.md hot-path rule), checked with a counting
 //! allocator on this thread.
 
-use miosa_edge::config::{Domains, PlatformBranding};
 use miosa_edge::routing::{normalize_host, Route, RouteTable};
-use miosa_edge::state::State;
+use miosa_edge::schema::State;
+use miosa_edge::schema::{Domains, PlatformBranding};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 

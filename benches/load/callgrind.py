@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Instructions per request of the edge (and the bare pingora proxy), by callgrind.
+
+Wall-clock figures on this 2-core VM move by tens of percent between runs; instruction
+counts do not (the same binary, inputs and environment give the same count, whatever
+else the machine does). This script runs one proxy under `valgrind --tool=callgrind`,
+loads it with wrk (1 thread, 4 keep-alive connections) from a 1 KiB nginx origin, zeroes
+the counters after a warm-up, measures, dumps, and prints the proxy's instructions
+divided by the requests wrk completed:
+
+    python3 benches/load/callgrind.py                  # edge, public preview (scenario 1)
+    python3 benches/load/callgrind.py --shape cookie   # private preview + session cookie (5)
+    python3 benches/load/callgrind.py --target bare    # the bare pingora proxy
+    python3 benches/load/callgrind.py --edge path/to/other/miosa-edge   # a before/after pair
+
+Needs nginx, wrk and valgrind (benches/load/run.sh installs the first two; valgrind is
+on every machine of this kind) and the release binaries. Bounded: about 30 s a run.
+"""
+import argparse, hashlib, http.client, os, re, shutil, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import ROOT, SHARE, TOKEN, Procs, free_port, nginx_conf, wait_port  # noqa: E402
+
+
+def wrk(port, host, seconds, headers):
+    extra = [x for h in headers for x in ("-H", h)]
+    out = subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds}s", "-H", f"Host: {host}", *extra, f"http://127.0.0.1:{port}/1k"],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m:
+        raise RuntimeError(f"wrk output not understood:\n{out}")
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw failures:\n{out}")
+    return int(m.group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", choices=["edge", "bare"], default="edge")
+    ap.add_argument("--shape", choices=["public", "cookie"], default="public")
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
+    ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
+    a = ap.parse_args()
+    for tool in ["nginx", "wrk", "valgrind", "callgrind_control"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing (benches/load/run.sh installs nginx and wrk)")
+    d = tempfile.mkdtemp(prefix="miosa-callgrind-")
+    procs = Procs()
+    try:
+        www = os.path.join(d, "www")
+        os.makedirs(www)
+        with open(os.path.join(www, "1k"), "wb") as f:
+            f.write(b"x" * 1024)
+        o_port, p_port, c_port = free_port(), free_port(), free_port()
+        conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; }}")
+        procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
+        out = os.path.join(d, "callgrind.out")
+        vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", "--collect-atstart=yes"]
+        sandbox = "priv" if a.shape == "cookie" else "bench"
+        host = f"{o_port}-{sandbox}.sandbox.localhost"
+        if a.target == "edge":
+            edge_conf = os.path.join(d, "edge.toml")
+            with open(edge_conf, "w") as f:
+                f.write(f"""[server]
+http = "127.0.0.1:{p_port}"
+state_dir = "{d}/var"
+threads = 1
+watch_interval_ms = 0
+[control]
+listen = "127.0.0.1:{c_port}"
+[[workspaces]]
+id = "ws_bench"
+slug = "bench"
+[[sandboxes]]
+id = "bench"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {o_port}, access = "public" }}]
+[[sandboxes]]
+id = "priv"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {o_port}, access = "private" }}]
+[[share_tokens]]
+id = "sh_bench"
+token_sha256 = "{hashlib.sha256(SHARE.encode()).hexdigest()}"
+sandbox = "priv"
+""")
+            env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
+            proc = procs.start("edge", vg + [a.edge, "run", "--config", edge_conf], 0, env=env)
+        else:
+            proc = procs.start("bare", vg + [a.bare, f"127.0.0.1:{p_port}", f"127.0.0.1:{o_port}", "1"], 0)
+        wait_port(o_port)
+        wait_port(p_port, timeout=120)
+        headers = []
+        if a.shape == "cookie":
+            c = http.client.HTTPConnection("127.0.0.1", p_port, timeout=30)
+            c.request("GET", f"/1k?token={SHARE}", headers={"Host": host})
+            resp = c.getresponse()
+            resp.read()
+            set_cookie = resp.getheader("Set-Cookie") or ""
+            if resp.status != 303 or not set_cookie:
+                sys.exit(f"the share link answered {resp.status} without a session cookie")
+            headers = [f"Cookie: theme=dark; {set_cookie.split(';')[0]}; lang=en"]
+        wrk(p_port, host, 2, headers)  # warm-up: connections, pools, caches
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        requests = wrk(p_port, host, a.seconds, headers)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        time.sleep(1)
+        dumps = sorted(x for x in os.listdir(d) if x.startswith("callgrind.out."))
+        if not dumps:
+            sys.exit("callgrind wrote no dump")
+        with open(os.path.join(d, dumps[-1])) as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith(("summary:", "totals:")))
+        print(f"{a.target} {a.shape}: {requests} requests, {total / requests / 1000:.1f}k instructions per request")
+    finally:
+        procs.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
