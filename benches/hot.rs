@@ -166,7 +166,7 @@ fn bench_lookup(c: &mut Criterion) {
 
 fn bench_access(c: &mut Criterion) {
     use miosa_edge::access::{self, cookie, mint};
-    use miosa_edge::config::{KeyAlg, PreviewKeySpec, Tokens};
+    use miosa_edge::access::{KeyAlg, PreviewKeySpec, Tokens};
     use ring::signature::KeyPair;
     use std::sync::Arc;
 

@@ -23,7 +23,7 @@ use crate::control::verify::Verifier;
 use crate::metrics::Metrics;
 use crate::schema::Domains;
 use crate::schema::State;
-use crate::state::store::Store;
+use crate::store::Store;
 use crate::tls::{Cert, Watcher};
 use bytes::Bytes;
 use dns01::Dns01Solver;
@@ -69,6 +69,17 @@ impl Http01 {
 
     fn remove(&self, token: &str) {
         lock(&self.tokens).remove(token);
+    }
+}
+
+/// Builds the configured provider.
+fn dns01_solver(cfg: &crate::config::tls::Dns01) -> Result<Box<dyn Dns01Solver>, String> {
+    match cfg.provider {
+        crate::config::tls::Dns01Provider::Webhook => {
+            let url = cfg.url.as_deref().ok_or("acme.dns01.url is required for the webhook provider")?;
+            Ok(Box::new(dns01::Webhook { url: crate::hook::HookUrl::parse(url).map_err(|e| format!("acme.dns01.url: {e}"))? }))
+        }
+        crate::config::tls::Dns01Provider::Rfc2136 => Ok(Box::new(rfc2136::Rfc2136::from_config(cfg)?)),
     }
 }
 
@@ -214,7 +225,7 @@ impl Manager {
     ) -> Result<Arc<Manager>, String> {
         let dir = state_dir.join("acme");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let dns = cfg.dns01.as_ref().map(dns01::solver).transpose()?;
+        let dns = cfg.dns01.as_ref().map(dns01_solver).transpose()?;
         let verifier = Verifier::new(nameservers).map_err(|e| format!("dns: {e}"))?;
         let ledger = Ledger::load(&dir.join("ledger.json"));
         let me = Arc::new(Manager {
@@ -468,7 +479,7 @@ impl Manager {
                 let saved = Saved { directory: self.cfg.directory.clone(), credentials };
                 let written = serde_json::to_vec(&saved)
                     .map_err(std::io::Error::other)
-                    .and_then(|b| crate::state::store::write_atomic(&path, &b, 0o600));
+                    .and_then(|b| crate::store::write_atomic(&path, &b, 0o600));
                 if let Err(e) = written {
                     tracing::error!(error = %e, file = %path.display(), "cannot save the ACME account; it will be registered again at the next start");
                 }

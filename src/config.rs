@@ -6,6 +6,7 @@
 //! path is mapped back to the source position through `toml`'s spanned document, so
 //! `miosa-edge check` and reload logs can say `edge.toml:12:11: sandboxes[3].address: …`.
 
+use crate::access::{Keys, Tokens};
 use crate::schema::{self, Domains, PlatformBranding, State, StateError};
 use crate::state;
 use serde::Deserialize;
@@ -41,7 +42,7 @@ pub struct Config {
     /// `[acme]`: certificates obtained from a CA (absent = only `certs_dir` and the default).
     pub acme: Option<tls::Acme>,
     /// The keys `[tokens]` names, loaded from the environment and key files.
-    pub keys: std::sync::Arc<crate::access::Keys>,
+    pub keys: std::sync::Arc<Keys>,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
     pub state: State,
     /// The file it came from (`None` for the embedded default).
@@ -181,36 +182,6 @@ impl Default for Log {
     }
 }
 
-/// `[tokens]`: keys for `mp_` preview tokens and the session cookie (CONTRACT §3).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Tokens {
-    /// Environment variable holding the session-cookie key (at least 32 bytes), shared
-    /// by every edge node. Unset: a random key kept in `<state_dir>/session.key`.
-    #[serde(default = "default_session_key_env")]
-    pub session_key_env: String,
-    /// Longest session a share token without `expires_at` opens, in seconds.
-    #[serde(default = "default_share_session_ttl")]
-    pub share_session_ttl_secs: u64,
-    /// `mp_` verification keys; several at once for rotation.
-    #[serde(default)]
-    pub preview_keys: Vec<PreviewKeySpec>,
-}
-
-fn default_session_key_env() -> String {
-    "MIOSA_EDGE_SESSION_KEY".into()
-}
-
-fn default_share_session_ttl() -> u64 {
-    7 * 86_400
-}
-
-impl Default for Tokens {
-    fn default() -> Self {
-        Tokens { session_key_env: default_session_key_env(), share_session_ttl_secs: default_share_session_ttl(), preview_keys: Vec::new() }
-    }
-}
-
 /// `[static]`: static releases (CONTRACT §7).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -303,30 +274,6 @@ pub struct Wake {
 
 fn default_wake_timeout_ms() -> u64 {
     15_000
-}
-
-/// `[[tokens.preview_keys]]`: one `mp_` verification key.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PreviewKeySpec {
-    /// Matched against the token header's `kid`.
-    pub kid: String,
-    /// The only algorithm this key accepts.
-    pub alg: KeyAlg,
-    /// HS256: environment variable holding the secret (at least 32 bytes).
-    #[serde(default)]
-    pub secret_env: Option<String>,
-    /// ES256 / EdDSA: PEM `PUBLIC KEY` (SPKI) file.
-    #[serde(default)]
-    pub public_key_file: Option<PathBuf>,
-}
-
-/// Algorithms a preview key may be pinned to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-pub enum KeyAlg {
-    HS256,
-    ES256,
-    EdDSA,
 }
 
 /// `[dns]`: resolvers for domain verification (and later DNS-01 checks).

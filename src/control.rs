@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::schema::{
     find_by_id, remove_by_id, upsert_by_id, Deployment, Id, Identified, Sandbox, ShareToken, State, StateError, Workspace,
 };
-use crate::state::store::{Store, WriteError};
+use crate::store::{Store, WriteError};
 use crate::usage::Usage;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -102,7 +102,7 @@ pub fn secret_file(path: &Path) -> Result<(String, bool), ControlError> {
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-        crate::state::store::write_atomic(path, secret.as_bytes(), 0o600)
+        crate::store::write_atomic(path, secret.as_bytes(), 0o600)
     };
     write().map_err(|source| ControlError::TokenFile { path: path.to_owned(), source })?;
     Ok((secret, true))

@@ -41,6 +41,7 @@ pub mod routing;
 pub mod schema;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod tls;
 pub mod upstream;
 pub mod usage;

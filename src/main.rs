@@ -91,8 +91,8 @@ fn parse_ttl(s: &str) -> Result<i64, String> {
 }
 
 fn token_command(cmd: TokenCommand) -> Result<String, String> {
+    use miosa_edge::access::KeyAlg;
     use miosa_edge::access::{mint, password};
-    use miosa_edge::config::KeyAlg;
     match cmd {
         TokenCommand::Mint { config, sandbox, port, ttl, kid, key_file } => {
             let ttl = parse_ttl(&ttl)?;

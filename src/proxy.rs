@@ -125,7 +125,7 @@ pub struct RequestCtx {
     /// The request came over TLS.
     tls: bool,
     /// The instance this request is using (outstanding-request count).
-    instance: Option<crate::upstream::health::InFlight>,
+    instance: Option<crate::routing::instance::InFlight>,
 }
 
 /// The preview a request is for, as access checks need it.
@@ -978,7 +978,7 @@ impl ProxyHttp for EdgeProxy {
             loop {
                 let table = routes.load_full();
                 let now = crate::clock::unix_now();
-                if !access::still_valid(&table, &grant, &sandbox, port, now) {
+                if !access::still_valid(&*table, &grant, &sandbox, port, now) {
                     metrics.revoked_connections.inc();
                     return;
                 }

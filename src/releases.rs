@@ -376,7 +376,7 @@ impl Releases {
         let map: std::collections::BTreeMap<String, Skew> = self.skew.iter().map(|e| (e.key().to_string(), e.value().clone())).collect();
         let result = serde_json::to_vec(&map)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::state::store::write_atomic(&self.skew_file(), &bytes, 0o644));
+            .and_then(|bytes| crate::store::write_atomic(&self.skew_file(), &bytes, 0o644));
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot save the static releases' skew memory");
         }

@@ -11,6 +11,7 @@
 //! → `{name}.{slug}.{apps}` → `{port}-{sandbox}.{tenant preview domain}` →
 //! `{name}.{tenant deploy domain}` → unknown host.
 
+use crate::access::{Credentials, Keys, ShareEntry};
 use crate::codes::ErrorCode;
 use crate::pages::Pages;
 use crate::schema::{self, Access, Release, SandboxState, State};
@@ -20,18 +21,14 @@ use ahash::RandomState;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+pub mod instance;
 mod key;
 
-/// splitmix64: spreads a counter over 64 bits.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub use instance::Instance;
+
 pub use key::Key;
 
 type Map<V> = HashMap<Key, V, RandomState>;
@@ -103,13 +100,6 @@ pub enum ActiveRelease {
     Static { sha256: schema::Sha256, spa: bool },
 }
 
-/// A runtime instance and its shared health (outstanding requests, ejection, checks).
-#[derive(Debug)]
-pub struct Instance {
-    pub addr: SocketAddr,
-    pub health: Arc<crate::upstream::health::InstanceHealth>,
-}
-
 /// A deployment as the request path needs it.
 #[derive(Debug)]
 pub struct DeploymentEntry {
@@ -129,55 +119,12 @@ impl DeploymentEntry {
         }
     }
 
-    /// Chooses an instance of the active version: the less loaded of two (or the next
-    /// in turn with `round_robin`) among those neither ejected nor failing their health
-    /// check; `skip` avoids one that just failed. When every instance is ejected after
-    /// failures seen by requests, those not failing active checks are tried anyway
-    /// (better than refusing all traffic on a blip); `None` when every instance fails its
-    /// health check (503 `no_healthy_instance`).
+    /// Chooses an instance of the active version ([`instance::pick`]); `None` for a
+    /// static release or when every instance fails its health check.
     pub fn pick_instance(&self, skip: Option<SocketAddr>, now_ms: u64) -> Option<&Instance> {
         let ActiveRelease::Dynamic { instances, next, balance, .. } = &self.release else { return None };
-        let n = instances.len();
-        if n == 0 {
-            return None;
-        }
-        let ok = |i: &&Instance| Some(i.addr) != skip && i.health.available(now_ms);
-        let r = next.fetch_add(1, Ordering::Relaxed);
-        let chosen = match balance {
-            schema::Balance::RoundRobin => (0..n).map(|k| &instances[(r + k) % n]).find(ok),
-            schema::Balance::LeastLoaded => {
-                // Two distinct candidates from a mixed counter (cheap, lock-free).
-                let x = mix(r as u64);
-                let a = &instances[(x % n as u64) as usize];
-                let b = &instances[if n > 1 { (((x >> 32) % (n as u64 - 1)) as usize + (x % n as u64) as usize + 1) % n } else { 0 }];
-                match (ok(&a), ok(&b)) {
-                    (true, true) => Some(if b.health.outstanding() < a.health.outstanding() { b } else { a }),
-                    (true, false) => Some(a),
-                    (false, true) => Some(b),
-                    (false, false) => instances.iter().filter(ok).min_by_key(|i| i.health.outstanding()),
-                }
-            }
-        };
-        chosen.or_else(|| {
-            let alive = |i: &&Instance| !i.health.is_down();
-            (0..n).map(|k| &instances[(r + k) % n]).filter(alive).find(|i| Some(i.addr) != skip).or_else(|| {
-                // Only the instance that just failed is left: try it again.
-                instances.iter().find(alive)
-            })
-        })
+        instance::pick(instances, next, *balance, skip, now_ms)
     }
-}
-
-/// A share-token record as the request path needs it, keyed by its token's SHA-256.
-#[derive(Debug)]
-pub struct ShareEntry {
-    pub id: Box<str>,
-    pub sandbox: Box<str>,
-    pub port: Option<u16>,
-    /// Unix seconds.
-    pub expires_at: Option<i64>,
-    /// argon2id PHC string.
-    pub password_hash: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -221,7 +168,7 @@ pub struct RouteTable {
     /// Every static release named by any version, and whether it is active somewhere.
     static_releases: Vec<(schema::Sha256, bool)>,
     /// Token and session keys in force with this table (one snapshot per request).
-    pub access: Arc<crate::access::Keys>,
+    pub access: Arc<Keys>,
 }
 
 impl std::fmt::Debug for RouteTable {
@@ -322,7 +269,7 @@ impl RouteTable {
             })?;
             let release = match &version.release {
                 Release::Dynamic { instances, balance, health_check } => ActiveRelease::Dynamic {
-                    instances: instances.iter().map(|a| Instance { addr: a.0, health: crate::upstream::health::instance(a.0) }).collect(),
+                    instances: instances.iter().map(|a| Instance { addr: a.0, health: instance::health_of(a.0) }).collect(),
                     next: AtomicUsize::new(0),
                     balance: *balance,
                     health_check: health_check.clone().map(Box::new),
@@ -388,7 +335,7 @@ impl RouteTable {
             deploy_domains,
             shares,
             static_releases,
-            access: Arc::new(crate::access::Keys::none()),
+            access: Arc::new(Keys::none()),
         })
     }
 
@@ -427,7 +374,7 @@ impl RouteTable {
     }
 
     /// The same table with `keys` in force.
-    pub fn with_access(mut self, keys: Arc<crate::access::Keys>) -> RouteTable {
+    pub fn with_access(mut self, keys: Arc<Keys>) -> RouteTable {
         self.access = keys;
         self
     }
@@ -528,6 +475,16 @@ impl RouteTable {
             Some(access) => Route::Preview { sandbox_id: sandbox_id.as_str(), sandbox: sb, port, access, tenant_host: tenant.is_some() },
             None => not_found(Some(sb.workspace)),
         }
+    }
+}
+
+impl Credentials for RouteTable {
+    fn keys(&self) -> &Keys {
+        &self.access
+    }
+
+    fn share(&self, sha256: &[u8; 32]) -> Option<&ShareEntry> {
+        self.shares.get(sha256)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
 use crate::proxy::{EdgeProxy, ProxyOptions, TlsFront};
-use crate::state::store::{OpenError, Store};
+use crate::store::{OpenError, Store};
 use crate::tls::{default_cert, DirStore, SniResolver, Watcher};
 use crate::usage::Usage;
 use pingora::listeners::tls::TlsSettings;

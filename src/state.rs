@@ -6,8 +6,6 @@
 //! its key path) → [`crate::routing::RouteTable::build`]. A `State` that passed
 //! `validate` is the only input the route table accepts.
 
-pub mod store;
-
 use crate::schema::*;
 
 // Validation hashes every id and host of the state (100k+ on a large push): ahash, not SipHash.

@@ -1,10 +1,13 @@
 use super::cookie::{self, Kind, Session};
-use super::mint::{self, SigningKey};
+use super::keys::mint::{self, SigningKey};
 use super::password::{self, Passwords};
 use super::*;
-use crate::config::{Config, PreviewKeySpec, Tokens};
+use crate::access::{KeyAlg, PreviewKeySpec, Tokens};
+use crate::config::Config;
 use crate::routing::RouteTable;
 use crate::schema::Timestamp;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
 use ring::signature::KeyPair;
 
 const K1: &[u8] = b"k1-secret-0123456789abcdef0123456789";

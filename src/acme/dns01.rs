@@ -1,9 +1,11 @@
 //! DNS-01: writing `_acme-challenge` TXT records, and waiting until they can be seen.
 
-use crate::config::tls::{Dns01, Dns01Provider};
 use crate::hook::HookUrl;
 use async_trait::async_trait;
+use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Bound on one provider call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -19,23 +21,12 @@ pub trait Dns01Solver: Send + Sync + std::fmt::Debug {
     async fn clear_txt(&self, fqdn: &str, value: &str) -> Result<(), String>;
 }
 
-/// Builds the configured provider.
-pub fn solver(cfg: &Dns01) -> Result<Box<dyn Dns01Solver>, String> {
-    match cfg.provider {
-        Dns01Provider::Webhook => {
-            let url = cfg.url.as_deref().ok_or("acme.dns01.url is required for the webhook provider")?;
-            Ok(Box::new(Webhook { url: HookUrl::parse(url).map_err(|e| format!("acme.dns01.url: {e}"))? }))
-        }
-        Dns01Provider::Rfc2136 => Ok(Box::new(super::rfc2136::Rfc2136::from_config(cfg)?)),
-    }
-}
-
 /// POSTs `{"host": fqdn, "value": v}` to `<url>/set-txt` and `{"host": fqdn}` (with the
 /// value, for providers that keep several) to `<url>/clear-txt` — the shape
 /// pebble-challtestsrv speaks.
 #[derive(Debug)]
 pub struct Webhook {
-    url: HookUrl,
+    pub url: HookUrl,
 }
 
 impl Webhook {
@@ -71,7 +62,7 @@ pub async fn txt_at(server: std::net::SocketAddr, fqdn: &str) -> Result<Vec<Stri
     msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(name.clone(), RecordType::TXT));
     let request = msg.to_vec().map_err(|e| format!("encoding a TXT query: {e}"))?;
-    let bytes = tokio::time::timeout(CALL_TIMEOUT, super::rfc2136::tcp_exchange(server, &request))
+    let bytes = tokio::time::timeout(CALL_TIMEOUT, tcp_exchange(server, &request))
         .await
         .map_err(|_| format!("{server}: no answer within {CALL_TIMEOUT:?}"))?
         .map_err(|e| format!("{server}: {e}"))?;
@@ -85,4 +76,19 @@ pub async fn txt_at(server: std::net::SocketAddr, fqdn: &str) -> Result<Vec<Stri
         }
     }
     Ok(out)
+}
+
+/// Sends one length-prefixed message over a new TCP connection and reads one back.
+pub async fn tcp_exchange(server: SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    let len = u16::try_from(request.len()).map_err(|_| std::io::Error::other("request longer than 65535 bytes"))?;
+    let mut stream = TcpStream::connect(server).await?;
+    let mut framed = Vec::with_capacity(request.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(request);
+    stream.write_all(&framed).await?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await?;
+    Ok(answer)
 }

@@ -7,7 +7,7 @@
 //! zone, the zone of a name is the owner of the SOA the server gives for it (walking up
 //! its labels), remembered per name.
 
-use super::dns01::Dns01Solver;
+use super::dns01::{tcp_exchange, Dns01Solver};
 use crate::config::tls::Dns01;
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -19,8 +19,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Bound on one exchange (connect, send, answer).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -233,21 +231,6 @@ fn fqdn(s: &str) -> Result<Name, String> {
     Ok(name)
 }
 
-/// Sends one length-prefixed message over a new TCP connection and reads one back.
-pub(super) async fn tcp_exchange(server: SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
-    let len = u16::try_from(request.len()).map_err(|_| std::io::Error::other("request longer than 65535 bytes"))?;
-    let mut stream = TcpStream::connect(server).await?;
-    let mut framed = Vec::with_capacity(request.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(request);
-    stream.write_all(&framed).await?;
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await?;
-    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut answer).await?;
-    Ok(answer)
-}
-
 /// The mnemonic of `code` (RFC 6895), e.g. `NOTAUTH`.
 fn rcode_name(code: ResponseCode) -> String {
     let name = match u16::from(code) {
@@ -291,6 +274,7 @@ mod tests {
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
     use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const NAMED: &str = "/usr/sbin/named";
     const KEY_NAME: &str = "edge-key";

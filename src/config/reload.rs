@@ -14,7 +14,7 @@
 
 use super::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
-use crate::state::store::Store;
+use crate::store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -212,7 +212,7 @@ mod instances {
         let instances: Box<[Instance]> = (0..n)
             .map(|i| {
                 let addr: SocketAddr = format!("10.9.9.9:{}", base_port + i as u16).parse().unwrap();
-                Instance { addr, health: crate::upstream::health::instance(addr) }
+                Instance { addr, health: crate::routing::instance::health_of(addr) }
             })
             .collect();
         DeploymentEntry {

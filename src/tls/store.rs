@@ -101,8 +101,8 @@ impl CertStore for DirStore {
         std::fs::create_dir_all(&d)?;
         // Key first: a reader that sees the new key with the old chain finds a mismatch,
         // keeps the old certificate, and rereads when the chain's stamp changes.
-        crate::state::store::write_atomic(&d.join("privkey.pem"), privkey, 0o600)?;
-        crate::state::store::write_atomic(&d.join("fullchain.pem"), fullchain, 0o644)
+        crate::store::write_atomic(&d.join("privkey.pem"), privkey, 0o600)?;
+        crate::store::write_atomic(&d.join("fullchain.pem"), fullchain, 0o644)
     }
 }
 

@@ -1,96 +1,21 @@
-//! Health of runtime instances: load (outstanding requests), passive ejection after
-//! failures seen by requests, and active checks (`health_check`) run off the proxy
-//! threads.
+//! Active health checks of runtime instances (`health_check`), run off the proxy
+//! threads: `GET path` every `interval_ms`; `unhealthy_threshold` failures in a row take
+//! an instance out of rotation, `healthy_threshold` passes bring it back.
 //!
-//! An instance's state lives in a process-wide registry keyed by its address, so it
-//! survives routing-table swaps: a table build attaches the shared [`InstanceHealth`]
-//! to each instance it routes to.
+//! The checker follows the routing table (checks start for new instances and stop for
+//! removed ones) and writes what it learns into each instance's shared
+//! [`InstanceHealth`], which request-time selection reads
+//! ([`crate::routing::instance`]).
 
 use crate::metrics::Metrics;
+use crate::routing::instance::InstanceHealth;
 use crate::routing::{ActiveRelease, SharedTable};
 use crate::schema::HealthCheck;
-use dashmap::DashMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// First ejection after a failure seen by a request; doubles per failure in a row.
-const EJECT_BASE_MS: u64 = 2_000;
-const EJECT_MAX_MS: u64 = 30_000;
-
-static REGISTRY: LazyLock<DashMap<SocketAddr, Arc<InstanceHealth>>> = LazyLock::new(DashMap::new);
-
-/// The shared state of the instance at `addr`.
-pub fn instance(addr: SocketAddr) -> Arc<InstanceHealth> {
-    REGISTRY.entry(addr).or_insert_with(|| Arc::new(InstanceHealth::default())).clone()
-}
-
-/// What is known of one instance.
-#[derive(Debug, Default)]
-pub struct InstanceHealth {
-    outstanding: AtomicU32,
-    /// Passive: not chosen before this time (ms, [`crate::clock::monotonic_ms`]).
-    ejected_until: AtomicU64,
-    passive_failures: AtomicU32,
-    /// Active: failed `unhealthy_threshold` checks in a row and not recovered.
-    down: AtomicBool,
-}
-
-impl InstanceHealth {
-    /// Requests in flight to this instance.
-    pub fn outstanding(&self) -> u32 {
-        self.outstanding.load(Ordering::Relaxed)
-    }
-
-    /// Whether active checks consider it down.
-    pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
-    }
-
-    /// Neither down nor ejected at `now`.
-    pub fn available(&self, now: u64) -> bool {
-        !self.is_down() && self.ejected_until.load(Ordering::Relaxed) <= now
-    }
-
-    /// A request starts using it; the guard ends the use when dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.outstanding.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    /// A request could not connect or was reset: eject for a while (2 s, doubling per
-    /// failure in a row, at most 30 s).
-    pub fn passive_failure(&self) {
-        let n = self.passive_failures.fetch_add(1, Ordering::Relaxed).min(4);
-        self.ejected_until.store(crate::clock::monotonic_ms() + (EJECT_BASE_MS << n).min(EJECT_MAX_MS), Ordering::Relaxed);
-    }
-
-    /// A request got a response: failures in a row end.
-    pub fn passive_success(&self) {
-        if self.passive_failures.load(Ordering::Relaxed) != 0 {
-            self.passive_failures.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-/// One request's use of an instance (see [`InstanceHealth::start`]).
-#[derive(Debug)]
-pub struct InFlight(Arc<InstanceHealth>);
-
-impl InFlight {
-    pub fn health(&self) -> &Arc<InstanceHealth> {
-        &self.0
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// Runs the active checks of every active version that has a `health_check`, following
 /// the routing table: checks start for new instances and stop for removed ones.
@@ -127,7 +52,7 @@ pub fn spawn_checker(routes: SharedTable, mut changes: tokio::sync::watch::Recei
                     }
                 }
                 // Instances no table refers to any more: forget them.
-                REGISTRY.retain(|_, h| Arc::strong_count(h) > 1);
+                crate::routing::instance::forget_unused();
                 if changes.changed().await.is_err() {
                     std::future::pending::<()>().await;
                 }
@@ -149,9 +74,7 @@ async fn check_loop(addr: SocketAddr, hc: HealthCheck, health: Arc<InstanceHealt
             ok_run += 1;
             fail_run = 0;
             if health.is_down() && ok_run >= hc.healthy_threshold {
-                health.down.store(false, Ordering::Relaxed);
-                health.passive_failures.store(0, Ordering::Relaxed);
-                health.ejected_until.store(0, Ordering::Relaxed);
+                health.mark_up();
                 metrics.health_transition(true);
                 tracing::info!(instance = %addr, "instance healthy again");
             }
@@ -159,7 +82,7 @@ async fn check_loop(addr: SocketAddr, hc: HealthCheck, health: Arc<InstanceHealt
             fail_run += 1;
             ok_run = 0;
             if !health.is_down() && fail_run >= hc.unhealthy_threshold {
-                health.down.store(true, Ordering::Relaxed);
+                health.mark_down();
                 metrics.health_transition(false);
                 let why = match result {
                     Err(_) => format!("no answer within {} ms", hc.timeout_ms),

@@ -104,7 +104,7 @@ impl std::fmt::Debug for Waker {
 
 impl Waker {
     /// A waker calling `cfg.url`, reading tables from `routes` and woken by `changes`
-    /// (sent after each publish, e.g. [`crate::state::store::Store::subscribe`]).
+    /// (sent after each publish, e.g. [`crate::store::Store::subscribe`]).
     pub fn new(
         cfg: &crate::config::Wake,
         routes: SharedTable,

@@ -11,11 +11,12 @@
 //! Generations only grow: every published table gets the next one, and the generation
 //! is persisted with the API state, so a restart continues from it.
 
-use super::{validate, Identified, State, StateError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::{publish, RouteTable, SharedTable};
 use crate::schema::{Domains, PlatformBranding};
+use crate::schema::{Identified, State, StateError};
+use crate::state::validate;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -48,19 +49,7 @@ pub enum WriteError {
 struct Persisted {
     generation: u64,
     #[serde(flatten)]
-    state: PersistedState,
-}
-
-#[derive(Serialize, Deserialize, Default)]
-struct PersistedState {
-    #[serde(default)]
-    workspaces: Vec<super::Workspace>,
-    #[serde(default)]
-    sandboxes: Vec<super::Sandbox>,
-    #[serde(default)]
-    share_tokens: Vec<super::ShareToken>,
-    #[serde(default)]
-    deployments: Vec<super::Deployment>,
+    state: State,
 }
 
 /// Why the store could not open.
@@ -352,8 +341,7 @@ fn load(file: &Path) -> Result<(u64, State), OpenError> {
         Err(source) => return Err(OpenError::Read { path: file.to_owned(), source }),
     };
     let p: Persisted = serde_json::from_slice(&text).map_err(|e| OpenError::Corrupt { path: file.to_owned(), message: e.to_string() })?;
-    let s = p.state;
-    Ok((p.generation, State { workspaces: s.workspaces, sandboxes: s.sandboxes, share_tokens: s.share_tokens, deployments: s.deployments }))
+    Ok((p.generation, p.state))
 }
 
 /// Writes `bytes` to `path` so readers see the old file or the new one, never a part:
