@@ -1,16 +1,19 @@
 //! The structured access log: one JSON object per request, off by default.
 //!
-//! Lines are formatted on the proxy thread and handed to a writer thread through a
+//! Lines are formatted on the proxy thread and handed to the writer service through a
 //! bounded channel; when the writer falls behind, lines are dropped and counted
 //! (`miosa_edge_access_log_dropped_total`) rather than slowing requests down. Query
 //! values of `token` are redacted: tokens never reach the log.
 
+use crate::services::{Service, Shutdown};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A running access log.
+/// A running access log: proxy threads queue lines, the [`AccessLogWriter`] service
+/// writes them.
 pub struct AccessLog {
     tx: SyncSender<String>,
     dropped: AtomicU64,
@@ -22,16 +25,50 @@ impl std::fmt::Debug for AccessLog {
     }
 }
 
+/// Writes the queued lines to their target (a blocking loop on the services' blocking
+/// pool), flushing after each batch, until every [`AccessLog`] handle is gone.
+pub struct AccessLogWriter {
+    out: Mutex<Option<(Box<dyn Write + Send>, Receiver<String>)>>,
+}
+
 impl AccessLog {
-    /// Starts the writer thread for `target`: `stdout`, or a file path (appended to).
-    pub fn start(target: &str) -> std::io::Result<AccessLog> {
-        let mut out: Box<dyn Write + Send> = if target == "stdout" {
+    /// Opens `target` (`stdout`, or a file path appended to): the log, and the writer to
+    /// start as a service.
+    pub fn open(target: &str) -> std::io::Result<(AccessLog, AccessLogWriter)> {
+        let out: Box<dyn Write + Send> = if target == "stdout" {
             Box::new(std::io::stdout())
         } else {
             Box::new(std::fs::OpenOptions::new().create(true).append(true).open(target)?)
         };
         let (tx, rx) = sync_channel::<String>(65_536);
-        std::thread::Builder::new().name("miosa-access-log".into()).spawn(move || {
+        Ok((AccessLog { tx, dropped: AtomicU64::new(0) }, AccessLogWriter { out: Mutex::new(Some((out, rx))) }))
+    }
+
+    /// Queues one line (without waiting).
+    pub fn write(&self, mut line: String) {
+        line.push('\n');
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait::async_trait]
+impl Service for AccessLogWriter {
+    fn name(&self) -> &'static str {
+        "access log"
+    }
+
+    /// Runs until the last [`AccessLog`] is dropped, not at shutdown: requests still
+    /// draining after the shutdown signal are logged too.
+    async fn run(self: Arc<Self>, _shutdown: Shutdown) {
+        let Some((mut out, rx)) = self.out.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let written = tokio::task::spawn_blocking(move || {
             let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
             loop {
                 match rx.recv_timeout(Duration::from_millis(200)) {
@@ -50,21 +87,10 @@ impl AccessLog {
                     }
                 }
             }
-        })?;
-        Ok(AccessLog { tx, dropped: AtomicU64::new(0) })
-    }
-
-    /// Queues one line (without waiting).
-    pub fn write(&self, mut line: String) {
-        line.push('\n');
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        });
+        if let Err(e) = written.await {
+            tracing::error!(error = %e, "the access log writer failed");
         }
-    }
-
-    /// Lines dropped because the writer fell behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -107,7 +133,9 @@ mod tests {
     fn lines_reach_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
-        let log = AccessLog::start(path.to_str().unwrap()).unwrap();
+        let (log, writer) = AccessLog::open(path.to_str().unwrap()).unwrap();
+        let services = crate::services::Services::new().unwrap();
+        services.start(Arc::new(writer));
         log.write("{\"a\":1}".into());
         log.write("{\"a\":2}".into());
         let mut text = String::new();
@@ -120,6 +148,8 @@ mod tests {
         }
         assert_eq!(text, "{\"a\":1}\n{\"a\":2}\n");
         assert_eq!(log.dropped(), 0);
+        drop(log);
+        services.stop();
         let ts = now_rfc3339_ms();
         assert!(ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
     }

@@ -19,10 +19,11 @@ pub mod ledger;
 pub mod rfc2136;
 
 use crate::config::tls::Acme as AcmeConfig;
-use crate::control::verify::Verifier;
+use crate::dns::Verifier;
 use crate::metrics::Metrics;
 use crate::schema::Domains;
 use crate::schema::State;
+use crate::services::{Service, Shutdown};
 use crate::store::Store;
 use crate::tls::{Cert, Watcher};
 use bytes::Bytes;
@@ -213,8 +214,9 @@ impl std::fmt::Debug for Manager {
 }
 
 impl Manager {
-    /// Starts the service on a thread of its own. `http01` is shared with the proxy.
-    pub fn start(
+    /// The ACME service (start it with [`crate::services::Services::start`]). `http01`
+    /// is shared with the proxy.
+    pub fn new(
         cfg: &AcmeConfig,
         state_dir: &std::path::Path,
         nameservers: Option<&[std::net::SocketAddr]>,
@@ -246,22 +248,21 @@ impl Manager {
             account: tokio::sync::OnceCell::new(),
             ari: Mutex::new(HashMap::new()),
         });
-        let runner = me.clone();
-        let changes = store.subscribe();
-        std::thread::Builder::new()
-            .name("acme".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => return tracing::error!(error = %e, "cannot start the ACME runtime; no certificates will be ordered"),
-                };
-                rt.block_on(runner.run(changes));
-            })
-            .map_err(|e| format!("cannot start the ACME thread: {e}"))?;
         Ok(me)
     }
+}
 
-    async fn run(self: Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
+#[async_trait::async_trait]
+impl Service for Manager {
+    fn name(&self) -> &'static str {
+        "acme"
+    }
+
+    /// Looks at the managed names whenever the routing state changes, a renewal window
+    /// arrives or an order ends, until the process begins to stop (orders under way are
+    /// left to the runtime's end).
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut changes = self.store.subscribe();
         let mut feed = true;
         loop {
             let wait = self.clone().tick();
@@ -269,10 +270,13 @@ impl Manager {
                 r = changes.changed(), if feed => feed = r.is_ok(),
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait() => return,
             }
         }
     }
+}
 
+impl Manager {
     /// Looks at every managed name once; starts the orders that are due and allowed.
     /// Returns how long until something is due again.
     fn tick(self: Arc<Self>) -> Duration {

@@ -7,6 +7,7 @@
 //! `miosa-edge check` and reload logs can say `edge.toml:12:11: sandboxes[3].address: …`.
 
 use crate::access::{Keys, Tokens};
+use crate::releases::Static;
 use crate::schema::{self, Domains, PlatformBranding, State, StateError};
 use crate::state;
 use serde::Deserialize;
@@ -16,7 +17,6 @@ use std::path::{Path, PathBuf};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-pub mod reload;
 pub mod tls;
 
 /// The embedded default configuration (`miosa-edge run` with no `--config`).
@@ -182,85 +182,6 @@ impl Default for Log {
     }
 }
 
-/// `[static]`: static releases (CONTRACT §7).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Static {
-    /// Where `<sha256>.tar.gz` archives are: a directory (relative to the working
-    /// directory), or `s3://bucket/prefix` (credentials and endpoint from `AWS_*` or
-    /// `STORAGE_*` variables).
-    #[serde(default = "default_store")]
-    pub store: String,
-    /// Where archives are unpacked; default `<state_dir>/releases`.
-    #[serde(default)]
-    pub cache_dir: Option<PathBuf>,
-    /// Unpacked releases kept on disk; least recently used ones beyond this are removed
-    /// (never one that is active or being served).
-    #[serde(default = "default_cache_max_bytes")]
-    pub cache_max_bytes: u64,
-    /// Largest archive fetched.
-    #[serde(default = "default_max_archive_bytes")]
-    pub max_archive_bytes: u64,
-    /// Largest total of unpacked file sizes.
-    #[serde(default = "default_max_unpacked_bytes")]
-    pub max_unpacked_bytes: u64,
-    /// Most entries in an archive.
-    #[serde(default = "default_max_files")]
-    pub max_files: u64,
-    /// How long a request waits for a release still being fetched before answering
-    /// 503 `release_unavailable`.
-    #[serde(default = "default_release_wait_ms")]
-    pub wait_ms: u64,
-    /// After a deployment switches static releases, fingerprinted assets missing from
-    /// the new one are served from the previous one for this long (skew protection).
-    #[serde(default = "default_skew_window_secs")]
-    pub skew_window_secs: u64,
-    /// Files up to this size are served from memory; larger ones stream from disk.
-    #[serde(default = "default_memory_file_bytes")]
-    pub memory_file_bytes: u64,
-}
-
-fn default_store() -> String {
-    "releases".into()
-}
-fn default_cache_max_bytes() -> u64 {
-    10 << 30
-}
-fn default_max_archive_bytes() -> u64 {
-    1 << 30
-}
-fn default_max_unpacked_bytes() -> u64 {
-    2 << 30
-}
-fn default_max_files() -> u64 {
-    50_000
-}
-fn default_release_wait_ms() -> u64 {
-    10_000
-}
-fn default_skew_window_secs() -> u64 {
-    86_400
-}
-fn default_memory_file_bytes() -> u64 {
-    256 << 10
-}
-
-impl Default for Static {
-    fn default() -> Self {
-        Static {
-            store: default_store(),
-            cache_dir: None,
-            cache_max_bytes: default_cache_max_bytes(),
-            max_archive_bytes: default_max_archive_bytes(),
-            max_unpacked_bytes: default_max_unpacked_bytes(),
-            max_files: default_max_files(),
-            wait_ms: default_release_wait_ms(),
-            skew_window_secs: default_skew_window_secs(),
-            memory_file_bytes: default_memory_file_bytes(),
-        }
-    }
-}
-
 /// `[wake]`: waking suspended sandboxes (CONTRACT §8).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -421,7 +342,7 @@ impl Config {
         }
         errors.extend(check_domains(&raw.domains));
         errors.extend(check_tokens(&raw.tokens));
-        errors.extend(check_static(&raw.static_));
+        errors.extend(raw.static_.check());
         if let Some(w) = &raw.wake {
             errors.extend(check_wake(w));
         }
@@ -499,27 +420,6 @@ fn check_tokens(t: &Tokens) -> Vec<StateError> {
             if !is_env_name(v) {
                 err(format!("{p}.secret_env"), "must be an environment variable name (A-Z, 0-9, _)");
             }
-        }
-    }
-    errs
-}
-
-fn check_static(st: &Static) -> Vec<StateError> {
-    let mut errs = Vec::new();
-    if let Err(m) = crate::releases::store::check_spec(&st.store) {
-        errs.push(StateError { path: "static.store".into(), message: m });
-    }
-    for (key, v, min, max) in [
-        ("cache_max_bytes", st.cache_max_bytes, 1 << 20, u64::MAX),
-        ("max_archive_bytes", st.max_archive_bytes, 1024, 64 << 30),
-        ("max_unpacked_bytes", st.max_unpacked_bytes, 1024, 256 << 30),
-        ("max_files", st.max_files, 1, 10_000_000),
-        ("wait_ms", st.wait_ms, 0, 600_000),
-        ("skew_window_secs", st.skew_window_secs, 0, 30 * 86_400),
-        ("memory_file_bytes", st.memory_file_bytes, 0, 64 << 20),
-    ] {
-        if v < min || v > max {
-            errs.push(StateError { path: format!("static.{key}"), message: format!("must be between {min} and {max}") });
         }
     }
     errs

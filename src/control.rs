@@ -1,19 +1,19 @@
 //! The embedded control API (CONTRACT §4): how the control plane pushes routes.
 //!
-//! A hyper HTTP/1.1 server on its own thread and runtime, so heavy writes (validating
-//! and building a table of a million sandboxes) never run on the proxy's threads. Every
+//! A hyper HTTP/1.1 server run as a [`Service`] off the proxy's threads; heavy writes
+//! (validating and building a large table) run on the services' blocking pool. Every
 //! route but `/healthz` and `/readyz` needs `Authorization: Bearer <token>` (compared in
 //! constant time). Writes go through [`Store::write_api`]: validated whole, persisted,
 //! then published and acknowledged with `{"generation": N}`; a refused write changes
 //! nothing. Errors are `{"error":{"code","message","path"}}`.
 
-pub mod verify;
-
 use crate::access_log::AccessLog;
+use crate::dns::{DomainKind, Verifier};
 use crate::metrics::Metrics;
 use crate::schema::{
     find_by_id, remove_by_id, upsert_by_id, Deployment, Id, Identified, Sandbox, ShareToken, State, StateError, Workspace,
 };
+use crate::services::{Service, Shutdown};
 use crate::store::{Store, WriteError};
 use crate::usage::Usage;
 use bytes::Bytes;
@@ -27,7 +27,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use verify::{DomainKind, Verifier};
 
 /// The OpenAPI description of this API (also served at `/v1/openapi.yaml`).
 pub const OPENAPI_YAML: &str = include_str!("../docs/control-api.yaml");
@@ -46,6 +45,8 @@ pub struct ControlApi {
     /// The TLS certificates (`None` without `[server] https`) and the ACME service.
     certs: Option<Arc<crate::tls::Watcher>>,
     acme: Option<Arc<crate::acme::Manager>>,
+    /// Taken by [`Service::run`].
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
 
 /// Why the control API could not start.
@@ -140,7 +141,14 @@ impl ControlApi {
             proxy_up: AtomicBool::new(false),
             certs: None,
             acme: None,
+            listener: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Serves on `listener` once started as a service.
+    pub fn with_listener(self, listener: std::net::TcpListener) -> Self {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+        self
     }
 
     /// Reports the certificates served and the names ACME manages.
@@ -176,64 +184,6 @@ impl ControlApi {
             body["budget"] = a.budget();
         }
         json(StatusCode::OK, &body)
-    }
-
-    /// Serves on `listener` from a thread of its own until the process exits.
-    pub fn spawn(self, listener: std::net::TcpListener) -> Result<std::thread::JoinHandle<()>, ControlError> {
-        listener.set_nonblocking(true)?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("miosa-control").enable_all().build()?;
-        let api = Arc::new(self);
-        Ok(std::thread::Builder::new().name("miosa-control".into()).spawn(move || {
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "control API listener failed");
-                        return;
-                    }
-                };
-                // SIGTERM / SIGQUIT: stop taking control connections (a process started
-                // with --upgrade binds the port next); those open finish.
-                use tokio::signal::unix::{signal, SignalKind};
-                let (mut term, mut quit) = match (signal(SignalKind::terminate()), signal(SignalKind::quit())) {
-                    (Ok(t), Ok(q)) => (t, q),
-                    _ => {
-                        tracing::error!("cannot watch SIGTERM/SIGQUIT for the control API");
-                        return;
-                    }
-                };
-                loop {
-                    let accepted = tokio::select! {
-                        a = listener.accept() => a,
-                        _ = term.recv() => break,
-                        _ = quit.recv() => break,
-                    };
-                    let (sock, _) = match accepted {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "control API accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let api = api.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            let api = api.clone();
-                            async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .header_read_timeout(Duration::from_secs(30))
-                            .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
-                        let _ = conn.await;
-                    });
-                }
-                drop(listener);
-                tracing::info!("control API closed: the process is stopping");
-                std::future::pending::<()>().await;
-            })
-        })?)
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -581,6 +531,52 @@ impl ControlApi {
             .await
             .map_err(|e| ApiError::new(500, "internal_error", format!("write task failed: {e}")))??;
         Ok(json(StatusCode::OK, &serde_json::json!({"generation": generation})))
+    }
+}
+
+#[async_trait::async_trait]
+impl Service for ControlApi {
+    fn name(&self) -> &'static str {
+        "control API"
+    }
+
+    /// Accepts control connections until the process begins to stop (a process started
+    /// with `--upgrade` binds the port next); connections already open finish.
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let listener = self.listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let listener = match listener.map(|l| l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l))) {
+            Some(Ok(l)) => l,
+            Some(Err(e)) => return tracing::error!(error = %e, "control API listener failed"),
+            None => return tracing::error!("control API started without a listener"),
+        };
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.wait() => break,
+            };
+            let (sock, _) = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let api = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        tracing::info!("control API closed: the process is stopping");
     }
 }
 

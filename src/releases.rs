@@ -1,14 +1,14 @@
 //! Static releases (CONTRACT §7): fetched from the release store, verified, unpacked
 //! into the cache, indexed, and served by the edge itself.
 //!
-//! Data flow: a background thread is told of every published routing table; each new
+//! Data flow: a background service is told of every published routing table; each new
 //! generation names the static releases of every version ([`RouteTable::static_releases`]),
 //! and any not yet cached is fetched at once ([`store`] → [`unpack`] → [`serve::Release`]),
 //! so activating a pushed version is a pointer move with nothing left to download. A
 //! request for a release still being fetched waits up to `[static] wait_ms`, then gets
 //! 503 `release_unavailable`; a failed fetch is retried with backoff.
 //!
-//! The same thread remembers, per deployment, the static release it served before the
+//! The same service remembers, per deployment, the static release it served before the
 //! last switch and when the switch happened: for `skew_window_secs` after it, a
 //! fingerprinted asset missing from the new release is served from the previous one, so
 //! tabs opened before the deploy keep loading their chunks. This memory is kept in
@@ -19,10 +19,12 @@
 //! `Arc` held by a request: the check and the removal happen under the map's write lock,
 //! which a request needs to take its `Arc`).
 
-use crate::config::Static;
 use crate::metrics::Metrics;
 use crate::routing::{RouteTable, SharedTable};
+use crate::schema::StateError;
+use crate::services::{Service, Shutdown};
 use dashmap::DashMap;
+use serde::Deserialize;
 use serve::Release;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,9 +38,115 @@ pub mod store;
 mod tests;
 pub mod unpack;
 
+/// `[static]`: static releases (CONTRACT §7).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Static {
+    /// Where `<sha256>.tar.gz` archives are: a directory (relative to the working
+    /// directory), or `s3://bucket/prefix` (credentials and endpoint from `AWS_*` or
+    /// `STORAGE_*` variables).
+    #[serde(default = "default_store")]
+    pub store: String,
+    /// Where archives are unpacked; default `<state_dir>/releases`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Unpacked releases kept on disk; least recently used ones beyond this are removed
+    /// (never one that is active or being served).
+    #[serde(default = "default_cache_max_bytes")]
+    pub cache_max_bytes: u64,
+    /// Largest archive fetched.
+    #[serde(default = "default_max_archive_bytes")]
+    pub max_archive_bytes: u64,
+    /// Largest total of unpacked file sizes.
+    #[serde(default = "default_max_unpacked_bytes")]
+    pub max_unpacked_bytes: u64,
+    /// Most entries in an archive.
+    #[serde(default = "default_max_files")]
+    pub max_files: u64,
+    /// How long a request waits for a release still being fetched before answering
+    /// 503 `release_unavailable`.
+    #[serde(default = "default_release_wait_ms")]
+    pub wait_ms: u64,
+    /// After a deployment switches static releases, fingerprinted assets missing from
+    /// the new one are served from the previous one for this long (skew protection).
+    #[serde(default = "default_skew_window_secs")]
+    pub skew_window_secs: u64,
+    /// Files up to this size are served from memory; larger ones stream from disk.
+    #[serde(default = "default_memory_file_bytes")]
+    pub memory_file_bytes: u64,
+}
+
+fn default_store() -> String {
+    "releases".into()
+}
+fn default_cache_max_bytes() -> u64 {
+    10 << 30
+}
+fn default_max_archive_bytes() -> u64 {
+    1 << 30
+}
+fn default_max_unpacked_bytes() -> u64 {
+    2 << 30
+}
+fn default_max_files() -> u64 {
+    50_000
+}
+fn default_release_wait_ms() -> u64 {
+    10_000
+}
+fn default_skew_window_secs() -> u64 {
+    86_400
+}
+fn default_memory_file_bytes() -> u64 {
+    256 << 10
+}
+
+impl Default for Static {
+    fn default() -> Self {
+        Static {
+            store: default_store(),
+            cache_dir: None,
+            cache_max_bytes: default_cache_max_bytes(),
+            max_archive_bytes: default_max_archive_bytes(),
+            max_unpacked_bytes: default_max_unpacked_bytes(),
+            max_files: default_max_files(),
+            wait_ms: default_release_wait_ms(),
+            skew_window_secs: default_skew_window_secs(),
+            memory_file_bytes: default_memory_file_bytes(),
+        }
+    }
+}
+
+impl Static {
+    /// The section's own rules, each error with its key path.
+    pub fn check(&self) -> Vec<StateError> {
+        let st = self;
+        let mut errs = Vec::new();
+        if let Err(m) = store::check_spec(&st.store) {
+            errs.push(StateError { path: "static.store".into(), message: m });
+        }
+        for (key, v, min, max) in [
+            ("cache_max_bytes", st.cache_max_bytes, 1 << 20, u64::MAX),
+            ("max_archive_bytes", st.max_archive_bytes, 1024, 64 << 30),
+            ("max_unpacked_bytes", st.max_unpacked_bytes, 1024, 256 << 30),
+            ("max_files", st.max_files, 1, 10_000_000),
+            ("wait_ms", st.wait_ms, 0, 600_000),
+            ("skew_window_secs", st.skew_window_secs, 0, 30 * 86_400),
+            ("memory_file_bytes", st.memory_file_bytes, 0, 64 << 20),
+        ] {
+            if v < min || v > max {
+                errs.push(StateError { path: format!("static.{key}"), message: format!("must be between {min} and {max}") });
+            }
+        }
+        errs
+    }
+}
+
 /// Wait before a failed fetch is tried again (doubling up to [`MAX_BACKOFF`]).
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Releases unpacked or indexed at the same time.
+const UNPACKS_AT_ONCE: usize = 2;
 /// How often the manager looks at the table without being told of a change.
 const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -95,13 +203,46 @@ pub struct Releases {
     slots: DashMap<[u8; 32], Slot, ahash::RandomState>,
     skew: DashMap<Box<str>, Skew, ahash::RandomState>,
     runtime: tokio::runtime::Handle,
+    /// Bounds the unpacks and indexings running at once on the blocking pool.
+    unpacking: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     routes: SharedTable,
+    changes: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Releases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Releases").field("cache_dir", &self.cache_dir).field("store", &self.store).finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl Service for Releases {
+    fn name(&self) -> &'static str {
+        "static releases"
+    }
+
+    /// Observes every published table until the process begins to stop.
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut changes = self.changes.clone();
+        let mut seen = u64::MAX;
+        loop {
+            let table = self.routes.load_full();
+            if table.generation != seen {
+                seen = table.generation;
+                self.observe(&table, SystemTime::now());
+            }
+            // Woken by every publish; the timeout only guards against a missed one.
+            tokio::select! {
+                r = tokio::time::timeout(WATCH_INTERVAL, changes.changed()) => {
+                    if matches!(r, Ok(Err(_))) {
+                        // No more publishes (the store is gone): look now and then.
+                        tokio::time::sleep(WATCH_INTERVAL).await;
+                    }
+                }
+                _ = shutdown.wait() => return,
+            }
+        }
     }
 }
 
@@ -115,15 +256,17 @@ pub enum ReleaseError {
 }
 
 impl Releases {
-    /// Starts the manager thread watching `routes`; releases are unpacked under
-    /// `[static] cache_dir` (default `<state_dir>/releases`).
-    pub fn start(
+    /// The release manager following `routes` (start it as a service); releases are
+    /// unpacked under `[static] cache_dir` (default `<state_dir>/releases`) by work
+    /// spawned on `runtime` (the services' runtime: never a proxy thread).
+    pub fn new(
         cfg: &Static,
         state_dir: &Path,
         store: Arc<dyn ReleaseStore>,
         routes: SharedTable,
-        mut changes: watch::Receiver<u64>,
+        changes: watch::Receiver<u64>,
         metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
     ) -> std::io::Result<Arc<Releases>> {
         let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| state_dir.join("releases"));
         std::fs::create_dir_all(&cache_dir)?;
@@ -134,33 +277,19 @@ impl Releases {
                 let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
             }
         }
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).max_blocking_threads(2).enable_all().build()?;
         let releases = Arc::new(Releases {
             cfg: cfg.clone(),
             cache_dir,
             store,
             slots: DashMap::with_hasher(ahash::RandomState::new()),
             skew: DashMap::with_hasher(ahash::RandomState::new()),
-            runtime: rt.handle().clone(),
+            runtime,
+            unpacking: Arc::new(tokio::sync::Semaphore::new(UNPACKS_AT_ONCE)),
             metrics,
-            routes: routes.clone(),
+            routes,
+            changes,
         });
         releases.load_skew();
-        let r = releases.clone();
-        std::thread::Builder::new().name("miosa-releases".into()).spawn(move || {
-            rt.block_on(async move {
-                let mut seen = u64::MAX;
-                loop {
-                    let table = routes.load_full();
-                    if table.generation != seen {
-                        seen = table.generation;
-                        r.observe(&table, SystemTime::now());
-                    }
-                    // Woken by every publish; the timeout only guards against a missed one.
-                    let _ = tokio::time::timeout(WATCH_INTERVAL, changes.changed()).await;
-                }
-            })
-        })?;
         Ok(releases)
     }
 
@@ -245,6 +374,7 @@ impl Releases {
             }
             let limits = unpack::Limits { max_files: self.cfg.max_files, max_unpacked_bytes: self.cfg.max_unpacked_bytes };
             let (a, d) = (archive.clone(), dir.clone());
+            let _permit = self.unpacking.acquire().await.map_err(|_| "the release manager is stopping".to_string())?;
             let unpacked = tokio::task::spawn_blocking(move || unpack::verify_and_unpack(&a, &sha, &d, limits)).await;
             let _ = tokio::fs::remove_file(&archive).await;
             match unpacked {
@@ -255,6 +385,7 @@ impl Releases {
             }
         }
         let mem = self.cfg.memory_file_bytes;
+        let _permit = self.unpacking.acquire().await.map_err(|_| "the release manager is stopping".to_string())?;
         tokio::task::spawn_blocking(move || Release::load(sha, &dir, mem))
             .await
             .map_err(|e| format!("index task failed: {e}"))?

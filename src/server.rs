@@ -1,14 +1,17 @@
-//! Start-up: config → first table → pingora server with the proxy service, plus the
-//! reload thread.
+//! Start-up: config → the last acknowledged state → the background services → the
+//! pingora server with the proxy service, until a signal stops it.
 
 use crate::access_log::AccessLog;
-use crate::config::reload::Reloader;
 use crate::config::Config;
 use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
 use crate::proxy::{EdgeProxy, ProxyOptions, TlsFront};
+use crate::releases::Releases;
+use crate::reload::{ReloadService, Reloader};
+use crate::services::Services;
 use crate::store::{OpenError, Store};
-use crate::tls::{default_cert, DirStore, SniResolver, Watcher};
+use crate::tls::{default_cert, DirStore, SniResolver, WatchService, Watcher};
+use crate::upstream::health::HealthChecker;
 use crate::usage::Usage;
 use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy;
@@ -38,8 +41,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the reload thread: {0}")]
+    #[error("cannot watch SIGHUP for config reloads: {0}")]
     Reload(#[source] std::io::Error),
+    #[error("cannot start the background services' runtime: {0}")]
+    Services(#[source] std::io::Error),
     #[error("static.store: {0}")]
     ReleaseStore(String),
     #[error("cannot start the static release cache: {0}")]
@@ -56,8 +61,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the health checker: {0}")]
-    Health(#[source] std::io::Error),
     #[error("acme: {0}")]
     Acme(String),
 }
@@ -123,20 +126,22 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // write of the old process is missed.
     server.bootstrap();
     let control_listener = bind_control(cfg.control.listen, upgrade)?;
+    load_session_key(&mut cfg)?;
 
-    if !cfg.keys.has_session_key() {
-        // No shared session key configured: one kept in the state directory, so
-        // sessions survive restarts of this node (several nodes must share a key).
-        let path = cfg.server.state_dir.join("session.key");
-        let (key, generated) = secret_file(&path)?;
-        let what = if generated { "generated a session key into" } else { "using the session key in" };
-        tracing::warn!(file = %path.display(), "${} is not set: {what} this file; set it on every edge node so sessions work across nodes", cfg.tokens.session_key_env);
-        cfg.keys = Arc::new((*cfg.keys).clone().with_session_key(key.as_bytes()));
-    }
+    let services = Services::new().map_err(StartError::Services)?;
     let metrics = Arc::new(Metrics::new());
     // The last acknowledged control-plane state is loaded before anything listens.
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);
     let routes = store.routes();
+    let usage = Arc::new(Usage::default());
+    let access_log = match cfg.log.access.as_str() {
+        "off" => None,
+        target => {
+            let (log, writer) = AccessLog::open(target).map_err(|source| StartError::AccessLog { target: target.to_string(), source })?;
+            services.start(Arc::new(writer));
+            Some(Arc::new(log))
+        }
+    };
 
     // Taken over sockets are not bound again; fresh ones are checked (and port 0 resolved).
     let http = if upgrade { cfg.server.http } else { resolve_listener(cfg.server.http)? };
@@ -144,28 +149,47 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // TLS: the default certificate, then certs_dir, watched; handshakes read the index.
     let certs = match https {
         Some(_) => {
-            let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str());
-            let default = default_cert::load_or_generate(&cfg.server.state_dir, &names).map_err(StartError::Tls)?;
-            let dir = &cfg.tls.certs_dir;
-            let store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
-            let watcher = Arc::new(Watcher::new(Arc::new(store), Arc::new(default), metrics.clone()));
-            watcher.scan();
-            watcher
-                .spawn(Duration::from_millis(cfg.tls.watch_interval_ms))
-                .map_err(|e| StartError::Tls(format!("cannot start the certificate watcher: {e}")))?;
+            let watcher = certificates(&cfg, &metrics)?;
+            let interval = Duration::from_millis(cfg.tls.watch_interval_ms);
+            services.start(Arc::new(WatchService { watcher: watcher.clone(), interval }));
             Some(watcher)
         }
         None => None,
     };
     let http01 = Arc::new(crate::acme::Http01::default());
-    // Active health checks of runtime instances, following the routing table.
-    crate::upstream::health::spawn_checker(routes.clone(), store.subscribe(), metrics.clone()).map_err(StartError::Health)?;
-
-    let usage = Arc::new(Usage::default());
-    let access_log = match cfg.log.access.as_str() {
-        "off" => None,
-        target => Some(Arc::new(AccessLog::start(target).map_err(|source| StartError::AccessLog { target: target.to_string(), source })?)),
+    services.start(Arc::new(HealthChecker::new(routes.clone(), store.subscribe(), metrics.clone())));
+    // [static]: releases are fetched as soon as a version names them, and served here.
+    let release_store = crate::releases::store::open(&cfg.static_.store).map_err(StartError::ReleaseStore)?;
+    let releases = Releases::new(
+        &cfg.static_,
+        &cfg.server.state_dir,
+        release_store,
+        routes.clone(),
+        store.subscribe(),
+        metrics.clone(),
+        services.handle(),
+    )
+    .map_err(StartError::Releases)?;
+    services.start(releases.clone());
+    let acme = match (&cfg.acme, &certs) {
+        (Some(a), Some(watcher)) => {
+            let nameservers = cfg.dns.nameservers.as_deref();
+            let m = crate::acme::Manager::new(
+                a,
+                &cfg.server.state_dir,
+                nameservers,
+                watcher.clone(),
+                store.clone(),
+                http01.clone(),
+                metrics.clone(),
+            )
+            .map_err(StartError::Acme)?;
+            services.start(m.clone());
+            Some(m)
+        }
+        _ => None,
     };
+
     let proxy = EdgeProxy::new(
         routes.clone(),
         metrics.clone(),
@@ -179,48 +203,26 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     .with_tls(TlsFront {
         redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
         challenges: cfg.acme.as_ref().map(|_| http01.clone()),
-    });
+    })
+    .with_releases(releases, Duration::from_millis(cfg.static_.wait_ms))
+    .with_table_changes(store.subscribe());
     // [wake]: previews of suspended sandboxes are held while the control plane starts them.
     let proxy = match &cfg.wake {
-        Some(w) => {
-            let waker = crate::upstream::wake::Waker::new(w, routes.clone(), store.subscribe(), metrics.clone())?;
-            proxy.with_waker(Arc::new(waker))
-        }
+        Some(w) => proxy.with_waker(Arc::new(crate::upstream::wake::Waker::new(w, routes.clone(), store.subscribe(), metrics.clone())?)),
         None => proxy,
     };
-    // [static]: releases are fetched as soon as a version names them, and served here.
-    let release_store = crate::releases::store::open(&cfg.static_.store).map_err(StartError::ReleaseStore)?;
-    let releases = crate::releases::Releases::start(
-        &cfg.static_,
-        &cfg.server.state_dir,
-        release_store,
-        routes.clone(),
-        store.subscribe(),
-        metrics.clone(),
-    )
-    .map_err(StartError::Releases)?;
-    let proxy = proxy.with_releases(releases, Duration::from_millis(cfg.static_.wait_ms)).with_table_changes(store.subscribe());
     // Hostile clients: the request-head deadline and body timeout in the proxy, the
     // per-IP connection cap around it (crate::hostile).
     let limits = crate::hostile::Limits::from_config(&cfg.server);
     let proxy = http_proxy(&server.configuration, proxy.with_limits(limits));
     // Both listeners accept plain TCP; crate::front admits each connection under the
     // per-IP cap and performs the TLS handshake on the https port itself, so handshakes
-    // are timed, bounded and counted.
+    // are timed, bounded and counted. The https port is only listened on with its TLS
+    // side in place: never as plain HTTP.
     let tls = match (https, &certs) {
-        (Some(addr), Some(watcher)) => {
-            let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
-            tls.set_cert_resolver(Arc::new(SniResolver::new(watcher.index())));
-            tls.enable_h2();
-            Some(crate::front::TlsListener {
-                port: addr.port(),
-                acceptor: tls.build(),
-                handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
-            })
-        }
+        (Some(addr), Some(watcher)) => Some(tls_listener(&cfg, addr, watcher)?),
         _ => None,
     };
-    // The https port is only listened on with its TLS side in place: never as plain HTTP.
     let https_listener = tls.as_ref().and(https);
     let front = crate::front::Front::new(proxy, limits.max_connections_per_ip, tls, metrics.clone());
     let mut svc = Service::new("miosa-edge http".to_string(), front);
@@ -229,21 +231,6 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         svc.add_tcp(&addr.to_string());
     }
     server.add_service(svc);
-    let acme = match (&cfg.acme, &certs) {
-        (Some(a), Some(watcher)) => Some(
-            crate::acme::Manager::start(
-                a,
-                &cfg.server.state_dir,
-                cfg.dns.nameservers.as_deref(),
-                watcher.clone(),
-                store.clone(),
-                http01.clone(),
-                metrics.clone(),
-            )
-            .map_err(StartError::Acme)?,
-        ),
-        _ => None,
-    };
 
     let token = resolve_token(&cfg.control.token_env, cfg.control.listen, &cfg.server.state_dir)?;
     let control_addr = control_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.control.listen, source })?;
@@ -256,15 +243,19 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         cfg.control.max_body_bytes,
         cfg.dns.nameservers.as_deref(),
         http,
-    );
+    )
+    .with_listener(control_listener);
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
         None => control,
     };
-    control.spawn(control_listener)?;
+    services.start(Arc::new(control));
 
     let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
-    Reloader::new(cfg.clone(), store.clone(), metrics.clone()).spawn(interval).map_err(StartError::Reload)?;
+    let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone());
+    let reload = services.block_on(async { ReloadService::new(reloader, interval) }).map_err(StartError::Reload)?;
+    services.start(Arc::new(reload));
+    services.stop_with(server.watch_execution_phase());
 
     let source = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dev.toml".into());
     tracing::info!(http = %http, control = %control_addr, threads, config = %source, generation = store.generation(), "miosa-edge starting");
@@ -274,5 +265,43 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         None => println!("miosa-edge listening http={http} control={control_addr}"),
     }
     server.run(RunArgs::default());
+    services.stop();
     Ok(())
+}
+
+/// A session key kept in the state directory when none is configured, so sessions
+/// survive restarts of this node (several nodes must share a configured key).
+fn load_session_key(cfg: &mut Config) -> Result<(), StartError> {
+    if cfg.keys.has_session_key() {
+        return Ok(());
+    }
+    let path = cfg.server.state_dir.join("session.key");
+    let (key, generated) = secret_file(&path)?;
+    let what = if generated { "generated a session key into" } else { "using the session key in" };
+    tracing::warn!(file = %path.display(), "${} is not set: {what} this file; set it on every edge node so sessions work across nodes", cfg.tokens.session_key_env);
+    cfg.keys = Arc::new((*cfg.keys).clone().with_session_key(key.as_bytes()));
+    Ok(())
+}
+
+/// The default certificate and `certs_dir`, loaded once.
+fn certificates(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Watcher>, StartError> {
+    let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str());
+    let default = default_cert::load_or_generate(&cfg.server.state_dir, &names).map_err(StartError::Tls)?;
+    let dir = &cfg.tls.certs_dir;
+    let store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
+    let watcher = Arc::new(Watcher::new(Arc::new(store), Arc::new(default), metrics.clone()));
+    watcher.scan();
+    Ok(watcher)
+}
+
+/// The TLS side of the https port: the SNI resolver over the watched index, ALPN h2.
+fn tls_listener(cfg: &Config, addr: SocketAddr, watcher: &Arc<Watcher>) -> Result<crate::front::TlsListener, StartError> {
+    let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
+    tls.set_cert_resolver(Arc::new(SniResolver::new(watcher.index())));
+    tls.enable_h2();
+    Ok(crate::front::TlsListener {
+        port: addr.port(),
+        acceptor: tls.build(),
+        handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
+    })
 }

@@ -21,7 +21,7 @@ use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use store::{CertStore, DirStore, LoadError, Watcher};
+pub use store::{CertStore, DirStore, LoadError, WatchService, Watcher};
 
 /// One certificate the edge can serve, with what the index and renewal need to know.
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 
 use super::{Cert, CertIndex, SharedIndex};
 use crate::metrics::Metrics;
+use crate::services::{Service, Shutdown};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -246,14 +247,31 @@ impl Watcher {
         out.sort_by(|a, b| a.entry.cmp(&b.entry));
         out
     }
+}
 
-    /// Scans every `interval` on a thread of its own.
-    pub fn spawn(self: &Arc<Self>, interval: Duration) -> io::Result<()> {
-        let me = self.clone();
-        std::thread::Builder::new().name("certs-watch".into()).spawn(move || loop {
-            std::thread::sleep(interval);
-            me.scan();
-        })?;
-        Ok(())
+/// Rescans a [`Watcher`]'s store every `interval` (the scan reads files: it runs on the
+/// blocking pool).
+pub struct WatchService {
+    pub watcher: Arc<Watcher>,
+    pub interval: Duration,
+}
+
+#[async_trait::async_trait]
+impl Service for WatchService {
+    fn name(&self) -> &'static str {
+        "certificate watch"
+    }
+
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = shutdown.wait() => return,
+            }
+            let w = self.watcher.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || w.scan()).await {
+                tracing::error!(error = %e, "certificate scan failed");
+            }
+        }
     }
 }

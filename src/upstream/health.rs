@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::routing::instance::InstanceHealth;
 use crate::routing::{ActiveRelease, SharedTable};
 use crate::schema::HealthCheck;
+use crate::services::{Service, Shutdown};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,47 +20,63 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Runs the active checks of every active version that has a `health_check`, following
 /// the routing table: checks start for new instances and stop for removed ones.
-pub fn spawn_checker(routes: SharedTable, mut changes: tokio::sync::watch::Receiver<u64>, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    std::thread::Builder::new().name("health-checks".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => return tracing::error!(error = %e, "cannot start the health-check runtime; instances are not checked"),
-        };
-        rt.block_on(async move {
-            let mut running: HashMap<(SocketAddr, HealthCheck), tokio::task::JoinHandle<()>> = HashMap::new();
-            loop {
-                let table = routes.load_full();
-                let mut wanted: HashMap<(SocketAddr, HealthCheck), Arc<InstanceHealth>> = HashMap::new();
-                for d in table.deployments() {
-                    if let ActiveRelease::Dynamic { instances, health_check: Some(hc), .. } = &d.release {
-                        for i in instances.iter() {
-                            wanted.insert((i.addr, (**hc).clone()), i.health.clone());
-                        }
+pub struct HealthChecker {
+    routes: SharedTable,
+    changes: tokio::sync::watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+}
+
+impl HealthChecker {
+    /// A checker following `routes`, woken by `changes` (sent after each publish).
+    pub fn new(routes: SharedTable, changes: tokio::sync::watch::Receiver<u64>, metrics: Arc<Metrics>) -> HealthChecker {
+        HealthChecker { routes, changes, metrics }
+    }
+}
+
+#[async_trait::async_trait]
+impl Service for HealthChecker {
+    fn name(&self) -> &'static str {
+        "health checks"
+    }
+
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut changes = self.changes.clone();
+        let mut running: HashMap<(SocketAddr, HealthCheck), tokio::task::JoinHandle<()>> = HashMap::new();
+        loop {
+            let table = self.routes.load_full();
+            let mut wanted: HashMap<(SocketAddr, HealthCheck), Arc<InstanceHealth>> = HashMap::new();
+            for d in table.deployments() {
+                if let ActiveRelease::Dynamic { instances, health_check: Some(hc), .. } = &d.release {
+                    for i in instances.iter() {
+                        wanted.insert((i.addr, (**hc).clone()), i.health.clone());
                     }
-                }
-                drop(table);
-                running.retain(|k, task| {
-                    let keep = wanted.contains_key(k);
-                    if !keep {
-                        task.abort();
-                    }
-                    keep
-                });
-                for (k, health) in wanted {
-                    if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(k) {
-                        let (addr, hc) = slot.key().clone();
-                        slot.insert(tokio::spawn(check_loop(addr, hc, health, metrics.clone())));
-                    }
-                }
-                // Instances no table refers to any more: forget them.
-                crate::routing::instance::forget_unused();
-                if changes.changed().await.is_err() {
-                    std::future::pending::<()>().await;
                 }
             }
-        });
-    })?;
-    Ok(())
+            drop(table);
+            running.retain(|k, task| {
+                let keep = wanted.contains_key(k);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (k, health) in wanted {
+                if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(k) {
+                    let (addr, hc) = slot.key().clone();
+                    slot.insert(tokio::spawn(check_loop(addr, hc, health, self.metrics.clone())));
+                }
+            }
+            // Instances no table refers to any more: forget them.
+            crate::routing::instance::forget_unused();
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { shutdown.wait().await; break },
+                _ = shutdown.wait() => break,
+            }
+        }
+        for task in running.into_values() {
+            task.abort();
+        }
+    }
 }
 
 async fn check_loop(addr: SocketAddr, hc: HealthCheck, health: Arc<InstanceHealth>, metrics: Arc<Metrics>) {

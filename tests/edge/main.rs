@@ -10,6 +10,7 @@ mod browser;
 mod control;
 mod forwarding;
 mod hostile;
+mod layers;
 mod lifecycle;
 mod observe;
 mod openapi;

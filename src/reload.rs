@@ -12,8 +12,9 @@
 //! `[control]`, `[static]` or `[wake]` logs that a restart is needed for them and
 //! applies the rest (routes, branding, `[tokens]` keys).
 
-use super::{Config, ConfigError, ConfigIssue};
+use crate::config::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
+use crate::services::{Service, Shutdown};
 use crate::store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,42 +97,60 @@ impl Reloader {
             }
         }
     }
+}
 
-    /// Runs the reloader on its own thread: reloads on SIGHUP, and when the file's
-    /// fingerprint changes (checked every `interval`; `None` = SIGHUP only).
-    pub fn spawn(self, interval: Option<Duration>) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        // Register the handler before returning so a SIGHUP right after start-up
-        // reloads instead of killing the process.
-        let mut hup = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })?;
-        std::thread::Builder::new().name("miosa-reload".into()).spawn(move || {
-            rt.block_on(async move {
-                let fp = |r: &Reloader| r.path.as_deref().and_then(fingerprint);
-                let mut last = fp(&self);
-                let tick = interval.unwrap_or(Duration::from_secs(3600));
-                loop {
-                    tokio::select! {
-                        got = hup.recv() => {
-                            if got.is_none() { return; }
-                            tracing::info!("SIGHUP: reloading config");
-                            last = fp(&self);
-                            let _ = self.reload();
-                        }
-                        _ = tokio::time::sleep(tick), if interval.is_some() && self.path.is_some() => {
-                            let now = fp(&self);
-                            if now != last {
-                                last = now;
-                                if now.is_some() {
-                                    let _ = self.reload();
-                                } else {
-                                    tracing::warn!("config file is gone; keeping the current table");
-                                }
-                            }
+/// The reloader as a service: reloads on SIGHUP, and when the file's fingerprint
+/// changes (checked every `interval`; `None` = SIGHUP only).
+pub struct ReloadService {
+    reloader: Reloader,
+    interval: Option<Duration>,
+    /// Registered before the service starts, so a SIGHUP right after start-up reloads
+    /// instead of killing the process.
+    hup: tokio::sync::Mutex<tokio::signal::unix::Signal>,
+}
+
+impl ReloadService {
+    /// Registers the SIGHUP handler (call on the runtime the service will run on).
+    pub fn new(reloader: Reloader, interval: Option<Duration>) -> std::io::Result<ReloadService> {
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        Ok(ReloadService { reloader, interval, hup: tokio::sync::Mutex::new(hup) })
+    }
+}
+
+#[async_trait::async_trait]
+impl Service for ReloadService {
+    fn name(&self) -> &'static str {
+        "config reload"
+    }
+
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let r = &self.reloader;
+        let mut hup = self.hup.lock().await;
+        let fp = |r: &Reloader| r.path.as_deref().and_then(fingerprint);
+        let mut last = fp(r);
+        let tick = self.interval.unwrap_or(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                got = hup.recv() => {
+                    if got.is_none() { return; }
+                    tracing::info!("SIGHUP: reloading config");
+                    last = fp(r);
+                    let _ = r.reload();
+                }
+                _ = tokio::time::sleep(tick), if self.interval.is_some() && r.path.is_some() => {
+                    let now = fp(r);
+                    if now != last {
+                        last = now;
+                        if now.is_some() {
+                            let _ = r.reload();
+                        } else {
+                            tracing::warn!("config file is gone; keeping the current table");
                         }
                     }
                 }
-            })
-        })
+                _ = shutdown.wait() => return,
+            }
+        }
     }
 }
 

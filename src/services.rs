@@ -1,0 +1,197 @@
+//! Background work as services: one runtime, one shutdown signal.
+//!
+//! ```text
+//! server::run ── Services::new ── start(control API) ── start(reloader) ── start(health checks)
+//!                                 start(ACME) ── start(release manager) ── start(certificate watch)
+//!                                 start(access-log writer)
+//!             ── pingora Server::run (the proxy's own runtimes) ──────────────┐
+//!   pingora's execution phase: SIGTERM, SIGQUIT (upgrade hand-over), SIGINT  │
+//!             ──► Shutdown fires for every service at once                   │
+//!             ── Services::stop (after the proxy has drained) ◄──────────────┘
+//! ```
+//!
+//! Every long-running piece of background work (the control API, config reload, active
+//! health checks, ACME, static release fetches, the certificate watch, the access-log
+//! writer) implements [`Service`] and runs as a task of one small tokio runtime beside
+//! pingora's proxy runtimes, so none of it ever runs on a proxy thread and none builds a
+//! thread or runtime of its own. Heavy synchronous work inside a service (validating a
+//! large state, unpacking a release, parsing certificates) goes to the runtime's
+//! blocking pool.
+//!
+//! Shutdown is pingora's: the [`Shutdown`] every service holds fires on the first
+//! execution phase that means the process is stopping. The control API then stops
+//! accepting (a process started with `--upgrade` takes its port), the others end their
+//! loops; connections and requests already in flight finish while the proxy drains.
+
+use async_trait::async_trait;
+use pingora::server::ExecutionPhase;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+/// A long-running piece of background work.
+#[async_trait]
+pub trait Service: Send + Sync + 'static {
+    /// For logs: what stopped, what failed.
+    fn name(&self) -> &'static str;
+
+    /// Runs until `shutdown` fires (or the work is done). Never panics on input it reads
+    /// from outside; a failure it cannot recover from is logged and ends the service.
+    async fn run(self: Arc<Self>, shutdown: Shutdown);
+}
+
+/// Fires once, when the process begins to stop.
+#[derive(Clone, Debug)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A signal that never fires (tests, and services run outside [`Services`]).
+    pub fn never() -> Shutdown {
+        // The sender is leaked on purpose: a dropped sender would read as "stopping".
+        let (tx, rx) = watch::channel(false);
+        std::mem::forget(tx);
+        Shutdown(rx)
+    }
+
+    /// Whether the process is stopping.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until the process is stopping.
+    pub async fn wait(&mut self) {
+        // An error means the sender is gone: the services are being torn down.
+        let _ = self.0.wait_for(|stopping| *stopping).await;
+    }
+}
+
+/// The services of one process and the runtime they run on.
+pub struct Services {
+    runtime: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").field("stopping", &*self.stop.borrow()).finish()
+    }
+}
+
+/// How long [`Services::stop`] waits for services and their blocking work to end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Services {
+    /// A runtime of two worker threads (background work is I/O-bound; two keep a slow
+    /// step of one service from delaying the control API).
+    pub fn new() -> std::io::Result<Services> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("miosa-services").enable_all().build()?;
+        Ok(Services { runtime, stop: watch::channel(false).0 })
+    }
+
+    /// The runtime's handle, for work spawned on behalf of a service from elsewhere
+    /// (a proxy thread asking for a release fetch).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
+    /// The shutdown signal the services are given.
+    pub fn shutdown(&self) -> Shutdown {
+        Shutdown(self.stop.subscribe())
+    }
+
+    /// Runs `f` to completion on the services' runtime (set-up that must happen before
+    /// anything else runs, such as registering a signal handler).
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// Starts `service`.
+    pub fn start<S: Service>(&self, service: Arc<S>) {
+        let shutdown = self.shutdown();
+        let name = service.name();
+        self.runtime.spawn(async move {
+            service.run(shutdown).await;
+            tracing::debug!(service = name, "service ended");
+        });
+    }
+
+    /// Fires [`Shutdown`] when pingora's execution phase says the process is stopping:
+    /// a graceful terminate (SIGTERM), the hand-over of an upgrade (SIGQUIT), or any
+    /// shutdown (SIGINT).
+    pub fn stop_with(&self, mut phases: broadcast::Receiver<ExecutionPhase>) {
+        let stop = self.stop.clone();
+        self.runtime.spawn(async move {
+            loop {
+                match phases.recv().await {
+                    Ok(
+                        ExecutionPhase::GracefulTerminate
+                        | ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::ShutdownStarted
+                        | ExecutionPhase::ShutdownGracePeriod
+                        | ExecutionPhase::ShutdownRuntimes
+                        | ExecutionPhase::Terminated,
+                    )
+                    | Err(broadcast::error::RecvError::Closed) => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                }
+            }
+            stop.send_replace(true);
+        });
+    }
+
+    /// Fires [`Shutdown`] (if it has not fired) and waits a little for the services
+    /// and their blocking work to end.
+    pub fn stop(self) {
+        self.stop.send_replace(true);
+        self.runtime.shutdown_timeout(STOP_TIMEOUT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Counter(AtomicU32);
+
+    #[async_trait]
+    impl Service for Counter {
+        fn name(&self) -> &'static str {
+            "counter"
+        }
+        async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            shutdown.wait().await;
+            self.0.fetch_add(10, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn services_end_on_pingoras_stopping_phase() {
+        let services = Services::new().expect("runtime");
+        let (phases, rx) = broadcast::channel(4);
+        services.stop_with(rx);
+        let (a, b) = (Arc::new(Counter(AtomicU32::new(0))), Arc::new(Counter(AtomicU32::new(0))));
+        services.start(a.clone());
+        services.start(b.clone());
+        let mut shutdown = services.shutdown();
+        services.block_on(async {
+            while a.0.load(Ordering::SeqCst) == 0 || b.0.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        phases.send(ExecutionPhase::Running).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!shutdown.is_set(), "running is not stopping");
+        phases.send(ExecutionPhase::GracefulUpgradeTransferringFds).expect("send");
+        services.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), shutdown.wait()).await.expect("shutdown fired");
+            while a.0.load(Ordering::SeqCst) != 11 || b.0.load(Ordering::SeqCst) != 11 {
+                tokio::task::yield_now().await;
+            }
+        });
+        services.stop();
+        assert!(!Shutdown::never().is_set());
+    }
+}
