@@ -9,8 +9,8 @@
 //! exact names and 10k wildcards (what every handshake runs).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use miosa_edge::answer::Detail;
 use miosa_edge::codes::ErrorCode;
-use miosa_edge::pages::Detail;
 use miosa_edge::routing::{normalize_host, Route, RouteTable};
 use miosa_edge::schema::*;
 use miosa_edge::schema::{Domains, PlatformBranding};

@@ -18,13 +18,16 @@
 
 use crate::codes::ErrorCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub mod cookie;
+pub mod decide;
 pub mod keys;
 pub mod password;
 #[cfg(test)]
 mod tests;
 
+pub use decide::{authorize, password_post, Decision, Preview, PASSWORD_PATH};
 pub use keys::{mint, verify_preview, LEEWAY_SECS, MAX_TOKEN_LIFE_SECS, MIN_SECRET_LEN};
 pub use keys::{KeyAlg, Keys, PreviewKeySpec, Tokens};
 
@@ -145,9 +148,59 @@ pub fn share_session_end(keys: &Keys, expires_at: Option<i64>, now: i64) -> i64 
 
 /// Whether a share-backed grant still holds (the record exists, matches and has not
 /// expired); `mp_` grants always hold until their own expiry.
-pub fn still_valid(table: &impl Credentials, grant: &Grant, sandbox: &str, port: u16, now: i64) -> bool {
+pub fn still_valid<T: Credentials + ?Sized>(table: &T, grant: &Grant, sandbox: &str, port: u16, now: i64) -> bool {
     match &grant.share {
         Some(h) => table.share(h).is_some_and(|s| check_share(s, sandbox, port, now).is_ok()),
         None => grant.expires > now,
+    }
+}
+
+/// How often a live share-opened exchange rechecks its share when no table-change feed
+/// is given (CONTRACT §3: closed within 10 s of revocation).
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+/// Resolves when an exchange opened with share `share` for `sandbox`:`port` must end:
+/// the record is deleted, no longer matches, or expires. `load` reads the newest
+/// snapshot. Event-driven: the share is rechecked when `changes` reports a publish (a
+/// deletion, a new `expires_at`) and when its expiry comes; no timer runs for a share
+/// without expiry, so the many short requests of a session cost next to nothing.
+/// Without a change feed, it polls every second.
+pub async fn until_revoked<T: Credentials>(
+    load: impl Fn() -> Arc<T>,
+    mut changes: Option<tokio::sync::watch::Receiver<u64>>,
+    share: [u8; 32],
+    sandbox: &str,
+    port: u16,
+) {
+    let grant = Grant { expires: i64::MAX, share: Some(share), needs_password: false };
+    loop {
+        let table = load();
+        let now = crate::clock::unix_now();
+        if !still_valid(&*table, &grant, sandbox, port, now) {
+            return;
+        }
+        let expires_in = table.share(&share).and_then(|s| s.expires_at).map(|t| Duration::from_secs((t - now).max(0) as u64));
+        drop(table);
+        let expiry = async {
+            match expires_in {
+                // A second past it, so the recheck sees it expired.
+                Some(d) => tokio::time::sleep(d + Duration::from_millis(1000)).await,
+                None => std::future::pending().await,
+            }
+        };
+        match &mut changes {
+            Some(rx) => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { changes = None },
+                    _ = expiry => {}
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(REVOCATION_POLL) => {}
+                    _ = expiry => {}
+                }
+            }
+        }
     }
 }

@@ -28,8 +28,11 @@ impl std::fmt::Debug for AccessLog {
 /// Writes the queued lines to their target (a blocking loop on the services' blocking
 /// pool), flushing after each batch, until every [`AccessLog`] handle is gone.
 pub struct AccessLogWriter {
-    out: Mutex<Option<(Box<dyn Write + Send>, Receiver<String>)>>,
+    /// The target and the queue, taken when the service starts.
+    out: Mutex<Option<Pending>>,
 }
+
+type Pending = (Box<dyn Write + Send>, Receiver<String>);
 
 impl AccessLog {
     /// Opens `target` (`stdout`, or a file path appended to): the log, and the writer to
@@ -91,6 +94,48 @@ impl Service for AccessLogWriter {
         if let Err(e) = written.await {
             tracing::error!(error = %e, "the access log writer failed");
         }
+    }
+}
+
+/// One request's line: fixed field names, the target redacted.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub host: Option<&'a str>,
+    /// The request target as sent (`token` values are redacted in the line).
+    pub target: &'a [u8],
+    /// The route kind (`preview`, `deployment`, `edge`).
+    pub route: &'a str,
+    pub workspace: Option<&'a str>,
+    pub deployment: Option<&'a str>,
+    pub sandbox: Option<&'a str>,
+    pub status: u16,
+    /// Body bytes sent to the client.
+    pub bytes: u64,
+    pub duration: Duration,
+    pub upstream: Option<std::net::SocketAddr>,
+}
+
+impl Entry<'_> {
+    /// The JSON object of this entry, one line.
+    pub fn line(&self) -> String {
+        serde_json::json!({
+            "ts": now_rfc3339_ms(),
+            "request_id": self.request_id,
+            "method": self.method,
+            "host": self.host,
+            "path": redact(&String::from_utf8_lossy(self.target)),
+            "route": self.route,
+            "workspace": self.workspace,
+            "deployment": self.deployment,
+            "sandbox": self.sandbox,
+            "status": self.status,
+            "bytes": self.bytes,
+            "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "upstream": self.upstream.map(|a| a.to_string()),
+        })
+        .to_string()
     }
 }
 

@@ -26,6 +26,7 @@
 pub mod access;
 pub mod access_log;
 pub mod acme;
+pub mod answer;
 pub mod clock;
 pub mod codes;
 pub mod config;

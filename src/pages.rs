@@ -6,21 +6,14 @@
 //! the code's pre-escaped text, a few digits (port) and the request id, so no request
 //! renders a template. Branded pages never name the platform.
 
+use crate::access::PASSWORD_PATH;
+use crate::answer::Detail;
 use crate::codes::ErrorCode;
 use crate::schema::PlatformBranding;
 use crate::schema::WorkspaceBranding;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt::Write;
-
-/// Per-response details a page may mention.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Detail {
-    /// The sandbox port a preview tried to reach.
-    pub port: Option<u16>,
-    /// True for deployments (wording: "the app" instead of "the sandbox").
-    pub deployment: bool,
-}
 
 /// A page's title for `code`.
 fn title(code: ErrorCode) -> &'static str {
@@ -137,9 +130,6 @@ pub struct Pages {
 }
 
 const CSS: &str = "*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1c1c1e;background:#f6f6f8;display:flex;min-height:100vh;align-items:center;justify-content:center}main{max-width:36rem;margin:1.5rem;padding:2rem;background:#fff;border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.08)}header{margin-bottom:1.25rem;min-height:8px}header img{max-height:40px;max-width:200px}header .name{font-weight:600;font-size:1.1rem}h1{font-size:1.4rem;margin:0 0 .75rem}code{background:#f0f0f3;padding:.1em .3em;border-radius:4px;font-size:.9em}.meta{color:#6e6e73;font-size:.85rem;margin-top:1.5rem}a{color:var(--accent)}.bar{height:4px;background:var(--accent);border-radius:2px;width:3rem}form{display:flex;flex-direction:column;gap:.75rem}input[type=password]{display:block;width:100%;margin-top:.25rem;padding:.5rem;font:inherit;border:1px solid #c7c7cc;border-radius:6px}button{padding:.55rem 1rem;font:inherit;color:#fff;background:var(--accent);border:0;border-radius:6px;cursor:pointer}.err{color:#c4281c}@media (prefers-color-scheme:dark){body{background:#1c1c1e;color:#f2f2f7}main{background:#2c2c2e}code{background:#3a3a3c}}";
-
-/// Where the share-password form posts (reserved on private preview hosts).
-pub const PASSWORD_PATH: &str = "/__miosa/share-password";
 
 /// The CSP of every edge page: no scripts, inline styles only, https images.
 pub const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; base-uri 'none'; form-action 'self'";

@@ -246,6 +246,30 @@ impl Service for Releases {
     }
 }
 
+/// Read size when streaming a large static file from disk.
+const STATIC_CHUNK: usize = 64 << 10;
+
+/// Sends `len` bytes of the file at `path` from `offset` as the response body, in
+/// chunks as the client takes them (the end of the body is the last chunk's).
+pub async fn stream_file(session: &mut pingora::proxy::Session, path: &Path, offset: u64, len: u64) -> pingora::Result<()> {
+    use pingora::{Error, ErrorType};
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let io = |e: std::io::Error| Error::because(ErrorType::InternalError, "reading a static release file", e);
+    let mut f = tokio::fs::File::open(path).await.map_err(io)?;
+    f.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+    let mut left = len;
+    while left > 0 {
+        let mut buf = bytes::BytesMut::with_capacity(STATIC_CHUNK.min(left as usize));
+        let n = f.read_buf(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            return Error::e_explain(ErrorType::InternalError, "static release file shrank while being served");
+        }
+        left -= n as u64;
+        session.write_response_body(Some(buf.freeze()), left == 0).await?;
+    }
+    Ok(())
+}
+
 /// Why a release cannot be served now.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReleaseError {

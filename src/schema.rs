@@ -9,11 +9,13 @@
 //! Layering: this module imports nothing of the crate. Everything above it (validation,
 //! the route table, the writers, the control API, the config) speaks these types.
 
+pub mod kinds;
 pub mod types;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub use kinds::{Kind, Object, StateDoc};
 pub use types::*;
 
 /// The whole routing state (TOML routing sections, or a control-plane push).
@@ -249,26 +251,6 @@ macro_rules! identified {
     )*};
 }
 identified!(Workspace, Sandbox, ShareToken, Deployment);
-
-/// The object with `id` in `objects`.
-pub fn find_by_id<'a, T: Identified>(objects: &'a [T], id: &str) -> Option<&'a T> {
-    objects.iter().find(|o| o.id_str() == id)
-}
-
-/// Removes the object with `id`; true if there was one.
-pub fn remove_by_id<T: Identified>(objects: &mut Vec<T>, id: &str) -> bool {
-    let n = objects.len();
-    objects.retain(|o| o.id_str() != id);
-    objects.len() != n
-}
-
-/// Replaces the object with the same id as `object`, or appends it.
-pub fn upsert_by_id<T: Identified>(objects: &mut Vec<T>, object: T) {
-    match objects.iter_mut().find(|o| o.id_str() == object.id_str()) {
-        Some(slot) => *slot = object,
-        None => objects.push(object),
-    }
-}
 
 impl State {
     /// Appends `other`'s objects to this state (used to merge TOML and API state; the

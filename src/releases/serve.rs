@@ -198,21 +198,9 @@ pub fn fingerprinted(path: &str) -> bool {
     })
 }
 
-/// Where a response body comes from.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Body {
-    None,
-    Memory(Bytes),
-    File { path: PathBuf, offset: u64, len: u64 },
-}
-
-/// A response decided for a request.
-#[derive(Debug)]
-pub struct Plan {
-    pub status: u16,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub body: Body,
-}
+/// A response decided for a request, and where its body comes from (the edge's answer
+/// types: the one writer sends them).
+pub use crate::answer::{Body, FilePlan as Plan};
 
 /// The outcome of resolving a path in a release.
 pub enum Found<'r> {

@@ -11,41 +11,26 @@ use std::path::{Path, PathBuf};
 
 /// Every top-level module of `src/`, lowest first. A module may use only modules
 /// before it.
+#[rustfmt::skip]
 const ORDER: &[&str] = &[
     // leaves: they use nothing of the crate
-    "clock",
-    "codes",
-    "hook",
-    "metrics",
-    "services",
-    "usage",
+    "clock", "codes", "hook", "metrics", "services", "usage",
+    // the answers the edge makes itself, as values
+    "answer",
     // the contract's data, then the rules between objects; DNS answers (verification,
     // DNS-01 checks)
-    "schema",
-    "state",
-    "dns",
+    "schema", "state", "dns",
     // what a snapshot's readers need: keys and share records, pages, the access log line
-    "access",
-    "pages",
-    "access_log",
+    "access", "pages", "access_log",
     // the published snapshot
     "routing",
     // static releases (files a snapshot names), the operators' file (assembling
     // sections owned by the modules below it), the writers
-    "releases",
-    "config",
-    "store",
-    "reload",
+    "releases", "config", "store", "reload",
     // behaviour around the request path and the background services
-    "hostile",
-    "front",
-    "tls",
-    "upstream",
-    "acme",
-    "control",
+    "hostile", "front", "tls", "upstream", "acme", "control",
     // the request path, then start-up
-    "proxy",
-    "server",
+    "proxy", "server",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -1,0 +1,225 @@
+//! The routing-state endpoints: `GET/PUT /v1/state`, `POST /v1/state/ops`, one object
+//! by kind and id, and `activate`. Reads answer from the store; writes parse the body
+//! here (schema errors with their path), then hand the store one change, off the async
+//! threads, and answer `{"generation": N}`.
+
+use super::error::{bytes_response, invalid_at, json, parse, ApiError};
+use super::ControlApi;
+use crate::schema::{Id, Kind, Object, State, StateDoc, StateError};
+use crate::store::WriteError;
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+type Answer = Result<Response<Full<Bytes>>, ApiError>;
+
+impl ControlApi {
+    /// `GET /v1/state`: the API-managed state and its generation (also the `ETag`).
+    pub(super) fn get_state(&self) -> Response<Full<Bytes>> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            generation: u64,
+            #[serde(flatten)]
+            state: &'a State,
+        }
+        let (generation, body) = self.store.read(|g, _toml, api, _| (g, serde_json::to_vec(&Out { generation: g, state: api })));
+        let mut r = bytes_response(StatusCode::OK, "application/json", body.unwrap_or_default());
+        if let Ok(v) = header::HeaderValue::from_str(&format!("\"{generation}\"")) {
+            r.headers_mut().insert(header::ETAG, v);
+        }
+        r
+    }
+
+    /// `PUT /v1/state`: replaces the API-managed state whole.
+    pub(super) async fn put_state(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
+        let if_match = if_match(&req)?;
+        let body = self.body(req).await?;
+        self.blocking(move |api| {
+            let doc: StateDoc = parse(&body)?;
+            api.store.replace_api(if_match.or(doc.generation), doc.state).map_err(ApiError::from)
+        })
+        .await
+    }
+
+    /// `POST /v1/state/ops`: upserts and deletes, all or nothing.
+    pub(super) async fn ops(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            ops: Vec<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+        enum Op {
+            Upsert { kind: Kind, value: serde_json::Value },
+            Delete { kind: Kind, id: String },
+        }
+        let if_match = if_match(&req)?;
+        let body = self.body(req).await?;
+        self.blocking(move |api| {
+            let b: Body = parse(&body)?;
+            let mut ops = Vec::with_capacity(b.ops.len());
+            for (i, v) in b.ops.into_iter().enumerate() {
+                let op: Op = serde_path_to_error::deserialize(v).map_err(|e| invalid_at(&format!("ops[{i}]"), e))?;
+                ops.push(match op {
+                    Op::Upsert { kind, value } => {
+                        (kind, Ok(Object::from_value(kind, value).map_err(|e| invalid_at(&format!("ops[{i}].value"), e))?))
+                    }
+                    Op::Delete { kind, id } => (kind, Err((i, id))),
+                });
+            }
+            api.store
+                .write_api(if_match, move |s| {
+                    for (kind, op) in ops {
+                        match op {
+                            Ok(obj) => s.upsert(obj),
+                            Err((i, id)) => {
+                                if !s.remove(kind, &id) {
+                                    return Err(WriteError::NotFound(format!("ops[{i}]: no {} `{id}`", kind.singular())));
+                                }
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(ApiError::from)
+        })
+        .await
+    }
+
+    /// `GET /v1/{kind}/{id}`: the bare object (TOML objects too).
+    pub(super) fn get_object(&self, kind: Kind, id: &str) -> Answer {
+        match self.store.read(|_, toml, api, _| api.get(kind, id).or_else(|| toml.get(kind, id))) {
+            Some(o) => Ok(json(StatusCode::OK, &o.to_value())),
+            None => Err(ApiError::not_found(format!("no {} `{id}`", kind.singular()))),
+        }
+    }
+
+    /// `PUT /v1/{kind}/{id}`: creates or replaces one object.
+    pub(super) async fn put_object(self: &Arc<Self>, kind: Kind, id: String, req: Request<Incoming>) -> Answer {
+        let if_match = if_match(&req)?;
+        let body = self.body(req).await?;
+        self.blocking(move |api| {
+            let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+            let obj = Object::from_value(kind, value).map_err(|e| invalid_at("", e))?;
+            if obj.id() != id {
+                return Err(ApiError::invalid(format!("the body's id `{}` is not the path's `{id}`", obj.id()), "id"));
+            }
+            api.store
+                .write_api(if_match, move |s| {
+                    s.upsert(obj);
+                    Ok(())
+                })
+                .map_err(ApiError::from)
+        })
+        .await
+    }
+
+    /// `DELETE /v1/{kind}/{id}`.
+    pub(super) async fn delete_object(self: &Arc<Self>, kind: Kind, id: String) -> Answer {
+        self.blocking(move |api| {
+            let in_toml = api.store.read(|_, toml, _, _| toml.contains(kind, &id));
+            api.store
+                .write_api(None, |s| {
+                    if s.remove(kind, &id) {
+                        Ok(())
+                    } else if in_toml {
+                        Err(pinned(kind, &id))
+                    } else {
+                        Err(WriteError::NotFound(format!("no {} `{id}`", kind.singular())))
+                    }
+                })
+                .map_err(ApiError::from)
+        })
+        .await
+    }
+
+    /// `POST /v1/deployments/{id}/activate`: moves the active version (promote or roll
+    /// back; nothing is rebuilt).
+    pub(super) async fn activate(self: &Arc<Self>, id: String, req: Request<Incoming>) -> Answer {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            version: Id,
+        }
+        let if_match = if_match(&req)?;
+        let body = self.body(req).await?;
+        self.blocking(move |api| {
+            let b: Body = parse(&body)?;
+            let in_toml = api.store.read(|_, toml, _, _| toml.contains(Kind::Deployment, &id));
+            api.store
+                .write_api(if_match, |s| {
+                    let Some(d) = s.deployments.iter_mut().find(|d| d.id.as_str() == id) else {
+                        return Err(if in_toml {
+                            pinned(Kind::Deployment, &id)
+                        } else {
+                            WriteError::NotFound(format!("no deployment `{id}`"))
+                        });
+                    };
+                    if !d.versions.iter().any(|v| v.id == b.version) {
+                        return Err(WriteError::Invalid(vec![StateError {
+                            path: "version".into(),
+                            message: format!("deployment `{id}` has no version `{}`", b.version),
+                        }]));
+                    }
+                    d.active_version = b.version;
+                    Ok(())
+                })
+                .map_err(ApiError::from)
+        })
+        .await
+    }
+
+    /// Reads a JSON request body: 415 unless `Content-Type` is JSON, 413 past the limit.
+    pub(super) async fn body(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if !mime.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return Err(ApiError::PayloadTooLarge(self.max_body));
+        }
+        let limited = Limited::new(req.into_body(), usize::try_from(self.max_body).unwrap_or(usize::MAX));
+        match limited.collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(self.max_body)),
+            Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
+        }
+    }
+
+    /// Runs a write on the blocking pool (validating a big state takes a while) and
+    /// answers its generation.
+    async fn blocking(self: &Arc<Self>, f: impl FnOnce(&ControlApi) -> Result<u64, ApiError> + Send + 'static) -> Answer {
+        let api = self.clone();
+        let generation =
+            tokio::task::spawn_blocking(move || f(&api)).await.map_err(|e| ApiError::Internal(format!("write task failed: {e}")))??;
+        Ok(json(StatusCode::OK, &serde_json::json!({"generation": generation})))
+    }
+}
+
+/// The refusal of a write to an object the TOML file defines.
+fn pinned(kind: Kind, id: &str) -> WriteError {
+    WriteError::Conflict(StateError { path: String::new(), message: format!("{} `{id}` is pinned by the TOML file", kind.singular()) })
+}
+
+fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
+    if_match_header(req.headers())
+}
+
+/// `If-Match: "7"` (or `W/"7"`, or `*` for any) → the generation a write expects.
+pub(super) fn if_match_header(headers: &http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    if s == "*" {
+        return Ok(None);
+    }
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::PreconditionFailed("If-Match must be the generation, as in the ETag of GET /v1/state".into()))
+}

@@ -1,0 +1,167 @@
+//! What one request carries from phase to phase: the table it routes on, its id, where
+//! it goes, whose usage it counts, and what an edge answer needs to be branded.
+
+use crate::metrics::RouteKind;
+use crate::pages::Pages;
+use crate::releases::serve::Release;
+use crate::routing::instance::InFlight;
+use crate::routing::RouteTable;
+use crate::usage::UsageCell;
+use http::header::HeaderValue;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a request is going.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    Sandbox { addr: SocketAddr },
+    Deployment { index: u32, addr: SocketAddr },
+}
+
+impl Target {
+    /// The upstream address.
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            Target::Sandbox { addr } | Target::Deployment { addr, .. } => addr,
+        }
+    }
+}
+
+/// Per-request state shared by the phases.
+pub struct RequestCtx {
+    pub start: Instant,
+    /// The one table this request routes on.
+    pub table: Option<Arc<RouteTable>>,
+    /// Shared (reference-counted) by the upstream request and the response.
+    pub request_id: HeaderValue,
+    pub kind: RouteKind,
+    pub target: Option<Target>,
+    /// Branding index of the table's pages for an edge answer.
+    pub branding: u32,
+    /// A preview host (`X-Robots-Tag: noindex` on every response).
+    pub preview: bool,
+    pub port: Option<u16>,
+    pub retries: u8,
+    /// Status of an edge-generated answer (for logging).
+    pub edge_status: Option<u16>,
+    /// Usage counters of the workspace, deployment and sandbox this request is for.
+    pub usage: [Option<Arc<UsageCell>>; 3],
+    /// The share a private preview was opened with, watched while the exchange lives.
+    pub share_watch: Option<ShareWatch>,
+    /// The request came over TLS.
+    pub tls: bool,
+    /// The instance this request is using (outstanding-request count).
+    pub instance: Option<InFlight>,
+    /// The static releases a file answer may stream from (the active one, and the
+    /// previous one under skew protection): held until the request ends, so the cache
+    /// never evicts them mid-body.
+    pub releases: [Option<Arc<Release>>; 2],
+}
+
+impl RequestCtx {
+    /// The context of a request that has not been looked at yet.
+    pub fn new() -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            table: None,
+            request_id: HeaderValue::from_static(""),
+            kind: RouteKind::Edge,
+            target: None,
+            branding: Pages::PLATFORM,
+            preview: false,
+            port: None,
+            retries: 0,
+            edge_status: None,
+            usage: [None, None, None],
+            share_watch: None,
+            tls: false,
+            instance: None,
+            releases: [None, None],
+        }
+    }
+
+    /// The request id as text.
+    pub fn request_id(&self) -> &str {
+        request_id_str(&self.request_id)
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}
+
+/// What [`crate::access::until_revoked`] rechecks for a share-opened exchange.
+pub struct ShareWatch {
+    pub share: [u8; 32],
+    pub sandbox: Box<str>,
+    pub port: u16,
+}
+
+/// The request id as text (always ASCII: validated or generated).
+pub fn request_id_str(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("")
+}
+
+/// `X-Request-Id` a client may set: 1 to 128 of `A-Z a-z 0-9 . _ -`.
+pub fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Generates request ids: 32 hex characters, unpredictable across processes (keyed
+/// SipHash of a counter with per-process random keys), unique within one.
+pub struct RequestIds {
+    keys: (std::collections::hash_map::RandomState, std::collections::hash_map::RandomState),
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds::new()
+    }
+}
+
+impl RequestIds {
+    pub fn new() -> RequestIds {
+        RequestIds { keys: (Default::default(), Default::default()), counter: AtomicU64::new(0) }
+    }
+
+    /// The next id.
+    pub fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let a = self.keys.0.hash_one(n);
+        // The low half is the counter itself mixed with a key, so ids never repeat.
+        let b = n ^ self.keys.1.hash_one(0u64);
+        let mut out = [0u8; 32];
+        for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+            out[2 * i] = HEX[(byte >> 4) as usize];
+            out[2 * i + 1] = HEX[(byte & 15) as usize];
+        }
+        HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123_x.y"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        assert!(valid_request_id(&[b'a'; 128]));
+        let ids = RequestIds::new();
+        let (a, b) = (ids.next(), ids.next());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(valid_request_id(a.as_bytes()));
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
+}
