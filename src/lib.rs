@@ -9,19 +9,28 @@
 //! ```text
 //! accept (pingora listener)
 //!  → front::Front            per-IP connection cap; TLS handshake on the https port
-//!  → request_filter          request id; hostile::screen (414/431/400, closed)
-//!                            table = routes.load(); route = table.lookup(host)
-//!                            denied / private / suspended / static → branded page, stop
-//!  → upstream_peer           sandbox addr:port | round-robin instance
-//!  → upstream_request_filter X-Forwarded-For/Proto/Host, X-Request-Id; strip X-Miosa-*
+//!  → request_filter          request id; hostile::screen; ACME HTTP-01 answer
+//!                            proxy::route: table = routes.load(); table.lookup(host)
+//!                              Preview → access::authorize → Pass | Answer; [wake]
+//!                              Deployment → static file | an instance
+//!                            every answer → proxy::rescue (the one writer)
+//!  → upstream_peer           the target chosen on the request's table
+//!  → upstream_request_filter proxy::forward: X-Forwarded-*, X-Request-Id; strip X-Miosa-*
 //!  → response_filter         X-Request-Id; X-Robots-Tag: noindex on previews
-//!  → fail_to_proxy           the single place where failures become pages
-//!  → logging                 metrics
+//!  → fail_to_proxy           rescue: a failure becomes the answer of its code
+//!  → logging                 metrics, usage, access log
 //! ```
 //!
+//! # Layers
+//!
+//! Dependencies point one way: leaves (`clock`, `codes`, `hook`, `metrics`, `services`,
+//! `usage`, `answer`) → the contract's data (`schema`) → its rules (`state`) → what a
+//! snapshot holds (`access`, `pages`) → the snapshot (`routing`) → the writers (`store`,
+//! `reload`) and the services → the request path (`proxy`) → start-up (`server`).
+//! `cargo test --test edge layers` checks it.
+//!
 //! Everything a request reads lives in one immutable [`routing::RouteTable`] published
-//! through `ArcSwap`; writers (start-up, TOML reload) validate and build a whole new
-//! table off the request path and swap it in with one store.
+//! through `ArcSwap`; writers build off the request path and swap it in with one store.
 
 pub mod access;
 pub mod access_log;

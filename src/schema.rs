@@ -9,6 +9,8 @@
 //! Layering: this module imports nothing of the crate. Everything above it (validation,
 //! the route table, the writers, the control API, the config) speaks these types.
 
+#![deny(missing_docs)]
+
 pub mod kinds;
 pub mod types;
 
@@ -40,12 +42,17 @@ pub struct State {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workspace {
+    /// Unique among workspaces; lower-case `a-z 0-9 _ -`, at most 63 (it names `{id}.{acme_zone}`).
     pub id: WorkspaceId,
+    /// One DNS label, unique: its apps live at `{name}.{slug}.{apps}`.
     pub slug: Label,
+    /// A tenant preview domain: `{port}-{sandbox}.{host}` opens this workspace's sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_domain: Option<DomainEntry>,
+    /// A tenant deployment domain: `{name}.{host}` opens this workspace's deployments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_domain: Option<DomainEntry>,
+    /// The look of the edge's pages on this workspace's hosts (never the platform's on its own domains).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branding: Option<WorkspaceBranding>,
 }
@@ -54,7 +61,9 @@ pub struct Workspace {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DomainEntry {
+    /// A lower-case DNS name, claimed by no other object of the state.
     pub host: Host,
+    /// Its DNS set-up was verified; an unverified domain answers 421 `domain_not_verified`.
     #[serde(default)]
     pub verified: bool,
 }
@@ -63,10 +72,13 @@ pub struct DomainEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceBranding {
+    /// An `https:` image shown at the top of pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logo_url: Option<HttpsUrl>,
+    /// `#rgb` or `#rrggbb`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accent_color: Option<AccentColor>,
+    /// An `https:` or `mailto:` link shown as "Get help".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub support_url: Option<SupportUrl>,
 }
@@ -75,8 +87,10 @@ pub struct WorkspaceBranding {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
+    /// Its previews are proxied.
     #[default]
     Running,
+    /// Asleep: with `[wake]`, a request wakes it and waits; else 503 `sandbox_starting`.
     Suspended,
 }
 
@@ -84,8 +98,10 @@ pub enum SandboxState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
+    /// A token, a share link or a session is needed.
     #[default]
     Private,
+    /// Anyone may open it.
     Public,
 }
 
@@ -93,11 +109,16 @@ pub enum Access {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sandbox {
+    /// One lower-case DNS label of at most 57 characters (`{port}-{id}` is one label).
     pub id: SandboxId,
+    /// The workspace it belongs to (must exist).
     pub workspace: WorkspaceId,
+    /// The IP address its preview ports are reached at.
     pub address: Address,
+    /// `running` (default) or `suspended` (woken on request with `[wake]`).
     #[serde(default)]
     pub state: SandboxState,
+    /// The ports that may be opened, each listed once.
     #[serde(default)]
     pub previews: Vec<Preview>,
 }
@@ -106,7 +127,9 @@ pub struct Sandbox {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Preview {
+    /// 1 to 65535.
     pub port: Port,
+    /// `private` (default: a token, share link or session is needed) or `public`.
     #[serde(default)]
     pub access: Access,
 }
@@ -115,13 +138,19 @@ pub struct Preview {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShareToken {
+    /// Unique among share tokens.
     pub id: Id,
+    /// The lower-case hex SHA-256 of the whole `ms_…` token (the edge never sees the token at rest).
     pub token_sha256: Sha256,
+    /// The sandbox it opens (must exist).
     pub sandbox: SandboxId,
+    /// The one preview port it opens (one of the sandbox's previews); absent: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<Port>,
+    /// When it stops opening anything; absent: never (sessions last `share_session_ttl_secs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
+    /// An argon2id PHC string: the link then asks for the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<PasswordHash>,
 }
@@ -130,12 +159,18 @@ pub struct ShareToken {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Deployment {
+    /// Unique among deployments.
     pub id: Id,
+    /// The workspace it belongs to (must exist).
     pub workspace: WorkspaceId,
+    /// One DNS label, unique in its workspace: `{name}.{slug}.{apps}`.
     pub name: Label,
+    /// Custom domains routed to it exactly (`app.customer.com`).
     #[serde(default)]
     pub domains: Vec<DomainEntry>,
+    /// The id of the version served (one of `versions`).
     pub active_version: Id,
+    /// Every version that may be activated; their static releases are fetched ahead.
     pub versions: Vec<Version>,
 }
 
@@ -143,7 +178,9 @@ pub struct Deployment {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Version {
+    /// Unique in its deployment.
     pub id: Id,
+    /// What it serves.
     pub release: Release,
 }
 
@@ -153,7 +190,9 @@ pub struct Version {
 pub enum Release {
     /// Runtime instances behind the edge.
     Dynamic {
+        /// `IP:port` of each instance, each listed once (at least one).
         instances: Vec<Instance>,
+        /// Active checks of every instance while the version is active.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health_check: Option<HealthCheck>,
         /// How an instance is chosen per request.
@@ -162,7 +201,9 @@ pub enum Release {
     },
     /// A static release archive served by the edge.
     Static {
+        /// The SHA-256 of the archive `{sha256}.tar.gz` in the release store.
         sha256: Sha256,
+        /// Unknown paths of HTML requests get `/index.html` (single-page apps).
         #[serde(default)]
         spa: bool,
     },
@@ -175,6 +216,7 @@ pub enum Balance {
     /// Power of two choices over outstanding requests (the less loaded of two).
     #[default]
     LeastLoaded,
+    /// Each instance in turn.
     RoundRobin,
 }
 
@@ -189,9 +231,12 @@ impl Balance {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
+    /// An absolute path asked with `GET`.
     pub path: String,
+    /// Between checks: 100 to 3600000 (default 5000).
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
+    /// For one answer: 10 to 60000, at most `interval_ms` (default 2000).
     #[serde(default = "default_hc_timeout_ms")]
     pub timeout_ms: u64,
     /// Passes in a row that bring an unhealthy instance back.
@@ -238,6 +283,7 @@ impl std::error::Error for StateError {}
 
 /// An object of the routing state, identified by its id within its kind.
 pub trait Identified {
+    /// The id.
     fn id_str(&self) -> &str;
 }
 
@@ -269,12 +315,16 @@ impl State {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Domains {
+    /// Sandbox previews: `{port}-{sandbox}.{sandbox}`.
     #[serde(default = "d_sandbox")]
     pub sandbox: Host,
+    /// Deployment fallback URLs: `{name}.{workspace_slug}.{apps}`.
     #[serde(default = "d_apps")]
     pub apps: Host,
+    /// What tenants CNAME their domains to.
     #[serde(default = "d_edge")]
     pub edge_target: Host,
+    /// Where tenants delegate `_acme-challenge` (`{workspace}.{acme_zone}`).
     #[serde(default = "d_acme")]
     pub acme_zone: Host,
 }
@@ -317,12 +367,16 @@ impl Default for Domains {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlatformBranding {
+    /// Shown on pages of hosts no workspace owns (never on a tenant's).
     #[serde(default = "default_name")]
     pub name: String,
+    /// An `https:` image.
     #[serde(default)]
     pub logo_url: Option<HttpsUrl>,
+    /// `#rgb` or `#rrggbb`.
     #[serde(default = "default_accent")]
     pub accent_color: AccentColor,
+    /// An `https:` or `mailto:` link.
     #[serde(default)]
     pub support_url: Option<SupportUrl>,
 }

@@ -10,9 +10,13 @@ use std::fmt;
 /// A kind of object of the routing state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
+    /// `workspaces`
     Workspace,
+    /// `sandboxes`
     Sandbox,
+    /// `share_tokens`
     ShareToken,
+    /// `deployments`
     Deployment,
 }
 
@@ -87,9 +91,13 @@ impl<'de> Deserialize<'de> for Kind {
 /// One object of any kind.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
+    /// A workspace.
     Workspace(Workspace),
+    /// A sandbox.
     Sandbox(Sandbox),
+    /// A share-token record.
     ShareToken(ShareToken),
+    /// A deployment.
     Deployment(Deployment),
 }
 
@@ -104,6 +112,7 @@ impl Object {
         })
     }
 
+    /// Its kind.
     pub fn kind(&self) -> Kind {
         match self {
             Object::Workspace(_) => Kind::Workspace,
@@ -113,6 +122,7 @@ impl Object {
         }
     }
 
+    /// Its id.
     pub fn id(&self) -> &str {
         match self {
             Object::Workspace(o) => o.id_str(),
@@ -210,7 +220,9 @@ impl State {
 /// keys are refused, like everywhere in the schema.
 #[derive(Debug, Default)]
 pub struct StateDoc {
+    /// The generation the writer last saw (compared like `If-Match`).
     pub generation: Option<u64>,
+    /// The objects.
     pub state: State,
 }
 

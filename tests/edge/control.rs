@@ -298,7 +298,7 @@ async fn a_hundred_writes_a_second_under_load_fail_nothing() {
 async fn domain_verify_reports_expected_records() {
     // A nameserver that never answers: the check is bounded and reports what is
     // expected (the DNS logic itself is tested against a real DNS server in
-    // src/control/verify.rs).
+    // src/dns.rs).
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
     let ns = silent.local_addr().expect("addr");
     let f = Fixture::start().await;
