@@ -40,6 +40,7 @@ pub mod clock;
 pub mod codes;
 pub mod config;
 pub mod control;
+pub mod cow;
 pub mod dns;
 pub mod front;
 pub mod hook;

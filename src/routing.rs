@@ -25,11 +25,10 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 pub mod instance;
-mod key;
 
 pub use instance::Instance;
 
-pub use key::Key;
+pub use crate::cow::Key;
 
 type Map<V> = HashMap<Key, V, RandomState>;
 

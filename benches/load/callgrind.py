@@ -16,10 +16,10 @@ divided by the requests wrk completed:
 Needs nginx, wrk and valgrind (benches/load/run.sh installs the first two; valgrind is
 on every machine of this kind) and the release binaries. Bounded: about 30 s a run.
 """
-import argparse, hashlib, http.client, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, http.client, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, SHARE, TOKEN, Procs, free_port, nginx_conf, wait_port  # noqa: E402
+from run import ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, wait_port  # noqa: E402
 
 
 def wrk(port, host, seconds, headers):
@@ -69,24 +69,7 @@ threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
-[[workspaces]]
-id = "ws_bench"
-slug = "bench"
-[[sandboxes]]
-id = "bench"
-workspace = "ws_bench"
-address = "127.0.0.1"
-previews = [{{ port = {o_port}, access = "public" }}]
-[[sandboxes]]
-id = "priv"
-workspace = "ws_bench"
-address = "127.0.0.1"
-previews = [{{ port = {o_port}, access = "private" }}]
-[[share_tokens]]
-id = "sh_bench"
-token_sha256 = "{hashlib.sha256(SHARE.encode()).hexdigest()}"
-sandbox = "priv"
-""")
+{bench_routes(o_port)}""")
             env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
             proc = procs.start("edge", vg + [a.edge, "run", "--config", edge_conf], 0, env=env)
         else:

@@ -150,6 +150,29 @@ http {{
     return path
 
 
+def bench_routes(o_port):
+    """The routing sections every edge of the benchmarks runs: a public preview (bench)
+    and a private one (priv) of the origin, and a share link for the private one."""
+    return f"""[[workspaces]]
+id = "ws_bench"
+slug = "bench"
+[[sandboxes]]
+id = "bench"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {o_port}, access = "public" }}]
+[[sandboxes]]
+id = "priv"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {o_port}, access = "private" }}]
+[[share_tokens]]
+id = "sh_bench"
+token_sha256 = "{hashlib.sha256(SHARE.encode()).hexdigest()}"
+sandbox = "priv"
+"""
+
+
 def table_json(n, origin_port, flip):
     sandboxes = [{"id": f"sb{i:06x}", "workspace": "ws_bench", "address": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
                   "previews": [{"port": 5173, "access": "public"}]} for i in range(n)]
@@ -258,20 +281,7 @@ redirect_http = false
 [control]
 listen = "127.0.0.1:{c_port}"
 max_body_bytes = 1073741824
-[[workspaces]]
-id = "ws_bench"
-slug = "bench"
-[[sandboxes]]
-id = "bench"
-workspace = "ws_bench"
-address = "127.0.0.1"
-previews = [{{ port = {o_port}, access = "public" }}]
-[[sandboxes]]
-id = "priv"
-workspace = "ws_bench"
-address = "127.0.0.1"
-previews = [{{ port = {o_port}, access = "private" }}]
-[static]
+{bench_routes(o_port)}[static]
 store = "{store}"
 [[deployments]]
 id = "dep_static"
@@ -281,10 +291,6 @@ active_version = "v1"
 [[deployments.versions]]
 id = "v1"
 release = {{ kind = "static", sha256 = "{release_sha}" }}
-[[share_tokens]]
-id = "sh_bench"
-token_sha256 = "{hashlib.sha256(SHARE.encode()).hexdigest()}"
-sandbox = "priv"
 """)
         env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
         edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
