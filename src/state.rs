@@ -8,7 +8,12 @@
 
 use crate::schema::*;
 
+pub mod index;
+pub mod records;
 pub mod rules;
+
+pub use index::{Applied, BatchOp, Index, Op, Plan, Refusal};
+pub use records::{Objects, Origin, SandboxRecord};
 
 // Validation hashes every id and host of the state (100k+ on a large push): ahash, not SipHash.
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;

@@ -1,0 +1,739 @@
+//! The writer's view of the state: every object ([`Objects`]) and what checking a write
+//! needs — who claims each host, slug, token hash and deployment name, how many objects
+//! use each workspace, which shares point at each sandbox — so a write is checked in
+//! time proportional to what it changes.
+//!
+//! ```text
+//! Batch (ops, each with the path its errors are named under)
+//!   check: fold the ops (the last op on an id wins) → the batch's final objects
+//!          each new object: its own rules (state::rules)
+//!          claims on the final state: a host, slug, token hash, (workspace, name) has
+//!            one claimant; a TOML claimant refuses an API write (409)
+//!          references on the final state: a sandbox's workspace, a share's sandbox and
+//!            port, a deployment's workspace exist; a deleted workspace is unused; a
+//!            changed sandbox still fits its shares; tenant domains hold only their
+//!            own workspace's deployment hosts
+//!        → Plan (nothing changed yet) | Refusal (every error, in op order)
+//!   commit(plan): the objects and indexes change; → the changes the table applies
+//! ```
+//!
+//! A batch is all or nothing, and is checked against the state it leads to, not op by
+//! op: moving a host from one deployment to another in one batch is fine in any order.
+//! The whole-document check ([`super::validate`]) applies the same object rules.
+
+use super::records::{DeploymentRec, Objects, Origin, SandboxRecord, ShareRec, WorkspaceRec};
+use super::rules;
+use crate::schema::{Deployment, Domains, Kind, Object, ShareToken, State, StateError, Workspace, WorkspaceId};
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
+/// One change of a batch.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Upsert(Object),
+    Delete(Kind, String),
+}
+
+impl Op {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Op::Upsert(o) => o.kind(),
+            Op::Delete(k, _) => *k,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Op::Upsert(o) => o.id(),
+            Op::Delete(_, id) => id,
+        }
+    }
+}
+
+/// An op, which part it belongs to, and the path its errors are named under (`ops[2].value`,
+/// `sandboxes[7]`, or empty for a one-object write).
+#[derive(Clone, Debug)]
+pub struct BatchOp {
+    pub path: String,
+    pub origin: Origin,
+    pub op: Op,
+}
+
+/// Why a batch was refused. Nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Rules broken (every error found, in op order).
+    Invalid(Vec<StateError>),
+    /// An op touches an object or a host the other part (TOML or API) owns.
+    Conflict(StateError),
+    /// A delete of an object that does not exist.
+    NotFound(String),
+}
+
+/// A checked batch, ready to commit: its final objects, one per kind and id.
+#[derive(Debug)]
+pub struct Plan {
+    changes: Vec<Pending>,
+}
+
+impl Plan {
+    /// Whether the batch changes nothing (every op leaves its object as it was).
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// How many objects it changes.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    kind: Kind,
+    id: Box<str>,
+    origin: Origin,
+    path: String,
+    op_index: usize,
+    new: Option<Object>,
+}
+
+/// What a committed batch changed, for the route table (old and new of each object).
+#[derive(Debug, Clone)]
+pub enum Applied {
+    Workspace { slot: u32, old: Option<Arc<Workspace>>, new: Option<Arc<Workspace>> },
+    Sandbox { id: Box<str> },
+    ShareToken { old: Option<Arc<ShareToken>>, new: Option<Arc<ShareToken>> },
+    Deployment { slot: u32, workspace_slot: u32, old: Option<Arc<Deployment>>, new: Option<Arc<Deployment>> },
+}
+
+/// Who claims a host: a workspace's tenant domain or a deployment's custom domain.
+#[derive(Clone, Debug)]
+struct Claim {
+    kind: Kind,
+    id: Box<str>,
+    /// `preview_domain`, `deploy_domain` or `domains`.
+    field: &'static str,
+    origin: Origin,
+}
+
+impl Claim {
+    fn describe(&self) -> String {
+        match self.kind {
+            Kind::Workspace => format!("workspace `{}` ({})", self.id, self.field),
+            _ => format!("deployment `{}`", self.id),
+        }
+    }
+}
+
+/// How many objects use a workspace.
+#[derive(Clone, Copy, Debug, Default)]
+struct Refs {
+    sandboxes: u64,
+    deployments: u64,
+}
+
+/// The validated state and its indexes (see the module head).
+#[derive(Debug)]
+pub struct Index {
+    objects: Objects,
+    domains: Domains,
+    slugs: HashMap<Box<str>, Box<str>>,
+    hosts: HashMap<Box<str>, Claim>,
+    share_hashes: HashMap<[u8; 32], Box<str>>,
+    dep_names: HashMap<(Box<str>, Box<str>), Box<str>>,
+    ws_refs: HashMap<Box<str>, Refs>,
+    /// Sandbox id → the share tokens that name it (only sandboxes that have some).
+    shares_of: HashMap<Box<str>, Vec<Box<str>>>,
+    /// A domain → the deployment hosts one label under it (the tenant-domain rule).
+    hosts_under: HashMap<Box<str>, Vec<Box<str>>>,
+    ws_free: Vec<u32>,
+    ws_next: u32,
+    dep_free: Vec<u32>,
+    dep_next: u32,
+}
+
+impl Index {
+    /// An empty state under `domains`.
+    pub fn new(domains: Domains) -> Index {
+        Index {
+            objects: Objects::default(),
+            domains,
+            slugs: HashMap::default(),
+            hosts: HashMap::default(),
+            share_hashes: HashMap::default(),
+            dep_names: HashMap::default(),
+            ws_refs: HashMap::default(),
+            shares_of: HashMap::default(),
+            hosts_under: HashMap::default(),
+            ws_free: Vec::new(),
+            ws_next: 0,
+            dep_free: Vec::new(),
+            dep_next: 0,
+        }
+    }
+
+    /// The state of the TOML part `toml` and the API part `api`, checked whole. Errors
+    /// name API objects by their path in `api` and TOML ones as `toml: …`.
+    pub fn build(domains: Domains, toml: &State, api: &State) -> Result<Index, Refusal> {
+        let mut index = Index::new(domains);
+        let mut ops = Vec::with_capacity(api.sandboxes.len() + toml.sandboxes.len() + 64);
+        push_state(&mut ops, api, Origin::Api, "");
+        push_state(&mut ops, toml, Origin::Toml, "toml: ");
+        let plan = index.check(&ops)?;
+        index.commit(plan);
+        Ok(index)
+    }
+
+    /// The objects (a cheap copy: share it, serialise it, keep it).
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// The domains the state was checked under.
+    pub fn domains(&self) -> &Domains {
+        &self.domains
+    }
+
+    /// Checks `ops` as one batch against the state it leads to (see the module head).
+    pub fn check(&self, ops: &[BatchOp]) -> Result<Plan, Refusal> {
+        // Fold: the last op on an id wins; deletes of what does not exist are refused.
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut at: HashMap<(Kind, &str), usize> = HashMap::default();
+        for (i, b) in ops.iter().enumerate() {
+            let (kind, id) = (b.op.kind(), b.op.id());
+            if let Some(o) = self.objects.origin(kind, id) {
+                if o != b.origin {
+                    let message = match o {
+                        Origin::Toml => format!("{} `{id}` is pinned by the TOML file", kind.singular()),
+                        Origin::Api => format!("{} `{id}` is defined through the control API", kind.singular()),
+                    };
+                    return Err(Refusal::Conflict(StateError { path: join(&b.path, "id"), message }));
+                }
+            }
+            let new = match &b.op {
+                Op::Upsert(o) => Some(o.clone()),
+                Op::Delete(..) => {
+                    let exists = match at.get(&(kind, id)) {
+                        Some(&p) => pending[p].new.is_some(),
+                        None => self.objects.origin(kind, id).is_some(),
+                    };
+                    if !exists {
+                        let what = format!("no {} `{id}`", kind.singular());
+                        return Err(Refusal::NotFound(if b.path.is_empty() { what } else { format!("{}: {what}", b.path) }));
+                    }
+                    None
+                }
+            };
+            let p = Pending { kind, id: id.into(), origin: b.origin, path: b.path.clone(), op_index: i, new };
+            match at.entry((kind, id)) {
+                Entry::Occupied(e) => pending[*e.get()] = p,
+                Entry::Vacant(e) => {
+                    e.insert(pending.len());
+                    pending.push(p);
+                }
+            }
+        }
+        // What does not change is not a change: an identical upsert, or the create and
+        // delete of one id in the same batch.
+        pending.retain(|p| !self.unchanged(p));
+        let mut tenants: HashMap<&str, &str> = HashMap::default();
+        for p in &pending {
+            if let Some(Object::Workspace(w)) = &p.new {
+                for d in [&w.preview_domain, &w.deploy_domain].into_iter().flatten() {
+                    tenants.insert(d.host.as_str(), &p.id);
+                }
+            }
+        }
+        let at = pending.iter().enumerate().map(|(i, p)| ((p.kind, &*p.id), i)).collect();
+        let view = View { index: self, pending: &pending, at, tenants };
+        let mut errors: Vec<(usize, StateError)> = Vec::new();
+        let mut conflict: Option<StateError> = None;
+        view.check_objects(&mut errors);
+        view.check_claims(&mut errors, &mut conflict);
+        view.check_references(&mut errors);
+        if let Some(c) = conflict {
+            return Err(Refusal::Conflict(c));
+        }
+        if !errors.is_empty() {
+            errors.sort_by_key(|e| e.0);
+            return Err(Refusal::Invalid(errors.into_iter().map(|e| e.1).collect()));
+        }
+        Ok(Plan { changes: pending })
+    }
+
+    fn unchanged(&self, p: &Pending) -> bool {
+        let k = p.id.as_bytes();
+        match &p.new {
+            None => self.objects.origin(p.kind, &p.id).is_none(),
+            Some(Object::Workspace(w)) => self.objects.workspaces.get(k).is_some_and(|r| *r.obj == *w),
+            Some(Object::Sandbox(s)) => self.objects.sandboxes.get(k).and_then(|r| self.objects.sandbox(r)).is_some_and(|old| old == *s),
+            Some(Object::ShareToken(t)) => self.objects.share_tokens.get(k).is_some_and(|r| *r.obj == *t),
+            Some(Object::Deployment(d)) => self.objects.deployments.get(k).is_some_and(|r| *r.obj == *d),
+        }
+    }
+
+    /// Applies a checked plan; returns what changed, for the route table.
+    pub fn commit(&mut self, plan: Plan) -> Vec<Applied> {
+        let mut changes = plan.changes;
+        // Workspaces first (sandboxes and deployments name their slots), then the rest.
+        changes.sort_by_key(|p| Kind::ALL.iter().position(|k| *k == p.kind));
+        // Pass 1: every old object lets go of its claims and references.
+        for p in &changes {
+            self.release(p.kind, &p.id);
+        }
+        // Pass 2: the new objects take theirs.
+        let mut applied = Vec::with_capacity(changes.len());
+        for p in changes {
+            applied.push(self.install(p));
+        }
+        applied
+    }
+
+    fn release(&mut self, kind: Kind, id: &str) {
+        let k = id.as_bytes();
+        match kind {
+            Kind::Workspace => {
+                if let Some(r) = self.objects.workspaces.get(k) {
+                    let w = r.obj.clone();
+                    self.slugs.remove(w.slug.as_str());
+                    for d in [&w.preview_domain, &w.deploy_domain].into_iter().flatten() {
+                        self.hosts.remove(d.host.as_str());
+                    }
+                }
+            }
+            Kind::Sandbox => {
+                if let Some(r) = self.objects.sandboxes.get(k) {
+                    if let Some(ws) = self.objects.workspace_ids.get(r.workspace) {
+                        let ws: Box<str> = ws.as_str().into();
+                        self.refs(&ws, |r| r.sandboxes -= 1);
+                    }
+                }
+            }
+            Kind::ShareToken => {
+                if let Some(r) = self.objects.share_tokens.get(k) {
+                    let t = r.obj.clone();
+                    self.share_hashes.remove(&t.token_sha256.0);
+                    if let Some(list) = self.shares_of.get_mut(t.sandbox.as_str()) {
+                        list.retain(|s| **s != *id);
+                        if list.is_empty() {
+                            self.shares_of.remove(t.sandbox.as_str());
+                        }
+                    }
+                }
+            }
+            Kind::Deployment => {
+                if let Some(r) = self.objects.deployments.get(k) {
+                    let d = r.obj.clone();
+                    self.dep_names.remove(&(d.workspace.as_str().into(), d.name.as_str().into()));
+                    self.refs(d.workspace.as_str(), |r| r.deployments -= 1);
+                    for dom in &d.domains {
+                        self.hosts.remove(dom.host.as_str());
+                        if let Some((_, parent)) = dom.host.as_str().split_once('.') {
+                            if let Some(list) = self.hosts_under.get_mut(parent) {
+                                list.retain(|h| **h != *dom.host.as_str());
+                                if list.is_empty() {
+                                    self.hosts_under.remove(parent);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn install(&mut self, p: Pending) -> Applied {
+        let k = p.id.as_bytes();
+        let o = &mut self.objects;
+        match (p.kind, p.new) {
+            (Kind::Workspace, new) => {
+                let old = o.workspaces.get(k).map(|r| (r.slot, r.obj.clone()));
+                let slot = match (&old, &new) {
+                    (Some((slot, _)), _) => *slot,
+                    (None, _) => self.ws_free.pop().unwrap_or_else(|| {
+                        self.ws_next += 1;
+                        self.ws_next - 1
+                    }),
+                };
+                let new = match new {
+                    Some(Object::Workspace(w)) => {
+                        let w = Arc::new(w);
+                        self.slugs.insert(w.slug.as_str().into(), p.id.clone());
+                        for (field, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
+                            if let Some(d) = d {
+                                let claim = Claim { kind: Kind::Workspace, id: p.id.clone(), field, origin: p.origin };
+                                self.hosts.insert(d.host.as_str().into(), claim);
+                            }
+                        }
+                        o.workspaces.insert(WorkspaceRec { obj: w.clone(), origin: p.origin, slot });
+                        o.workspace_ids.set(slot, Some(w.id.clone()));
+                        Some(w)
+                    }
+                    _ => {
+                        o.workspaces.remove(k);
+                        o.workspace_ids.set(slot, None);
+                        self.ws_refs.remove(&p.id);
+                        self.ws_free.push(slot);
+                        None
+                    }
+                };
+                Applied::Workspace { slot, old: old.map(|x| x.1), new }
+            }
+            (Kind::Sandbox, new) => {
+                match new {
+                    Some(Object::Sandbox(s)) => {
+                        let slot = o.workspaces.get(s.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
+                        o.sandboxes.insert(SandboxRecord::new(&s, slot, p.origin));
+                        self.refs(s.workspace.as_str(), |r| r.sandboxes += 1);
+                    }
+                    _ => {
+                        o.sandboxes.remove(k);
+                    }
+                }
+                Applied::Sandbox { id: p.id }
+            }
+            (Kind::ShareToken, new) => {
+                let old = o.share_tokens.get(k).map(|r| r.obj.clone());
+                let new = match new {
+                    Some(Object::ShareToken(t)) => {
+                        let t = Arc::new(t);
+                        self.share_hashes.insert(t.token_sha256.0, p.id.clone());
+                        self.shares_of.entry(t.sandbox.as_str().into()).or_default().push(p.id.clone());
+                        o.share_tokens.insert(ShareRec { obj: t.clone(), origin: p.origin });
+                        Some(t)
+                    }
+                    _ => {
+                        o.share_tokens.remove(k);
+                        None
+                    }
+                };
+                Applied::ShareToken { old, new }
+            }
+            (Kind::Deployment, new) => {
+                let old = o.deployments.get(k).map(|r| (r.slot, r.obj.clone()));
+                let slot = match &old {
+                    Some((slot, _)) => *slot,
+                    None => self.dep_free.pop().unwrap_or_else(|| {
+                        self.dep_next += 1;
+                        self.dep_next - 1
+                    }),
+                };
+                let (new, ws_slot) = match new {
+                    Some(Object::Deployment(d)) => {
+                        let d = Arc::new(d);
+                        let ws_slot = o.workspaces.get(d.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
+                        self.dep_names.insert((d.workspace.as_str().into(), d.name.as_str().into()), p.id.clone());
+                        self.refs(d.workspace.as_str(), |r| r.deployments += 1);
+                        for dom in &d.domains {
+                            let claim = Claim { kind: Kind::Deployment, id: p.id.clone(), field: "domains", origin: p.origin };
+                            self.hosts.insert(dom.host.as_str().into(), claim);
+                            if let Some((_, parent)) = dom.host.as_str().split_once('.') {
+                                self.hosts_under.entry(parent.into()).or_default().push(dom.host.as_str().into());
+                            }
+                        }
+                        self.objects.deployments.insert(DeploymentRec { obj: d.clone(), origin: p.origin, slot });
+                        (Some(d), ws_slot)
+                    }
+                    _ => {
+                        self.objects.deployments.remove(k);
+                        self.dep_free.push(slot);
+                        (None, u32::MAX)
+                    }
+                };
+                Applied::Deployment { slot, workspace_slot: ws_slot, old: old.map(|x| x.1), new }
+            }
+        }
+    }
+
+    fn refs(&mut self, ws: &str, f: impl FnOnce(&mut Refs)) {
+        match self.ws_refs.get_mut(ws) {
+            Some(r) => f(r),
+            None => {
+                let mut r = Refs::default();
+                f(&mut r);
+                self.ws_refs.insert(ws.into(), r);
+            }
+        }
+    }
+}
+
+/// The ops that put every object of `state` in place, named `{prefix}{kind}[{i}]`.
+pub fn push_state(ops: &mut Vec<BatchOp>, state: &State, origin: Origin, prefix: &str) {
+    let mut push =
+        |kind: Kind, i: usize, o: Object| ops.push(BatchOp { path: format!("{prefix}{}[{i}]", kind.field()), origin, op: Op::Upsert(o) });
+    for (i, o) in state.workspaces.iter().enumerate() {
+        push(Kind::Workspace, i, Object::Workspace(o.clone()));
+    }
+    for (i, o) in state.sandboxes.iter().enumerate() {
+        push(Kind::Sandbox, i, Object::Sandbox(o.clone()));
+    }
+    for (i, o) in state.share_tokens.iter().enumerate() {
+        push(Kind::ShareToken, i, Object::ShareToken(o.clone()));
+    }
+    for (i, o) in state.deployments.iter().enumerate() {
+        push(Kind::Deployment, i, Object::Deployment(o.clone()));
+    }
+}
+
+/// `path.field`, or `field` for an empty path.
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// The state a batch leads to: the index, with the batch's objects over it.
+struct View<'a> {
+    index: &'a Index,
+    pending: &'a [Pending],
+    at: HashMap<(Kind, &'a str), usize>,
+    /// The tenant domains the batch's workspaces claim → their workspace.
+    tenants: HashMap<&'a str, &'a str>,
+}
+
+impl<'a> View<'a> {
+    fn pending(&self, kind: Kind, id: &str) -> Option<&'a Pending> {
+        self.at.get(&(kind, id)).map(|&i| &self.pending[i])
+    }
+
+    /// Whether the workspace `id` exists once the batch is applied.
+    fn workspace_exists(&self, id: &str) -> bool {
+        match self.pending(Kind::Workspace, id) {
+            Some(p) => p.new.is_some(),
+            None => self.index.objects.workspaces.contains(id.as_bytes()),
+        }
+    }
+
+    /// The ports of sandbox `id` once the batch is applied (`None`: it does not exist).
+    fn sandbox_ports(&self, id: &str) -> Option<Vec<u16>> {
+        match self.pending(Kind::Sandbox, id) {
+            Some(Pending { new: Some(Object::Sandbox(s)), .. }) => Some(s.previews.iter().map(|p| p.port.0).collect()),
+            Some(_) => None,
+            None => self.index.objects.sandboxes.get(id.as_bytes()).map(|r| r.previews().map(|p| p.0).collect()),
+        }
+    }
+
+    /// The workspace whose tenant domain is exactly `domain` once the batch is applied.
+    fn tenant_owner(&self, domain: &str) -> Option<&str> {
+        if let Some(ws) = self.tenants.get(domain) {
+            return Some(ws);
+        }
+        let claim = self.index.hosts.get(domain).filter(|c| c.kind == Kind::Workspace)?;
+        // A pending version of that workspace replaces its claims (checked above).
+        self.pending(Kind::Workspace, &claim.id).is_none().then_some(&*claim.id)
+    }
+
+    /// Each new object's own rules.
+    fn check_objects(&self, errors: &mut Vec<(usize, StateError)>) {
+        let domains = &self.index.domains;
+        for p in self.pending {
+            let mut err = |f: String, m: String| errors.push((p.op_index, StateError { path: join(&p.path, &f), message: m }));
+            match &p.new {
+                Some(Object::Workspace(w)) => rules::workspace(w, domains, &mut err),
+                Some(Object::Sandbox(s)) => rules::sandbox(s, &mut err),
+                Some(Object::Deployment(d)) => rules::deployment(d, domains, &mut err),
+                Some(Object::ShareToken(_)) | None => {}
+            }
+        }
+    }
+
+    /// One claimant per host, slug, token hash and (workspace, name).
+    fn check_claims(&self, errors: &mut Vec<(usize, StateError)>, conflict: &mut Option<StateError>) {
+        let idx = self.index;
+        // Claims the batch makes, in op order; the state's own claimants count first
+        // unless the batch replaces them.
+        let mut slugs: HashMap<&str, &Pending> = HashMap::default();
+        let mut hashes: HashMap<[u8; 32], &Pending> = HashMap::default();
+        let mut names: HashMap<(&str, &str), &Pending> = HashMap::default();
+        let mut hosts: HashMap<&str, (&Pending, &'static str)> = HashMap::default();
+        let mut ordered: Vec<&Pending> = self.pending.iter().collect();
+        ordered.sort_by_key(|p| p.op_index);
+        for p in ordered {
+            let mut err = |f: String, m: String| errors.push((p.op_index, StateError { path: join(&p.path, &f), message: m }));
+            match &p.new {
+                Some(Object::Workspace(w)) => {
+                    let slug = w.slug.as_str();
+                    if let Some(prev) = slugs.get(slug) {
+                        err("slug".into(), format!("slug `{slug}` is already used by workspace `{}`", prev.id));
+                    } else if let Some(owner) = idx.slugs.get(slug).filter(|o| self.pending(Kind::Workspace, o).is_none()) {
+                        err("slug".into(), format!("slug `{slug}` is already used by workspace `{owner}`"));
+                    } else {
+                        slugs.insert(slug, p);
+                    }
+                    for (field, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
+                        let Some(d) = d else { continue };
+                        if rules::platform_suffix_of(d.host.as_str(), &idx.domains).is_some() {
+                            continue; // reported by the object's own rules
+                        }
+                        self.claim_host(p, d.host.as_str(), field, &format!("{field}.host"), &mut hosts, errors, conflict);
+                    }
+                }
+                Some(Object::ShareToken(t)) => {
+                    let taken = hashes.contains_key(&t.token_sha256.0)
+                        || idx.share_hashes.get(&t.token_sha256.0).is_some_and(|o| self.pending(Kind::ShareToken, o).is_none());
+                    if taken {
+                        err("token_sha256".into(), "the same token hash is used by another share token".into());
+                    } else {
+                        hashes.insert(t.token_sha256.0, p);
+                    }
+                }
+                Some(Object::Deployment(d)) => {
+                    let key = (d.workspace.as_str(), d.name.as_str());
+                    let owner = idx
+                        .dep_names
+                        .get(&(Box::from(key.0), Box::from(key.1)))
+                        .filter(|o| self.pending(Kind::Deployment, o).is_none())
+                        .is_some();
+                    if names.contains_key(&key) || owner {
+                        err("name".into(), format!("workspace `{}` already has a deployment named `{}`", d.workspace, d.name));
+                    } else {
+                        names.insert(key, p);
+                    }
+                    for (j, dom) in d.domains.iter().enumerate() {
+                        if rules::deployment_host_conflict(dom.host.as_str(), &idx.domains).is_some() {
+                            continue; // reported by the object's own rules
+                        }
+                        let path = format!("domains[{j}].host");
+                        self.claim_host(p, dom.host.as_str(), "domains", &path, &mut hosts, errors, conflict);
+                    }
+                }
+                Some(Object::Sandbox(_)) | None => {}
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn claim_host(
+        &self,
+        p: &'a Pending,
+        host: &'a str,
+        field: &'static str,
+        path: &str,
+        hosts: &mut HashMap<&'a str, (&'a Pending, &'static str)>,
+        errors: &mut Vec<(usize, StateError)>,
+        conflict: &mut Option<StateError>,
+    ) {
+        let error = |m: String| StateError { path: join(&p.path, path), message: m };
+        if let Some((prev, f)) = hosts.get(host) {
+            let who = match prev.kind {
+                Kind::Workspace => format!("workspace `{}` ({f})", prev.id),
+                _ => format!("deployment `{}`", prev.id),
+            };
+            errors.push((p.op_index, error(format!("host `{host}` is already claimed by {who}"))));
+            return;
+        }
+        if let Some(c) = self.index.hosts.get(host).filter(|c| self.pending(c.kind, &c.id).is_none()) {
+            if c.origin != p.origin && c.origin == Origin::Toml {
+                conflict.get_or_insert_with(|| error(format!("host `{host}` is pinned by the TOML file")));
+            } else {
+                errors.push((p.op_index, error(format!("host `{host}` is already claimed by {}", c.describe()))));
+            }
+            return;
+        }
+        hosts.insert(host, (p, field));
+    }
+
+    /// References on the final state.
+    fn check_references(&self, errors: &mut Vec<(usize, StateError)>) {
+        let idx = self.index;
+        // Workspaces the batch takes references from or gives references to.
+        let mut refs_delta: HashMap<&str, i64> = HashMap::default();
+        for p in self.pending {
+            let mut err = |f: &str, m: String| errors.push((p.op_index, StateError { path: join(&p.path, f), message: m }));
+            let k = p.id.as_bytes();
+            // The reference the old version held.
+            let old_ws: Option<&str> = match p.kind {
+                Kind::Sandbox => {
+                    idx.objects.sandboxes.get(k).and_then(|r| idx.objects.workspace_ids.get(r.workspace)).map(WorkspaceId::as_str)
+                }
+                Kind::Deployment => idx.objects.deployments.get(k).map(|r| r.obj.workspace.as_str()),
+                _ => None,
+            };
+            if let Some(w) = old_ws {
+                *refs_delta.entry(w).or_default() -= 1;
+            }
+            match &p.new {
+                Some(Object::Sandbox(s)) => {
+                    *refs_delta.entry(s.workspace.as_str()).or_default() += 1;
+                    if !self.workspace_exists(s.workspace.as_str()) {
+                        err("workspace", format!("workspace `{}` does not exist", s.workspace));
+                    }
+                }
+                Some(Object::Deployment(d)) => {
+                    *refs_delta.entry(d.workspace.as_str()).or_default() += 1;
+                    if !self.workspace_exists(d.workspace.as_str()) {
+                        err("workspace", format!("workspace `{}` does not exist", d.workspace));
+                    }
+                    for (j, dom) in d.domains.iter().enumerate() {
+                        let h = dom.host.as_str();
+                        let Some((_, parent)) = h.split_once('.') else { continue };
+                        if let Some(owner) = self.tenant_owner(parent) {
+                            if owner != d.workspace.as_str() {
+                                err(&format!("domains[{j}].host"), format!("`{h}` is under workspace `{owner}`'s domain `{parent}`"));
+                            }
+                        }
+                    }
+                }
+                Some(Object::ShareToken(t)) => match self.sandbox_ports(t.sandbox.as_str()) {
+                    None => err("sandbox", format!("sandbox `{}` does not exist", t.sandbox)),
+                    Some(ports) => {
+                        if let Some(port) = t.port.filter(|p| !ports.contains(&p.0)) {
+                            err("port", format!("sandbox `{}` has no preview on port {}", t.sandbox, port.0));
+                        }
+                    }
+                },
+                Some(Object::Workspace(w)) => {
+                    // A new tenant domain may hold only this workspace's deployment hosts.
+                    for (field, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
+                        let Some(d) = d else { continue };
+                        for h in idx.hosts_under.get(d.host.as_str()).into_iter().flatten() {
+                            let Some(c) = idx.hosts.get(h).filter(|c| c.kind == Kind::Deployment) else { continue };
+                            if self.pending(Kind::Deployment, &c.id).is_some() {
+                                continue; // checked with the deployment's new version
+                            }
+                            let owner = idx.objects.deployments.get(c.id.as_bytes()).map(|r| r.obj.workspace.clone());
+                            if owner.is_some_and(|o| o.as_str() != w.id.as_str()) {
+                                err(&format!("{field}.host"), format!("`{h}` of deployment `{}` is under this domain `{}`", c.id, d.host));
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+            // A sandbox that changes or goes must still fit the shares that name it.
+            if p.kind == Kind::Sandbox {
+                let ports = self.sandbox_ports(&p.id);
+                for share in idx.shares_of.get(&*p.id).into_iter().flatten() {
+                    if self.pending(Kind::ShareToken, share).is_some() {
+                        continue; // checked with the share's new version
+                    }
+                    let Some(t) = idx.objects.share_tokens.get(share.as_bytes()) else { continue };
+                    match (&ports, t.obj.port) {
+                        (None, _) => err("", format!("sandbox `{}` is still used by share token `{share}`", p.id)),
+                        (Some(ports), Some(port)) if !ports.contains(&port.0) => {
+                            err("previews", format!("share token `{share}` opens port {} of sandbox `{}`", port.0, p.id))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // A workspace that goes must be unused.
+        for p in self.pending.iter().filter(|p| p.kind == Kind::Workspace && p.new.is_none()) {
+            let r = idx.ws_refs.get(&*p.id).copied().unwrap_or_default();
+            let left = r.sandboxes as i64 + r.deployments as i64 + refs_delta.get(&*p.id).copied().unwrap_or(0);
+            if left > 0 {
+                let message = format!("workspace `{}` is still used by {left} sandbox(es) or deployment(s)", p.id);
+                errors.push((p.op_index, StateError { path: p.path.clone(), message }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
