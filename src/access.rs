@@ -44,6 +44,8 @@ pub trait Credentials {
 /// A share-token record as access checks need it, keyed by its token's SHA-256.
 #[derive(Debug, Clone)]
 pub struct ShareEntry {
+    /// The SHA-256 of the token (the key).
+    pub sha256: [u8; 32],
     pub id: Box<str>,
     pub sandbox: Box<str>,
     pub port: Option<u16>,
@@ -51,6 +53,12 @@ pub struct ShareEntry {
     pub expires_at: Option<i64>,
     /// argon2id PHC string.
     pub password_hash: Option<Arc<str>>,
+}
+
+impl crate::cow::Keyed for ShareEntry {
+    fn key(&self) -> &[u8] {
+        &self.sha256
+    }
 }
 
 /// What a valid credential grants.

@@ -22,8 +22,8 @@ use crate::config::tls::Acme as AcmeConfig;
 use crate::dns::Verifier;
 use crate::metrics::Metrics;
 use crate::schema::Domains;
-use crate::schema::State;
 use crate::services::{Service, Shutdown};
+use crate::state::Objects;
 use crate::store::Store;
 use crate::tls::{Cert, Watcher};
 use bytes::Bytes;
@@ -104,12 +104,12 @@ pub struct Subject {
 }
 
 /// The certificates the routing state implies (CONTRACT §9), sorted and deduplicated.
-pub fn subjects(toml: &State, api: &State, d: &Domains) -> Vec<Subject> {
+pub fn subjects(objects: &Objects, d: &Domains) -> Vec<Subject> {
     let mut out = Vec::new();
     let wild = |zone: &str, txt_at: String| Subject { name: format!("*.{zone}"), challenge: Challenge::Dns01, txt_at: Some(txt_at) };
     out.push(wild(d.sandbox.as_str(), format!("_acme-challenge.{}.", d.sandbox.as_str())));
-    let deploying: HashSet<&str> = toml.deployments.iter().chain(&api.deployments).map(|x| x.workspace.as_str()).collect();
-    for w in toml.workspaces.iter().chain(&api.workspaces) {
+    let deploying: HashSet<&str> = objects.deployments.iter().map(|x| x.obj.workspace.as_str()).collect();
+    for w in objects.workspaces.iter().map(|r| &*r.obj) {
         if deploying.contains(w.id.as_str()) {
             let zone = format!("{}.{}", w.slug.as_str(), d.apps.as_str());
             out.push(wild(&zone, format!("_acme-challenge.{zone}.")));
@@ -121,7 +121,7 @@ pub fn subjects(toml: &State, api: &State, d: &Domains) -> Vec<Subject> {
             }
         }
     }
-    for dep in toml.deployments.iter().chain(&api.deployments) {
+    for dep in objects.deployments.iter().map(|r| &*r.obj) {
         for dom in &dep.domains {
             if dom.verified {
                 out.push(Subject { name: dom.host.as_str().to_owned(), challenge: Challenge::Http01, txt_at: None });
@@ -281,7 +281,8 @@ impl Manager {
     /// Returns how long until something is due again.
     fn tick(self: Arc<Self>) -> Duration {
         let now = crate::clock::unix_now();
-        let subjects = self.store.read(|_, toml, api, d| subjects(toml, api, d));
+        let published = self.store.published();
+        let subjects = subjects(&published.objects, &published.domains);
         let index = self.watcher.index().load_full();
         let mut next = now + 3600;
         let mut ledger = lock(&self.ledger);
@@ -483,7 +484,7 @@ impl Manager {
                 let saved = Saved { directory: self.cfg.directory.clone(), credentials };
                 let written = serde_json::to_vec(&saved)
                     .map_err(std::io::Error::other)
-                    .and_then(|b| crate::store::write_atomic(&path, &b, 0o600));
+                    .and_then(|b| crate::files::write_atomic(&path, &b, 0o600));
                 if let Err(e) = written {
                     tracing::error!(error = %e, file = %path.display(), "cannot save the ACME account; it will be registered again at the next start");
                 }
@@ -693,7 +694,8 @@ release = { kind = "dynamic", instances = ["127.0.0.1:1"] }
             None,
         )
         .expect("config");
-        let got = subjects(&cfg.state, &State::default(), &cfg.domains);
+        let index = crate::state::Index::build(cfg.domains.clone(), &cfg.state, &Default::default()).unwrap();
+        let got = subjects(index.objects(), &cfg.domains);
         let names: Vec<(&str, Challenge, Option<&str>)> = got.iter().map(|s| (s.name.as_str(), s.challenge, s.txt_at.as_deref())).collect();
         assert_eq!(
             names,

@@ -106,7 +106,7 @@ pub fn secret_file(path: &Path) -> Result<(String, bool), ControlError> {
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-        crate::store::write_atomic(path, secret.as_bytes(), 0o600)
+        crate::files::write_atomic(path, secret.as_bytes(), 0o600)
     };
     write().map_err(|source| ControlError::TokenFile { path: path.to_owned(), source })?;
     Ok((secret, true))
@@ -300,27 +300,26 @@ impl ControlApi {
         let Some(verifier) = &self.verifier else {
             return Err(ApiError::DnsUnavailable);
         };
-        let (owner, domains) = self.store.read(|_, toml, api, domains| {
-            let h = b.host.as_str();
-            let owner = match b.kind {
-                DomainKind::Preview | DomainKind::Deploy => api
-                    .workspaces
-                    .iter()
-                    .chain(toml.workspaces.iter())
-                    .find(|w| {
-                        let d = if b.kind == DomainKind::Preview { &w.preview_domain } else { &w.deploy_domain };
-                        d.as_ref().is_some_and(|d| d.host.as_str() == h)
-                    })
-                    .map(|w| Some(w.id.clone())),
-                DomainKind::Custom => api
-                    .deployments
-                    .iter()
-                    .chain(toml.deployments.iter())
-                    .find(|d| d.domains.iter().any(|d| d.host.as_str() == h))
-                    .map(|d| Some(d.workspace.clone())),
-            };
-            (owner, domains.clone())
-        });
+        let published = self.store.published();
+        let h = b.host.as_str();
+        let owner = match b.kind {
+            DomainKind::Preview | DomainKind::Deploy => published
+                .objects
+                .workspaces
+                .iter()
+                .find(|w| {
+                    let d = if b.kind == DomainKind::Preview { &w.obj.preview_domain } else { &w.obj.deploy_domain };
+                    d.as_ref().is_some_and(|d| d.host.as_str() == h)
+                })
+                .map(|w| Some(w.obj.id.clone())),
+            DomainKind::Custom => published
+                .objects
+                .deployments
+                .iter()
+                .find(|d| d.obj.domains.iter().any(|d| d.host.as_str() == h))
+                .map(|d| Some(d.obj.workspace.clone())),
+        };
+        let domains = (*published.domains).clone();
         let Some(owner) = owner else {
             return Err(ApiError::NotFound {
                 message: format!("no workspace or deployment claims `{}` as a {} domain", b.host, kind_word(b.kind)),

@@ -267,7 +267,7 @@ mod tests {
             x ^= x << 17;
             let k = format!("k{}", x % 3000);
             match x % 5 {
-                0 | 1 | 2 => assert_eq!(map.insert(E(k.clone(), step)).map(|e| e.1), model.insert(k, step)),
+                0..=2 => assert_eq!(map.insert(E(k.clone(), step)).map(|e| e.1), model.insert(k, step)),
                 _ => assert_eq!(map.remove(k.as_bytes()).map(|e| e.1), model.remove(&k)),
             }
             assert_eq!(map.len(), model.len());

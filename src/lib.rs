@@ -42,6 +42,7 @@ pub mod config;
 pub mod control;
 pub mod cow;
 pub mod dns;
+pub mod files;
 pub mod front;
 pub mod hook;
 pub mod hostile;

@@ -14,6 +14,7 @@ use crate::schema::WorkspaceBranding;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Arc;
 
 /// A page's title for `code`.
 fn title(code: ErrorCode) -> &'static str {
@@ -125,7 +126,7 @@ struct Rendered {
 /// Rendered brandings of one route table.
 #[derive(Debug, Clone)]
 pub struct Pages {
-    brandings: Vec<Rendered>,
+    brandings: Vec<Arc<Rendered>>,
     dedupe: HashMap<WorkspaceBranding, u32>,
 }
 
@@ -149,10 +150,15 @@ impl Pages {
             platform.support_url.as_ref().map(|u| u.as_str()),
         );
         let neutral = render(None, None, "#6e6e73", None);
-        Pages { brandings: vec![platform_r, neutral], dedupe: HashMap::new() }
+        Pages { brandings: vec![Arc::new(platform_r), Arc::new(neutral)], dedupe: HashMap::new() }
     }
 
     /// Renders a workspace's branding once (identical brandings share a rendering).
+    /// The index of `b` if it is rendered already.
+    pub fn find_workspace_branding(&self, b: &WorkspaceBranding) -> Option<u32> {
+        self.dedupe.get(b).copied()
+    }
+
     pub fn add_workspace_branding(&mut self, b: &WorkspaceBranding) -> u32 {
         if let Some(&i) = self.dedupe.get(b) {
             return i;
@@ -164,7 +170,7 @@ impl Pages {
             b.support_url.as_ref().map(|u| u.as_str()),
         );
         let i = self.brandings.len() as u32;
-        self.brandings.push(r);
+        self.brandings.push(Arc::new(r));
         self.dedupe.insert(b.clone(), i);
         i
     }

@@ -321,7 +321,7 @@ impl Releases {
     /// protection, evicts beyond the cache bound.
     pub fn observe(self: &Arc<Self>, table: &RouteTable, now: SystemTime) {
         for (sha, _) in table.static_releases() {
-            self.ensure(sha.0);
+            self.ensure(sha);
         }
         let mut changed = false;
         for d in table.deployments() {
@@ -338,7 +338,8 @@ impl Releases {
             }
         }
         let before = self.skew.len();
-        self.skew.retain(|id, _| table.deployments().iter().any(|d| *d.id == **id));
+        let ids: std::collections::HashSet<&str> = table.deployments().map(|d| &*d.id).collect();
+        self.skew.retain(|id, _| ids.contains(&**id));
         if changed || self.skew.len() != before {
             self.save_skew();
         }
@@ -489,9 +490,8 @@ impl Releases {
         let window = Duration::from_secs(self.cfg.skew_window_secs);
         let protected: std::collections::HashSet<[u8; 32]> = table
             .static_releases()
-            .iter()
             .filter(|(_, active)| *active)
-            .map(|(s, _)| s.0)
+            .map(|(s, _)| s)
             .chain(self.skew.iter().filter(|s| now.duration_since(s.switched_at).unwrap_or_default() <= window).filter_map(|s| s.previous))
             .collect();
         ready.sort_by_key(|(_, _, last_used)| *last_used);
@@ -531,7 +531,7 @@ impl Releases {
         let map: std::collections::BTreeMap<String, Skew> = self.skew.iter().map(|e| (e.key().to_string(), e.value().clone())).collect();
         let result = serde_json::to_vec(&map)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::store::write_atomic(&self.skew_file(), &bytes, 0o644));
+            .and_then(|bytes| crate::files::write_atomic(&self.skew_file(), &bytes, 0o644));
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot save the static releases' skew memory");
         }

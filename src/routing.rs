@@ -1,11 +1,15 @@
 //! Host classification and the immutable [`RouteTable`] snapshot (CONTRACT §1).
 //!
-//! Writers (startup, TOML reload, later the control API) build a whole table from a
-//! validated [`State`] off the request path and publish it with one
-//! `ArcSwap::store`; each request does one `load` and keeps that `Arc` to the end, so a
-//! request never sees two tables. Lookup is allocation-free: the host is normalised
-//! into a stack buffer ([`normalize_host`]) and matched against hash maps keyed by the
-//! exact strings that occur in hosts.
+//! Readers: each request does one `ArcSwap::load` of the published table and keeps that
+//! `Arc` to its end, so a request never sees two tables. Lookup is allocation-free: the
+//! host is normalised into a stack buffer ([`normalize_host`]) and matched in
+//! copy-on-write maps ([`crate::cow`]) keyed by the exact strings that occur in hosts.
+//!
+//! Writers: the store applies each committed change to a copy of the table
+//! ([`RouteTable::apply`]) — a copy shares every map with the table it came from, and
+//! changing one entry copies one small leaf — then publishes it with one store. The
+//! sandboxes map *is* the state's (`state::Objects::sandboxes`): a million sandboxes are
+//! kept once.
 //!
 //! Precedence (first match wins): exact deployment host → `{port}-{sandbox}.{sandbox}`
 //! → `{name}.{slug}.{apps}` → `{port}-{sandbox}.{tenant preview domain}` →
@@ -13,14 +17,13 @@
 
 use crate::access::{Credentials, Keys, ShareEntry};
 use crate::codes::ErrorCode;
+use crate::cow::{CowMap, CowSlab, Key, Keyed};
 use crate::pages::Pages;
-use crate::schema::{self, Access, Release, SandboxState, State};
+use crate::schema::{self, Access, Deployment, Release, State, Workspace};
 use crate::schema::{Domains, PlatformBranding};
-use crate::state;
-use ahash::RandomState;
+use crate::state::{Applied, Index, Objects, Refusal, SandboxRecord};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
@@ -28,60 +31,14 @@ pub mod instance;
 
 pub use instance::Instance;
 
-pub use crate::cow::Key;
-
-type Map<V> = HashMap<Key, V, RandomState>;
-
 /// The published table: readers `load()` it once per request.
 pub type SharedTable = Arc<ArcSwap<RouteTable>>;
 
-/// A sandbox as the request path needs it (kept small: it lives in the table's
-/// buckets, a million of them).
-#[derive(Debug)]
-pub struct SandboxEntry {
-    pub address: IpAddr,
-    pub workspace: u32,
-    pub state: SandboxState,
-    previews: Ports,
-}
-
-/// Preview ports sorted by port; up to five inline.
-#[derive(Debug)]
-enum Ports {
-    Inline { len: u8, ports: [(u16, Access); 5] },
-    Heap(Box<[(u16, Access)]>),
-}
-
-impl Ports {
-    fn new(mut v: Vec<(u16, Access)>) -> Ports {
-        v.sort_unstable_by_key(|p| p.0);
-        if v.len() <= 5 {
-            let mut ports = [(0, Access::Private); 5];
-            ports[..v.len()].copy_from_slice(&v);
-            Ports::Inline { len: v.len() as u8, ports }
-        } else {
-            Ports::Heap(v.into_boxed_slice())
-        }
-    }
-
-    fn as_slice(&self) -> &[(u16, Access)] {
-        match self {
-            Ports::Inline { len, ports } => &ports[..*len as usize],
-            Ports::Heap(p) => p,
-        }
-    }
-}
-
-impl SandboxEntry {
-    /// The access of a previewed port, `None` if the port is not a preview.
-    pub fn preview(&self, port: u16) -> Option<Access> {
-        let p = self.previews.as_slice();
-        p.binary_search_by_key(&port, |e| e.0).ok().map(|i| p[i].1)
-    }
-}
+/// A sandbox as the request path reads it: the state's own record.
+pub type SandboxEntry = SandboxRecord;
 
 /// A workspace as the request path needs it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WorkspaceEntry {
     pub id: Box<str>,
     pub slug: Box<str>,
@@ -89,7 +46,6 @@ pub struct WorkspaceEntry {
     pub branding: u32,
     /// Branding index for the tenant's own hosts: never the platform's.
     pub tenant_branding: u32,
-    deployments: Map<u32>,
 }
 
 /// What a deployment's active version serves.
@@ -110,6 +66,32 @@ pub struct DeploymentEntry {
 }
 
 impl DeploymentEntry {
+    fn new(d: &Deployment, workspace: u32) -> DeploymentEntry {
+        let release = match d.versions.iter().find(|v| v.id == d.active_version).map(|v| &v.release) {
+            Some(Release::Dynamic { instances, balance, health_check }) => ActiveRelease::Dynamic {
+                instances: instances.iter().map(|a| Instance { addr: a.0, health: instance::health_of(a.0) }).collect(),
+                next: AtomicUsize::new(0),
+                balance: *balance,
+                health_check: health_check.clone().map(Box::new),
+            },
+            Some(Release::Static { sha256, spa }) => ActiveRelease::Static { sha256: *sha256, spa: *spa },
+            // A checked deployment always has its active version; none serves nothing.
+            None => ActiveRelease::Dynamic {
+                instances: Box::new([]),
+                next: AtomicUsize::new(0),
+                balance: Default::default(),
+                health_check: None,
+            },
+        };
+        DeploymentEntry {
+            id: d.id.as_str().into(),
+            workspace,
+            name: d.name.as_str().into(),
+            active_version: d.active_version.as_str().into(),
+            release,
+        }
+    }
+
     /// The SHA-256 of the active version's static release, if it is one.
     pub fn static_release(&self) -> Option<[u8; 32]> {
         match &self.release {
@@ -126,16 +108,72 @@ impl DeploymentEntry {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// An exact host of a deployment.
+#[derive(Debug, Clone)]
 struct ExactHost {
+    host: Key,
     deployment: u32,
     verified: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// A workspace's tenant domain.
+#[derive(Debug, Clone)]
 struct TenantDomain {
+    host: Key,
     workspace: u32,
     verified: bool,
+    /// A preview domain (else a deploy domain).
+    preview: bool,
+}
+
+/// A name (a slug, or a deployment's name within its workspace) → a slot.
+#[derive(Debug, Clone)]
+struct Named {
+    key: Key,
+    slot: u32,
+}
+
+/// How often a static release is named by versions, and by active ones.
+#[derive(Debug, Clone)]
+struct ReleaseUse {
+    sha256: [u8; 32],
+    versions: u32,
+    active: u32,
+}
+
+macro_rules! keyed {
+    ($($t:ty => $f:ident),*) => {$(
+        impl Keyed for $t {
+            fn key(&self) -> &[u8] {
+                self.$f.as_bytes()
+            }
+        }
+    )*};
+}
+keyed!(ExactHost => host, TenantDomain => host, Named => key);
+
+impl Keyed for ReleaseUse {
+    fn key(&self) -> &[u8] {
+        &self.sha256
+    }
+}
+
+/// `{workspace slot}{name}`: the key of a deployment name within its workspace.
+fn name_key<'b>(workspace: u32, name: &str, buf: &'b mut [u8; 96]) -> Option<&'b [u8]> {
+    let n = name.len();
+    if n + 4 > buf.len() {
+        return None;
+    }
+    buf[..4].copy_from_slice(&workspace.to_le_bytes());
+    buf[4..4 + n].copy_from_slice(name.as_bytes());
+    Some(&buf[..4 + n])
+}
+
+fn name_entry(workspace: u32, name: &str, slot: u32) -> Option<Named> {
+    let mut buf = [0u8; 96];
+    // The key is bytes: the slot's four bytes, then the (ASCII) name.
+    let k = name_key(workspace, name, &mut buf)?;
+    Some(Named { key: Key::from_bytes(k), slot })
 }
 
 /// The outcome of a host lookup, borrowing from the table.
@@ -150,22 +188,22 @@ pub enum Route<'t> {
 }
 
 /// The routing snapshot.
+#[derive(Clone)]
 pub struct RouteTable {
     pub generation: u64,
-    pub domains: Domains,
-    pub pages: Pages,
-    workspaces: Vec<WorkspaceEntry>,
-    ws_by_slug: Map<u32>,
-    /// `{name}.{slug}` → deployment, so a platform app URL is one probe.
-    app_urls: Map<u32>,
-    sandboxes: Map<SandboxEntry>,
-    deployments: Vec<DeploymentEntry>,
-    exact: Map<ExactHost>,
-    preview_domains: Map<TenantDomain>,
-    deploy_domains: Map<TenantDomain>,
-    shares: HashMap<[u8; 32], ShareEntry, RandomState>,
-    /// Every static release named by any version, and whether it is active somewhere.
-    static_releases: Vec<(schema::Sha256, bool)>,
+    pub domains: Arc<Domains>,
+    pub pages: Arc<Pages>,
+    workspaces: CowSlab<WorkspaceEntry>,
+    ws_by_slug: CowMap<Named>,
+    sandboxes: CowMap<SandboxRecord>,
+    deployments: CowSlab<Arc<DeploymentEntry>>,
+    /// (workspace slot, name) → deployment slot: app URLs and tenant deploy domains.
+    dep_by_name: CowMap<Named>,
+    exact: CowMap<ExactHost>,
+    tenant_domains: CowMap<TenantDomain>,
+    shares: CowMap<ShareEntry>,
+    /// Every static release named by a version, and how many active versions name it.
+    releases: CowMap<ReleaseUse>,
     /// Token and session keys in force with this table (one snapshot per request).
     pub access: Arc<Keys>,
 }
@@ -186,196 +224,206 @@ impl std::fmt::Debug for RouteTable {
 #[error("invalid routing state: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct BuildError(pub Vec<schema::StateError>);
 
-fn keyed<V>(cap: usize) -> Map<V> {
-    // Fixed seeds keep lookups deterministic across runs (benchmarks); hash flooding is
-    // not a concern because every key comes from the trusted routing state.
-    HashMap::with_capacity_and_hasher(cap, RandomState::with_seeds(0x6d69, 0x6f73, 0x6165, 0x6467))
+impl From<Refusal> for BuildError {
+    fn from(r: Refusal) -> BuildError {
+        BuildError(match r {
+            Refusal::Invalid(errs) => errs,
+            Refusal::Conflict(e) => vec![e],
+            Refusal::NotFound(m) => vec![schema::StateError { path: String::new(), message: m }],
+        })
+    }
 }
 
 impl RouteTable {
-    /// Validates `state` and builds a table. Pure: no I/O.
+    /// Checks `state` whole and builds its table (tests, benches, tools). Pure: no I/O.
     pub fn build(domains: &Domains, branding: &PlatformBranding, state: &State, generation: u64) -> Result<RouteTable, BuildError> {
-        state::validate(state, domains).map_err(BuildError)?;
-        RouteTable::build_validated(domains, branding, state, generation)
-    }
-
-    /// Builds a table from a state the caller has just passed through
-    /// [`state::validate`] (validation is the costly half on large states; references
-    /// are still resolved defensively).
-    pub fn build_validated(
-        domains: &Domains,
-        branding: &PlatformBranding,
-        state: &State,
-        generation: u64,
-    ) -> Result<RouteTable, BuildError> {
-        let mut pages = Pages::new(branding);
-        let mut workspaces = Vec::with_capacity(state.workspaces.len());
-        let mut ws_index: HashMap<&str, u32, RandomState> = HashMap::with_capacity_and_hasher(state.workspaces.len(), RandomState::new());
-        let mut ws_by_slug = keyed(state.workspaces.len());
-        let mut preview_domains = keyed(0);
-        let mut deploy_domains = keyed(0);
-        for (i, w) in state.workspaces.iter().enumerate() {
-            let i = i as u32;
-            let (b, tb) = match &w.branding {
-                Some(b) => {
-                    let idx = pages.add_workspace_branding(b);
-                    (idx, idx)
-                }
-                None => (Pages::PLATFORM, Pages::NEUTRAL),
-            };
-            ws_index.insert(w.id.as_str(), i);
-            ws_by_slug.insert(w.slug.as_str().into(), i);
-            if let Some(d) = &w.preview_domain {
-                preview_domains.insert(d.host.as_str().into(), TenantDomain { workspace: i, verified: d.verified });
-            }
-            if let Some(d) = &w.deploy_domain {
-                deploy_domains.insert(d.host.as_str().into(), TenantDomain { workspace: i, verified: d.verified });
-            }
-            workspaces.push(WorkspaceEntry {
-                id: w.id.as_str().into(),
-                slug: w.slug.as_str().into(),
-                branding: b,
-                tenant_branding: tb,
-                deployments: keyed(0),
-            });
-        }
-        let ws_of = |id: &schema::WorkspaceId| {
-            ws_index.get(id.as_str()).copied().ok_or_else(|| {
-                BuildError(vec![schema::StateError { path: String::new(), message: format!("workspace `{id}` does not exist") }])
-            })
-        };
-
-        let mut sandboxes = keyed(state.sandboxes.len());
-        for s in &state.sandboxes {
-            let previews = Ports::new(s.previews.iter().map(|p| (p.port.0, p.access)).collect());
-            sandboxes.insert(
-                s.id.as_str().into(),
-                SandboxEntry { workspace: ws_of(&s.workspace)?, address: s.address.0, state: s.state, previews },
-            );
-        }
-
-        let mut deployments = Vec::with_capacity(state.deployments.len());
-        let mut exact = keyed(state.deployments.len());
-        let mut app_urls = keyed(state.deployments.len());
-        for (i, d) in state.deployments.iter().enumerate() {
-            let i = i as u32;
-            let ws = ws_of(&d.workspace)?;
-            let version = d.versions.iter().find(|v| v.id == d.active_version).ok_or_else(|| {
-                BuildError(vec![schema::StateError {
-                    path: String::new(),
-                    message: format!("deployment `{}` has no active version", d.id),
-                }])
-            })?;
-            let release = match &version.release {
-                Release::Dynamic { instances, balance, health_check } => ActiveRelease::Dynamic {
-                    instances: instances.iter().map(|a| Instance { addr: a.0, health: instance::health_of(a.0) }).collect(),
-                    next: AtomicUsize::new(0),
-                    balance: *balance,
-                    health_check: health_check.clone().map(Box::new),
-                },
-                Release::Static { sha256, spa } => ActiveRelease::Static { sha256: *sha256, spa: *spa },
-            };
-            workspaces[ws as usize].deployments.insert(d.name.as_str().into(), i);
-            app_urls.insert(Key::from(format!("{}.{}", d.name, workspaces[ws as usize].slug).as_str()), i);
-            for dom in &d.domains {
-                exact.insert(dom.host.as_str().into(), ExactHost { deployment: i, verified: dom.verified });
-            }
-            deployments.push(DeploymentEntry {
-                id: d.id.as_str().into(),
-                workspace: ws,
-                name: d.name.as_str().into(),
-                active_version: d.active_version.as_str().into(),
-                release,
-            });
-        }
-
-        let mut shares = HashMap::with_capacity_and_hasher(state.share_tokens.len(), RandomState::new());
-        for t in &state.share_tokens {
-            shares.insert(
-                t.token_sha256.0,
-                ShareEntry {
-                    id: t.id.as_str().into(),
-                    sandbox: t.sandbox.as_str().into(),
-                    port: t.port.map(|p| p.0),
-                    expires_at: t.expires_at.map(|e| e.0),
-                    password_hash: t.password_hash.as_ref().map(|h| Arc::from(h.as_str())),
-                },
-            );
-        }
-
-        let mut static_releases: Vec<(schema::Sha256, bool)> = Vec::new();
-        let mut static_index: HashMap<[u8; 32], usize, RandomState> = HashMap::with_hasher(RandomState::new());
-        for d in &state.deployments {
-            for v in &d.versions {
-                if let Release::Static { sha256, .. } = &v.release {
-                    let active = v.id == d.active_version;
-                    match static_index.get(&sha256.0) {
-                        Some(&i) => static_releases[i].1 |= active,
-                        None => {
-                            static_index.insert(sha256.0, static_releases.len());
-                            static_releases.push((*sha256, active));
-                        }
-                    }
-                }
-            }
-        }
-
-        Ok(RouteTable {
-            generation,
-            domains: domains.clone(),
-            pages,
-            workspaces,
-            ws_by_slug,
-            app_urls,
-            sandboxes,
-            deployments,
-            exact,
-            preview_domains,
-            deploy_domains,
-            shares,
-            static_releases,
-            access: Arc::new(Keys::none()),
-        })
+        let index = Index::build(domains.clone(), state, &State::default())?;
+        Ok(RouteTable::from_state(index.objects(), domains, branding, generation))
     }
 
     /// An empty table (no routes): every host is unknown.
     pub fn empty(domains: &Domains, branding: &PlatformBranding) -> RouteTable {
-        match RouteTable::build(domains, branding, &State::default(), 0) {
-            Ok(t) => t,
-            Err(e) => unreachable!("an empty state is always valid: {e}"),
+        RouteTable::from_state(&Objects::default(), domains, branding, 0)
+    }
+
+    /// The table of a whole checked state.
+    pub fn from_state(objects: &Objects, domains: &Domains, branding: &PlatformBranding, generation: u64) -> RouteTable {
+        let mut t = RouteTable {
+            generation,
+            domains: Arc::new(domains.clone()),
+            pages: Arc::new(Pages::new(branding)),
+            workspaces: CowSlab::default(),
+            ws_by_slug: CowMap::new(),
+            sandboxes: objects.sandboxes.clone(),
+            deployments: CowSlab::default(),
+            dep_by_name: CowMap::new(),
+            exact: CowMap::new(),
+            tenant_domains: CowMap::new(),
+            shares: CowMap::new(),
+            releases: CowMap::new(),
+            access: Arc::new(Keys::none()),
+        };
+        for w in objects.workspaces.iter() {
+            t.put_workspace(w.slot, None, Some(&w.obj));
         }
+        for d in objects.deployments.iter() {
+            let ws = objects.workspaces.get(d.obj.workspace.as_str().as_bytes()).map(|w| w.slot).unwrap_or(u32::MAX);
+            t.put_deployment(d.slot, ws, None, Some(&d.obj));
+        }
+        for s in objects.share_tokens.iter() {
+            t.put_share(None, Some(&s.obj));
+        }
+        t
     }
 
-    /// A workspace by index (as found in routes).
-    pub fn workspace(&self, i: u32) -> Option<&WorkspaceEntry> {
-        self.workspaces.get(i as usize)
-    }
-
-    /// A deployment by index (as found in routes).
-    pub fn deployment(&self, i: u32) -> Option<&DeploymentEntry> {
-        self.deployments.get(i as usize)
-    }
-
-    /// Every static release named by a version of a deployment (fetched ahead of
-    /// activation), with whether it is some deployment's active release.
-    pub fn static_releases(&self) -> &[(schema::Sha256, bool)] {
-        &self.static_releases
-    }
-
-    /// Every deployment.
-    pub fn deployments(&self) -> &[DeploymentEntry] {
-        &self.deployments
-    }
-
-    /// A share record by its token's SHA-256.
-    pub fn share(&self, sha256: &[u8; 32]) -> Option<&ShareEntry> {
-        self.shares.get(sha256)
+    /// The next table: this one with `changes` (just committed to `objects`) applied,
+    /// at `generation`. Costs what the changes cost, not what the table holds.
+    pub fn apply(&self, changes: &[Applied], objects: &Objects, generation: u64) -> RouteTable {
+        let mut t = self.clone();
+        t.generation = generation;
+        t.sandboxes = objects.sandboxes.clone();
+        for c in changes {
+            match c {
+                Applied::Workspace { slot, old, new } => t.put_workspace(*slot, old.as_deref(), new.as_deref()),
+                Applied::Sandbox { .. } => {}
+                Applied::ShareToken { old, new } => t.put_share(old.as_deref(), new.as_deref()),
+                Applied::Deployment { slot, workspace_slot, old, new } => {
+                    t.put_deployment(*slot, *workspace_slot, old.as_deref(), new.as_deref())
+                }
+            }
+        }
+        t
     }
 
     /// The same table with `keys` in force.
     pub fn with_access(mut self, keys: Arc<Keys>) -> RouteTable {
         self.access = keys;
         self
+    }
+
+    fn put_workspace(&mut self, slot: u32, old: Option<&Workspace>, new: Option<&Workspace>) {
+        if let Some(w) = old {
+            self.ws_by_slug.remove(w.slug.as_str().as_bytes());
+            for d in [&w.preview_domain, &w.deploy_domain].into_iter().flatten() {
+                self.tenant_domains.remove(d.host.as_str().as_bytes());
+            }
+        }
+        let Some(w) = new else {
+            self.workspaces.set(slot, None);
+            return;
+        };
+        let (branding, tenant_branding) = match &w.branding {
+            Some(b) => {
+                let i = match self.pages.find_workspace_branding(b) {
+                    Some(i) => i,
+                    // Rendered once per distinct branding; kept until the next full build.
+                    None => Arc::make_mut(&mut self.pages).add_workspace_branding(b),
+                };
+                (i, i)
+            }
+            None => (Pages::PLATFORM, Pages::NEUTRAL),
+        };
+        self.workspaces
+            .set(slot, Some(WorkspaceEntry { id: w.id.as_str().into(), slug: w.slug.as_str().into(), branding, tenant_branding }));
+        self.ws_by_slug.insert(Named { key: Key::from(w.slug.as_str()), slot });
+        for (d, preview) in [(&w.preview_domain, true), (&w.deploy_domain, false)] {
+            if let Some(d) = d {
+                self.tenant_domains.insert(TenantDomain {
+                    host: Key::from(d.host.as_str()),
+                    workspace: slot,
+                    verified: d.verified,
+                    preview,
+                });
+            }
+        }
+    }
+
+    fn put_deployment(&mut self, slot: u32, workspace: u32, old: Option<&Deployment>, new: Option<&Deployment>) {
+        if let Some(d) = old {
+            let ws = self.deployments.get(slot).map(|e| e.workspace).unwrap_or(u32::MAX);
+            let mut buf = [0u8; 96];
+            if let Some(k) = name_key(ws, d.name.as_str(), &mut buf) {
+                self.dep_by_name.remove(k);
+            }
+            for dom in &d.domains {
+                self.exact.remove(dom.host.as_str().as_bytes());
+            }
+            self.count_releases(d, -1);
+        }
+        let Some(d) = new else {
+            self.deployments.set(slot, None);
+            return;
+        };
+        self.deployments.set(slot, Some(Arc::new(DeploymentEntry::new(d, workspace))));
+        if let Some(e) = name_entry(workspace, d.name.as_str(), slot) {
+            self.dep_by_name.insert(e);
+        }
+        for dom in &d.domains {
+            self.exact.insert(ExactHost { host: Key::from(dom.host.as_str()), deployment: slot, verified: dom.verified });
+        }
+        self.count_releases(d, 1);
+    }
+
+    fn count_releases(&mut self, d: &Deployment, by: i32) {
+        for v in &d.versions {
+            let Release::Static { sha256, .. } = &v.release else { continue };
+            let active = i32::from(v.id == d.active_version) * by;
+            let mut u = self.releases.get(&sha256.0).cloned().unwrap_or(ReleaseUse { sha256: sha256.0, versions: 0, active: 0 });
+            u.versions = u.versions.saturating_add_signed(by);
+            u.active = u.active.saturating_add_signed(active);
+            if u.versions == 0 {
+                self.releases.remove(&sha256.0);
+            } else {
+                self.releases.insert(u);
+            }
+        }
+    }
+
+    fn put_share(&mut self, old: Option<&schema::ShareToken>, new: Option<&schema::ShareToken>) {
+        if let Some(t) = old {
+            self.shares.remove(&t.token_sha256.0);
+        }
+        if let Some(t) = new {
+            self.shares.insert(ShareEntry {
+                sha256: t.token_sha256.0,
+                id: t.id.as_str().into(),
+                sandbox: t.sandbox.as_str().into(),
+                port: t.port.map(|p| p.0),
+                expires_at: t.expires_at.map(|e| e.0),
+                password_hash: t.password_hash.as_ref().map(|h| Arc::from(h.as_str())),
+            });
+        }
+    }
+
+    /// A workspace by slot (as found in routes).
+    pub fn workspace(&self, slot: u32) -> Option<&WorkspaceEntry> {
+        self.workspaces.get(slot)
+    }
+
+    /// A deployment by slot (as found in routes).
+    pub fn deployment(&self, slot: u32) -> Option<&DeploymentEntry> {
+        self.deployments.get(slot).map(|d| &**d)
+    }
+
+    /// Every deployment.
+    pub fn deployments(&self) -> impl Iterator<Item = &DeploymentEntry> + '_ {
+        self.deployments.iter().map(|(_, d)| &**d)
+    }
+
+    /// Every static release named by a version of a deployment (fetched ahead of
+    /// activation), with whether it is some deployment's active release.
+    pub fn static_releases(&self) -> impl Iterator<Item = ([u8; 32], bool)> + '_ {
+        self.releases.iter().map(|u| (u.sha256, u.active > 0))
+    }
+
+    /// Whether a version names static release `sha`, and whether an active one does.
+    pub fn static_release(&self, sha: &[u8; 32]) -> Option<bool> {
+        self.releases.get(sha).map(|u| u.active > 0)
+    }
+
+    /// A share record by its token's SHA-256.
+    pub fn share(&self, sha256: &[u8; 32]) -> Option<&ShareEntry> {
+        self.shares.get(sha256)
     }
 
     /// Number of sandboxes in the table.
@@ -394,24 +442,24 @@ impl RouteTable {
             }
         }
         // 1. Exact deployment hosts.
-        if let Some(e) = self.exact.get(host) {
-            let dep = &self.deployments[e.deployment as usize];
-            let ws = &self.workspaces[dep.workspace as usize];
-            if !e.verified {
-                return self.denied(ErrorCode::DomainNotVerified, Some(dep.workspace), ws.tenant_branding, false);
+        if let Some(e) = self.exact.get(host.as_bytes()) {
+            if let Some(dep) = self.deployment(e.deployment) {
+                if !e.verified {
+                    return self.denied(ErrorCode::DomainNotVerified, Some(dep.workspace), self.tenant_branding(dep.workspace), false);
+                }
+                return Route::Deployment { deployment: dep, index: e.deployment, tenant_host: true };
             }
-            return Route::Deployment { deployment: dep, index: e.deployment, tenant_host: true };
         }
         // 3. `{name}.{slug}.{apps}`.
         if let Some(rest) = strip_zone(host, &self.domains.apps) {
-            if let Some((_name, slug)) = rest.split_once('.') {
+            if let Some((name, slug)) = rest.split_once('.') {
                 if !slug.contains('.') {
-                    if let Some(&di) = self.app_urls.get(rest) {
-                        return Route::Deployment { deployment: &self.deployments[di as usize], index: di, tenant_host: false };
-                    }
-                    if let Some(&wi) = self.ws_by_slug.get(slug) {
-                        let b = self.workspaces[wi as usize].branding;
-                        return self.denied(ErrorCode::UnknownHost, Some(wi), b, false);
+                    if let Some(ws) = self.ws_by_slug.get(slug.as_bytes()) {
+                        if let Some((dep, slot)) = self.named_deployment(ws.slot, name) {
+                            return Route::Deployment { deployment: dep, index: slot, tenant_host: false };
+                        }
+                        let b = self.workspace(ws.slot).map(|w| w.branding).unwrap_or(Pages::PLATFORM);
+                        return self.denied(ErrorCode::UnknownHost, Some(ws.slot), b, false);
                     }
                 }
             }
@@ -419,34 +467,43 @@ impl RouteTable {
         // 4 and 5: tenant domains, one label below the registered domain.
         let mut tenant: Option<u32> = None;
         if let Some((first, parent)) = host.split_once('.') {
-            if let Some(td) = self.preview_domains.get(parent) {
-                if !td.verified {
-                    let b = self.workspaces[td.workspace as usize].tenant_branding;
-                    return self.denied(ErrorCode::DomainNotVerified, Some(td.workspace), b, true);
-                }
-                if let Some((port, id)) = split_port_label(first) {
-                    return self.preview(id, port, Some(td.workspace));
-                }
-                tenant = Some(td.workspace);
-            }
-            if let Some(td) = self.deploy_domains.get(parent) {
-                let ws = &self.workspaces[td.workspace as usize];
-                if !td.verified {
-                    return self.denied(ErrorCode::DomainNotVerified, Some(td.workspace), ws.tenant_branding, false);
-                }
-                if let Some(&di) = ws.deployments.get(first) {
-                    return Route::Deployment { deployment: &self.deployments[di as usize], index: di, tenant_host: true };
+            if let Some(td) = self.tenant_domains.get(parent.as_bytes()) {
+                let b = self.tenant_branding(td.workspace);
+                if td.preview {
+                    if !td.verified {
+                        return self.denied(ErrorCode::DomainNotVerified, Some(td.workspace), b, true);
+                    }
+                    if let Some((port, id)) = split_port_label(first) {
+                        return self.preview(id, port, Some(td.workspace));
+                    }
+                } else {
+                    if !td.verified {
+                        return self.denied(ErrorCode::DomainNotVerified, Some(td.workspace), b, false);
+                    }
+                    if let Some((dep, slot)) = self.named_deployment(td.workspace, first) {
+                        return Route::Deployment { deployment: dep, index: slot, tenant_host: true };
+                    }
                 }
                 tenant = Some(td.workspace);
             }
         }
         // 6. Unknown: branded for the tenant whose domain it sits under, if any; a host
         // that *is* a tenant domain also belongs to that tenant.
-        let tenant = tenant.or_else(|| self.preview_domains.get(host).or_else(|| self.deploy_domains.get(host)).map(|td| td.workspace));
+        let tenant = tenant.or_else(|| self.tenant_domains.get(host.as_bytes()).map(|td| td.workspace));
         match tenant {
-            Some(wi) => self.denied(ErrorCode::UnknownHost, Some(wi), self.workspaces[wi as usize].tenant_branding, false),
+            Some(wi) => self.denied(ErrorCode::UnknownHost, Some(wi), self.tenant_branding(wi), false),
             None => self.denied(ErrorCode::UnknownHost, None, Pages::PLATFORM, false),
         }
+    }
+
+    fn tenant_branding(&self, ws: u32) -> u32 {
+        self.workspace(ws).map(|w| w.tenant_branding).unwrap_or(Pages::NEUTRAL)
+    }
+
+    fn named_deployment(&self, ws: u32, name: &str) -> Option<(&DeploymentEntry, u32)> {
+        let mut buf = [0u8; 96];
+        let slot = self.dep_by_name.get(name_key(ws, name, &mut buf)?)?.slot;
+        self.deployment(slot).map(|d| (d, slot))
     }
 
     fn denied(&self, code: ErrorCode, workspace: Option<u32>, branding: u32, preview: bool) -> Route<'_> {
@@ -456,13 +513,13 @@ impl RouteTable {
     fn preview(&self, id: &str, port: u16, tenant: Option<u32>) -> Route<'_> {
         let not_found = |wi: Option<u32>| {
             let branding = match (tenant, wi) {
-                (Some(t), _) => self.workspaces[t as usize].tenant_branding,
-                (None, Some(w)) => self.workspaces[w as usize].branding,
+                (Some(t), _) => self.tenant_branding(t),
+                (None, Some(w)) => self.workspace(w).map(|w| w.branding).unwrap_or(Pages::PLATFORM),
                 (None, None) => Pages::PLATFORM,
             };
             self.denied(ErrorCode::PreviewNotFound, tenant.or(wi), branding, true)
         };
-        let Some((sandbox_id, sb)) = self.sandboxes.get_key_value(id) else {
+        let Some(sb) = self.sandboxes.get(id.as_bytes()) else {
             return not_found(None);
         };
         // Tenant isolation: a tenant preview domain only serves its own sandboxes, and
@@ -471,7 +528,7 @@ impl RouteTable {
             return not_found(None);
         }
         match sb.preview(port) {
-            Some(access) => Route::Preview { sandbox_id: sandbox_id.as_str(), sandbox: sb, port, access, tenant_host: tenant.is_some() },
+            Some(access) => Route::Preview { sandbox_id: sb.id(), sandbox: sb, port, access, tenant_host: tenant.is_some() },
             None => not_found(Some(sb.workspace)),
         }
     }

@@ -133,6 +133,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // The last acknowledged control-plane state is loaded before anything listens.
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);
     let routes = store.routes();
+    services.start(Arc::new(crate::store::Compactor(store.clone())));
     let usage = Arc::new(Usage::default());
     let access_log = match cfg.log.access.as_str() {
         "off" => None,

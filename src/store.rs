@@ -1,36 +1,52 @@
-//! The authoritative routing state: the operators' TOML part plus the control-plane
-//! (API) part, merged into one published [`RouteTable`].
+//! The writer: the authoritative routing state (the operators' TOML part and the control
+//! plane's API part), its write-ahead log, and the published table.
 //!
-//! Writers (control API, TOML reload) take the store's mutex, build the candidate
-//! state, check conflicts between the two parts, validate the merge as a whole, build
-//! the table, persist the API part to `<state_dir>/state.json` (temp file, fsync,
-//! rename, fsync of the directory) and only then publish the table with one atomic
-//! store and acknowledge. A failure at any step changes nothing. The request path never
-//! takes the mutex: it reads the published table.
+//! ```text
+//! write (ops)        ─ store lock ─ check the batch on the state it leads to (state::Index)
+//!                                   append its record to the log (no fsync yet)
+//!                                   commit; the next table = this one + the change
+//!                    ─ unlock ────── wait until durable: one writer fsyncs for everyone
+//!                                   who appended meanwhile (group commit), then publishes
+//!                                   the newest durable table and wakes them all
+//!                    ─ acknowledged: {"generation": N}; a request sent now sees it
+//! compaction (a service): rotate the log at generation G, write state.json of G from a
+//!                    copy of the state (no lock held), drop the folded segments
+//! start:             state.json + every later log record, checked as one batch
+//! ```
 //!
-//! Generations only grow: every published table gets the next one, and the generation
-//! is persisted with the API state, so a restart continues from it.
+//! A write costs what it changes: checking touches the objects it names and those that
+//! refer to them, the table copies one leaf per map it touches ([`crate::cow`]), the log
+//! gets one record. A refused write changes nothing. Requests never take the store lock:
+//! they read the published table. Generations only grow, across restarts too.
 
+pub mod log;
+pub mod snapshot;
+
+use crate::access::Keys;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::{publish, RouteTable, SharedTable};
-use crate::schema::{Domains, PlatformBranding};
-use crate::schema::{Identified, State, StateError};
-use crate::state::validate;
+use crate::schema::{Domains, Kind, PlatformBranding, State, StateError};
+use crate::services::{Service, Shutdown};
+use crate::state::index::push_state;
+use crate::state::{BatchOp, Index, Objects, Op, Origin, Refusal};
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
-use std::io::Write;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// The log is folded into a snapshot once its current segment holds this many bytes…
+const COMPACT_BYTES: u64 = 64 << 20;
+/// …or this many records.
+const COMPACT_RECORDS: u64 = 100_000;
 
 /// Why a write was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// The merged state is invalid (first error's path is the API document's).
+    /// The state it leads to is invalid (every error; the first one's path is shown).
     #[error("{}", .0.first().map(|e| e.to_string()).unwrap_or_default())]
     Invalid(Vec<StateError>),
-    /// An id or host is defined by the TOML file.
+    /// An id or host is defined by the other part (TOML or API).
     #[error("{}", .0)]
     Conflict(StateError),
     /// `If-Match` named another generation.
@@ -39,30 +55,26 @@ pub enum WriteError {
     /// The object does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// The state could not be persisted; nothing was applied.
+    /// The write could not be made durable; nothing of it was published.
     #[error("cannot persist state: {0}")]
-    Persist(#[source] std::io::Error),
+    Persist(String),
 }
 
-/// What `state.json` holds.
-#[derive(Serialize, Deserialize)]
-struct Persisted {
-    generation: u64,
-    #[serde(flatten)]
-    state: State,
+impl From<Refusal> for WriteError {
+    fn from(r: Refusal) -> WriteError {
+        match r {
+            Refusal::Invalid(e) => WriteError::Invalid(e),
+            Refusal::Conflict(e) => WriteError::Conflict(e),
+            Refusal::NotFound(m) => WriteError::NotFound(m),
+        }
+    }
 }
 
 /// Why the store could not open.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid state file: {message}")]
-    Corrupt { path: PathBuf, message: String },
+    #[error("cannot read the state in {path}: {message}")]
+    Read { path: PathBuf, message: String },
     #[error("the persisted state does not fit the config: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<StateError>),
     #[error("cannot create state directory {path}: {source}")]
@@ -73,76 +85,144 @@ pub enum OpenError {
     },
 }
 
-struct Inner {
-    generation: u64,
-    domains: Domains,
-    branding: PlatformBranding,
-    keys: Arc<crate::access::Keys>,
-    toml: State,
-    api: State,
+/// What a published generation holds besides the table: the objects (both parts, with
+/// where each comes from), for the control API's reads.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub generation: u64,
+    pub objects: Objects,
+    pub domains: Arc<Domains>,
 }
 
-/// The routing state and its published table.
+struct Writer {
+    index: Index,
+    /// The newest table (published once durable).
+    table: RouteTable,
+    generation: u64,
+    /// The TOML part as the file gives it (reloads are applied as the difference).
+    toml: State,
+    branding: PlatformBranding,
+    keys: Arc<Keys>,
+    log: Option<log::Writer>,
+    compacting: bool,
+}
+
+/// Tables appended to the log but not yet durable, and who makes them so.
+#[derive(Default)]
+struct Pending {
+    /// The generation durable and published.
+    durable: u64,
+    queue: VecDeque<(u64, Arc<RouteTable>, Published)>,
+    syncing: bool,
+    /// The log cannot be written: every later write fails until a restart.
+    broken: Option<String>,
+}
+
+/// The routing state, its log, and its published table.
 pub struct Store {
-    inner: Mutex<Inner>,
+    writer: Mutex<Writer>,
+    pending: Mutex<Pending>,
+    durable: Condvar,
+    /// The current log segment, for whoever makes appended records durable.
+    file: Mutex<Option<Arc<std::fs::File>>>,
     routes: SharedTable,
-    /// The generation of each table right after it is published: lets waiters (the
-    /// waker) sleep until the table changes instead of polling it.
+    published: ArcSwap<Published>,
+    /// The generation of each table right after it is published: lets followers (the
+    /// waker, live revocation, the services) sleep until the table changes.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Set when the log should be folded into a snapshot ([`Store::compact`]).
+    compact_wanted: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
-    file: Option<PathBuf>,
+    dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("file", &self.file).finish()
+        f.debug_struct("Store").field("dir", &self.dir).finish()
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A writer that panicked left the state as it was before its write (every check
+    // happens before anything changes), so the data is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Store {
-    /// Opens the store for `cfg`: loads the last acknowledged API state from
-    /// `<state_dir>/state.json` when `persist` is true, merges it with the TOML routes
-    /// and publishes the first table.
+    /// Opens the store for `cfg`: with `persist`, the API state of `<state_dir>` (its
+    /// snapshot and log), merged with the TOML routes and checked whole; publishes the
+    /// first table at a generation above every one served before.
     pub fn open(cfg: &Config, metrics: Arc<Metrics>, persist: bool) -> Result<Store, OpenError> {
-        let file = persist.then(|| cfg.server.state_dir.join("state.json"));
-        let (generation, api) = match &file {
-            Some(f) => load(f)?,
-            None => (0, State::default()),
-        };
-        let generation = generation + 1;
-        if let Some(f) = &file {
-            if let Some(dir) = f.parent() {
-                std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir { path: dir.to_owned(), source })?;
-            }
+        let dir = persist.then(|| cfg.server.state_dir.clone());
+        let mut ops = Vec::new();
+        let mut generation = 0;
+        let mut log_writer = None;
+        if let Some(dir) = &dir {
+            std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir { path: dir.clone(), source })?;
+            let recovered = recover(dir)?;
+            generation = recovered.generation;
+            ops = recovered.ops;
+            let mut w = log::Writer::open(dir).map_err(|e| OpenError::Read { path: dir.clone(), message: e.to_string() })?;
+            w.records = recovered.records;
+            log_writer = Some(w);
         }
-        let inner = Inner {
-            generation,
-            domains: cfg.domains.clone(),
-            branding: cfg.branding.clone(),
-            keys: cfg.keys.clone(),
-            toml: cfg.state.clone(),
-            api,
-        };
-        conflicts(&inner.toml, &inner.api).map_err(|e| OpenError::Invalid(vec![e]))?;
-        let table = build(&inner, &inner.api, generation).map_err(OpenError::Invalid)?;
+        push_state(&mut ops, &cfg.state, Origin::Toml, "toml: ");
+        let mut index = Index::new(cfg.domains.clone());
+        let plan = index.check(&ops).map_err(|r| OpenError::Invalid(crate::routing::BuildError::from(r).0))?;
+        index.commit(plan);
+        let fold_now = log_writer.as_ref().is_some_and(|l| l.records >= COMPACT_RECORDS || l.bytes >= COMPACT_BYTES);
+        // A start takes a generation of its own, so generations keep growing across
+        // restarts (logged below, so a second restart goes higher still).
+        generation += 1;
+        let table = RouteTable::from_state(index.objects(), &cfg.domains, &cfg.branding, generation).with_access(cfg.keys.clone());
+        let file = log_writer.as_ref().map(log::Writer::file);
+        let published = Published { generation, objects: index.objects().clone(), domains: table.domains.clone() };
         metrics.generation.set(generation as i64);
         metrics.sandboxes.set(table.sandbox_count() as i64);
-        let changes = tokio::sync::watch::channel(generation).0;
-        let store = Store { inner: Mutex::new(inner), routes: Arc::new(ArcSwap::from_pointee(table)), changes, metrics, file };
-        // Record the new generation so generations keep growing across restarts.
-        if let Some(f) = &store.file {
-            let g = store.lock();
-            if let Err(e) = persist_file(f, g.generation, &g.api) {
-                tracing::warn!(error = %e, file = %f.display(), "cannot write state file");
+        let store = Store {
+            routes: Arc::new(ArcSwap::from_pointee(table.clone())),
+            writer: Mutex::new(Writer {
+                index,
+                table,
+                generation,
+                toml: cfg.state.clone(),
+                branding: cfg.branding.clone(),
+                keys: cfg.keys.clone(),
+                log: log_writer,
+                compacting: false,
+            }),
+            pending: Mutex::new(Pending { durable: generation, ..Default::default() }),
+            durable: Condvar::new(),
+            file: Mutex::new(file),
+            published: ArcSwap::from_pointee(published),
+            changes: tokio::sync::watch::channel(generation).0,
+            compact_wanted: tokio::sync::watch::channel(fold_now).0,
+            metrics,
+            dir,
+        };
+        if let Some(dir) = &store.dir {
+            // The snapshot exists from the first start on (operators and tools read it).
+            let path = dir.join("state.json");
+            if !path.exists() {
+                if let Err(e) = snapshot::write(&path, generation - 1, store.lock().index.objects()) {
+                    tracing::warn!(error = %e, file = %path.display(), "cannot write the first snapshot");
+                }
+            }
+        }
+        {
+            let mut w = store.lock();
+            if let Some(log) = &mut w.log {
+                let mark = log::Record { generation, ops: Vec::new() }.frame();
+                if let Err(e) = log.append(&mark).and_then(|()| log.file().sync_data()) {
+                    tracing::warn!(error = %e, "cannot record the start's generation in the state log");
+                }
             }
         }
         Ok(store)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A writer that panicked left `Inner` as it was before its write (all checks
-        // happen on copies), so the data is still consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        lock(&self.writer)
     }
 
     /// The published table (readers `load()` it once per request).
@@ -158,230 +238,334 @@ impl Store {
 
     /// The generation of the published table.
     pub fn generation(&self) -> u64 {
-        self.lock().generation
+        self.published.load().generation
     }
 
-    /// The API-managed state and its generation.
-    pub fn api_state(&self) -> (u64, State) {
-        let g = self.lock();
-        (g.generation, g.api.clone())
+    /// The published generation and its objects (both parts).
+    pub fn published(&self) -> Arc<Published> {
+        self.published.load_full()
     }
 
-    /// Runs `f` on the current generation, TOML part, API part and domains, under the
-    /// writers' lock (readers of the published table are not affected).
-    pub fn read<R>(&self, f: impl FnOnce(u64, &State, &State, &Domains) -> R) -> R {
-        let g = self.lock();
-        f(g.generation, &g.toml, &g.api, &g.domains)
+    /// Applies `ops` (API writes) as one batch: all or nothing, checked on the state it
+    /// leads to, durable before it returns. `if_match` is the generation the caller
+    /// saw. A batch that changes nothing writes nothing and answers the current
+    /// generation.
+    pub fn apply(&self, if_match: Option<u64>, ops: Vec<BatchOp>) -> Result<u64, WriteError> {
+        self.write(if_match, |_| Ok(ops))
     }
 
-    /// Applies `change` to a copy of the API state; validates, persists and publishes
-    /// the result, or changes nothing. `if_match` is the generation the caller saw.
-    pub fn write_api(&self, if_match: Option<u64>, change: impl FnOnce(&mut State) -> Result<(), WriteError>) -> Result<u64, WriteError> {
-        self.write(if_match, |old| {
-            let mut api = old.clone();
-            change(&mut api)?;
-            Ok(api)
-        })
-    }
-
-    /// Replaces the whole API state (`PUT /v1/state`) without copying the old one.
-    pub fn replace_api(&self, if_match: Option<u64>, state: State) -> Result<u64, WriteError> {
-        self.write(if_match, |_| Ok(state))
-    }
-
-    fn write(&self, if_match: Option<u64>, next: impl FnOnce(&State) -> Result<State, WriteError>) -> Result<u64, WriteError> {
-        let mut g = self.lock();
-        let result = (|| {
-            if let Some(expected) = if_match {
-                if expected != g.generation {
-                    return Err(WriteError::Stale { current: g.generation, expected });
-                }
-            }
-            let api = next(&g.api)?;
-            conflicts(&g.toml, &api).map_err(WriteError::Conflict)?;
-            let generation = g.generation + 1;
-            let table = build(&g, &api, generation).map_err(WriteError::Invalid)?;
-            if let Some(f) = &self.file {
-                persist_file(f, generation, &api).map_err(WriteError::Persist)?;
-            }
-            self.publish(&mut g, table, generation);
-            g.api = api;
-            Ok(generation)
-        })();
+    /// Like [`Self::apply`], the ops made from the current state under the writers'
+    /// lock (a read-modify-write such as `activate` cannot lose a concurrent write).
+    pub fn write(&self, if_match: Option<u64>, make: impl FnOnce(&Objects) -> Result<Vec<BatchOp>, WriteError>) -> Result<u64, WriteError> {
+        let result = self.write_inner(if_match, make);
         self.metrics.state_write(result.is_ok());
         result
     }
 
-    /// Replaces the TOML part (a reload). Conflicts with API objects are refused.
-    pub fn replace_toml(&self, cfg: &Config) -> Result<u64, Vec<StateError>> {
-        let mut g = self.lock();
-        conflicts(&cfg.state, &g.api).map_err(|e| vec![e])?;
-        let candidate = Inner {
-            generation: g.generation,
-            domains: cfg.domains.clone(),
-            branding: cfg.branding.clone(),
-            keys: cfg.keys.clone(),
-            toml: cfg.state.clone(),
-            api: State::default(),
-        };
-        let generation = g.generation + 1;
-        let table = build(&candidate, &g.api, generation)?;
-        if let Some(f) = &self.file {
-            if let Err(e) = persist_file(f, generation, &g.api) {
-                return Err(vec![StateError { path: String::new(), message: format!("cannot persist state: {e}") }]);
+    fn write_inner(
+        &self,
+        if_match: Option<u64>,
+        make: impl FnOnce(&Objects) -> Result<Vec<BatchOp>, WriteError>,
+    ) -> Result<u64, WriteError> {
+        let mut w = self.lock();
+        if let Some(expected) = if_match {
+            if expected != w.generation {
+                return Err(WriteError::Stale { current: w.generation, expected });
             }
         }
-        self.publish(&mut g, table, generation);
-        g.domains = candidate.domains;
-        g.branding = candidate.branding;
-        g.keys = candidate.keys;
-        g.toml = candidate.toml;
+        if let Some(broken) = &lock(&self.pending).broken {
+            return Err(WriteError::Persist(broken.clone()));
+        }
+        let ops = make(w.index.objects())?;
+        let plan = w.index.check(&ops)?;
+        if plan.is_empty() {
+            return Ok(w.generation);
+        }
+        let generation = w.generation + 1;
+        if let Some(log) = &mut w.log {
+            let record = log::Record { generation, ops: ops.into_iter().map(|b| b.op).collect() };
+            log.append(&record.frame()).map_err(|e| WriteError::Persist(e.to_string()))?;
+        }
+        let applied = w.index.commit(plan);
+        let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
+        w.generation = generation;
+        self.stage(&mut w, table);
+        drop(w);
+        self.wait_durable(generation)?;
         Ok(generation)
     }
 
-    fn publish(&self, g: &mut Inner, table: RouteTable, generation: u64) {
-        let sandboxes = table.sandbox_count();
-        publish(&self.routes, table);
+    /// Replaces the whole API part (`PUT /v1/state`): the document is checked whole
+    /// (errors name its paths), then applied as its difference from the current state.
+    pub fn replace_api(&self, if_match: Option<u64>, doc: State) -> Result<u64, WriteError> {
+        let toml = self.lock().toml.clone();
+        let domains = self.published.load().domains.clone();
+        // The document and the TOML part, checked together with the document's paths
+        // first; errors in TOML objects are named `toml: …`.
+        Index::build((*domains).clone(), &toml, &doc).map_err(WriteError::from)?;
+        self.write(if_match, |objects| Ok(diff(objects, &doc, Origin::Api, "")))
+    }
+
+    /// Replaces the TOML part and the config it came with (a reload). A change of the
+    /// platform's domains or branding rebuilds the whole table; otherwise the new file
+    /// is applied as its difference. Conflicts with API objects are refused.
+    pub fn replace_toml(&self, cfg: &Config) -> Result<u64, Vec<StateError>> {
+        let mut w = self.lock();
+        let generation = w.generation + 1;
+        let table = if cfg.domains != *w.index.domains() || cfg.branding != w.branding {
+            let api = w.index.objects().to_state(Origin::Api);
+            let index = Index::build(cfg.domains.clone(), &cfg.state, &api).map_err(|r| crate::routing::BuildError::from(r).0)?;
+            w.index = index;
+            RouteTable::from_state(w.index.objects(), &cfg.domains, &cfg.branding, generation)
+        } else {
+            let ops = diff_toml(w.index.objects(), &cfg.state);
+            let plan = w.index.check(&ops).map_err(|r| crate::routing::BuildError::from(r).0)?;
+            let applied = w.index.commit(plan);
+            w.table.apply(&applied, w.index.objects(), generation)
+        };
+        if let Some(log) = &mut w.log {
+            let mark = log::Record { generation, ops: Vec::new() }.frame();
+            if let Err(e) = log.append(&mark) {
+                return Err(vec![StateError { path: String::new(), message: format!("cannot persist state: {e}") }]);
+            }
+        }
+        w.generation = generation;
+        w.toml = cfg.state.clone();
+        w.branding = cfg.branding.clone();
+        w.keys = cfg.keys.clone();
+        let table = table.with_access(cfg.keys.clone());
+        self.stage(&mut w, table);
+        drop(w);
+        self.wait_durable(generation).map_err(|e| vec![StateError { path: String::new(), message: e.to_string() }])?;
+        Ok(generation)
+    }
+
+    /// Queues `table` to be published once its record is durable, and asks for a
+    /// compaction when the log has grown enough.
+    fn stage(&self, w: &mut Writer, table: RouteTable) {
+        let published = Published { generation: table.generation, objects: w.index.objects().clone(), domains: table.domains.clone() };
+        let table = Arc::new(table);
+        w.table = (*table).clone();
+        lock(&self.pending).queue.push_back((table.generation, table, published));
+        if let Some(log) = &w.log {
+            if !w.compacting && (log.bytes >= COMPACT_BYTES || log.records >= COMPACT_RECORDS) {
+                self.compact_wanted.send_replace(true);
+            }
+        }
+    }
+
+    /// Waits until `generation` is durable and published: the first waiter to find no
+    /// sync under way fsyncs the log for everyone who appended before it (group commit),
+    /// publishes the newest durable table, and wakes the others.
+    fn wait_durable(&self, generation: u64) -> Result<(), WriteError> {
+        let mut p = lock(&self.pending);
+        loop {
+            if p.durable >= generation {
+                return Ok(());
+            }
+            if let Some(b) = &p.broken {
+                return Err(WriteError::Persist(b.clone()));
+            }
+            if p.syncing {
+                p = self.durable.wait(p).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            p.syncing = true;
+            let target = p.queue.back().map(|e| e.0).unwrap_or(generation);
+            drop(p);
+            let file = lock(&self.file).clone();
+            let synced = file.map_or(Ok(()), |f| f.sync_data());
+            p = lock(&self.pending);
+            p.syncing = false;
+            match synced {
+                Ok(()) => {
+                    let mut newest = None;
+                    while p.queue.front().is_some_and(|e| e.0 <= target) {
+                        newest = p.queue.pop_front();
+                    }
+                    if let Some((g, table, published)) = newest {
+                        self.publish(table, published);
+                        p.durable = g;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot make the state log durable: refusing writes until a restart");
+                    p.broken = Some(format!("the state log cannot be written: {e}"));
+                }
+            }
+            self.durable.notify_all();
+        }
+    }
+
+    fn publish(&self, table: Arc<RouteTable>, published: Published) {
+        let (generation, sandboxes) = (table.generation, table.sandbox_count());
+        self.published.store(Arc::new(published));
+        publish(&self.routes, Arc::unwrap_or_clone(table));
         // send_replace: delivered even when nobody subscribed yet.
         self.changes.send_replace(generation);
-        g.generation = generation;
         self.metrics.generation.set(generation as i64);
         self.metrics.sandboxes.set(sandboxes as i64);
     }
-}
 
-/// Builds the table for the API state `api` on top of `base`'s TOML part. The API
-/// objects come first in the merge so that error paths name the API document's
-/// indices; errors in TOML objects are labelled as such.
-fn build(base: &Inner, api: &State, generation: u64) -> Result<RouteTable, Vec<StateError>> {
-    let toml = &base.toml;
-    let no_toml_routes =
-        toml.workspaces.is_empty() && toml.sandboxes.is_empty() && toml.share_tokens.is_empty() && toml.deployments.is_empty();
-    // In production the TOML file usually holds no routes: skip copying a large API state.
-    let merged;
-    let whole = if no_toml_routes {
-        api
-    } else {
-        merged = api.merged(toml);
-        &merged
-    };
-    if let Err(errs) = validate(whole, &base.domains) {
-        return Err(errs.into_iter().map(|e| relabel(e, api)).collect());
+    /// Told when the log has grown enough to be folded into a snapshot.
+    pub fn compaction_wanted(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.compact_wanted.subscribe()
     }
-    RouteTable::build_validated(&base.domains, &base.branding, whole, generation).map(|t| t.with_access(base.keys.clone())).map_err(|e| e.0)
+
+    /// Folds the log into a snapshot: rotates the current segment at the current
+    /// generation, writes `state.json` of that generation from a copy of the state
+    /// (writers and requests go on meanwhile), then removes the folded segments.
+    /// Blocking: run it off the async threads.
+    pub fn compact(&self) -> std::io::Result<()> {
+        let Some(dir) = self.dir.clone() else { return Ok(()) };
+        let (generation, objects) = {
+            let mut w = self.lock();
+            if w.compacting {
+                return Ok(());
+            }
+            let generation = w.generation;
+            let Some(log) = &mut w.log else { return Ok(()) };
+            log.rotate(generation)?;
+            *lock(&self.file) = Some(log.file());
+            w.compacting = true;
+            self.compact_wanted.send_replace(false);
+            (generation, w.index.objects().clone())
+        };
+        let result = (|| {
+            snapshot::write(&dir.join("state.json"), generation, &objects)?;
+            for seg in log::segments(&dir)? {
+                let folded = seg
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("state.log."))
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .is_some_and(|g| g <= generation);
+                if folded {
+                    std::fs::remove_file(&seg)?;
+                }
+            }
+            log::sync_dir(&dir);
+            Ok(())
+        })();
+        self.lock().compacting = false;
+        match &result {
+            Ok(()) => tracing::info!(generation, sandboxes = objects.sandboxes.len(), "state log folded into a snapshot"),
+            Err(e) => tracing::warn!(error = %e, generation, "state log compaction failed; the log keeps every record"),
+        }
+        result
+    }
 }
 
-/// Turns `sandboxes[7].x` into `toml: sandboxes[2].x` when index 7 is past the API
-/// objects of that kind.
-fn relabel(mut e: StateError, api: &State) -> StateError {
-    let kinds = [
-        ("workspaces", api.workspaces.len()),
-        ("sandboxes", api.sandboxes.len()),
-        ("share_tokens", api.share_tokens.len()),
-        ("deployments", api.deployments.len()),
-    ];
-    for (kind, n) in kinds {
-        let Some(rest) = e.path.strip_prefix(kind).and_then(|r| r.strip_prefix('[')) else { continue };
-        let Some((idx, tail)) = rest.split_once(']') else { continue };
-        if let Ok(i) = idx.parse::<usize>() {
-            if i >= n {
-                e.path = format!("toml: {kind}[{}]{tail}", i - n);
+/// How often the log is folded even when it stays small, so `state.json` never lags far.
+const FOLD_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Folds the log into a snapshot in the background: when the store asks (the log grew
+/// past its bounds) and every ten minutes while records accumulate.
+pub struct Compactor(pub Arc<Store>);
+
+#[async_trait::async_trait]
+impl Service for Compactor {
+    fn name(&self) -> &'static str {
+        "state compaction"
+    }
+
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut wanted = self.0.compaction_wanted();
+        loop {
+            tokio::select! {
+                r = wanted.wait_for(|w| *w) => if r.is_err() { return },
+                _ = tokio::time::sleep(FOLD_EVERY) => {
+                    if self.0.lock().log.as_ref().is_none_or(|l| l.records == 0) {
+                        continue;
+                    }
+                }
+                _ = shutdown.wait() => return,
+            }
+            let store = self.0.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || store.compact()).await {
+                tracing::error!(error = %e, "state compaction task failed");
             }
         }
     }
-    e
 }
 
-/// The first API object of one kind whose id the TOML part also defines.
-fn shared_id<T: Identified>(toml: &[T], api: &[T], kind: &str, what: &str) -> Result<(), StateError> {
-    let ids: HashSet<&str> = toml.iter().map(Identified::id_str).collect();
-    match api.iter().enumerate().find(|(_, o)| ids.contains(o.id_str())) {
-        Some((i, o)) => {
-            Err(StateError { path: format!("{kind}[{i}].id"), message: format!("{what} `{}` is pinned by the TOML file", o.id_str()) })
+/// The ops that turn the `origin` part of `objects` into `doc` (upserts named by their
+/// path in the document, deletes of what it no longer holds).
+fn diff(objects: &Objects, doc: &State, origin: Origin, prefix: &str) -> Vec<BatchOp> {
+    let mut ops = Vec::new();
+    push_state(&mut ops, doc, origin, prefix);
+    for kind in Kind::ALL {
+        let keep: std::collections::HashSet<&str> = doc.ids(kind).collect();
+        let gone: Vec<String> = match kind {
+            Kind::Workspace => objects.workspaces.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
+            Kind::Sandbox => objects.sandboxes.iter().filter(|r| r.origin == origin).map(|r| r.id().to_string()).collect(),
+            Kind::ShareToken => objects.share_tokens.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
+            Kind::Deployment => objects.deployments.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
+        };
+        for id in gone.into_iter().filter(|id| !keep.contains(id.as_str())) {
+            ops.push(BatchOp { path: String::new(), origin, op: Op::Delete(kind, id) });
         }
-        None => Ok(()),
     }
+    ops
 }
 
-/// An id or host defined in both parts.
-fn conflicts(toml: &State, api: &State) -> Result<(), StateError> {
-    let conflict = |path: String, what: String| Err(StateError { path, message: format!("{what} is pinned by the TOML file") });
-    shared_id(&toml.workspaces, &api.workspaces, "workspaces", "workspace")?;
-    shared_id(&toml.sandboxes, &api.sandboxes, "sandboxes", "sandbox")?;
-    shared_id(&toml.share_tokens, &api.share_tokens, "share_tokens", "share token")?;
-    shared_id(&toml.deployments, &api.deployments, "deployments", "deployment")?;
-    let mut hosts: HashSet<&str> = HashSet::new();
-    for w in &toml.workspaces {
-        hosts.extend(w.preview_domain.iter().chain(w.deploy_domain.iter()).map(|d| d.host.as_str()));
-    }
-    for d in &toml.deployments {
-        hosts.extend(d.domains.iter().map(|d| d.host.as_str()));
-    }
-    for (i, w) in api.workspaces.iter().enumerate() {
-        for (key, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
-            if let Some(d) = d.as_ref().filter(|d| hosts.contains(d.host.as_str())) {
-                return conflict(format!("workspaces[{i}].{key}.host"), format!("host `{}`", d.host));
+/// [`diff`] for the TOML part.
+fn diff_toml(objects: &Objects, toml: &State) -> Vec<BatchOp> {
+    diff(objects, toml, Origin::Toml, "toml: ")
+}
+
+/// What the state directory holds: the ops that rebuild the API state, and the
+/// generation they reach.
+struct Recovered {
+    ops: Vec<BatchOp>,
+    generation: u64,
+    /// Log records replayed after the snapshot.
+    records: u64,
+}
+
+/// Reads the snapshot and every later log record of `dir`. A torn tail is cut off with
+/// a log line; segments after a break in the generations are set aside as `.corrupt`.
+fn recover(dir: &Path) -> Result<Recovered, OpenError> {
+    let read_err = |message: String| OpenError::Read { path: dir.to_path_buf(), message };
+    let (snapshot_generation, api) = snapshot::read(&dir.join("state.json")).map_err(read_err)?;
+    let mut ops = Vec::with_capacity(api.sandboxes.len() + 64);
+    push_state(&mut ops, &api, Origin::Api, "");
+    let mut generation = snapshot_generation;
+    let mut last: Option<u64> = None;
+    let mut broken = false;
+    let mut records = 0;
+    for seg in log::segments(dir).map_err(|e| read_err(e.to_string()))? {
+        if broken {
+            let aside =
+                seg.with_extension(format!("{}corrupt", seg.extension().map(|e| format!("{}.", e.to_string_lossy())).unwrap_or_default()));
+            tracing::error!(segment = %seg.display(), aside = %aside.display(), "state log segment after a break: set aside, not replayed");
+            let _ = std::fs::rename(&seg, &aside);
+            continue;
+        }
+        let bytes = log::read(&seg).map_err(|e| read_err(format!("{}: {e}", seg.display())))?;
+        let parsed = log::parse(&bytes, last);
+        for r in parsed.records {
+            last = Some(r.generation);
+            if r.generation <= generation {
+                continue; // folded into the snapshot already
             }
-        }
-    }
-    for (i, dep) in api.deployments.iter().enumerate() {
-        for (j, d) in dep.domains.iter().enumerate() {
-            if hosts.contains(d.host.as_str()) {
-                return conflict(format!("deployments[{i}].domains[{j}].host"), format!("host `{}`", d.host));
+            if r.generation != generation + 1 {
+                tracing::error!(segment = %seg.display(), expected = generation + 1, found = r.generation, "state log records missing after the snapshot");
+                broken = true;
+                break;
             }
+            generation = r.generation;
+            records += 1;
+            ops.extend(r.ops.into_iter().map(|op| BatchOp { path: String::new(), origin: Origin::Api, op }));
+        }
+        if let Some(why) = parsed.torn {
+            tracing::warn!(segment = %seg.display(), kept_bytes = parsed.good_len, reason = %why, "state log: torn tail dropped");
+            log::truncate(&seg, parsed.good_len).map_err(|e| read_err(format!("cannot cut the torn tail of {}: {e}", seg.display())))?;
+            broken = true;
         }
     }
-    Ok(())
+    Ok(Recovered { ops, generation, records })
 }
 
-fn load(file: &Path) -> Result<(u64, State), OpenError> {
-    let text = match std::fs::read(file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, State::default())),
-        Err(source) => return Err(OpenError::Read { path: file.to_owned(), source }),
-    };
-    let p: Persisted = serde_json::from_slice(&text).map_err(|e| OpenError::Corrupt { path: file.to_owned(), message: e.to_string() })?;
-    Ok((p.generation, p.state))
-}
-
-/// Writes `bytes` to `path` so readers see the old file or the new one, never a part:
-/// a temp file beside it (created with `mode`), fsync, rename, fsync of the directory.
-/// For small files (keys, tokens, certificates, ledgers); `state.json` streams its own.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    // the rename itself is durable once the directory is synced (best effort)
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Writes `state.json` durably: temp file, fsync, rename, fsync of the directory.
-fn persist_file(file: &Path, generation: u64, api: &State) -> std::io::Result<()> {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        generation: u64,
-        #[serde(flatten)]
-        state: &'a State,
-    }
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(".state.json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(&mut f);
-        serde_json::to_writer(&mut w, &Out { generation, state: api }).map_err(std::io::Error::other)?;
-        w.flush()?;
-        drop(w);
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, file)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests;

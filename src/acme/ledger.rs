@@ -94,7 +94,7 @@ impl Ledger {
     /// Writes atomically (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        crate::store::write_atomic(path, &bytes, 0o644)
+        crate::files::write_atomic(path, &bytes, 0o644)
     }
 
     /// Forgets history no limit looks at any more.

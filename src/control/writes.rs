@@ -6,6 +6,7 @@
 use super::error::{bytes_response, invalid_at, json, parse, ApiError};
 use super::ControlApi;
 use crate::schema::{Id, Kind, Object, State, StateDoc, StateError};
+use crate::state::{BatchOp, Op, Origin};
 use crate::store::WriteError;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -17,7 +18,8 @@ use std::sync::Arc;
 type Answer = Result<Response<Full<Bytes>>, ApiError>;
 
 impl ControlApi {
-    /// `GET /v1/state`: the API-managed state and its generation (also the `ETag`).
+    /// `GET /v1/state`: the API-managed state and its generation (also the `ETag`),
+    /// serialised from the published copy (writers are not held up).
     pub(super) fn get_state(&self) -> Response<Full<Bytes>> {
         #[derive(Serialize)]
         struct Out<'a> {
@@ -25,15 +27,17 @@ impl ControlApi {
             #[serde(flatten)]
             state: &'a State,
         }
-        let (generation, body) = self.store.read(|g, _toml, api, _| (g, serde_json::to_vec(&Out { generation: g, state: api })));
+        let p = self.store.published();
+        let state = p.objects.to_state(Origin::Api);
+        let body = serde_json::to_vec(&Out { generation: p.generation, state: &state });
         let mut r = bytes_response(StatusCode::OK, "application/json", body.unwrap_or_default());
-        if let Ok(v) = header::HeaderValue::from_str(&format!("\"{generation}\"")) {
+        if let Ok(v) = header::HeaderValue::from_str(&format!("\"{}\"", p.generation)) {
             r.headers_mut().insert(header::ETAG, v);
         }
         r
     }
 
-    /// `PUT /v1/state`: replaces the API-managed state whole.
+    /// `PUT /v1/state`: replaces the API-managed state whole (applied as the difference).
     pub(super) async fn put_state(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
         let if_match = if_match(&req)?;
         let body = self.body(req).await?;
@@ -53,7 +57,7 @@ impl ControlApi {
         }
         #[derive(Deserialize)]
         #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-        enum Op {
+        enum WireOp {
             Upsert { kind: Kind, value: serde_json::Value },
             Delete { kind: Kind, id: String },
         }
@@ -63,37 +67,26 @@ impl ControlApi {
             let b: Body = parse(&body)?;
             let mut ops = Vec::with_capacity(b.ops.len());
             for (i, v) in b.ops.into_iter().enumerate() {
-                let op: Op = serde_path_to_error::deserialize(v).map_err(|e| invalid_at(&format!("ops[{i}]"), e))?;
-                ops.push(match op {
-                    Op::Upsert { kind, value } => {
-                        (kind, Ok(Object::from_value(kind, value).map_err(|e| invalid_at(&format!("ops[{i}].value"), e))?))
+                let op: WireOp = serde_path_to_error::deserialize(v).map_err(|e| invalid_at(&format!("ops[{i}]"), e))?;
+                let (path, op) = match op {
+                    WireOp::Upsert { kind, value } => {
+                        let path = format!("ops[{i}].value");
+                        let o = Object::from_value(kind, value).map_err(|e| invalid_at(&path, e))?;
+                        (path, Op::Upsert(o))
                     }
-                    Op::Delete { kind, id } => (kind, Err((i, id))),
-                });
+                    WireOp::Delete { kind, id } => (format!("ops[{i}]"), Op::Delete(kind, id)),
+                };
+                ops.push(BatchOp { path, origin: Origin::Api, op });
             }
-            api.store
-                .write_api(if_match, move |s| {
-                    for (kind, op) in ops {
-                        match op {
-                            Ok(obj) => s.upsert(obj),
-                            Err((i, id)) => {
-                                if !s.remove(kind, &id) {
-                                    return Err(WriteError::NotFound(format!("ops[{i}]: no {} `{id}`", kind.singular())));
-                                }
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-                .map_err(ApiError::from)
+            api.store.apply(if_match, ops).map_err(ApiError::from)
         })
         .await
     }
 
     /// `GET /v1/{kind}/{id}`: the bare object (TOML objects too).
     pub(super) fn get_object(&self, kind: Kind, id: &str) -> Answer {
-        match self.store.read(|_, toml, api, _| api.get(kind, id).or_else(|| toml.get(kind, id))) {
-            Some(o) => Ok(json(StatusCode::OK, &o.to_value())),
+        match self.store.published().objects.get(kind, id) {
+            Some((_, o)) => Ok(json(StatusCode::OK, &o.to_value())),
             None => Err(ApiError::not_found(format!("no {} `{id}`", kind.singular()))),
         }
     }
@@ -109,10 +102,7 @@ impl ControlApi {
                 return Err(ApiError::invalid(format!("the body's id `{}` is not the path's `{id}`", obj.id()), "id"));
             }
             api.store
-                .write_api(if_match, move |s| {
-                    s.upsert(obj);
-                    Ok(())
-                })
+                .apply(if_match, vec![BatchOp { path: String::new(), origin: Origin::Api, op: Op::Upsert(obj) }])
                 .map_err(ApiError::from)
         })
         .await
@@ -121,24 +111,14 @@ impl ControlApi {
     /// `DELETE /v1/{kind}/{id}`.
     pub(super) async fn delete_object(self: &Arc<Self>, kind: Kind, id: String) -> Answer {
         self.blocking(move |api| {
-            let in_toml = api.store.read(|_, toml, _, _| toml.contains(kind, &id));
-            api.store
-                .write_api(None, |s| {
-                    if s.remove(kind, &id) {
-                        Ok(())
-                    } else if in_toml {
-                        Err(pinned(kind, &id))
-                    } else {
-                        Err(WriteError::NotFound(format!("no {} `{id}`", kind.singular())))
-                    }
-                })
-                .map_err(ApiError::from)
+            let op = BatchOp { path: String::new(), origin: Origin::Api, op: Op::Delete(kind, id) };
+            api.store.apply(None, vec![op]).map_err(ApiError::from)
         })
         .await
     }
 
     /// `POST /v1/deployments/{id}/activate`: moves the active version (promote or roll
-    /// back; nothing is rebuilt).
+    /// back; nothing is rebuilt). Read and written under the writers' lock.
     pub(super) async fn activate(self: &Arc<Self>, id: String, req: Request<Incoming>) -> Answer {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -149,15 +129,12 @@ impl ControlApi {
         let body = self.body(req).await?;
         self.blocking(move |api| {
             let b: Body = parse(&body)?;
-            let in_toml = api.store.read(|_, toml, _, _| toml.contains(Kind::Deployment, &id));
             api.store
-                .write_api(if_match, |s| {
-                    let Some(d) = s.deployments.iter_mut().find(|d| d.id.as_str() == id) else {
-                        return Err(if in_toml {
-                            pinned(Kind::Deployment, &id)
-                        } else {
-                            WriteError::NotFound(format!("no deployment `{id}`"))
-                        });
+                .write(if_match, |objects| {
+                    let mut d = match objects.get(Kind::Deployment, &id) {
+                        Some((Origin::Api, Object::Deployment(d))) => d,
+                        Some(_) => return Err(pinned(Kind::Deployment, &id)),
+                        None => return Err(WriteError::NotFound(format!("no deployment `{id}`"))),
                     };
                     if !d.versions.iter().any(|v| v.id == b.version) {
                         return Err(WriteError::Invalid(vec![StateError {
@@ -166,7 +143,7 @@ impl ControlApi {
                         }]));
                     }
                     d.active_version = b.version;
-                    Ok(())
+                    Ok(vec![BatchOp { path: String::new(), origin: Origin::Api, op: Op::Upsert(Object::Deployment(d)) }])
                 })
                 .map_err(ApiError::from)
         })

@@ -30,7 +30,7 @@ use std::sync::Arc;
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
 /// One change of a batch.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     Upsert(Object),
     Delete(Kind, String),
@@ -206,10 +206,8 @@ impl Index {
             let (kind, id) = (b.op.kind(), b.op.id());
             if let Some(o) = self.objects.origin(kind, id) {
                 if o != b.origin {
-                    let message = match o {
-                        Origin::Toml => format!("{} `{id}` is pinned by the TOML file", kind.singular()),
-                        Origin::Api => format!("{} `{id}` is defined through the control API", kind.singular()),
-                    };
+                    // Either way round, the one conflict: an id both parts define.
+                    let message = format!("{} `{id}` is pinned by the TOML file", kind.singular());
                     return Err(Refusal::Conflict(StateError { path: join(&b.path, "id"), message }));
                 }
             }
@@ -229,6 +227,12 @@ impl Index {
             };
             let p = Pending { kind, id: id.into(), origin: b.origin, path: b.path.clone(), op_index: i, new };
             match at.entry((kind, id)) {
+                Entry::Occupied(e) if pending[*e.get()].origin != b.origin => {
+                    // Both parts define the object (a whole build): name the API's.
+                    let api = if b.origin == Origin::Api { &b.path } else { &pending[*e.get()].path };
+                    let message = format!("{} `{id}` is pinned by the TOML file", kind.singular());
+                    return Err(Refusal::Conflict(StateError { path: join(api, "id"), message }));
+                }
                 Entry::Occupied(e) => pending[*e.get()] = p,
                 Entry::Vacant(e) => {
                     e.insert(pending.len());

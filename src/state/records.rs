@@ -22,11 +22,17 @@ pub enum Origin {
     Api,
 }
 
-/// Preview ports of a sandbox in the order given; up to five inline.
+/// Preview ports of a sandbox in the order given; up to five inline (more behind a
+/// thin pointer, so a record stays within 64 bytes).
 #[derive(Clone, Debug)]
 enum Ports {
-    Inline { len: u8, ports: [u16; 5], public: u8 },
-    Heap(Box<[(u16, Access)]>),
+    Inline {
+        len: u8,
+        ports: [u16; 5],
+        public: u8,
+    },
+    #[allow(clippy::box_collection)]
+    Heap(Box<Vec<(u16, Access)>>),
 }
 
 impl Ports {
@@ -42,7 +48,7 @@ impl Ports {
             }
             Ports::Inline { len: previews.len() as u8, ports, public }
         } else {
-            Ports::Heap(previews.iter().map(|p| (p.port.0, p.access)).collect())
+            Ports::Heap(Box::new(previews.iter().map(|p| (p.port.0, p.access)).collect()))
         }
     }
 
@@ -70,7 +76,7 @@ pub struct SandboxRecord {
 
 impl Keyed for SandboxRecord {
     fn key(&self) -> &[u8] {
-        self.id.as_str().as_bytes()
+        self.id.as_bytes()
     }
 }
 

@@ -102,8 +102,8 @@ impl CertStore for DirStore {
         std::fs::create_dir_all(&d)?;
         // Key first: a reader that sees the new key with the old chain finds a mismatch,
         // keeps the old certificate, and rereads when the chain's stamp changes.
-        crate::store::write_atomic(&d.join("privkey.pem"), privkey, 0o600)?;
-        crate::store::write_atomic(&d.join("fullchain.pem"), fullchain, 0o644)
+        crate::files::write_atomic(&d.join("privkey.pem"), privkey, 0o600)?;
+        crate::files::write_atomic(&d.join("fullchain.pem"), fullchain, 0o644)
     }
 }
 

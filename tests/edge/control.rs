@@ -83,7 +83,7 @@ async fn auth_health_and_error_shapes() {
     // 409: an id or a host pinned by TOML.
     let r = edge.api("PUT", "/v1/sandboxes/abc12345", Some(r#"{"id":"abc12345","workspace":"ws_1","address":"10.0.0.9"}"#)).await;
     assert_eq!((r.status, r.code()), (409, "conflict".into()), "{}", r.text());
-    assert_eq!(r.json()["error"]["path"], "sandboxes[0].id");
+    assert_eq!(r.json()["error"]["path"], "id", "the offending field of the request's body");
     let r = edge
         .api(
             "PUT",
