@@ -164,6 +164,119 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// The state of `n` sandboxes (and the workspaces and deployments of [`big_state`]),
+/// built the way the control plane would push it: batches of 10,000 objects.
+fn build_index(n: usize) -> miosa_edge::state::Index {
+    use miosa_edge::state::{index::push_state_owned, Index, Origin};
+    let mut index = Index::new(domains());
+    let mut state = big_state();
+    state.sandboxes.truncate(n);
+    let mut batches: Vec<State> = Vec::new();
+    batches.push(State { workspaces: std::mem::take(&mut state.workspaces), ..State::default() });
+    for chunk in std::mem::take(&mut state.sandboxes).chunks(10_000) {
+        batches.push(State { sandboxes: chunk.to_vec(), ..State::default() });
+    }
+    for chunk in std::mem::take(&mut state.deployments).chunks(10_000) {
+        batches.push(State { deployments: chunk.to_vec(), ..State::default() });
+    }
+    for b in batches {
+        let mut ops = Vec::new();
+        push_state_owned(&mut ops, b, Origin::Api, "");
+        let plan = index.check(ops).unwrap();
+        index.commit(plan);
+    }
+    index
+}
+
+/// One-object writes, in memory (the store adds one log append and an fsync shared
+/// with concurrent writers): check the batch on the state it leads to, commit it, and
+/// make the next table. The same write on a thousand sandboxes and on a million. Also
+/// prints the resident memory of state + table per sandbox, and how long a start takes
+/// to read a snapshot of the million plus 100,000 log records after it.
+fn bench_apply(c: &mut Criterion) {
+    use miosa_edge::state::{BatchOp, Op, Origin};
+    let mut g = c.benchmark_group("apply_one_op");
+    // The large state first, so its resident size is read in a process that held
+    // nothing before it.
+    for n in [*SANDBOXES, 1_000usize] {
+        let before = resident_bytes();
+        let t0 = Instant::now();
+        let mut index = build_index(n);
+        let mut table = RouteTable::from_state(index.objects(), &domains(), &PlatformBranding::default(), 1);
+        let took = t0.elapsed();
+        let grown = resident_bytes().saturating_sub(before);
+        eprintln!(
+            "state + table: {n} sandboxes + {DOMAINS} deployments built in batches of 10k in {:.2} s; +{} MiB resident ({} B per sandbox, all objects counted)",
+            took.as_secs_f64(),
+            grown >> 20,
+            grown / n as u64
+        );
+        if n == *SANDBOXES {
+            start_up(&index);
+        }
+        let mut i = 0u32;
+        let mut generation = 1;
+        g.bench_function(format!("sandbox_upsert_{n}"), |b| {
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                // Alternately a new sandbox and a change of an existing one.
+                let id = format!("sb{:08x}", (i as usize * 7919) % (n * 2));
+                let s = Sandbox {
+                    id: SandboxId::try_from(id).unwrap(),
+                    workspace: WorkspaceId::try_from(format!("ws_{}", i as usize % WORKSPACES)).unwrap(),
+                    address: Address(std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i))),
+                    state: SandboxState::Running,
+                    previews: vec![Preview { port: Port(5173), access: Access::Public }],
+                };
+                let ops = vec![BatchOp { path: String::new(), origin: Origin::Api, op: Op::Upsert(Object::Sandbox(s)) }];
+                let plan = index.check(ops).unwrap();
+                let applied = index.commit(plan);
+                generation += 1;
+                let next = table.apply(&applied, index.objects(), generation);
+                // The published table stays shared with the next write's copy.
+                table = black_box(next);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A start of the edge's store on a snapshot of `index` plus 100,000 one-object log
+/// records after it (written directly: no fsync per record here).
+fn start_up(index: &miosa_edge::state::Index) {
+    use miosa_edge::schema::Object;
+    use miosa_edge::store::{log, snapshot, Store};
+    let dir = tempfile::tempdir().unwrap();
+    snapshot::write(&dir.path().join(snapshot::FILE), 10, index.objects()).unwrap();
+    let mut bytes = Vec::new();
+    for k in 0..100_000u32 {
+        let s = Sandbox {
+            id: SandboxId::try_from(format!("sb{:08x}", (k as usize * 13) % *SANDBOXES)).unwrap(),
+            workspace: WorkspaceId::try_from(format!("ws_{}", k as usize % WORKSPACES)).unwrap(),
+            address: Address(std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + k))),
+            state: SandboxState::Running,
+            previews: vec![Preview { port: Port(5173), access: Access::Public }],
+        };
+        let o = Object::Sandbox(s);
+        bytes.extend(log::frame(11 + k as u64, std::iter::once((o.kind(), o.id(), Some(&o)))));
+    }
+    std::fs::write(dir.path().join("state.log"), &bytes).unwrap();
+    let cfg = miosa_edge::config::Config::parse(
+        &format!("[server]\nstate_dir = \"{}\"\n[domains]\nsandbox = \"sandbox.miosa.app\"\napps = \"miosa.app\"\nedge_target = \"edge.miosa.app\"\nacme_zone = \"acme.miosa.app\"\n", dir.path().display()),
+        None,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+    let store = Store::open(&cfg, std::sync::Arc::new(miosa_edge::metrics::Metrics::new()), true).unwrap();
+    eprintln!(
+        "start-up: snapshot of {} sandboxes + 100000 log records read, checked and published in {:.2} s (generation {})",
+        store.published().objects.sandboxes.len(),
+        t0.elapsed().as_secs_f64(),
+        store.generation()
+    );
+}
+
 fn bench_access(c: &mut Criterion) {
     use miosa_edge::access::{self, cookie, mint};
     use miosa_edge::access::{KeyAlg, PreviewKeySpec, Tokens};
@@ -310,5 +423,5 @@ fn bench_resolve(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_lookup, bench_access, bench_resolve);
+criterion_group!(benches, bench_lookup, bench_apply, bench_access, bench_resolve);
 criterion_main!(benches);

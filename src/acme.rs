@@ -262,12 +262,15 @@ impl Service for Manager {
     /// arrives or an order ends, until the process begins to stop (orders under way are
     /// left to the runtime's end).
     async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
-        let mut changes = self.store.subscribe();
+        // The names to order come from workspaces and deployments only.
+        let mut workspaces = self.store.subscribe_to(crate::schema::Kind::Workspace);
+        let mut changes = self.store.subscribe_to(crate::schema::Kind::Deployment);
         let mut feed = true;
         loop {
             let wait = self.clone().tick();
             tokio::select! {
                 r = changes.changed(), if feed => feed = r.is_ok(),
+                r = workspaces.changed(), if feed => feed = r.is_ok(),
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait() => return,

@@ -211,7 +211,7 @@ impl ControlApi {
             (&Method::GET, ["metrics"]) => {
                 Ok(bytes_response(StatusCode::OK, "text/plain; version=0.0.4", self.render_metrics().into_bytes()))
             }
-            (&Method::GET, ["v1", "usage"]) => self.get_usage(req.uri().query()),
+            (&Method::GET, ["v1", "usage"]) => self.get_usage(req.uri().query()).await,
             (&Method::GET, ["v1", "certificates"]) => Ok(self.get_certificates()),
             (&Method::GET, ["v1", "openapi.yaml"]) => {
                 Ok(bytes_response(StatusCode::OK, "application/yaml", OPENAPI_YAML.as_bytes().to_vec()))
@@ -263,7 +263,7 @@ impl ControlApi {
 
     /// `GET /v1/usage[?cursor=N]`: exact per-workspace usage since the last
     /// acknowledged report; passing the last report's cursor acknowledges it.
-    fn get_usage(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    async fn get_usage(&self, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
         let mut ack = None;
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
@@ -273,7 +273,12 @@ impl ControlApi {
                 _ => return Err(ApiError::invalid(format!("unknown query parameter `{kv}`"), "")),
             }
         }
-        Ok(json(StatusCode::OK, &self.usage.report(ack)))
+        // A report saves the cursor durably: off the async threads.
+        let usage = self.usage.clone();
+        let report = tokio::task::spawn_blocking(move || usage.report(ack))
+            .await
+            .map_err(|e| ApiError::Internal(format!("usage report failed: {e}")))?;
+        Ok(json(StatusCode::OK, &report))
     }
 
     async fn readyz(&self) -> Response<Full<Bytes>> {

@@ -285,7 +285,7 @@ impl RouteTable {
         for c in changes {
             match c {
                 Applied::Workspace { slot, old, new } => t.put_workspace(*slot, old.as_deref(), new.as_deref()),
-                Applied::Sandbox { .. } => {}
+                Applied::Sandbox => {}
                 Applied::ShareToken { old, new } => t.put_share(old.as_deref(), new.as_deref()),
                 Applied::Deployment { slot, workspace_slot, old, new } => {
                     t.put_deployment(*slot, *workspace_slot, old.as_deref(), new.as_deref())

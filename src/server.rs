@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{EdgeProxy, ProxyOptions, TlsFront};
 use crate::releases::Releases;
 use crate::reload::{ReloadService, Reloader};
+use crate::schema::Kind;
 use crate::services::Services;
 use crate::store::{OpenError, Store};
 use crate::tls::{default_cert, DirStore, SniResolver, WatchService, Watcher};
@@ -134,7 +135,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);
     let routes = store.routes();
     services.start(Arc::new(crate::store::Compactor(store.clone())));
-    let usage = Arc::new(Usage::default());
+    let usage = Arc::new(Usage::open(cfg.server.state_dir.join("usage.json")));
+    services.start(Arc::new(crate::usage::UsageSaver(usage.clone())));
     let access_log = match cfg.log.access.as_str() {
         "off" => None,
         target => {
@@ -158,7 +160,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         None => None,
     };
     let http01 = Arc::new(crate::acme::Http01::default());
-    services.start(Arc::new(HealthChecker::new(routes.clone(), store.subscribe(), metrics.clone())));
+    services.start(Arc::new(HealthChecker::new(routes.clone(), store.subscribe_to(Kind::Deployment), metrics.clone())));
     // [static]: releases are fetched as soon as a version names them, and served here.
     let release_store = crate::releases::store::open(&cfg.static_.store).map_err(StartError::ReleaseStore)?;
     let releases = Releases::new(
@@ -166,7 +168,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         &cfg.server.state_dir,
         release_store,
         routes.clone(),
-        store.subscribe(),
+        store.subscribe_to(Kind::Deployment),
         metrics.clone(),
         services.handle(),
     )
@@ -206,10 +208,16 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         challenges: cfg.acme.as_ref().map(|_| http01.clone()),
     })
     .with_releases(releases, Duration::from_millis(cfg.static_.wait_ms))
-    .with_table_changes(store.subscribe());
+    // Live share-opened exchanges recheck their share when share records change.
+    .with_table_changes(store.subscribe_to(Kind::ShareToken));
     // [wake]: previews of suspended sandboxes are held while the control plane starts them.
     let proxy = match &cfg.wake {
-        Some(w) => proxy.with_waker(Arc::new(crate::upstream::wake::Waker::new(w, routes.clone(), store.subscribe(), metrics.clone())?)),
+        Some(w) => proxy.with_waker(Arc::new(crate::upstream::wake::Waker::new(
+            w,
+            routes.clone(),
+            store.subscribe_to(Kind::Sandbox),
+            metrics.clone(),
+        )?)),
         None => proxy,
     };
     // Hostile clients: the request-head deadline and body timeout in the proxy, the

@@ -107,12 +107,28 @@ struct Writer {
     compacting: bool,
 }
 
+/// A table whose record is in the log, waiting to be durable.
+struct Staged {
+    generation: u64,
+    table: Arc<RouteTable>,
+    published: Published,
+    /// The kinds of object it changed (bits by `Kind::ALL` order).
+    kinds: u8,
+}
+
+/// Every kind changed (a reload, a rebuild).
+const ALL_KINDS: u8 = 0b1111;
+
+fn kind_bit(k: Kind) -> u8 {
+    1 << Kind::ALL.iter().position(|x| *x == k).unwrap_or(0)
+}
+
 /// Tables appended to the log but not yet durable, and who makes them so.
 #[derive(Default)]
 struct Pending {
     /// The generation durable and published.
     durable: u64,
-    queue: VecDeque<(u64, Arc<RouteTable>, Published)>,
+    queue: VecDeque<Staged>,
     syncing: bool,
     /// The log cannot be written: every later write fails until a restart.
     broken: Option<String>,
@@ -130,6 +146,9 @@ pub struct Store {
     /// The generation of each table right after it is published: lets followers (the
     /// waker, live revocation, the services) sleep until the table changes.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The same, per kind of object: sent only when a publish changed that kind (a
+    /// follower of deployments is not woken by a million sandbox writes).
+    kind_changes: [tokio::sync::watch::Sender<u64>; 4],
     /// Set when the log should be folded into a snapshot ([`Store::compact`]).
     compact_wanted: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
@@ -154,27 +173,105 @@ impl Store {
     /// first table at a generation above every one served before.
     pub fn open(cfg: &Config, metrics: Arc<Metrics>, persist: bool) -> Result<Store, OpenError> {
         let dir = persist.then(|| cfg.server.state_dir.clone());
-        let mut ops = Vec::new();
+        let started = std::time::Instant::now();
+        let invalid = |r: Refusal| OpenError::Invalid(crate::routing::BuildError::from(r).0);
+        let mut index = Index::new(cfg.domains.clone());
         let mut generation = 0;
         let mut log_writer = None;
+        let mut snap = snapshot::Snapshot::default();
+        let mut legacy = false;
         if let Some(dir) = &dir {
             std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir { path: dir.clone(), source })?;
-            let recovered = recover(dir)?;
+            snap = snapshot::Snapshot::read(dir).map_err(|message| OpenError::Read { path: dir.clone(), message })?;
+            legacy = !dir.join(snapshot::FILE).exists() && dir.join(snapshot::LEGACY_FILE).exists();
+        }
+        let parse_ms = started.elapsed().as_millis() as u64;
+        let snapshot_generation = snap.generation;
+        // The log is read and decoded on a second core while the snapshot's workspaces
+        // and sandboxes go in place (a start-up only: both are done before it goes on).
+        let (recovered, placed) = std::thread::scope(|scope| {
+            let log = dir.as_deref().map(|dir| scope.spawn(move || recover(dir, snapshot_generation)));
+            let placed = (|| {
+                // Workspaces first (sandboxes name them), then the snapshot's sandboxes put
+                // in place directly; everything else — the TOML part and the log's
+                // records — is checked below as one batch on the state they lead to.
+                let mut ops = Vec::new();
+                push_state(&mut ops, &State { workspaces: std::mem::take(&mut snap.workspaces), ..State::default() }, Origin::Api, "");
+                push_state(&mut ops, &State { workspaces: cfg.state.workspaces.clone(), ..State::default() }, Origin::Toml, "toml: ");
+                let plan = index.check(ops).map_err(invalid)?;
+                index.commit(plan);
+                index.reserve_sandboxes(snap.sandbox_hint() + cfg.state.sandboxes.len());
+                let snapshot_error = |message: String| OpenError::Read { path: cfg.server.state_dir.join(snapshot::FILE), message };
+                // Each workspace name of the snapshot resolved to its slot once.
+                let slots: Vec<Option<u32>> = snap.names.iter().map(|n| index.workspace_slot(n)).collect();
+                snap.sandboxes(
+                    |i, s| {
+                        let slot = match s.workspace_index {
+                            Some(w) => slots.get(w).copied().flatten(),
+                            None => index.workspace_slot(s.workspace),
+                        };
+                        index
+                            .load_sandbox(
+                                || format!("sandboxes[{i}]"),
+                                s.id,
+                                slot.ok_or(s.workspace),
+                                s.address,
+                                s.state,
+                                s.previews,
+                                Origin::Api,
+                            )
+                            .map_err(|e| OpenError::Invalid(vec![e]))
+                    },
+                    snapshot_error,
+                )
+            })();
+            let recovered = log.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(OpenError::Read { path: cfg.server.state_dir.clone(), message: "the log reader failed".into() })
+                })
+            });
+            (recovered, placed)
+        });
+        placed?;
+        let mut log_ops = Vec::new();
+        if let (Some(dir), Some(recovered)) = (&dir, recovered) {
+            let recovered = recovered?;
             generation = recovered.generation;
-            ops = recovered.ops;
+            log_ops = recovered.ops;
             let mut w = log::Writer::open(dir).map_err(|e| OpenError::Read { path: dir.clone(), message: e.to_string() })?;
             w.records = recovered.records;
             log_writer = Some(w);
         }
-        push_state(&mut ops, &cfg.state, Origin::Toml, "toml: ");
-        let mut index = Index::new(cfg.domains.clone());
-        let plan = index.check(&ops).map_err(|r| OpenError::Invalid(crate::routing::BuildError::from(r).0))?;
+        let read = started.elapsed();
+        let mut ops = Vec::with_capacity(log_ops.len() + 64);
+        let rest = State {
+            share_tokens: std::mem::take(&mut snap.share_tokens),
+            deployments: std::mem::take(&mut snap.deployments),
+            ..State::default()
+        };
+        crate::state::index::push_state_owned(&mut ops, rest, Origin::Api, "");
+        let toml = State { workspaces: Vec::new(), ..cfg.state.clone() };
+        push_state(&mut ops, &toml, Origin::Toml, "toml: ");
+        ops.extend(log_ops);
+        let loaded = started.elapsed();
+        let plan = index.check(ops).map_err(invalid)?;
         index.commit(plan);
-        let fold_now = log_writer.as_ref().is_some_and(|l| l.records >= COMPACT_RECORDS || l.bytes >= COMPACT_BYTES);
+        drop(snap);
+        let checked = started.elapsed();
         // A start takes a generation of its own, so generations keep growing across
         // restarts (logged below, so a second restart goes higher still).
         generation += 1;
+        let fold_now = legacy || log_writer.as_ref().is_some_and(|l| l.records >= COMPACT_RECORDS || l.bytes >= COMPACT_BYTES);
         let table = RouteTable::from_state(index.objects(), &cfg.domains, &cfg.branding, generation).with_access(cfg.keys.clone());
+        tracing::info!(
+            sandboxes = index.objects().sandboxes.len(),
+            generation,
+            snapshot_ms = parse_ms,
+            sandboxes_and_log_ms = read.as_millis() as u64 - parse_ms,
+            check_ms = (checked - loaded).as_millis() as u64,
+            table_ms = (started.elapsed() - checked).as_millis() as u64,
+            "routing state loaded"
+        );
         let file = log_writer.as_ref().map(log::Writer::file);
         let published = Published { generation, objects: index.objects().clone(), domains: table.domains.clone() };
         metrics.generation.set(generation as i64);
@@ -196,14 +293,15 @@ impl Store {
             file: Mutex::new(file),
             published: ArcSwap::from_pointee(published),
             changes: tokio::sync::watch::channel(generation).0,
+            kind_changes: std::array::from_fn(|_| tokio::sync::watch::channel(generation).0),
             compact_wanted: tokio::sync::watch::channel(fold_now).0,
             metrics,
             dir,
         };
         if let Some(dir) = &store.dir {
-            // The snapshot exists from the first start on (operators and tools read it).
-            let path = dir.join("state.json");
-            if !path.exists() {
+            // The snapshot exists from the first start on.
+            let path = dir.join(snapshot::FILE);
+            if !path.exists() && !dir.join(snapshot::LEGACY_FILE).exists() {
                 if let Err(e) = snapshot::write(&path, generation - 1, store.lock().index.objects()) {
                     tracing::warn!(error = %e, file = %path.display(), "cannot write the first snapshot");
                 }
@@ -234,6 +332,12 @@ impl Store {
     /// visible through [`Self::routes`] when the notification arrives).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// Notified with the new generation after every publish that changed objects of
+    /// `kind` (or rebuilt the whole table).
+    pub fn subscribe_to(&self, kind: Kind) -> tokio::sync::watch::Receiver<u64> {
+        self.kind_changes[Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0)].subscribe()
     }
 
     /// The generation of the published table.
@@ -277,19 +381,19 @@ impl Store {
             return Err(WriteError::Persist(broken.clone()));
         }
         let ops = make(w.index.objects())?;
-        let plan = w.index.check(&ops)?;
+        let plan = w.index.check(ops)?;
         if plan.is_empty() {
             return Ok(w.generation);
         }
         let generation = w.generation + 1;
         if let Some(log) = &mut w.log {
-            let record = log::Record { generation, ops: ops.into_iter().map(|b| b.op).collect() };
-            log.append(&record.frame()).map_err(|e| WriteError::Persist(e.to_string()))?;
+            log.append(&log::frame(generation, plan.ops())).map_err(|e| WriteError::Persist(e.to_string()))?;
         }
         let applied = w.index.commit(plan);
+        let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
         let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
         w.generation = generation;
-        self.stage(&mut w, table);
+        self.stage(&mut w, table, kinds);
         drop(w);
         self.wait_durable(generation)?;
         Ok(generation)
@@ -319,7 +423,7 @@ impl Store {
             RouteTable::from_state(w.index.objects(), &cfg.domains, &cfg.branding, generation)
         } else {
             let ops = diff_toml(w.index.objects(), &cfg.state);
-            let plan = w.index.check(&ops).map_err(|r| crate::routing::BuildError::from(r).0)?;
+            let plan = w.index.check(ops).map_err(|r| crate::routing::BuildError::from(r).0)?;
             let applied = w.index.commit(plan);
             w.table.apply(&applied, w.index.objects(), generation)
         };
@@ -334,7 +438,7 @@ impl Store {
         w.branding = cfg.branding.clone();
         w.keys = cfg.keys.clone();
         let table = table.with_access(cfg.keys.clone());
-        self.stage(&mut w, table);
+        self.stage(&mut w, table, ALL_KINDS);
         drop(w);
         self.wait_durable(generation).map_err(|e| vec![StateError { path: String::new(), message: e.to_string() }])?;
         Ok(generation)
@@ -342,11 +446,11 @@ impl Store {
 
     /// Queues `table` to be published once its record is durable, and asks for a
     /// compaction when the log has grown enough.
-    fn stage(&self, w: &mut Writer, table: RouteTable) {
+    fn stage(&self, w: &mut Writer, table: RouteTable, kinds: u8) {
         let published = Published { generation: table.generation, objects: w.index.objects().clone(), domains: table.domains.clone() };
         let table = Arc::new(table);
         w.table = (*table).clone();
-        lock(&self.pending).queue.push_back((table.generation, table, published));
+        lock(&self.pending).queue.push_back(Staged { generation: table.generation, table, published, kinds });
         if let Some(log) = &w.log {
             if !w.compacting && (log.bytes >= COMPACT_BYTES || log.records >= COMPACT_RECORDS) {
                 self.compact_wanted.send_replace(true);
@@ -371,7 +475,7 @@ impl Store {
                 continue;
             }
             p.syncing = true;
-            let target = p.queue.back().map(|e| e.0).unwrap_or(generation);
+            let target = p.queue.back().map(|e| e.generation).unwrap_or(generation);
             drop(p);
             let file = lock(&self.file).clone();
             let synced = file.map_or(Ok(()), |f| f.sync_data());
@@ -379,13 +483,14 @@ impl Store {
             p.syncing = false;
             match synced {
                 Ok(()) => {
-                    let mut newest = None;
-                    while p.queue.front().is_some_and(|e| e.0 <= target) {
+                    let (mut newest, mut kinds) = (None, 0);
+                    while p.queue.front().is_some_and(|e| e.generation <= target) {
                         newest = p.queue.pop_front();
+                        kinds |= newest.as_ref().map_or(0, |e| e.kinds);
                     }
-                    if let Some((g, table, published)) = newest {
-                        self.publish(table, published);
-                        p.durable = g;
+                    if let Some(e) = newest {
+                        p.durable = e.generation;
+                        self.publish(e.table, e.published, kinds);
                     }
                 }
                 Err(e) => {
@@ -397,12 +502,17 @@ impl Store {
         }
     }
 
-    fn publish(&self, table: Arc<RouteTable>, published: Published) {
+    fn publish(&self, table: Arc<RouteTable>, published: Published, kinds: u8) {
         let (generation, sandboxes) = (table.generation, table.sandbox_count());
         self.published.store(Arc::new(published));
         publish(&self.routes, Arc::unwrap_or_clone(table));
         // send_replace: delivered even when nobody subscribed yet.
         self.changes.send_replace(generation);
+        for (i, tx) in self.kind_changes.iter().enumerate() {
+            if kinds & (1 << i) != 0 {
+                tx.send_replace(generation);
+            }
+        }
         self.metrics.generation.set(generation as i64);
         self.metrics.sandboxes.set(sandboxes as i64);
     }
@@ -432,7 +542,7 @@ impl Store {
             (generation, w.index.objects().clone())
         };
         let result = (|| {
-            snapshot::write(&dir.join("state.json"), generation, &objects)?;
+            snapshot::write(&dir.join(snapshot::FILE), generation, &objects)?;
             for seg in log::segments(&dir)? {
                 let folded = seg
                     .file_name()
@@ -523,21 +633,19 @@ struct Recovered {
     records: u64,
 }
 
-/// Reads the snapshot and every later log record of `dir`. A torn tail is cut off with
-/// a log line; segments after a break in the generations are set aside as `.corrupt`.
-fn recover(dir: &Path) -> Result<Recovered, OpenError> {
+/// Reads every log record of `dir` after `snapshot_generation`. A torn tail is cut off
+/// with a log line; segments after a break in the generations are set aside as
+/// `.corrupt`.
+fn recover(dir: &Path, snapshot_generation: u64) -> Result<Recovered, OpenError> {
     let read_err = |message: String| OpenError::Read { path: dir.to_path_buf(), message };
-    let (snapshot_generation, api) = snapshot::read(&dir.join("state.json")).map_err(read_err)?;
-    let mut ops = Vec::with_capacity(api.sandboxes.len() + 64);
-    push_state(&mut ops, &api, Origin::Api, "");
+    let mut ops = Vec::new();
     let mut generation = snapshot_generation;
     let mut last: Option<u64> = None;
     let mut broken = false;
     let mut records = 0;
     for seg in log::segments(dir).map_err(|e| read_err(e.to_string()))? {
         if broken {
-            let aside =
-                seg.with_extension(format!("{}corrupt", seg.extension().map(|e| format!("{}.", e.to_string_lossy())).unwrap_or_default()));
+            let aside = PathBuf::from(format!("{}.corrupt", seg.display()));
             tracing::error!(segment = %seg.display(), aside = %aside.display(), "state log segment after a break: set aside, not replayed");
             let _ = std::fs::rename(&seg, &aside);
             continue;

@@ -6,10 +6,18 @@
 //! the end of it. Metrics show a bounded top-N per kind with the rest summed as
 //! `_other`; the control API's `GET /v1/usage` gives exact per-workspace counts with a
 //! cursor (see [`Usage::report`]) so a consumer never loses or double-counts usage.
+//!
+//! The billing counts (workspaces, deployments) and the cursor survive a crash: they are
+//! saved to `<state_dir>/usage.json` every second while they change ([`UsageSaver`])
+//! and before a report is answered, so a crash loses at most a second of counts and
+//! never counts anything twice. Sandbox counters (metrics only) start from zero.
 
+use crate::services::{Service, Shutdown};
 use dashmap::DashMap;
-use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +72,28 @@ pub struct Usage {
     deployments: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
     sandboxes: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
     cursor: Mutex<Cursor>,
+    /// Where the billing counts are saved (`None`: kept in memory only).
+    file: Option<PathBuf>,
+    /// The requests counted when last saved (a change means a save is due).
+    saved_requests: AtomicU64,
+}
+
+/// Per-id (requests, bytes), as saved.
+type Counts = BTreeMap<String, (u64, u64)>;
+
+/// What `usage.json` holds: per-id (requests, bytes) and the report cursor.
+#[derive(Default, Serialize, Deserialize)]
+struct Saved {
+    #[serde(default)]
+    workspaces: BTreeMap<String, (u64, u64)>,
+    #[serde(default)]
+    deployments: BTreeMap<String, (u64, u64)>,
+    #[serde(default)]
+    next: u64,
+    #[serde(default)]
+    issued: Option<(u64, Counts)>,
+    #[serde(default)]
+    acked: BTreeMap<String, (u64, u64)>,
 }
 
 impl std::fmt::Debug for Usage {
@@ -90,6 +120,69 @@ pub struct Report {
 }
 
 impl Usage {
+    /// Counters saved to `file`, starting from what it holds (a missing file starts at
+    /// zero; an unreadable one too, with a warning: counts are never made up).
+    pub fn open(file: PathBuf) -> Usage {
+        let saved: Saved = match std::fs::read(&file) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(file = %file.display(), error = %e, "usage counters unreadable: counting from zero");
+                Saved::default()
+            }),
+            Err(_) => Saved::default(),
+        };
+        let u = Usage { file: Some(file), ..Usage::default() };
+        for (kind, counts) in [(Kind::Workspace, &saved.workspaces), (Kind::Deployment, &saved.deployments)] {
+            for (id, (r, b)) in counts {
+                let c = u.cell(kind, id);
+                c.requests.store(*r, Ordering::Relaxed);
+                c.bytes.store(*b, Ordering::Relaxed);
+            }
+        }
+        let boxed = |m: &BTreeMap<String, (u64, u64)>| -> Totals { m.iter().map(|(k, v)| (k.as_str().into(), *v)).collect() };
+        {
+            let mut c = u.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            c.next = saved.next;
+            c.issued = saved.issued.as_ref().map(|(n, t)| (*n, boxed(t)));
+            c.acked = boxed(&saved.acked);
+        }
+        u.saved_requests.store(u.total_requests(), Ordering::Relaxed);
+        u
+    }
+
+    fn total_requests(&self) -> u64 {
+        self.workspaces.iter().chain(self.deployments.iter()).map(|e| e.value().get().0).sum()
+    }
+
+    /// Saves the billing counts and the cursor (`c`, held by the caller) durably.
+    fn save_locked(&self, c: &Cursor) -> std::io::Result<()> {
+        let Some(file) = &self.file else { return Ok(()) };
+        let counts = |m: &DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>| -> BTreeMap<String, (u64, u64)> {
+            m.iter().map(|e| (e.key().to_string(), e.value().get())).collect()
+        };
+        let plain = |t: &Totals| -> BTreeMap<String, (u64, u64)> { t.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
+        let total = self.total_requests();
+        let saved = Saved {
+            workspaces: counts(&self.workspaces),
+            deployments: counts(&self.deployments),
+            next: c.next,
+            issued: c.issued.as_ref().map(|(n, t)| (*n, plain(t))),
+            acked: plain(&c.acked),
+        };
+        let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        crate::files::write_atomic(file, &bytes, 0o644)?;
+        self.saved_requests.store(total, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Saves the counts if any changed since the last save.
+    pub fn save_if_changed(&self) -> std::io::Result<()> {
+        if self.file.is_none() || self.total_requests() == self.saved_requests.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        self.save_locked(&c)
+    }
+
     fn map(&self, kind: Kind) -> &DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState> {
         match kind {
             Kind::Workspace => &self.workspaces,
@@ -136,6 +229,11 @@ impl Usage {
         c.next += 1;
         let cursor = c.next;
         c.issued = Some((cursor, totals));
+        // The cursor is durable before the report leaves: a crash right after can
+        // neither lose what it acknowledged nor report it twice.
+        if let Err(e) = self.save_locked(&c) {
+            tracing::error!(error = %e, "cannot save the usage counters");
+        }
         Report { cursor, workspaces }
     }
 
@@ -157,6 +255,36 @@ impl Usage {
                     let n = if idx == 0 { other.0 } else { other.1 };
                     let _ = writeln!(out, "{name}{{{label}=\"_other\"}} {n}");
                 }
+            }
+        }
+    }
+}
+
+/// Saves the usage counters every second while they change.
+pub struct UsageSaver(pub Arc<Usage>);
+
+#[async_trait::async_trait]
+impl Service for UsageSaver {
+    fn name(&self) -> &'static str {
+        "usage counters"
+    }
+
+    async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.wait() => true,
+            };
+            let usage = self.0.clone();
+            match tokio::task::spawn_blocking(move || usage.save_if_changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the usage counters"),
+                Err(e) => tracing::error!(error = %e, "usage save task failed"),
+            }
+            if last {
+                return;
             }
         }
     }
@@ -195,6 +323,29 @@ mod tests {
         assert_eq!(r4.workspaces, r3.workspaces);
         let r5 = u.report(Some(r4.cursor));
         assert!(r5.workspaces.is_empty());
+    }
+
+    #[test]
+    fn counts_and_the_cursor_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("usage.json");
+        let u = Usage::open(file.clone());
+        u.cell(Kind::Workspace, "ws_1").add(100);
+        u.cell(Kind::Deployment, "d").add(5);
+        u.save_if_changed().unwrap();
+        let r1 = u.report(None);
+        u.cell(Kind::Workspace, "ws_1").add(1);
+        u.save_if_changed().unwrap();
+        drop(u);
+        // A crash: the next process starts from the saved counts and cursor.
+        let u = Usage::open(file.clone());
+        let r2 = u.report(Some(r1.cursor));
+        assert_eq!(r2.workspaces, vec![Entry { id: "ws_1".into(), requests: 1, bytes: 1 }], "acknowledged counts are not reported again");
+        drop(u);
+        let u = Usage::open(file);
+        // r2 was never acknowledged: its counts come again, from the saved totals.
+        assert_eq!(u.report(None).workspaces, r2.workspaces);
+        assert!(u.save_if_changed().is_ok());
     }
 
     #[test]

@@ -154,11 +154,13 @@ fn check_id(s: &str) -> Result<(), String> {
     }
 }
 
-fn check_sandbox_id(s: &str) -> Result<(), String> {
+/// The rule of a [`SandboxId`].
+pub fn check_sandbox_id(s: &str) -> Result<(), String> {
     check_label(s)
 }
 
-fn check_workspace_id(s: &str) -> Result<(), String> {
+/// The rule of a [`WorkspaceId`].
+pub fn check_workspace_id(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err("must be 1 to 63 characters".into());
     }

@@ -24,7 +24,6 @@
 use super::records::{DeploymentRec, Objects, Origin, SandboxRecord, ShareRec, WorkspaceRec};
 use super::rules;
 use crate::schema::{Deployment, Domains, Kind, Object, ShareToken, State, StateError, Workspace, WorkspaceId};
-use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -88,25 +87,72 @@ impl Plan {
     pub fn len(&self) -> usize {
         self.changes.len()
     }
+
+    /// The batch as one op per object it changes, in the order they first appeared:
+    /// (kind, id, the new object or `None` for a delete). What the log records.
+    pub fn ops(&self) -> impl Iterator<Item = (Kind, &str, Option<&Object>)> + '_ {
+        self.changes.iter().map(|p| (p.kind, p.id(), p.new.as_ref()))
+    }
 }
 
 #[derive(Debug)]
 struct Pending {
     kind: Kind,
-    id: Box<str>,
+    /// The id of a delete (an upsert's is its object's).
+    deleted: Option<Box<str>>,
     origin: Origin,
     path: String,
     op_index: usize,
     new: Option<Object>,
 }
 
+impl Pending {
+    fn id(&self) -> &str {
+        match (&self.new, &self.deleted) {
+            (Some(o), _) => o.id(),
+            (None, Some(id)) => id,
+            (None, None) => "",
+        }
+    }
+}
+
+/// The hash of an object's identity (kind and id) among a batch's ops.
+fn identity_hash(kind: Kind, id: &str) -> u64 {
+    crate::cow::hash(id.as_bytes()) ^ (kind as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// What a committed batch changed, for the route table (old and new of each object).
 #[derive(Debug, Clone)]
 pub enum Applied {
-    Workspace { slot: u32, old: Option<Arc<Workspace>>, new: Option<Arc<Workspace>> },
-    Sandbox { id: Box<str> },
-    ShareToken { old: Option<Arc<ShareToken>>, new: Option<Arc<ShareToken>> },
-    Deployment { slot: u32, workspace_slot: u32, old: Option<Arc<Deployment>>, new: Option<Arc<Deployment>> },
+    Workspace {
+        slot: u32,
+        old: Option<Arc<Workspace>>,
+        new: Option<Arc<Workspace>>,
+    },
+    /// Sandboxes changed (the table reads the state's own map).
+    Sandbox,
+    ShareToken {
+        old: Option<Arc<ShareToken>>,
+        new: Option<Arc<ShareToken>>,
+    },
+    Deployment {
+        slot: u32,
+        workspace_slot: u32,
+        old: Option<Arc<Deployment>>,
+        new: Option<Arc<Deployment>>,
+    },
+}
+
+impl Applied {
+    /// The kind of the object that changed.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Applied::Workspace { .. } => Kind::Workspace,
+            Applied::Sandbox => Kind::Sandbox,
+            Applied::ShareToken { .. } => Kind::ShareToken,
+            Applied::Deployment { .. } => Kind::Deployment,
+        }
+    }
 }
 
 /// Who claims a host: a workspace's tenant domain or a deployment's custom domain.
@@ -143,8 +189,10 @@ pub struct Index {
     slugs: HashMap<Box<str>, Box<str>>,
     hosts: HashMap<Box<str>, Claim>,
     share_hashes: HashMap<[u8; 32], Box<str>>,
-    dep_names: HashMap<(Box<str>, Box<str>), Box<str>>,
-    ws_refs: HashMap<Box<str>, Refs>,
+    /// Workspace id → deployment name → deployment id.
+    dep_names: HashMap<Box<str>, HashMap<Box<str>, Box<str>>>,
+    /// Objects using each workspace, by the workspace's slot.
+    ws_refs: Vec<Refs>,
     /// Sandbox id → the share tokens that name it (only sandboxes that have some).
     shares_of: HashMap<Box<str>, Vec<Box<str>>>,
     /// A domain → the deployment hosts one label under it (the tenant-domain rule).
@@ -165,7 +213,7 @@ impl Index {
             hosts: HashMap::default(),
             share_hashes: HashMap::default(),
             dep_names: HashMap::default(),
-            ws_refs: HashMap::default(),
+            ws_refs: Vec::new(),
             shares_of: HashMap::default(),
             hosts_under: HashMap::default(),
             ws_free: Vec::new(),
@@ -182,7 +230,7 @@ impl Index {
         let mut ops = Vec::with_capacity(api.sandboxes.len() + toml.sandboxes.len() + 64);
         push_state(&mut ops, api, Origin::Api, "");
         push_state(&mut ops, toml, Origin::Toml, "toml: ");
-        let plan = index.check(&ops)?;
+        let plan = index.check(ops)?;
         index.commit(plan);
         Ok(index)
     }
@@ -197,45 +245,96 @@ impl Index {
         &self.domains
     }
 
+    /// Puts a sandbox read from the state's own snapshot in place without the batch
+    /// machinery (a start reads a million): its id, its own rules, that it is new and
+    /// that its workspace exists are still checked. `path` names it in errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_sandbox(
+        &mut self,
+        path: impl Fn() -> String,
+        id: &str,
+        workspace: Result<u32, &str>,
+        address: std::net::IpAddr,
+        state: crate::schema::SandboxState,
+        previews: &[crate::schema::Preview],
+        origin: Origin,
+    ) -> Result<(), StateError> {
+        let mut first: Option<StateError> = None;
+        let mut err = |f: String, m: String| {
+            first.get_or_insert_with(|| StateError { path: join(&path(), &f), message: m });
+        };
+        if let Err(m) = crate::schema::check_sandbox_id(id) {
+            err("id".into(), m);
+        }
+        rules::sandbox_parts(id, previews, &mut err);
+        if let Err(w) = workspace {
+            err("workspace".into(), format!("workspace `{w}` does not exist"));
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        let slot = workspace.unwrap_or(u32::MAX);
+        if self.objects.sandboxes.insert(SandboxRecord::from_parts(id, address, slot, state, previews, origin)).is_some() {
+            // A start refuses the whole state: nothing to restore.
+            return Err(StateError { path: join(&path(), "id"), message: format!("sandbox id `{id}` is used twice") });
+        }
+        self.refs(slot, |r| r.sandboxes += 1);
+        Ok(())
+    }
+
+    /// The slot of workspace `id`, if it exists (resolved once per workspace by a bulk load).
+    pub fn workspace_slot(&self, id: &str) -> Option<u32> {
+        self.objects.workspaces.get(id.as_bytes()).map(|r| r.slot)
+    }
+
+    /// Room for `n` more sandboxes (a bulk load).
+    pub fn reserve_sandboxes(&mut self, n: usize) {
+        self.objects.sandboxes.reserve(n);
+    }
+
     /// Checks `ops` as one batch against the state it leads to (see the module head).
-    pub fn check(&self, ops: &[BatchOp]) -> Result<Plan, Refusal> {
+    pub fn check(&self, ops: Vec<BatchOp>) -> Result<Plan, Refusal> {
         // Fold: the last op on an id wins; deletes of what does not exist are refused.
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut at: HashMap<(Kind, &str), usize> = HashMap::default();
-        for (i, b) in ops.iter().enumerate() {
-            let (kind, id) = (b.op.kind(), b.op.id());
+        let mut pending: Vec<Pending> = Vec::with_capacity(ops.len());
+        let mut at: hashbrown::HashTable<usize> = hashbrown::HashTable::with_capacity(ops.len());
+        for (i, b) in ops.into_iter().enumerate() {
+            let BatchOp { path, origin, op } = b;
+            let kind = op.kind();
+            let (new, deleted) = match op {
+                Op::Upsert(o) => (Some(o), None),
+                Op::Delete(_, id) => (None, Some(id.into_boxed_str())),
+            };
+            let p = Pending { kind, deleted, origin, path, op_index: i, new };
+            let id = p.id();
             if let Some(o) = self.objects.origin(kind, id) {
-                if o != b.origin {
+                if o != origin {
                     // Either way round, the one conflict: an id both parts define.
                     let message = format!("{} `{id}` is pinned by the TOML file", kind.singular());
-                    return Err(Refusal::Conflict(StateError { path: join(&b.path, "id"), message }));
+                    return Err(Refusal::Conflict(StateError { path: join(&p.path, "id"), message }));
                 }
             }
-            let new = match &b.op {
-                Op::Upsert(o) => Some(o.clone()),
-                Op::Delete(..) => {
-                    let exists = match at.get(&(kind, id)) {
-                        Some(&p) => pending[p].new.is_some(),
-                        None => self.objects.origin(kind, id).is_some(),
-                    };
-                    if !exists {
-                        let what = format!("no {} `{id}`", kind.singular());
-                        return Err(Refusal::NotFound(if b.path.is_empty() { what } else { format!("{}: {what}", b.path) }));
-                    }
-                    None
+            let hash = identity_hash(kind, id);
+            let earlier = at.find(hash, |&j| pending[j].kind == kind && pending[j].id() == id).copied();
+            if p.new.is_none() {
+                let exists = match earlier {
+                    Some(j) => pending[j].new.is_some(),
+                    None => self.objects.origin(kind, id).is_some(),
+                };
+                if !exists {
+                    let what = format!("no {} `{id}`", kind.singular());
+                    return Err(Refusal::NotFound(if p.path.is_empty() { what } else { format!("{}: {what}", p.path) }));
                 }
-            };
-            let p = Pending { kind, id: id.into(), origin: b.origin, path: b.path.clone(), op_index: i, new };
-            match at.entry((kind, id)) {
-                Entry::Occupied(e) if pending[*e.get()].origin != b.origin => {
+            }
+            match earlier {
+                Some(j) if pending[j].origin != origin => {
                     // Both parts define the object (a whole build): name the API's.
-                    let api = if b.origin == Origin::Api { &b.path } else { &pending[*e.get()].path };
+                    let api = if origin == Origin::Api { &p.path } else { &pending[j].path };
                     let message = format!("{} `{id}` is pinned by the TOML file", kind.singular());
                     return Err(Refusal::Conflict(StateError { path: join(api, "id"), message }));
                 }
-                Entry::Occupied(e) => pending[*e.get()] = p,
-                Entry::Vacant(e) => {
-                    e.insert(pending.len());
+                Some(j) => pending[j] = p,
+                None => {
+                    at.insert_unique(hash, pending.len(), |&j| identity_hash(pending[j].kind, pending[j].id()));
                     pending.push(p);
                 }
             }
@@ -247,11 +346,11 @@ impl Index {
         for p in &pending {
             if let Some(Object::Workspace(w)) = &p.new {
                 for d in [&w.preview_domain, &w.deploy_domain].into_iter().flatten() {
-                    tenants.insert(d.host.as_str(), &p.id);
+                    tenants.insert(d.host.as_str(), p.id());
                 }
             }
         }
-        let at = pending.iter().enumerate().map(|(i, p)| ((p.kind, &*p.id), i)).collect();
+        let at = pending.iter().enumerate().map(|(i, p)| ((p.kind, p.id()), i)).collect();
         let view = View { index: self, pending: &pending, at, tenants };
         let mut errors: Vec<(usize, StateError)> = Vec::new();
         let mut conflict: Option<StateError> = None;
@@ -269,29 +368,47 @@ impl Index {
     }
 
     fn unchanged(&self, p: &Pending) -> bool {
-        let k = p.id.as_bytes();
+        let k = p.id().as_bytes();
         match &p.new {
-            None => self.objects.origin(p.kind, &p.id).is_none(),
+            None => self.objects.origin(p.kind, p.id()).is_none(),
             Some(Object::Workspace(w)) => self.objects.workspaces.get(k).is_some_and(|r| *r.obj == *w),
-            Some(Object::Sandbox(s)) => self.objects.sandboxes.get(k).and_then(|r| self.objects.sandbox(r)).is_some_and(|old| old == *s),
+            Some(Object::Sandbox(s)) => self.objects.sandboxes.get(k).is_some_and(|r| {
+                r.address == s.address.0
+                    && r.state == s.state
+                    && r.previews().eq(s.previews.iter().map(|p| (p.port.0, p.access)))
+                    && self.objects.workspace_ids.get(r.workspace).is_some_and(|w| *w == s.workspace)
+            }),
             Some(Object::ShareToken(t)) => self.objects.share_tokens.get(k).is_some_and(|r| *r.obj == *t),
             Some(Object::Deployment(d)) => self.objects.deployments.get(k).is_some_and(|r| *r.obj == *d),
         }
     }
 
-    /// Applies a checked plan; returns what changed, for the route table.
+    /// Applies a checked plan; returns what changed, for the route table (sandboxes,
+    /// which the table shares with the state, as one entry however many changed).
     pub fn commit(&mut self, plan: Plan) -> Vec<Applied> {
-        let mut changes = plan.changes;
-        // Workspaces first (sandboxes and deployments name their slots), then the rest.
-        changes.sort_by_key(|p| Kind::ALL.iter().position(|k| *k == p.kind));
         // Pass 1: every old object lets go of its claims and references.
-        for p in &changes {
-            self.release(p.kind, &p.id);
+        for p in &plan.changes {
+            self.release(p.kind, p.id());
         }
-        // Pass 2: the new objects take theirs.
-        let mut applied = Vec::with_capacity(changes.len());
-        for p in changes {
-            applied.push(self.install(p));
+        // Pass 2: the new objects take theirs; workspaces first (sandboxes and
+        // deployments name their slots).
+        let mut changes: Vec<Option<Pending>> = plan.changes.into_iter().map(Some).collect();
+        let mut applied = Vec::new();
+        let mut sandboxes = false;
+        for kind in Kind::ALL {
+            for slot in changes.iter_mut() {
+                if slot.as_ref().is_none_or(|p| p.kind != kind) {
+                    continue;
+                }
+                let Some(p) = slot.take() else { continue };
+                match self.install(p) {
+                    Some(a) => applied.push(a),
+                    None => sandboxes = true,
+                }
+            }
+        }
+        if sandboxes {
+            applied.push(Applied::Sandbox);
         }
         applied
     }
@@ -309,11 +426,8 @@ impl Index {
                 }
             }
             Kind::Sandbox => {
-                if let Some(r) = self.objects.sandboxes.get(k) {
-                    if let Some(ws) = self.objects.workspace_ids.get(r.workspace) {
-                        let ws: Box<str> = ws.as_str().into();
-                        self.refs(&ws, |r| r.sandboxes -= 1);
-                    }
+                if let Some(slot) = self.objects.sandboxes.get(k).map(|r| r.workspace) {
+                    self.refs(slot, |r| r.sandboxes -= 1);
                 }
             }
             Kind::ShareToken => {
@@ -331,8 +445,15 @@ impl Index {
             Kind::Deployment => {
                 if let Some(r) = self.objects.deployments.get(k) {
                     let d = r.obj.clone();
-                    self.dep_names.remove(&(d.workspace.as_str().into(), d.name.as_str().into()));
-                    self.refs(d.workspace.as_str(), |r| r.deployments -= 1);
+                    if let Some(names) = self.dep_names.get_mut(d.workspace.as_str()) {
+                        names.remove(d.name.as_str());
+                        if names.is_empty() {
+                            self.dep_names.remove(d.workspace.as_str());
+                        }
+                    }
+                    if let Some(slot) = self.workspace_slot(d.workspace.as_str()) {
+                        self.refs(slot, |r| r.deployments -= 1);
+                    }
                     for dom in &d.domains {
                         self.hosts.remove(dom.host.as_str());
                         if let Some((_, parent)) = dom.host.as_str().split_once('.') {
@@ -349,10 +470,25 @@ impl Index {
         }
     }
 
-    fn install(&mut self, p: Pending) -> Applied {
-        let k = p.id.as_bytes();
+    /// Puts one new object in place (`None` for a sandbox: the table needs no detail).
+    fn install(&mut self, p: Pending) -> Option<Applied> {
+        if p.kind == Kind::Sandbox {
+            match p.new {
+                Some(Object::Sandbox(s)) => {
+                    let slot = self.objects.workspaces.get(s.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
+                    self.objects.sandboxes.insert(SandboxRecord::new(&s, slot, p.origin));
+                    self.refs(slot, |r| r.sandboxes += 1);
+                }
+                _ => {
+                    self.objects.sandboxes.remove(p.id().as_bytes());
+                }
+            }
+            return None;
+        }
+        let id: Box<str> = p.id().into();
+        let k = id.as_bytes();
         let o = &mut self.objects;
-        match (p.kind, p.new) {
+        Some(match (p.kind, p.new) {
             (Kind::Workspace, new) => {
                 let old = o.workspaces.get(k).map(|r| (r.slot, r.obj.clone()));
                 let slot = match (&old, &new) {
@@ -365,10 +501,10 @@ impl Index {
                 let new = match new {
                     Some(Object::Workspace(w)) => {
                         let w = Arc::new(w);
-                        self.slugs.insert(w.slug.as_str().into(), p.id.clone());
+                        self.slugs.insert(w.slug.as_str().into(), id.clone());
                         for (field, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
                             if let Some(d) = d {
-                                let claim = Claim { kind: Kind::Workspace, id: p.id.clone(), field, origin: p.origin };
+                                let claim = Claim { kind: Kind::Workspace, id: id.clone(), field, origin: p.origin };
                                 self.hosts.insert(d.host.as_str().into(), claim);
                             }
                         }
@@ -379,33 +515,22 @@ impl Index {
                     _ => {
                         o.workspaces.remove(k);
                         o.workspace_ids.set(slot, None);
-                        self.ws_refs.remove(&p.id);
+                        if let Some(r) = self.ws_refs.get_mut(slot as usize) {
+                            *r = Refs::default();
+                        }
                         self.ws_free.push(slot);
                         None
                     }
                 };
                 Applied::Workspace { slot, old: old.map(|x| x.1), new }
             }
-            (Kind::Sandbox, new) => {
-                match new {
-                    Some(Object::Sandbox(s)) => {
-                        let slot = o.workspaces.get(s.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
-                        o.sandboxes.insert(SandboxRecord::new(&s, slot, p.origin));
-                        self.refs(s.workspace.as_str(), |r| r.sandboxes += 1);
-                    }
-                    _ => {
-                        o.sandboxes.remove(k);
-                    }
-                }
-                Applied::Sandbox { id: p.id }
-            }
             (Kind::ShareToken, new) => {
                 let old = o.share_tokens.get(k).map(|r| r.obj.clone());
                 let new = match new {
                     Some(Object::ShareToken(t)) => {
                         let t = Arc::new(t);
-                        self.share_hashes.insert(t.token_sha256.0, p.id.clone());
-                        self.shares_of.entry(t.sandbox.as_str().into()).or_default().push(p.id.clone());
+                        self.share_hashes.insert(t.token_sha256.0, id.clone());
+                        self.shares_of.entry(t.sandbox.as_str().into()).or_default().push(id.clone());
                         o.share_tokens.insert(ShareRec { obj: t.clone(), origin: p.origin });
                         Some(t)
                     }
@@ -429,10 +554,10 @@ impl Index {
                     Some(Object::Deployment(d)) => {
                         let d = Arc::new(d);
                         let ws_slot = o.workspaces.get(d.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
-                        self.dep_names.insert((d.workspace.as_str().into(), d.name.as_str().into()), p.id.clone());
-                        self.refs(d.workspace.as_str(), |r| r.deployments += 1);
+                        self.dep_names.entry(d.workspace.as_str().into()).or_default().insert(d.name.as_str().into(), id.clone());
+                        self.refs(ws_slot, |r| r.deployments += 1);
                         for dom in &d.domains {
-                            let claim = Claim { kind: Kind::Deployment, id: p.id.clone(), field: "domains", origin: p.origin };
+                            let claim = Claim { kind: Kind::Deployment, id: id.clone(), field: "domains", origin: p.origin };
                             self.hosts.insert(dom.host.as_str().into(), claim);
                             if let Some((_, parent)) = dom.host.as_str().split_once('.') {
                                 self.hosts_under.entry(parent.into()).or_default().push(dom.host.as_str().into());
@@ -449,18 +574,20 @@ impl Index {
                 };
                 Applied::Deployment { slot, workspace_slot: ws_slot, old: old.map(|x| x.1), new }
             }
-        }
+            // Put in place above.
+            (Kind::Sandbox, _) => return None,
+        })
     }
 
-    fn refs(&mut self, ws: &str, f: impl FnOnce(&mut Refs)) {
-        match self.ws_refs.get_mut(ws) {
-            Some(r) => f(r),
-            None => {
-                let mut r = Refs::default();
-                f(&mut r);
-                self.ws_refs.insert(ws.into(), r);
+    fn refs(&mut self, slot: u32, f: impl FnOnce(&mut Refs)) {
+        let i = slot as usize;
+        if i >= self.ws_refs.len() {
+            if slot == u32::MAX {
+                return; // no workspace (refused before it gets here)
             }
+            self.ws_refs.resize(i + 1, Refs::default());
         }
+        f(&mut self.ws_refs[i]);
     }
 }
 
@@ -479,6 +606,25 @@ pub fn push_state(ops: &mut Vec<BatchOp>, state: &State, origin: Origin, prefix:
     }
     for (i, o) in state.deployments.iter().enumerate() {
         push(Kind::Deployment, i, Object::Deployment(o.clone()));
+    }
+}
+
+/// [`push_state`] taking the objects out of `state` instead of copying them (large states
+/// read from disk).
+pub fn push_state_owned(ops: &mut Vec<BatchOp>, state: State, origin: Origin, prefix: &str) {
+    let mut push =
+        |kind: Kind, i: usize, o: Object| ops.push(BatchOp { path: format!("{prefix}{}[{i}]", kind.field()), origin, op: Op::Upsert(o) });
+    for (i, o) in state.workspaces.into_iter().enumerate() {
+        push(Kind::Workspace, i, Object::Workspace(o));
+    }
+    for (i, o) in state.sandboxes.into_iter().enumerate() {
+        push(Kind::Sandbox, i, Object::Sandbox(o));
+    }
+    for (i, o) in state.share_tokens.into_iter().enumerate() {
+        push(Kind::ShareToken, i, Object::ShareToken(o));
+    }
+    for (i, o) in state.deployments.into_iter().enumerate() {
+        push(Kind::Deployment, i, Object::Deployment(o));
     }
 }
 
@@ -563,7 +709,7 @@ impl<'a> View<'a> {
                 Some(Object::Workspace(w)) => {
                     let slug = w.slug.as_str();
                     if let Some(prev) = slugs.get(slug) {
-                        err("slug".into(), format!("slug `{slug}` is already used by workspace `{}`", prev.id));
+                        err("slug".into(), format!("slug `{slug}` is already used by workspace `{}`", prev.id()));
                     } else if let Some(owner) = idx.slugs.get(slug).filter(|o| self.pending(Kind::Workspace, o).is_none()) {
                         err("slug".into(), format!("slug `{slug}` is already used by workspace `{owner}`"));
                     } else {
@@ -590,7 +736,8 @@ impl<'a> View<'a> {
                     let key = (d.workspace.as_str(), d.name.as_str());
                     let owner = idx
                         .dep_names
-                        .get(&(Box::from(key.0), Box::from(key.1)))
+                        .get(key.0)
+                        .and_then(|names| names.get(key.1))
                         .filter(|o| self.pending(Kind::Deployment, o).is_none())
                         .is_some();
                     if names.contains_key(&key) || owner {
@@ -625,8 +772,8 @@ impl<'a> View<'a> {
         let error = |m: String| StateError { path: join(&p.path, path), message: m };
         if let Some((prev, f)) = hosts.get(host) {
             let who = match prev.kind {
-                Kind::Workspace => format!("workspace `{}` ({f})", prev.id),
-                _ => format!("deployment `{}`", prev.id),
+                Kind::Workspace => format!("workspace `{}` ({f})", prev.id()),
+                _ => format!("deployment `{}`", prev.id()),
             };
             errors.push((p.op_index, error(format!("host `{host}` is already claimed by {who}"))));
             return;
@@ -649,7 +796,7 @@ impl<'a> View<'a> {
         let mut refs_delta: HashMap<&str, i64> = HashMap::default();
         for p in self.pending {
             let mut err = |f: &str, m: String| errors.push((p.op_index, StateError { path: join(&p.path, f), message: m }));
-            let k = p.id.as_bytes();
+            let k = p.id().as_bytes();
             // The reference the old version held.
             let old_ws: Option<&str> = match p.kind {
                 Kind::Sandbox => {
@@ -711,16 +858,16 @@ impl<'a> View<'a> {
             }
             // A sandbox that changes or goes must still fit the shares that name it.
             if p.kind == Kind::Sandbox {
-                let ports = self.sandbox_ports(&p.id);
-                for share in idx.shares_of.get(&*p.id).into_iter().flatten() {
+                let ports = self.sandbox_ports(p.id());
+                for share in idx.shares_of.get(p.id()).into_iter().flatten() {
                     if self.pending(Kind::ShareToken, share).is_some() {
                         continue; // checked with the share's new version
                     }
                     let Some(t) = idx.objects.share_tokens.get(share.as_bytes()) else { continue };
                     match (&ports, t.obj.port) {
-                        (None, _) => err("", format!("sandbox `{}` is still used by share token `{share}`", p.id)),
+                        (None, _) => err("", format!("sandbox `{}` is still used by share token `{share}`", p.id())),
                         (Some(ports), Some(port)) if !ports.contains(&port.0) => {
-                            err("previews", format!("share token `{share}` opens port {} of sandbox `{}`", port.0, p.id))
+                            err("previews", format!("share token `{share}` opens port {} of sandbox `{}`", port.0, p.id()))
                         }
                         _ => {}
                     }
@@ -729,10 +876,10 @@ impl<'a> View<'a> {
         }
         // A workspace that goes must be unused.
         for p in self.pending.iter().filter(|p| p.kind == Kind::Workspace && p.new.is_none()) {
-            let r = idx.ws_refs.get(&*p.id).copied().unwrap_or_default();
-            let left = r.sandboxes as i64 + r.deployments as i64 + refs_delta.get(&*p.id).copied().unwrap_or(0);
+            let r = idx.workspace_slot(p.id()).and_then(|s| idx.ws_refs.get(s as usize)).copied().unwrap_or_default();
+            let left = r.sandboxes as i64 + r.deployments as i64 + refs_delta.get(p.id()).copied().unwrap_or(0);
             if left > 0 {
-                let message = format!("workspace `{}` is still used by {left} sandbox(es) or deployment(s)", p.id);
+                let message = format!("workspace `{}` is still used by {left} sandbox(es) or deployment(s)", p.id());
                 errors.push((p.op_index, StateError { path: p.path.clone(), message }));
             }
         }

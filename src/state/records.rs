@@ -83,14 +83,19 @@ impl Keyed for SandboxRecord {
 impl SandboxRecord {
     /// The record of `s`, whose workspace is in `workspace_slot`.
     pub fn new(s: &Sandbox, workspace_slot: u32, origin: Origin) -> SandboxRecord {
-        SandboxRecord {
-            id: Key::from(s.id.as_str()),
-            address: s.address.0,
-            workspace: workspace_slot,
-            state: s.state,
-            origin,
-            previews: Ports::new(&s.previews),
-        }
+        SandboxRecord::from_parts(s.id.as_str(), s.address.0, workspace_slot, s.state, &s.previews, origin)
+    }
+
+    /// The record of a sandbox given by its parts.
+    pub fn from_parts(
+        id: &str,
+        address: IpAddr,
+        workspace_slot: u32,
+        state: SandboxState,
+        previews: &[Preview],
+        origin: Origin,
+    ) -> SandboxRecord {
+        SandboxRecord { id: Key::from(id), address, workspace: workspace_slot, state, origin, previews: Ports::new(previews) }
     }
 
     pub fn id(&self) -> &str {

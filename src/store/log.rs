@@ -34,19 +34,94 @@ pub struct Record {
     pub ops: Vec<Op>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+/// An op as written: `{"op":"upsert","kind":…,"value":{…}}` or
+/// `{"op":"delete","kind":…,"id":…}` (the control API's own shape).
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
 enum WireOp {
     Upsert { kind: KindName, value: serde_json::Value },
     Delete { kind: KindName, id: String },
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Serialize)]
 struct WireRecord {
     g: u64,
-    #[serde(default)]
     ops: Vec<WireOp>,
+}
+
+/// A record as read: ops decoded straight into typed objects (a start replays a
+/// hundred thousand records; no JSON tree in between when `kind` comes before `value`,
+/// as the writer puts it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadRecord {
+    g: u64,
+    #[serde(default)]
+    ops: Vec<ReadOp>,
+}
+
+struct ReadOp(Op);
+
+/// Reads an object of a kind known beforehand.
+struct ObjectOf(Kind);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ObjectOf {
+    type Value = Object;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Object, D::Error> {
+        use crate::schema::{Deployment, Sandbox, ShareToken, Workspace};
+        Ok(match self.0 {
+            Kind::Workspace => Object::Workspace(Workspace::deserialize(d)?),
+            Kind::Sandbox => Object::Sandbox(Sandbox::deserialize(d)?),
+            Kind::ShareToken => Object::ShareToken(ShareToken::deserialize(d)?),
+            Kind::Deployment => Object::Deployment(Deployment::deserialize(d)?),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ReadOp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ReadOp, D::Error> {
+        use serde::de::{Error, MapAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ReadOp;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an op")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ReadOp, A::Error> {
+                let (mut op, mut kind, mut id) = (None::<String>, None::<Kind>, None::<String>);
+                let (mut typed, mut raw) = (None::<Object>, None::<serde_json::Value>);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "op" => op = Some(map.next_value()?),
+                        "kind" => kind = Some(map.next_value::<KindName>()?.0),
+                        "id" => id = Some(map.next_value()?),
+                        "value" => match kind {
+                            Some(k) => typed = Some(map.next_value_seed(ObjectOf(k))?),
+                            None => raw = Some(map.next_value()?),
+                        },
+                        other => return Err(A::Error::unknown_field(other, &["op", "kind", "id", "value"])),
+                    }
+                }
+                let kind = kind.ok_or_else(|| A::Error::missing_field("kind"))?;
+                match op.as_deref() {
+                    Some("upsert") => {
+                        let o = match (typed, raw) {
+                            (Some(o), _) => o,
+                            (None, Some(v)) => Object::from_value(kind, v).map_err(A::Error::custom)?,
+                            (None, None) => return Err(A::Error::missing_field("value")),
+                        };
+                        if o.kind() != kind {
+                            return Err(A::Error::custom("the value is not of its kind"));
+                        }
+                        Ok(ReadOp(Op::Upsert(o)))
+                    }
+                    Some("delete") => Ok(ReadOp(Op::Delete(kind, id.ok_or_else(|| A::Error::missing_field("id"))?))),
+                    _ => Err(A::Error::custom("`op` must be upsert or delete")),
+                }
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// A kind by its ops name (`share_token`).
@@ -65,41 +140,39 @@ impl<'de> Deserialize<'de> for KindName {
     }
 }
 
-impl Record {
-    /// The record's payload: `{"g":N,"ops":[…]}`.
-    pub fn encode(&self) -> Vec<u8> {
-        let ops = self
-            .ops
-            .iter()
-            .map(|op| match op {
-                Op::Upsert(o) => WireOp::Upsert { kind: KindName(o.kind()), value: o.to_value() },
-                Op::Delete(k, id) => WireOp::Delete { kind: KindName(*k), id: id.clone() },
-            })
-            .collect();
-        serde_json::to_vec(&WireRecord { g: self.generation, ops }).unwrap_or_default()
-    }
+/// The framed record of generation `g` with `ops` (kind, id, new object or `None` for a
+/// delete).
+pub fn frame<'a>(g: u64, ops: impl Iterator<Item = (Kind, &'a str, Option<&'a Object>)>) -> Vec<u8> {
+    let ops = ops
+        .map(|(kind, id, new)| match new {
+            Some(o) => WireOp::Upsert { kind: KindName(kind), value: o.to_value() },
+            None => WireOp::Delete { kind: KindName(kind), id: id.to_string() },
+        })
+        .collect();
+    let payload = serde_json::to_vec(&WireRecord { g, ops }).unwrap_or_default();
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
 
+impl Record {
     /// Reads a payload back.
     pub fn decode(payload: &[u8]) -> Result<Record, String> {
-        let w: WireRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        let mut ops = Vec::with_capacity(w.ops.len());
-        for op in w.ops {
-            ops.push(match op {
-                WireOp::Upsert { kind, value } => Op::Upsert(Object::from_value(kind.0, value).map_err(|e| e.to_string())?),
-                WireOp::Delete { kind, id } => Op::Delete(kind.0, id),
-            });
-        }
-        Ok(Record { generation: w.g, ops })
+        let r: ReadRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        Ok(Record { generation: r.g, ops: r.ops.into_iter().map(|o| o.0).collect() })
     }
 
     /// The record framed for the file: length, checksum, payload.
     pub fn frame(&self) -> Vec<u8> {
-        let payload = self.encode();
-        let mut out = Vec::with_capacity(payload.len() + 8);
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        out
+        frame(
+            self.generation,
+            self.ops.iter().map(|op| match op {
+                Op::Upsert(o) => (o.kind(), o.id(), Some(o)),
+                Op::Delete(k, id) => (*k, id.as_str(), None),
+            }),
+        )
     }
 }
 

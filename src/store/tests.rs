@@ -197,3 +197,21 @@ fn refused_writes_change_nothing_on_disk_either() {
     assert_eq!(address(&store, "b"), None);
     assert_eq!(address(&store, "c"), None);
 }
+
+#[test]
+fn an_earlier_versions_state_json_is_read_and_replaced_by_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("state.json"),
+        r#"{"generation":41,"sandboxes":[{"id":"old","workspace":"w","address":"10.0.0.7","previews":[{"port":3000}]}]}"#,
+    )
+    .unwrap();
+    let store = open(dir.path());
+    assert_eq!(address(&store, "old").as_deref(), Some("10.0.0.7"));
+    assert!(store.generation() > 41);
+    assert!(*store.compaction_wanted().borrow(), "the first fold replaces the legacy file");
+    store.compact().unwrap();
+    assert!(dir.path().join(snapshot::FILE).exists() && !dir.path().join(snapshot::LEGACY_FILE).exists());
+    drop(store);
+    assert_eq!(address(&open(dir.path()), "old").as_deref(), Some("10.0.0.7"));
+}

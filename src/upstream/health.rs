@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The least time between two looks at the table (bursts of writes are coalesced).
+const FOLLOW_PAUSE: Duration = Duration::from_millis(200);
+
 /// Runs the active checks of every active version that has a `health_check`, following
 /// the routing table: checks start for new instances and stop for removed ones.
 pub struct HealthChecker {
@@ -68,6 +71,8 @@ impl Service for HealthChecker {
             }
             // Instances no table refers to any more: forget them.
             crate::routing::instance::forget_unused();
+            // A look costs what the deployments cost: coalesce bursts of writes.
+            tokio::time::sleep(FOLLOW_PAUSE).await;
             tokio::select! {
                 r = changes.changed() => if r.is_err() { shutdown.wait().await; break },
                 _ = shutdown.wait() => break,

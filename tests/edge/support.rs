@@ -292,6 +292,19 @@ pub async fn raw_request(addr: SocketAddr, raw: &str) -> Response {
     parse_response(&buf)
 }
 
+/// [`raw_request`] that reports a refused or reset connection instead of panicking (a
+/// peer that may be killed at any moment).
+pub async fn try_raw_request(addr: SocketAddr, raw: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(raw.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no whole response head"));
+    }
+    Ok(parse_response(&buf))
+}
+
 pub fn parse_response(buf: &[u8]) -> Response {
     let end =
         buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(buf)));

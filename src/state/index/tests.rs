@@ -142,7 +142,7 @@ fn incremental_checks_agree_with_the_whole_state_check() {
         let mut expected = state.clone();
         let applies = ops.iter().all(|b| apply(&mut expected, &b.op).is_some());
         let whole = validate(&expected, &domains());
-        match index.check(&ops) {
+        match index.check(ops.clone()) {
             Ok(plan) => {
                 assert!(applies, "round {round}: a delete of nothing was accepted: {ops:?}");
                 assert!(whole.is_ok(), "round {round}: accepted {ops:?}\nbut the state it leads to is invalid: {whole:?}");
@@ -195,28 +195,28 @@ fn put(o: Object) -> BatchOp {
 #[test]
 fn one_object_writes_name_their_fields_and_references() {
     let mut index = Index::new(domains());
-    index.commit(index.check(&[put(ws("w1", "one"))]).unwrap());
+    index.commit(index.check(vec![put(ws("w1", "one"))]).unwrap());
     // A sandbox of a missing workspace: the body's field.
-    match index.check(&[put(sb("s1", "nope"))]) {
+    match index.check(vec![put(sb("s1", "nope"))]) {
         Err(Refusal::Invalid(e)) => {
             assert_eq!((e[0].path.as_str(), e[0].message.as_str()), ("workspace", "workspace `nope` does not exist"))
         }
         other => panic!("{other:?}"),
     }
-    index.commit(index.check(&[put(sb("s1", "w1"))]).unwrap());
+    index.commit(index.check(vec![put(sb("s1", "w1"))]).unwrap());
     // Deleting a workspace still used is refused; with its sandbox in the same batch, fine.
     let del = |k: Kind, id: &str, path: &str| BatchOp { path: path.into(), origin: Origin::Api, op: Op::Delete(k, id.into()) };
-    match index.check(&[del(Kind::Workspace, "w1", "")]) {
+    match index.check(vec![del(Kind::Workspace, "w1", "")]) {
         Err(Refusal::Invalid(e)) => assert!(e[0].message.contains("still used by 1"), "{e:?}"),
         other => panic!("{other:?}"),
     }
-    assert!(index.check(&[del(Kind::Workspace, "w1", "ops[0]"), del(Kind::Sandbox, "s1", "ops[1]")]).is_ok());
-    match index.check(&[del(Kind::Sandbox, "nope", "ops[3]")]) {
+    assert!(index.check(vec![del(Kind::Workspace, "w1", "ops[0]"), del(Kind::Sandbox, "s1", "ops[1]")]).is_ok());
+    match index.check(vec![del(Kind::Sandbox, "nope", "ops[3]")]) {
         Err(Refusal::NotFound(m)) => assert_eq!(m, "ops[3]: no sandbox `nope`"),
         other => panic!("{other:?}"),
     }
     // The same object again changes nothing.
-    assert!(index.check(&[put(sb("s1", "w1"))]).unwrap().is_empty());
+    assert!(index.check(vec![put(sb("s1", "w1"))]).unwrap().is_empty());
 }
 
 #[test]
@@ -232,7 +232,7 @@ fn the_other_parts_objects_and_hosts_are_conflicts() {
         ..State::default()
     };
     let index = Index::build(domains(), &toml, &State::default()).unwrap();
-    match index.check(&[put(ws("w1", "x"))]) {
+    match index.check(vec![put(ws("w1", "x"))]) {
         Err(Refusal::Conflict(e)) => assert_eq!((e.path.as_str(), e.message.as_str()), ("id", "workspace `w1` is pinned by the TOML file")),
         other => panic!("{other:?}"),
     }
@@ -243,7 +243,7 @@ fn the_other_parts_objects_and_hosts_are_conflicts() {
             _ => unreachable!(),
         }
     });
-    match index.check(&[put(claims)]) {
+    match index.check(vec![put(claims)]) {
         Err(Refusal::Conflict(e)) => assert_eq!(e.path, "preview_domain.host"),
         other => panic!("{other:?}"),
     }
@@ -262,8 +262,8 @@ fn a_host_moves_between_deployments_in_one_batch_in_any_order() {
         })
     };
     let mut index = Index::new(domains());
-    index.commit(index.check(&[put(ws("w1", "one")), put(dep("a", Some("app.c.test"))), put(dep("b", None))]).unwrap());
-    assert!(index.check(&[put(dep("b", Some("app.c.test")))]).is_err());
-    index.commit(index.check(&[put(dep("b", Some("app.c.test"))), put(dep("a", None))]).unwrap());
-    assert!(index.check(&[put(dep("a", Some("app.c.test")))]).is_err(), "b holds it now");
+    index.commit(index.check(vec![put(ws("w1", "one")), put(dep("a", Some("app.c.test"))), put(dep("b", None))]).unwrap());
+    assert!(index.check(vec![put(dep("b", Some("app.c.test")))]).is_err());
+    index.commit(index.check(vec![put(dep("b", Some("app.c.test"))), put(dep("a", None))]).unwrap());
+    assert!(index.check(vec![put(dep("a", Some("app.c.test")))]).is_err(), "b holds it now");
 }
