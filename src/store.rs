@@ -404,10 +404,8 @@ impl Store {
     pub fn replace_api(&self, if_match: Option<u64>, doc: State) -> Result<u64, WriteError> {
         let toml = self.lock().toml.clone();
         let domains = self.published.load().domains.clone();
-        // The document and the TOML part, checked together with the document's paths
-        // first; errors in TOML objects are named `toml: …`.
-        Index::build((*domains).clone(), &toml, &doc).map_err(WriteError::from)?;
-        self.write(if_match, |objects| Ok(diff(objects, &doc, Origin::Api, "")))
+        check_document(&doc, &toml, &domains)?;
+        self.write(if_match, move |objects| Ok(diff(objects, doc, Origin::Api, "")))
     }
 
     /// Replaces the TOML part and the config it came with (a reload). A change of the
@@ -601,9 +599,8 @@ impl Service for Compactor {
 
 /// The ops that turn the `origin` part of `objects` into `doc` (upserts named by their
 /// path in the document, deletes of what it no longer holds).
-fn diff(objects: &Objects, doc: &State, origin: Origin, prefix: &str) -> Vec<BatchOp> {
-    let mut ops = Vec::new();
-    push_state(&mut ops, doc, origin, prefix);
+fn diff(objects: &Objects, doc: State, origin: Origin, prefix: &str) -> Vec<BatchOp> {
+    let mut deletes = Vec::new();
     for kind in Kind::ALL {
         let keep: std::collections::HashSet<&str> = doc.ids(kind).collect();
         let gone: Vec<String> = match kind {
@@ -612,16 +609,87 @@ fn diff(objects: &Objects, doc: &State, origin: Origin, prefix: &str) -> Vec<Bat
             Kind::ShareToken => objects.share_tokens.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
             Kind::Deployment => objects.deployments.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
         };
-        for id in gone.into_iter().filter(|id| !keep.contains(id.as_str())) {
-            ops.push(BatchOp { path: String::new(), origin, op: Op::Delete(kind, id) });
-        }
+        deletes.extend(gone.into_iter().filter(|id| !keep.contains(id.as_str())).map(|id| BatchOp { path: String::new(), origin, op: Op::Delete(kind, id) }));
     }
+    let mut ops = Vec::with_capacity(doc.sandboxes.len() + deletes.len() + 64);
+    crate::state::index::push_state_owned(&mut ops, doc, origin, prefix);
+    ops.extend(deletes);
     ops
 }
 
 /// [`diff`] for the TOML part.
 fn diff_toml(objects: &Objects, toml: &State) -> Vec<BatchOp> {
-    diff(objects, toml, Origin::Toml, "toml: ")
+    diff(objects, toml.clone(), Origin::Toml, "toml: ")
+}
+
+/// A whole API document checked with the TOML part, errors named by the document's
+/// paths (`sandboxes[3].address`; TOML objects as `toml: …`): an id or host the TOML
+/// file defines is a conflict, the rest the rules of the whole state.
+fn check_document(doc: &State, toml: &State, domains: &Domains) -> Result<(), WriteError> {
+    for kind in Kind::ALL {
+        let pinned: std::collections::HashSet<&str> = toml.ids(kind).collect();
+        if pinned.is_empty() {
+            continue;
+        }
+        if let Some((i, id)) = doc.ids(kind).enumerate().find(|(_, id)| pinned.contains(id)) {
+            let message = format!("{} `{id}` is pinned by the TOML file", kind.singular());
+            return Err(WriteError::Conflict(StateError { path: format!("{}[{i}].id", kind.field()), message }));
+        }
+    }
+    let mut hosts: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for w in &toml.workspaces {
+        hosts.extend(w.preview_domain.iter().chain(w.deploy_domain.iter()).map(|d| d.host.as_str()));
+    }
+    for d in &toml.deployments {
+        hosts.extend(d.domains.iter().map(|d| d.host.as_str()));
+    }
+    if !hosts.is_empty() {
+        let pinned = |path: String, host: &str| {
+            Err(WriteError::Conflict(StateError { path, message: format!("host `{host}` is pinned by the TOML file") }))
+        };
+        for (i, w) in doc.workspaces.iter().enumerate() {
+            for (key, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
+                if let Some(d) = d.as_ref().filter(|d| hosts.contains(d.host.as_str())) {
+                    return pinned(format!("workspaces[{i}].{key}.host"), d.host.as_str());
+                }
+            }
+        }
+        for (i, dep) in doc.deployments.iter().enumerate() {
+            for (j, d) in dep.domains.iter().enumerate() {
+                if hosts.contains(d.host.as_str()) {
+                    return pinned(format!("deployments[{i}].domains[{j}].host"), d.host.as_str());
+                }
+            }
+        }
+    }
+    let empty_toml = Kind::ALL.iter().all(|k| toml.count(*k) == 0);
+    let merged;
+    let whole = if empty_toml {
+        doc
+    } else {
+        merged = doc.merged(toml);
+        &merged
+    };
+    crate::state::validate(whole, domains).map_err(|errs| {
+        // The document's objects come first in the merge; past their count, a path names
+        // a TOML object.
+        WriteError::Invalid(
+            errs.into_iter()
+                .map(|mut e| {
+                    for kind in Kind::ALL {
+                        let Some(rest) = e.path.strip_prefix(kind.field()).and_then(|r| r.strip_prefix('[')) else { continue };
+                        let Some((idx, tail)) = rest.split_once(']') else { continue };
+                        if let Ok(i) = idx.parse::<usize>() {
+                            if i >= doc.count(kind) {
+                                e.path = format!("toml: {}[{}]{tail}", kind.field(), i - doc.count(kind));
+                            }
+                        }
+                    }
+                    e
+                })
+                .collect(),
+        )
+    })
 }
 
 /// What the state directory holds: the ops that rebuild the API state, and the

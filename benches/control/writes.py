@@ -11,11 +11,13 @@ For each state size N (sandboxes over 10k workspaces, 2 preview ports each):
   2. 2,000 one-object writes (PUT /v1/sandboxes/{id}, half new, half changed) from one
      client, one after the other: p50 / p99 as the client sees them (HTTP, check, log
      append, fsync, publish);
-  3. 8 clients write for --seconds while wrk (1 thread, 32 connections) loads a public
-     preview through the edge; then wrk alone again: writes/s, failed proxied
+  3. 8 clients write as fast as they are answered for --seconds (writes/s); then, while
+     wrk (1 thread, 32 connections) loads a public preview through the edge, the same
+     clients write 1,000 a second between them; then wrk alone again: failed proxied
      requests, and the proxied p99 with and without the writes;
   4. the edge is killed (SIGKILL) and started again: the time until /readyz answers 200
-     (the snapshot and the log records after it read and checked).
+     (the snapshot and the log records after it read and checked), the sandboxes it
+     serves, and its resident memory per sandbox over an empty edge's.
 Needs wrk and nginx for step 3 (benches/load/run.sh installs them). Bounded: every
 loop ends by itself, and everything started is stopped at the end, also on failure.
 """
@@ -124,6 +126,7 @@ def main():
             edge = Edge(a.binary, ed, o_port)
             try:
                 before = rss_kib(edge.p.pid)
+                empty_rss = before
                 body = state_json(n, o_port)
                 t0 = time.time()
                 put(edge.conn(), "/v1/state", body)
@@ -139,16 +142,25 @@ def main():
                     put(c, f"/v1/sandboxes/sb{i:08x}", sandbox(i, k))
                     lat.append((time.perf_counter() - t) * 1e6)
                 row = {"n": n, "whole_put_s": whole, "bytes_per_sandbox": per, "p50_us": pct(lat, 0.5), "p99_us": pct(lat, 0.99)}
-                if nginx:
-                    host = f"{o_port}-bench.sandbox.localhost"
+                # Let the background fold of the large first record finish first.
+                time.sleep(3 if n < 100_000 else 15)
+
+                def writers(rate, seconds):
                     stop = threading.Event()
                     counts = [0] * 8
 
                     def writer(w):
                         c = edge.conn()
                         k = 0
+                        start = time.perf_counter()
                         while not stop.is_set() and k < 1_000_000:
-                            i = 3 * n + w * 1_000_000 + k
+                            if rate:
+                                # Paced: this writer's share of `rate` writes a second.
+                                due = start + k * 8 / rate
+                                pause = due - time.perf_counter()
+                                if pause > 0:
+                                    time.sleep(pause)
+                            i = 3 * n + w * 1_000_000 + k + (rate or 0) * 17
                             put(c, f"/v1/sandboxes/sb{i:08x}", sandbox(i, k))
                             counts[w] += 1
                             k += 1
@@ -157,34 +169,50 @@ def main():
                     t0 = time.time()
                     for t in threads:
                         t.start()
-                    loaded = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{a.seconds}s", "--latency", "-H",
-                                             f"Host: {host}", f"http://127.0.0.1:{edge.http}/1k"], capture_output=True, text=True,
-                                            timeout=a.seconds + 30).stdout
+                    time.sleep(seconds)
                     stop.set()
                     for t in threads:
                         t.join()
-                    row["writes_per_s"] = sum(counts) / (time.time() - t0)
-                    alone = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{a.seconds}s", "--latency", "-H",
-                                            f"Host: {host}", f"http://127.0.0.1:{edge.http}/1k"], capture_output=True, text=True,
-                                           timeout=a.seconds + 30).stdout
-                    for key, out in [("with_writes", loaded), ("alone", alone)]:
+                    return sum(counts) / (time.time() - t0)
+
+                row["writes_per_s"] = writers(None, a.seconds)
+                if nginx:
+                    host = f"{o_port}-bench.sandbox.localhost"
+
+                    def load():
+                        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{a.seconds}s", "--latency", "-H",
+                                              f"Host: {host}", f"http://127.0.0.1:{edge.http}/1k"], capture_output=True, text=True,
+                                             timeout=a.seconds + 30).stdout
                         m = re.search(r"99%\s+(\S+)", out)
                         bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
                         sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-                        row[f"p99_{key}"] = m.group(1) if m else "?"
-                        row[f"failed_{key}"] = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+                        return (m.group(1) if m else "?"), (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+
+                    paced = {}
+                    t = threading.Thread(target=lambda: paced.setdefault("rate", writers(1000, a.seconds)))
+                    t.start()
+                    row["p99_with_writes"], row["failed_with_writes"] = load()
+                    t.join()
+                    row["paced_writes_per_s"] = paced.get("rate", 0)
+                    row["p99_alone"], row["failed_alone"] = load()
                 edge.kill()
                 row["restart_s"] = edge.start()
+                time.sleep(1)
+                row["rss_per_sandbox"] = (rss_kib(edge.p.pid) - empty_rss) * 1024 / max(n, 1)
+                c = edge.conn()
+                c.request("GET", "/metrics", headers=HEADERS)
+                m = re.search(r"^miosa_edge_sandboxes (\d+)", c.getresponse().read().decode(), re.M)
+                row["served_after_restart"] = int(m.group(1)) if m else -1
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             finally:
                 edge.kill()
-        print("\n| sandboxes | whole PUT s | B/sandbox | one-object PUT p50 µs | p99 µs | writes/s (8 clients, under wrk) | proxied p99 with / without writes | failed | restart s |")
+        print("\n| sandboxes | whole PUT s | one-object PUT p50 µs | p99 µs | writes/s (8 clients) | proxied p99 with 1,000 writes/s / without | failed | restart s (served) | resident B/sandbox |")
         print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for r in rows:
-            print(f"| {r['n']:,} | {r['whole_put_s']:.2f} | {r['bytes_per_sandbox']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
-                  f"{r.get('writes_per_s', float('nan')):.0f} | {r.get('p99_with_writes', '-')} / {r.get('p99_alone', '-')} | "
-                  f"{r.get('failed_with_writes', '-')} | {r['restart_s']:.2f} |")
+            print(f"| {r['n']:,} | {r['whole_put_s']:.2f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['writes_per_s']:.0f} | "
+                  f"{r.get('p99_with_writes', '-')} / {r.get('p99_alone', '-')} | {r.get('failed_with_writes', '-')} | "
+                  f"{r['restart_s']:.2f} ({r['served_after_restart']:,}) | {r['rss_per_sandbox']:.0f} |")
     finally:
         if nginx:
             os.killpg(nginx.pid, signal.SIGKILL)

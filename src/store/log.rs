@@ -38,15 +38,25 @@ pub struct Record {
 /// `{"op":"delete","kind":…,"id":…}` (the control API's own shape).
 #[derive(Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum WireOp {
-    Upsert { kind: KindName, value: serde_json::Value },
-    Delete { kind: KindName, id: String },
+enum WireOp<'a> {
+    Upsert { kind: KindName, value: ValueRef<'a> },
+    Delete { kind: KindName, id: &'a str },
+}
+
+/// An object serialised in place (no JSON tree in between).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ValueRef<'a> {
+    Workspace(&'a crate::schema::Workspace),
+    Sandbox(&'a crate::schema::Sandbox),
+    ShareToken(&'a crate::schema::ShareToken),
+    Deployment(&'a crate::schema::Deployment),
 }
 
 #[derive(Serialize)]
-struct WireRecord {
+struct WireRecord<'a> {
     g: u64,
-    ops: Vec<WireOp>,
+    ops: Vec<WireOp<'a>>,
 }
 
 /// A record as read: ops decoded straight into typed objects (a start replays a
@@ -145,8 +155,16 @@ impl<'de> Deserialize<'de> for KindName {
 pub fn frame<'a>(g: u64, ops: impl Iterator<Item = (Kind, &'a str, Option<&'a Object>)>) -> Vec<u8> {
     let ops = ops
         .map(|(kind, id, new)| match new {
-            Some(o) => WireOp::Upsert { kind: KindName(kind), value: o.to_value() },
-            None => WireOp::Delete { kind: KindName(kind), id: id.to_string() },
+            Some(o) => WireOp::Upsert {
+                kind: KindName(kind),
+                value: match o {
+                    Object::Workspace(w) => ValueRef::Workspace(w),
+                    Object::Sandbox(s) => ValueRef::Sandbox(s),
+                    Object::ShareToken(t) => ValueRef::ShareToken(t),
+                    Object::Deployment(d) => ValueRef::Deployment(d),
+                },
+            },
+            None => WireOp::Delete { kind: KindName(kind), id },
         })
         .collect();
     let payload = serde_json::to_vec(&WireRecord { g, ops }).unwrap_or_default();
