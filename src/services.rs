@@ -78,14 +78,35 @@ impl std::fmt::Debug for Services {
     }
 }
 
+/// The nice value of background threads (the proxy's stay at the process's own).
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority (Linux: nice is per thread).
+fn lower_priority() {
+    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours; who = 0
+    // is the calling thread. A failure (a sandbox that forbids it) leaves the priority
+    // as it was, which is only slower under contention.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+    if r != 0 {
+        tracing::debug!("cannot lower the priority of a background thread");
+    }
+}
+
 /// How long [`Services::stop`] waits for services and their blocking work to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Services {
     /// A runtime of two worker threads (background work is I/O-bound; two keep a slow
-    /// step of one service from delaying the control API).
+    /// step of one service from delaying the control API). Its threads, and those of its
+    /// blocking pool, run at a lower scheduling priority than the proxy's: when a core
+    /// is contended, requests go first and control-plane writes wait.
     pub fn new() -> std::io::Result<Services> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("miosa-services").enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("miosa-services")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()?;
         Ok(Services { runtime, stop: watch::channel(false).0 })
     }
 
