@@ -3,20 +3,25 @@
 //!
 //! A published table is immutable and shared by every request in flight; a write makes
 //! the next table from it. With plain hash maps that meant copying a million sandboxes
-//! for one change. Here a map is a fixed two-level radix of 64 × 64 small hash tables
+//! for one change. Here a map is a two-level radix of up to 64 × 64 small hash tables
 //! (leaves) behind `Arc`s:
 //!
 //! ```text
-//! CowMap ─Arc─► top [64] ─Arc─► dir [64] ─Arc─► leaf: HashTable<T>  (≈ n / 4096 entries)
-//!         hash(key): bits 32..38 pick the dir, 38..44 the leaf; the leaf's own probe
-//!         uses the low bits and the top seven, so the three never correlate
+//! CowMap ─Arc─► top [2^b] ─Arc─► dir [2^b] ─Arc─► leaf: HashTable<T>  (≤ 512 entries
+//!         hash(key): bits 32.. pick the dir, 38.. the leaf; the leaf's own probe uses
+//!         the low bits and the top seven, so the three never correlate
 //! ```
 //!
-//! Cloning a map is one reference count. Changing one entry copies the path to it:
-//! the top (64 pointers), one dir (64 pointers) and one leaf (n / 4096 entries), so a
+//! Cloning a map is one reference count. Changing one entry copies the path to it: the
+//! top and one dir (2^b pointers each) and one leaf (a few hundred entries at most), so a
 //! write costs the same on a thousand entries as on a million (`Arc::make_mut`: nothing
 //! is copied while the map is not shared). A lookup hashes the key once and follows two
 //! pointers into a small table: no allocation, no lock.
+//!
+//! A map starts as one leaf (small maps stay cache-friendly) and grows like a hash
+//! table: past 512 entries per leaf on average it is re-spread over four times as many
+//! leaves, up to 64 × 64 (that one write pays for the copy; amortised, a write stays
+//! constant); a bulk load reserves its width up front.
 //!
 //! [`CowSlab`] is the same idea for objects addressed by a stable `u32` slot (chunks of
 //! 256): references between objects of the snapshot are slots, not strings.
@@ -34,11 +39,15 @@ pub trait Keyed: Clone {
     fn key(&self) -> &[u8];
 }
 
-const FAN: usize = 64;
+/// Bits of the hash per level at full width (64 × 64 leaves).
+const MAX_BITS: u32 = 6;
+/// Entries per leaf, on average, past which a map grows.
+const GROW_AT: usize = 512;
 
 type Leaf<T> = HashTable<T>;
-type Dir<T> = [Arc<Leaf<T>>; FAN];
-type Top<T> = [Arc<Dir<T>>; FAN];
+// Slices inline in their `Arc`s: one pointer per level on the lookup path.
+type Dir<T> = [Arc<Leaf<T>>];
+type Top<T> = [Arc<Dir<T>>];
 
 /// The hasher of every map: fixed seeds keep lookups and iteration deterministic across
 /// runs; flooding is not a concern since every key comes from the trusted routing state
@@ -55,19 +64,22 @@ pub fn hash(key: &[u8]) -> u64 {
 }
 
 #[inline]
-fn slots(h: u64) -> (usize, usize) {
-    (((h >> 32) & 63) as usize, ((h >> 38) & 63) as usize)
+fn slots(h: u64, bits: u32) -> (usize, usize) {
+    let mask = (1u64 << bits) - 1;
+    (((h >> 32) & mask) as usize, ((h >> 38) & mask) as usize)
 }
 
 /// A hash map of [`Keyed`] entries, copied on write (see the module head).
 pub struct CowMap<T: Keyed> {
     top: Arc<Top<T>>,
     len: usize,
+    /// Hash bits per level: 2^bits dirs of 2^bits leaves.
+    bits: u32,
 }
 
 impl<T: Keyed> Clone for CowMap<T> {
     fn clone(&self) -> Self {
-        CowMap { top: self.top.clone(), len: self.len }
+        CowMap { top: self.top.clone(), len: self.len, bits: self.bits }
     }
 }
 
@@ -84,11 +96,49 @@ impl<T: Keyed + std::fmt::Debug> std::fmt::Debug for CowMap<T> {
 }
 
 impl<T: Keyed> CowMap<T> {
-    /// An empty map: every slot shares one empty leaf until written.
+    /// An empty map of one leaf.
     pub fn new() -> CowMap<T> {
+        CowMap::with_bits(0)
+    }
+
+    /// An empty map at full width.
+    #[cfg(test)]
+    pub fn wide() -> CowMap<T> {
+        CowMap::with_bits(MAX_BITS)
+    }
+
+    /// An empty map of 2^bits × 2^bits leaves; every slot shares one empty leaf until
+    /// written.
+    fn with_bits(bits: u32) -> CowMap<T> {
+        let n = 1usize << bits;
         let leaf: Arc<Leaf<T>> = Arc::new(HashTable::new());
-        let dir: Arc<Dir<T>> = Arc::new(std::array::from_fn(|_| leaf.clone()));
-        CowMap { top: Arc::new(std::array::from_fn(|_| dir.clone())), len: 0 }
+        let dir: Arc<Dir<T>> = vec![leaf; n].into();
+        CowMap { top: vec![dir; n].into(), len: 0, bits }
+    }
+
+    /// Re-spreads the entries over 2^bits × 2^bits leaves.
+    fn respread(&mut self, bits: u32) {
+        let mut wider = CowMap::with_bits(bits);
+        for e in self.iter() {
+            wider.insert_unique(e.clone());
+        }
+        *self = wider;
+    }
+
+    /// Inserts an entry whose key is not in the map (no growth check).
+    fn insert_unique(&mut self, v: T) {
+        let h = hash(v.key());
+        self.leaf_mut(h).insert_unique(h, v, |e| hash(e.key()));
+        self.len += 1;
+    }
+
+    /// The width a map of `n` entries should have.
+    fn bits_for(n: usize) -> u32 {
+        let mut bits = 0;
+        while bits < MAX_BITS && n > GROW_AT << (2 * bits) {
+            bits += 1;
+        }
+        bits
     }
 
     /// Number of entries.
@@ -104,7 +154,7 @@ impl<T: Keyed> CowMap<T> {
     #[inline]
     pub fn get(&self, key: &[u8]) -> Option<&T> {
         let h = hash(key);
-        let (d, l) = slots(h);
+        let (d, l) = slots(h, self.bits);
         self.top[d][l].find(h, |e| e.key() == key)
     }
 
@@ -115,7 +165,7 @@ impl<T: Keyed> CowMap<T> {
 
     /// The leaf `h` falls in, copied first if it is shared.
     fn leaf_mut(&mut self, h: u64) -> &mut Leaf<T> {
-        let (d, l) = slots(h);
+        let (d, l) = slots(h, self.bits);
         let dir = &mut Arc::make_mut(&mut self.top)[d];
         let leaf = &mut Arc::make_mut(dir)[l];
         Arc::make_mut(leaf)
@@ -130,6 +180,9 @@ impl<T: Keyed> CowMap<T> {
             None => {
                 leaf.insert_unique(h, v, |e| hash(e.key()));
                 self.len += 1;
+                if self.bits < MAX_BITS && self.len > GROW_AT << (2 * self.bits) {
+                    self.respread(self.bits + 1);
+                }
                 None
             }
         }
@@ -153,10 +206,15 @@ impl<T: Keyed> CowMap<T> {
 
     /// Reserves room for about `n` more entries spread evenly (bulk loads).
     pub fn reserve(&mut self, n: usize) {
-        let per_leaf = n / (FAN * FAN) + 1;
+        let bits = CowMap::<T>::bits_for(self.len + n).max(self.bits);
+        if bits > self.bits {
+            self.respread(bits);
+        }
+        let per_leaf = (self.len + n) / (1usize << (2 * bits)) + 1;
         for dir in Arc::make_mut(&mut self.top).iter_mut() {
             for leaf in Arc::make_mut(dir).iter_mut() {
-                Arc::make_mut(leaf).reserve(per_leaf, |e| hash(e.key()));
+                let leaf = Arc::make_mut(leaf);
+                leaf.reserve(per_leaf.saturating_sub(leaf.len()), |e| hash(e.key()));
             }
         }
     }
@@ -278,6 +336,7 @@ mod tests {
         for (k, v) in &model {
             assert_eq!(map.get(k.as_bytes()).map(|e| e.1), Some(*v));
         }
+        assert!(map.bits >= 1, "3,000 keys spread over more than one leaf");
         assert_eq!(map.iter().count(), model.len());
         assert!(map.get(b"absent").is_none() && map.remove(b"absent").is_none());
         // Every clone taken along the way still holds exactly what it held then.
@@ -291,7 +350,8 @@ mod tests {
 
     #[test]
     fn a_write_to_a_clone_copies_one_path_only() {
-        let mut a = CowMap::new();
+        const FAN: usize = 1 << MAX_BITS;
+        let mut a = CowMap::wide();
         for i in 0..10_000 {
             a.insert(E(format!("s{i}"), i));
         }
@@ -299,6 +359,7 @@ mod tests {
         b.insert(E("s1".into(), 99));
         assert_eq!(a.get(b"s1").map(|e| e.1), Some(1));
         assert_eq!(b.get(b"s1").map(|e| e.1), Some(99));
+        assert_eq!(a.bits, MAX_BITS);
         // All but one dir, and all but one leaf in it, are still shared.
         let shared_dirs = (0..FAN).filter(|&d| Arc::ptr_eq(&a.top[d], &b.top[d])).count();
         assert_eq!(shared_dirs, FAN - 1);

@@ -609,7 +609,11 @@ fn diff(objects: &Objects, doc: State, origin: Origin, prefix: &str) -> Vec<Batc
             Kind::ShareToken => objects.share_tokens.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
             Kind::Deployment => objects.deployments.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
         };
-        deletes.extend(gone.into_iter().filter(|id| !keep.contains(id.as_str())).map(|id| BatchOp { path: String::new(), origin, op: Op::Delete(kind, id) }));
+        deletes.extend(gone.into_iter().filter(|id| !keep.contains(id.as_str())).map(|id| BatchOp {
+            path: String::new(),
+            origin,
+            op: Op::Delete(kind, id),
+        }));
     }
     let mut ops = Vec::with_capacity(doc.sandboxes.len() + deletes.len() + 64);
     crate::state::index::push_state_owned(&mut ops, doc, origin, prefix);
