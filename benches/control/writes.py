@@ -25,17 +25,10 @@ import argparse, http.client, json, os, re, shutil, signal, subprocess, sys, tem
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "load"))
 from run import ROOT, free_port, nginx_conf, wait_port  # noqa: E402
+from put_1m import rss_kib  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def state_json(n, origin_port):
