@@ -41,6 +41,8 @@ pub struct Config {
     pub tls: tls::Tls,
     /// `[acme]`: certificates obtained from a CA (absent = only `certs_dir` and the default).
     pub acme: Option<tls::Acme>,
+    /// `[cluster]`: fleet mode on Redis (absent = a single node).
+    pub cluster: Option<Cluster>,
     /// The keys `[tokens]` names, loaded from the environment and key files.
     pub keys: std::sync::Arc<Keys>,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
@@ -197,6 +199,102 @@ fn default_wake_timeout_ms() -> u64 {
     15_000
 }
 
+/// `[cluster]`: several nodes as one fleet, sharing state through Redis (CONTRACT §11).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// The environment variable holding `redis://[:password@]host:port/db` (or `rediss://`).
+    #[serde(default = "default_redis_url_env")]
+    pub redis_url_env: String,
+    /// This node's name, unique in the fleet; default: the host name.
+    #[serde(default)]
+    pub node: String,
+    /// Prefix of every key, so several fleets can share one Redis.
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+    /// The environment variable holding the key (≥ 32 bytes) that seals private keys kept
+    /// in Redis.
+    #[serde(default = "default_seal_key_env")]
+    pub seal_key_env: String,
+    /// Read from `redis_url_env` at load.
+    #[serde(skip)]
+    pub redis_url: String,
+    /// Read from `seal_key_env` at load (absent: no certificates are kept in Redis).
+    #[serde(skip)]
+    pub seal_key: Option<std::sync::Arc<[u8]>>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password and the seal key is a secret: neither is shown.
+        f.debug_struct("Cluster").field("node", &self.node).field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn default_redis_url_env() -> String {
+    "MIOSA_EDGE_REDIS_URL".into()
+}
+
+fn default_cluster_prefix() -> String {
+    "miosa-edge".into()
+}
+
+fn default_seal_key_env() -> String {
+    "MIOSA_EDGE_SEAL_KEY".into()
+}
+
+/// The host name (the default node name of a fleet).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "edge".into())
+}
+
+/// Checks `[cluster]` and reads the secrets it names from the environment.
+fn check_cluster(c: &mut Cluster, https: bool) -> Vec<StateError> {
+    let mut errs = Vec::new();
+    let err = |path: &str, message: String| StateError { path: format!("cluster.{path}"), message };
+    if c.node.is_empty() {
+        c.node = host_name();
+    }
+    if c.node.len() > 64 || !c.node.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        errs.push(err("node", "must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.'".into()));
+    }
+    if c.prefix.is_empty() || c.prefix.len() > 64 || !c.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+        errs.push(err("prefix", "must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.', ':'".into()));
+    }
+    for (key, name) in [("redis_url_env", &c.redis_url_env), ("seal_key_env", &c.seal_key_env)] {
+        if !is_env_name(name) {
+            errs.push(err(key, "must be an environment variable name (A-Z, 0-9, _)".into()));
+        }
+    }
+    if !errs.is_empty() {
+        return errs;
+    }
+    match std::env::var(&c.redis_url_env) {
+        Ok(url) if url.starts_with("redis://") || url.starts_with("rediss://") => match redis::Client::open(url.as_str()) {
+            Ok(_) => c.redis_url = url,
+            Err(e) => errs.push(err("redis_url_env", format!("${} is not a usable Redis URL: {e}", c.redis_url_env))),
+        },
+        Ok(_) => errs.push(err("redis_url_env", format!("${} must be a redis:// or rediss:// URL", c.redis_url_env))),
+        Err(_) => errs.push(err("redis_url_env", format!("${} is not set", c.redis_url_env))),
+    }
+    match env_bytes(&c.seal_key_env) {
+        Some(k) if k.len() >= 32 => c.seal_key = Some(k.into()),
+        Some(_) => errs.push(err("seal_key_env", format!("${} must hold at least 32 bytes", c.seal_key_env))),
+        // Without TLS no certificate is kept, so no key is needed.
+        None if https => errs.push(err(
+            "seal_key_env",
+            format!("${} is not set: with [server] https the fleet keeps its certificates' keys in Redis, sealed with it", c.seal_key_env),
+        )),
+        None => {}
+    }
+    errs
+}
+
 /// `[dns]`: resolvers for domain verification (and later DNS-01 checks).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +339,8 @@ struct RawConfig {
     static_: Static,
     #[serde(default)]
     wake: Option<Wake>,
+    #[serde(default)]
+    cluster: Option<Cluster>,
 }
 
 /// One problem in a config file.
@@ -297,7 +397,7 @@ impl Config {
             Ok(doc) => doc,
             Err(e) => return Err(invalid(vec![issue_from_toml(text, None, &e)])),
         };
-        let raw: RawConfig = match toml::from_str(text) {
+        let mut raw: RawConfig = match toml::from_str(text) {
             Ok(r) => r,
             Err(e) => return Err(invalid(vec![issue_from_toml(text, Some(&doc), &e)])),
         };
@@ -346,6 +446,10 @@ impl Config {
         if let Some(w) = &raw.wake {
             errors.extend(check_wake(w));
         }
+        let https = raw.server.https.is_some();
+        if let Some(c) = &mut raw.cluster {
+            errors.extend(check_cluster(c, https));
+        }
         let keys = if errors.iter().any(|e| e.path.starts_with("tokens")) {
             crate::access::Keys::none()
         } else {
@@ -382,6 +486,7 @@ impl Config {
             wake: raw.wake,
             tls: raw.tls.unwrap_or_default(),
             acme: raw.acme,
+            cluster: raw.cluster,
             keys: std::sync::Arc::new(keys),
             state,
             source: source.map(Path::to_owned),

@@ -48,6 +48,7 @@ pub struct ControlApi {
     /// The TLS certificates (`None` without `[server] https`) and the ACME service.
     certs: Option<Arc<crate::tls::Watcher>>,
     acme: Option<Arc<crate::acme::Manager>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Taken by [`Service::run`].
     listener: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
@@ -144,6 +145,7 @@ impl ControlApi {
             proxy_up: AtomicBool::new(false),
             certs: None,
             acme: None,
+            cluster: None,
             listener: std::sync::Mutex::new(None),
         }
     }
@@ -152,6 +154,31 @@ impl ControlApi {
     pub fn with_listener(self, listener: std::net::TcpListener) -> Self {
         *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
         self
+    }
+
+    /// Fleet mode: readiness follows the fleet, `GET /v1/cluster` lists its nodes.
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// `GET /v1/cluster`: the nodes that reported within the last minute (a single node
+    /// lists itself).
+    async fn get_cluster(&self) -> Result<Response<Full<Bytes>>, ApiError> {
+        let Some(c) = self.cluster.clone() else {
+            let node = serde_json::json!({
+                "node": crate::config::host_name(),
+                "generation": self.store.generation(),
+                "ready": self.proxy_up.load(Ordering::Relaxed),
+                "last_seen": crate::schema::Timestamp(crate::clock::unix_now()).to_rfc3339(),
+            });
+            return Ok(json(StatusCode::OK, &serde_json::json!({ "nodes": [node] })));
+        };
+        let nodes = tokio::task::spawn_blocking(move || c.nodes())
+            .await
+            .map_err(|e| ApiError::Internal(format!("cluster task failed: {e}")))?
+            .map_err(|e| ApiError::ClusterUnavailable(format!("Redis: {e}")))?;
+        Ok(json(StatusCode::OK, &serde_json::json!({ "nodes": nodes })))
     }
 
     /// Reports the certificates served and the names ACME manages.
@@ -213,6 +240,7 @@ impl ControlApi {
             }
             (&Method::GET, ["v1", "usage"]) => self.get_usage(req.uri().query()).await,
             (&Method::GET, ["v1", "certificates"]) => Ok(self.get_certificates()),
+            (&Method::GET, ["v1", "cluster"]) => self.get_cluster().await,
             (&Method::GET, ["v1", "openapi.yaml"]) => {
                 Ok(bytes_response(StatusCode::OK, "application/yaml", OPENAPI_YAML.as_bytes().to_vec()))
             }
@@ -288,7 +316,8 @@ impl ControlApi {
                 self.proxy_up.store(true, Ordering::Relaxed);
             }
         }
-        let ready = self.proxy_up.load(Ordering::Relaxed);
+        // In a fleet: caught up with it, or cut off from Redis with a state of its own.
+        let ready = self.proxy_up.load(Ordering::Relaxed) && self.cluster.as_ref().is_none_or(|c| c.ready());
         let body = serde_json::json!({"ready": ready, "generation": self.store.generation()});
         json(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
     }

@@ -37,6 +37,7 @@ pub mod access_log;
 pub mod acme;
 pub mod answer;
 pub mod clock;
+pub mod cluster;
 pub mod codes;
 pub mod config;
 pub mod control;

@@ -123,6 +123,16 @@ pub struct Metrics {
     pub acme_orders: IntCounterVec,
     /// What is left of each CA rate limit the edge budgets against.
     pub acme_budget: prometheus::IntGaugeVec,
+    /// Fleet mode: 1 while this node's link to Redis works.
+    pub cluster_connected: IntGauge,
+    /// Fleet mode: the fleet's generation as last seen in Redis.
+    pub cluster_generation: IntGauge,
+    /// Fleet mode: how far behind the fleet's log this node applies (seconds).
+    pub cluster_lag_seconds: prometheus::Gauge,
+    /// Fleet mode: records of the fleet's log this node's state refused (passed over).
+    pub cluster_refused: IntCounter,
+    /// Fleet mode: values read from Redis that did not parse (skipped or refused).
+    pub cluster_bad_input: IntCounter,
     health_up: IntCounter,
     health_down: IntCounter,
     tls_handshakes: Vec<IntCounter>,
@@ -278,6 +288,27 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
         );
+        let cluster_connected = gauge(&registry, "miosa_edge_cluster_connected", "Fleet mode: 1 while this node reaches Redis, else 0.");
+        let cluster_generation =
+            gauge(&registry, "miosa_edge_cluster_generation", "Fleet mode: the fleet's state generation as last seen in Redis.");
+        let cluster_lag_seconds = register(
+            &registry,
+            prometheus::Gauge::new(
+                "miosa_edge_cluster_lag_seconds",
+                "Fleet mode: age of the newest fleet write this node has applied when it was applied (0 when caught up).",
+            )
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        );
+        let cluster_refused = counter(
+            &registry,
+            "miosa_edge_cluster_refused_total",
+            "Fleet mode: fleet writes this node's state refused (a collision with its TOML routes), passed over whole.",
+        );
+        let cluster_bad_input = counter(
+            &registry,
+            "miosa_edge_cluster_bad_input_total",
+            "Fleet mode: values read from Redis that did not parse (foreign keys, truncated records), skipped or refused.",
+        );
         let mut requests = Vec::new();
         for k in KINDS {
             for c in CLASSES {
@@ -307,6 +338,11 @@ impl Metrics {
             certificate_expiry,
             acme_orders,
             acme_budget,
+            cluster_connected,
+            cluster_generation,
+            cluster_lag_seconds,
+            cluster_refused,
+            cluster_bad_input,
             health_up: health.with_label_values(&["healthy"]),
             health_down: health.with_label_values(&["unhealthy"]),
             tls_handshakes: TLS_VERSIONS.iter().map(|v| tls_handshakes.with_label_values(&[*v])).collect(),

@@ -56,6 +56,8 @@ pub enum StartError {
     Tls(String),
     #[error("upgrade: {0}")]
     Upgrade(String),
+    #[error("{0}")]
+    Cluster(String),
     #[error("cannot create the state directory {path}: {source}")]
     StateDir {
         path: std::path::PathBuf,
@@ -131,8 +133,19 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
 
     let services = Services::new().map_err(StartError::Services)?;
     let metrics = Arc::new(Metrics::new());
+    // [cluster]: a node with no state of its own starts from the fleet's snapshot.
+    let cluster = crate::cluster::Cluster::new(&cfg, metrics.clone()).map_err(StartError::Cluster)?;
+    if let Some(c) = &cluster {
+        c.prepare(&cfg.server.state_dir);
+    }
     // The last acknowledged control-plane state is loaded before anything listens.
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);
+    if let Some(c) = &cluster {
+        // Writes go through the fleet's log; every node follows it.
+        c.attach(&store);
+        services.start(Arc::new(crate::cluster::Follower { cluster: c.clone(), store: store.clone() }));
+        services.start(Arc::new(crate::cluster::Beats { cluster: c.clone(), store: store.clone() }));
+    }
     let routes = store.routes();
     services.start(Arc::new(crate::store::Compactor(store.clone())));
     let usage = Arc::new(Usage::open(cfg.server.state_dir.join("usage.json")));
@@ -256,6 +269,10 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     .with_listener(control_listener);
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
+        None => control,
+    };
+    let control = match &cluster {
+        Some(c) => control.with_cluster(c.clone()),
         None => control,
     };
     services.start(Arc::new(control));

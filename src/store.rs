@@ -58,6 +58,39 @@ pub enum WriteError {
     /// The write could not be made durable; nothing of it was published.
     #[error("cannot persist state: {0}")]
     Persist(String),
+    /// Fleet mode: Redis could not take the write; nothing of it was published.
+    #[error("the fleet's store is unreachable: {0}")]
+    Unavailable(String),
+}
+
+/// Fleet mode: where a write is made durable fleet-wide before it is acknowledged
+/// (implemented by [`crate::cluster`] on Redis).
+pub trait Replicator: Send + Sync {
+    /// Appends the record `payload` of generation `expected + 1` if the fleet is still at
+    /// generation `expected` (compare-and-append). Blocking.
+    fn append(&self, expected: u64, payload: &[u8]) -> Result<(), Replicate>;
+}
+
+/// Why a replicated append did not happen.
+#[derive(Debug)]
+pub enum Replicate {
+    /// The fleet is at this later generation: catch up, check again, retry.
+    Behind(u64),
+    /// Redis is unreachable or refused the write.
+    Unavailable(String),
+}
+
+/// How long a write waits for this node to catch up with the fleet before it gives up.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Why a replicated batch could not be followed.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The batch starts after a generation this node does not have: load a snapshot.
+    #[error("generation {found} follows {have}: records are missing")]
+    Gap { have: u64, found: u64 },
+    #[error("{0}")]
+    Write(#[from] WriteError),
 }
 
 impl From<Refusal> for WriteError {
@@ -105,6 +138,8 @@ struct Writer {
     keys: Arc<Keys>,
     log: Option<log::Writer>,
     compacting: bool,
+    /// Fleet mode: generations are the fleet's (a start or a reload takes none).
+    fleet: bool,
 }
 
 /// A table whose record is in the log, waiting to be durable.
@@ -153,6 +188,8 @@ pub struct Store {
     compact_wanted: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
     dir: Option<PathBuf>,
+    /// Fleet mode: writes go through the fleet's log first.
+    replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -173,6 +210,7 @@ impl Store {
     /// first table at a generation above every one served before.
     pub fn open(cfg: &Config, metrics: Arc<Metrics>, persist: bool) -> Result<Store, OpenError> {
         let dir = persist.then(|| cfg.server.state_dir.clone());
+        let fleet = cfg.cluster.is_some();
         let started = std::time::Instant::now();
         let invalid = |r: Refusal| OpenError::Invalid(crate::routing::BuildError::from(r).0);
         let mut index = Index::new(cfg.domains.clone());
@@ -259,8 +297,11 @@ impl Store {
         drop(snap);
         let checked = started.elapsed();
         // A start takes a generation of its own, so generations keep growing across
-        // restarts (logged below, so a second restart goes higher still).
-        generation += 1;
+        // restarts (logged below, so a second restart goes higher still). In a fleet the
+        // generations are the fleet's: the node resumes at the one it had.
+        if !fleet {
+            generation += 1;
+        }
         let fold_now = legacy || log_writer.as_ref().is_some_and(|l| l.records >= COMPACT_RECORDS || l.bytes >= COMPACT_BYTES);
         let table = RouteTable::from_state(index.objects(), &cfg.domains, &cfg.branding, generation).with_access(cfg.keys.clone());
         tracing::info!(
@@ -287,6 +328,7 @@ impl Store {
                 keys: cfg.keys.clone(),
                 log: log_writer,
                 compacting: false,
+                fleet,
             }),
             pending: Mutex::new(Pending { durable: generation, ..Default::default() }),
             durable: Condvar::new(),
@@ -297,17 +339,19 @@ impl Store {
             compact_wanted: tokio::sync::watch::channel(fold_now).0,
             metrics,
             dir,
+            replicator: std::sync::OnceLock::new(),
         };
         if let Some(dir) = &store.dir {
             // The snapshot exists from the first start on.
             let path = dir.join(snapshot::FILE);
             if !path.exists() && !dir.join(snapshot::LEGACY_FILE).exists() {
-                if let Err(e) = snapshot::write(&path, generation - 1, store.lock().index.objects()) {
+                let at = if fleet { generation } else { generation - 1 };
+                if let Err(e) = snapshot::write(&path, at, store.lock().index.objects()) {
                     tracing::warn!(error = %e, file = %path.display(), "cannot write the first snapshot");
                 }
             }
         }
-        {
+        if !fleet {
             let mut w = store.lock();
             if let Some(log) = &mut w.log {
                 let mark = log::Record { generation, ops: Vec::new() }.frame();
@@ -350,44 +394,105 @@ impl Store {
         self.published.load_full()
     }
 
+    /// Fleet mode: every later write is appended to the fleet's log through `r` before
+    /// it is acknowledged.
+    pub fn replicate_through(&self, r: Arc<dyn Replicator>) {
+        let _ = self.replicator.set(r);
+    }
+
     /// Applies `ops` (API writes) as one batch: all or nothing, checked on the state it
     /// leads to, durable before it returns. `if_match` is the generation the caller
     /// saw. A batch that changes nothing writes nothing and answers the current
     /// generation.
     pub fn apply(&self, if_match: Option<u64>, ops: Vec<BatchOp>) -> Result<u64, WriteError> {
-        self.write(if_match, |_| Ok(ops))
+        let mut ops = Some(ops);
+        let again = self.replicator.get().is_some().then(|| ops.clone()).flatten();
+        self.write(if_match, move |_| Ok(ops.take().or_else(|| again.clone()).unwrap_or_default()))
     }
 
     /// Like [`Self::apply`], the ops made from the current state under the writers'
     /// lock (a read-modify-write such as `activate` cannot lose a concurrent write).
-    pub fn write(&self, if_match: Option<u64>, make: impl FnOnce(&Objects) -> Result<Vec<BatchOp>, WriteError>) -> Result<u64, WriteError> {
-        let result = self.write_inner(if_match, make);
+    /// In a fleet, `make` is called again when another node's write came first.
+    pub fn write(
+        &self,
+        if_match: Option<u64>,
+        mut make: impl FnMut(&Objects) -> Result<Vec<BatchOp>, WriteError>,
+    ) -> Result<u64, WriteError> {
+        let deadline = std::time::Instant::now() + CATCH_UP_WAIT;
+        let result = loop {
+            match self.write_inner(if_match, &mut make) {
+                Err(Retry::Behind(fleet)) => {
+                    // Another node's write came first: wait until it is followed here,
+                    // then check this one again on the state it now meets.
+                    if !self.wait_for_generation(fleet, deadline) {
+                        break Err(WriteError::Unavailable(format!(
+                            "this node is at generation {}, behind the fleet's {fleet}",
+                            self.generation()
+                        )));
+                    }
+                }
+                Err(Retry::No(e)) => break Err(e),
+                Ok(g) => break Ok(g),
+            }
+        };
         self.metrics.state_write(result.is_ok());
         result
+    }
+
+    /// Waits until the published generation reaches `generation`, at most until
+    /// `deadline` (a blocking caller: the control API's writes run on the blocking pool;
+    /// the follower applies records within milliseconds of their append).
+    fn wait_for_generation(&self, generation: u64, deadline: std::time::Instant) -> bool {
+        while self.generation() < generation {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
     }
 
     fn write_inner(
         &self,
         if_match: Option<u64>,
-        make: impl FnOnce(&Objects) -> Result<Vec<BatchOp>, WriteError>,
-    ) -> Result<u64, WriteError> {
+        make: &mut impl FnMut(&Objects) -> Result<Vec<BatchOp>, WriteError>,
+    ) -> Result<u64, Retry> {
         let mut w = self.lock();
+        let replicator = self.replicator.get();
         if let Some(expected) = if_match {
             if expected != w.generation {
-                return Err(WriteError::Stale { current: w.generation, expected });
+                if replicator.is_some() && expected > w.generation {
+                    return Err(Retry::Behind(expected));
+                }
+                return Err(Retry::No(WriteError::Stale { current: w.generation, expected }));
             }
         }
         if let Some(broken) = &lock(&self.pending).broken {
-            return Err(WriteError::Persist(broken.clone()));
+            return Err(Retry::No(WriteError::Persist(broken.clone())));
         }
-        let ops = make(w.index.objects())?;
-        let plan = w.index.check(ops)?;
+        let ops = make(w.index.objects()).map_err(Retry::No)?;
+        let plan = w.index.check(ops).map_err(|r| Retry::No(r.into()))?;
         if plan.is_empty() {
             return Ok(w.generation);
         }
         let generation = w.generation + 1;
+        let framed = log::frame(generation, plan.ops());
+        if let Some(r) = replicator {
+            match r.append(w.generation, &framed[8..]) {
+                Ok(()) => {}
+                Err(Replicate::Behind(fleet)) => return Err(Retry::Behind(fleet)),
+                Err(Replicate::Unavailable(m)) => return Err(Retry::No(WriteError::Unavailable(m))),
+            }
+        }
         if let Some(log) = &mut w.log {
-            log.append(&log::frame(generation, plan.ops())).map_err(|e| WriteError::Persist(e.to_string()))?;
+            if let Err(e) = log.append(&framed) {
+                if replicator.is_none() {
+                    return Err(Retry::No(WriteError::Persist(e.to_string())));
+                }
+                // The fleet has it: this node's copy is only a cache for a start without
+                // Redis, and the follower finds the record there again.
+                tracing::error!(error = %e, generation, "cannot append to the local state log");
+            }
         }
         let applied = w.index.commit(plan);
         let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
@@ -395,8 +500,106 @@ impl Store {
         w.generation = generation;
         self.stage(&mut w, table, kinds);
         drop(w);
-        self.wait_durable(generation)?;
+        self.wait_durable(generation).map_err(Retry::No)?;
         Ok(generation)
+    }
+
+    /// Fleet mode: applies records of the fleet's log, in order, from the generation
+    /// after this node's (records it already has are skipped). A record this node's
+    /// check refuses (its TOML pins collide with it) is logged, counted and passed over
+    /// whole: the node keeps the fleet's order and never applies half a batch.
+    pub fn follow(&self, records: Vec<log::Record>) -> Result<u64, FollowError> {
+        let mut w = self.lock();
+        let mut last = None;
+        for rec in records {
+            if rec.generation <= w.generation {
+                continue;
+            }
+            if rec.generation != w.generation + 1 {
+                let have = w.generation;
+                drop(w);
+                if let Some(g) = last {
+                    self.wait_durable(g)?;
+                }
+                return Err(FollowError::Gap { have, found: rec.generation });
+            }
+            let generation = rec.generation;
+            let ops = rec.ops.into_iter().map(|op| BatchOp { path: String::new(), origin: Origin::Api, op }).collect();
+            let (applied, framed) = match w.index.check(ops) {
+                Ok(plan) => {
+                    let framed = log::frame(generation, plan.ops());
+                    (w.index.commit(plan), framed)
+                }
+                Err(refusal) => {
+                    let why = WriteError::from(refusal);
+                    tracing::error!(generation, error = %why, "a fleet write is refused by this node's state (its TOML routes?): passed over");
+                    self.metrics.cluster_refused.inc();
+                    (Vec::new(), log::Record { generation, ops: Vec::new() }.frame())
+                }
+            };
+            if let Some(log) = &mut w.log {
+                if let Err(e) = log.append(&framed) {
+                    tracing::error!(error = %e, generation, "cannot append to the local state log");
+                }
+            }
+            let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
+            let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
+            w.generation = generation;
+            self.stage(&mut w, table, kinds);
+            last = Some(generation);
+        }
+        let generation = w.generation;
+        drop(w);
+        if let Some(g) = last {
+            self.wait_durable(g)?;
+        }
+        Ok(generation)
+    }
+
+    /// Fleet mode: takes the fleet's snapshot `bytes` (of a later generation than this
+    /// node's): it becomes the local snapshot (the local log is folded away) and the API
+    /// part of the state is replaced by it, applied as its difference. Returns the
+    /// generation it brought, or `None` when it is not ahead of this node.
+    pub fn follow_snapshot(&self, bytes: &[u8]) -> Result<Option<u64>, String> {
+        let snap = snapshot::Snapshot::decode(bytes.to_vec())?;
+        let generation = snap.generation;
+        let doc = snap.into_state()?;
+        let mut w = self.lock();
+        if generation <= w.generation {
+            return Ok(None);
+        }
+        if w.compacting {
+            return Err("a compaction is under way; try again".into());
+        }
+        let ops = diff(w.index.objects(), doc, Origin::Api, "");
+        let plan = w.index.check(ops).map_err(|r| WriteError::from(r).to_string())?;
+        if let (Some(dir), Some(log)) = (&self.dir, &mut w.log) {
+            // The snapshot covers everything before it: it replaces the local one, and the
+            // log starts again after it (as a compaction at `generation` would leave it).
+            snapshot::write_bytes(&dir.join(snapshot::FILE), bytes).map_err(|e| format!("cannot write the snapshot: {e}"))?;
+            log.rotate(generation).map_err(|e| format!("cannot rotate the state log: {e}"))?;
+            *lock(&self.file) = Some(log.file());
+            for seg in log::segments(dir).map_err(|e| e.to_string())? {
+                if seg.extension().is_some_and(|e| e != "log") && seg.file_name() != Some(std::ffi::OsStr::new("state.log")) {
+                    let _ = std::fs::remove_file(&seg);
+                }
+            }
+        }
+        let applied = w.index.commit(plan);
+        let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
+        let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
+        w.generation = generation;
+        self.stage(&mut w, table, kinds);
+        drop(w);
+        self.wait_durable(generation).map_err(|e| e.to_string())?;
+        Ok(Some(generation))
+    }
+
+    /// The API part at the published generation, as the snapshot format (what a fleet
+    /// keeps in Redis for nodes that join).
+    pub fn snapshot_bytes(&self) -> std::io::Result<(u64, Vec<u8>)> {
+        let p = self.published();
+        Ok((p.generation, snapshot::encode(p.generation, &p.objects)?))
     }
 
     /// Replaces the whole API part (`PUT /v1/state`): the document is checked whole
@@ -405,7 +608,12 @@ impl Store {
         let toml = self.lock().toml.clone();
         let domains = self.published.load().domains.clone();
         check_document(&doc, &toml, &domains)?;
-        self.write(if_match, move |objects| Ok(diff(objects, doc, Origin::Api, "")))
+        let mut doc = Some(doc);
+        let again = self.replicator.get().is_some().then(|| doc.clone()).flatten();
+        self.write(if_match, move |objects| {
+            let doc = doc.take().or_else(|| again.clone()).unwrap_or_default();
+            Ok(diff(objects, doc, Origin::Api, ""))
+        })
     }
 
     /// Replaces the TOML part and the config it came with (a reload). A change of the
@@ -413,7 +621,8 @@ impl Store {
     /// is applied as its difference. Conflicts with API objects are refused.
     pub fn replace_toml(&self, cfg: &Config) -> Result<u64, Vec<StateError>> {
         let mut w = self.lock();
-        let generation = w.generation + 1;
+        // A fleet's generations are its writes': a node's own pins take none.
+        let generation = if w.fleet { w.generation } else { w.generation + 1 };
         let table = if cfg.domains != *w.index.domains() || cfg.branding != w.branding {
             let api = w.index.objects().to_state(Origin::Api);
             let index = Index::build(cfg.domains.clone(), &cfg.state, &api).map_err(|r| crate::routing::BuildError::from(r).0)?;
@@ -425,7 +634,8 @@ impl Store {
             let applied = w.index.commit(plan);
             w.table.apply(&applied, w.index.objects(), generation)
         };
-        if let Some(log) = &mut w.log {
+        let fleet = w.fleet;
+        if let Some(log) = w.log.as_mut().filter(|_| !fleet) {
             let mark = log::Record { generation, ops: Vec::new() }.frame();
             if let Err(e) = log.append(&mark) {
                 return Err(vec![StateError { path: String::new(), message: format!("cannot persist state: {e}") }]);
@@ -462,7 +672,9 @@ impl Store {
     fn wait_durable(&self, generation: u64) -> Result<(), WriteError> {
         let mut p = lock(&self.pending);
         loop {
-            if p.durable >= generation {
+            // (A fleet node's reload stages a table at the generation it has: it is
+            // published by the pass below, like any other.)
+            if p.durable >= generation && !p.queue.front().is_some_and(|e| e.generation <= generation) {
                 return Ok(());
             }
             if let Some(b) = &p.broken {
@@ -562,6 +774,13 @@ impl Store {
         }
         result
     }
+}
+
+/// A write's outcome when it may be tried again.
+enum Retry {
+    /// The fleet is at this later generation.
+    Behind(u64),
+    No(WriteError),
 }
 
 /// How often the log is folded even when it stays small, so `state.json` never lags far.

@@ -41,6 +41,9 @@ pub enum ApiError {
     /// 415 `unsupported_media_type`.
     #[error("send the body as Content-Type: application/json")]
     UnsupportedMediaType,
+    /// 503 `cluster_unavailable`: fleet mode, and Redis cannot take the write.
+    #[error("{0}")]
+    ClusterUnavailable(String),
     /// 503 `dns_unavailable`: domain verification has no resolver.
     #[error("no DNS resolver is configured or reachable")]
     DnsUnavailable,
@@ -70,7 +73,7 @@ impl ApiError {
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::DnsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DnsUnavailable | ApiError::ClusterUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +90,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::DnsUnavailable => "dns_unavailable",
+            ApiError::ClusterUnavailable(_) => "cluster_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -126,6 +130,7 @@ impl From<WriteError> for ApiError {
             WriteError::Conflict(c) => ApiError::Conflict { message: c.message, path: non_empty(c.path) },
             e @ WriteError::Stale { .. } => ApiError::PreconditionFailed(e.to_string()),
             WriteError::NotFound(m) => ApiError::not_found(m),
+            WriteError::Unavailable(m) => ApiError::ClusterUnavailable(m),
             e @ WriteError::Persist(_) => {
                 tracing::error!(error = %e, "state write not persisted");
                 ApiError::Internal(e.to_string())

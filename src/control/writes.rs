@@ -142,7 +142,7 @@ impl ControlApi {
                             message: format!("deployment `{id}` has no version `{}`", b.version),
                         }]));
                     }
-                    d.active_version = b.version;
+                    d.active_version = b.version.clone();
                     Ok(vec![BatchOp { path: String::new(), origin: Origin::Api, op: Op::Upsert(Object::Deployment(d)) }])
                 })
                 .map_err(ApiError::from)

@@ -124,6 +124,31 @@ impl Snapshot {
         }
     }
 
+    /// Reads a snapshot from its bytes (every frame's checksum checked).
+    pub fn decode(bytes: Vec<u8>) -> Result<Snapshot, String> {
+        Snapshot::parse(bytes)
+    }
+
+    /// The snapshot as a state document (its sandboxes decoded into objects, each
+    /// checked as the schema checks it).
+    pub fn into_state(self) -> Result<crate::schema::State, String> {
+        let mut sandboxes = Vec::with_capacity(self.sandbox_hint());
+        self.sandboxes(
+            |i, s| {
+                sandboxes.push(crate::schema::Sandbox {
+                    id: s.id.try_into().map_err(|e| format!("sandbox record {i}: {e}"))?,
+                    workspace: s.workspace.try_into().map_err(|e| format!("sandbox record {i}: {e}"))?,
+                    address: crate::schema::Address(s.address),
+                    state: s.state,
+                    previews: s.previews.to_vec(),
+                });
+                Ok(())
+            },
+            |e| e,
+        )?;
+        Ok(crate::schema::State { workspaces: self.workspaces, sandboxes, share_tokens: self.share_tokens, deployments: self.deployments })
+    }
+
     fn parse(bytes: Vec<u8>) -> Result<Snapshot, String> {
         let rest = bytes.strip_prefix(MAGIC).ok_or("not a miosa-edge snapshot")?;
         let generation = u64::from_le_bytes(rest.get(..8).ok_or("no generation")?.try_into().map_err(|_| "no generation")?);
@@ -246,6 +271,11 @@ fn decode<'a>(p: &mut &'a [u8], previews: &mut Vec<Preview>) -> Option<Decoded<'
 
 /// Writes the API part of `objects` at `generation` to `path`, durably.
 pub fn write(path: &Path, generation: u64, objects: &Objects) -> std::io::Result<()> {
+    write_bytes(path, &encode(generation, objects)?)
+}
+
+/// The API part of `objects` at `generation`, encoded.
+pub fn encode(generation: u64, objects: &Objects) -> std::io::Result<Vec<u8>> {
     let api = |o: Origin| o == Origin::Api;
     let mut names: Vec<String> = Vec::new();
     let mut name_of: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
@@ -302,11 +332,16 @@ pub fn write(path: &Path, generation: u64, objects: &Objects) -> std::io::Result
     out.extend_from_slice(&generation.to_le_bytes());
     frame(&mut out, &serde_json::to_vec(&head).map_err(std::io::Error::other)?);
     out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Writes an encoded snapshot to `path`, durably (temp file, fsync, rename).
+pub fn write_bytes(path: &Path, out: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(".state.snap.tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&out)?;
+        f.write_all(out)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

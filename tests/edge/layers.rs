@@ -28,7 +28,7 @@ const ORDER: &[&str] = &[
     // sections owned by the modules below it), the writers
     "releases", "config", "store", "reload",
     // behaviour around the request path and the background services
-    "hostile", "front", "tls", "upstream", "acme", "control",
+    "hostile", "front", "tls", "upstream", "cluster", "acme", "control",
     // the request path, then start-up
     "proxy", "server",
 ];

@@ -8,6 +8,7 @@ mod acme;
 mod alloc;
 mod browser;
 mod control;
+mod fleet;
 mod forwarding;
 mod hostile;
 mod layers;

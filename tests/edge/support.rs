@@ -5,6 +5,7 @@
 
 /// Certificates, a TLS client, and Pebble (ACME) for the TLS tests.
 pub mod pebble;
+pub mod redis;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};

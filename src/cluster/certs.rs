@@ -1,0 +1,1 @@
+//! Certificates kept in Redis (fleet mode).

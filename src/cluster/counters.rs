@@ -1,0 +1,1 @@
+//! Counters shared by the fleet in Redis.
