@@ -15,8 +15,9 @@
 //! Keys, all under `[cluster] prefix` (`{p}`): `{p}:gen` (the fleet's generation),
 //! `{p}:log` (a stream: entry `G-0` holds the record that made generation G, in the
 //! state log's own JSON, and the time Redis appended it), `{p}:snap` (the state at some
-//! generation, in the snapshot format of [`crate::store::snapshot`]), `{p}:nodes` (a
-//! hash of heartbeats), and the keys of [`certs`] and [`counters`].
+//! generation, in the snapshot format of [`crate::store::snapshot`]; `{p}:snap:at`, when
+//! it was kept; `{p}:logbytes`, record bytes appended since), `{p}:nodes` (a hash of
+//! heartbeats), and the keys of [`certs`] and [`counters`].
 //!
 //! Everything read from Redis is input: a record that does not parse, a generation
 //! that goes back, a snapshot that fails its checksum are logged, counted
@@ -245,7 +246,7 @@ impl Cluster {
         use crate::store::{log, snapshot};
         let fresh = !state_dir.join(snapshot::FILE).exists()
             && !state_dir.join(snapshot::LEGACY_FILE).exists()
-            && log::segments(state_dir).map(|s| s.is_empty()).unwrap_or(false);
+            && log::segments(state_dir).map(|s| s.is_empty()).unwrap_or_else(|_| !state_dir.exists());
         if !fresh {
             return;
         }
@@ -335,8 +336,11 @@ fn entry(id: &str, fields: &[(String, Value)]) -> Result<(u64, Record, u64), Str
     Ok((g, record, t))
 }
 
+/// A stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Value)>);
+
 /// Parses an XREAD reply: `[[stream, [[id, [k, v, …]], …]]]`.
-fn stream_entries(v: Value) -> Result<Vec<(String, Vec<(String, Value)>)>, String> {
+fn stream_entries(v: Value) -> Result<Vec<Entry>, String> {
     let streams = match v {
         Value::Nil => return Ok(Vec::new()),
         Value::Array(s) => s,
@@ -507,8 +511,7 @@ impl Follower {
                 Err(FollowError::Write(e)) => return Err(format!("cannot apply the fleet's records: {e}")),
             }
             if newest_t > 0 {
-                let lag = now_ms().saturating_sub(newest_t) as f64 / 1000.0;
-                c.metrics.cluster_lag_seconds.set(if entries.len() < READ_COUNT && caught_up { lag.min(60.0) } else { lag });
+                c.metrics.cluster_lag_seconds.set(now_ms().saturating_sub(newest_t) as f64 / 1000.0);
             }
         }
         Ok(())
@@ -587,17 +590,14 @@ impl Service for Beats {
 impl Beats {
     fn beat(&self, shutdown: &Shutdown) {
         let slot = Mutex::new(None);
-        let mut last_snapshot = Instant::now();
         while !shutdown.is_set() {
             let c = &self.cluster;
             let beat = Beat { generation: self.store.generation(), ready: c.ready(), at: now_ms() };
             let json = serde_json::to_vec(&beat).unwrap_or_default();
             let r = c.with_conn(&slot, |conn| conn.hset::<_, _, _, ()>(c.key("nodes"), &c.node, json));
             if r.is_ok() && c.caught_up.load(Ordering::Relaxed) {
-                match c.with_conn(&slot, |conn| self.maybe_snapshot(conn, last_snapshot.elapsed())) {
-                    Ok(true) => last_snapshot = Instant::now(),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "cluster: cannot keep the fleet's snapshot"),
+                if let Err(e) = c.with_conn(&slot, |conn| self.maybe_snapshot(conn)) {
+                    tracing::warn!(error = %e, "cluster: cannot keep the fleet's snapshot");
                 }
             }
             std::thread::sleep(Duration::from_secs(1));
@@ -608,13 +608,16 @@ impl Beats {
 
     /// Writes a new snapshot of the fleet's state when enough was written since the
     /// last one, under a lock so one node does it; trims the log below it.
-    fn maybe_snapshot(&self, conn: &mut redis::Connection, since: Duration) -> Result<bool, RedisError> {
+    fn maybe_snapshot(&self, conn: &mut redis::Connection) -> Result<bool, RedisError> {
         let c = &self.cluster;
         let fleet: Option<u64> = conn.get::<_, Option<String>>(c.key("gen"))?.and_then(|g| g.parse().ok());
         let Some(fleet) = fleet else { return Ok(false) };
         let head: Vec<u8> = conn.getrange(c.key("snap"), 0, 24)?;
         let snap_gen = head.get(17..25).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
-        let bytes_since: u64 = conn.get::<_, Option<u64>>(c.key("logbytes"))?.unwrap_or(0);
+        let bytes_since: u64 = conn.get::<_, Option<String>>(c.key("logbytes"))?.and_then(|b| b.parse().ok()).unwrap_or(0);
+        // When the last snapshot was kept (Unix ms; none yet: long ago).
+        let at: u64 = conn.get::<_, Option<String>>(c.key("snap:at"))?.and_then(|b| b.parse().ok()).unwrap_or(0);
+        let since = Duration::from_millis(now_ms().saturating_sub(at));
         let behind = fleet.saturating_sub(snap_gen);
         let wanted = behind >= SNAPSHOT_EVERY_RECORDS || bytes_since >= SNAPSHOT_EVERY_BYTES || (behind > 0 && since >= SNAPSHOT_EVERY);
         if !wanted || self.store.generation() < fleet {
@@ -634,8 +637,7 @@ impl Beats {
             if generation <= now_gen {
                 return Ok(false);
             }
-            conn.set::<_, _, ()>(c.key("snap"), bytes)?;
-            conn.set::<_, _, ()>(c.key("logbytes"), 0)?;
+            redis::pipe().atomic().set(c.key("snap"), bytes).set(c.key("snap:at"), now_ms()).set(c.key("logbytes"), 0).query::<()>(conn)?;
             let min = generation.saturating_sub(KEEP_BEFORE_SNAPSHOT);
             let trimmed: u64 = redis::cmd("XTRIM").arg(c.key("log")).arg("MINID").arg(format!("{min}-0")).query(conn)?;
             tracing::info!(generation, bytes = size, trimmed, "cluster: kept a snapshot of the fleet's state");

@@ -580,7 +580,8 @@ impl Store {
             log.rotate(generation).map_err(|e| format!("cannot rotate the state log: {e}"))?;
             *lock(&self.file) = Some(log.file());
             for seg in log::segments(dir).map_err(|e| e.to_string())? {
-                if seg.extension().is_some_and(|e| e != "log") && seg.file_name() != Some(std::ffi::OsStr::new("state.log")) {
+                // Every rotated segment (`state.log.N`) is older than the snapshot.
+                if seg.file_name() != Some(std::ffi::OsStr::new("state.log")) {
                     let _ = std::fs::remove_file(&seg);
                 }
             }
@@ -674,7 +675,7 @@ impl Store {
         loop {
             // (A fleet node's reload stages a table at the generation it has: it is
             // published by the pass below, like any other.)
-            if p.durable >= generation && !p.queue.front().is_some_and(|e| e.generation <= generation) {
+            if p.durable >= generation && p.queue.front().is_none_or(|e| e.generation > generation) {
                 return Ok(());
             }
             if let Some(b) = &p.broken {

@@ -16,7 +16,7 @@ fn mp(sandbox: &str, port: Option<u16>, iat: i64, exp: i64) -> String {
 }
 
 /// Pushes a share record through the control API; returns the `ms_` token.
-async fn push_share(edge: &Edge, id: &str, sandbox: &str, port: Option<u16>, extra: &str) -> String {
+pub(crate) async fn push_share(edge: &Edge, id: &str, sandbox: &str, port: Option<u16>, extra: &str) -> String {
     let (token, sha) = mint::share_token().expect("share token");
     let port = port.map(|p| format!(",\"port\":{p}")).unwrap_or_default();
     let body = format!("{{\"id\":\"{id}\",\"token_sha256\":\"{sha}\",\"sandbox\":\"{sandbox}\"{port}{extra}}}");
@@ -26,7 +26,7 @@ async fn push_share(edge: &Edge, id: &str, sandbox: &str, port: Option<u16>, ext
 }
 
 /// `name=value` of the first `Set-Cookie` naming `name`.
-fn cookie(r: &Response, name: &str) -> String {
+pub(crate) fn cookie(r: &Response, name: &str) -> String {
     let line = r
         .headers_named("set-cookie")
         .into_iter()
@@ -35,7 +35,7 @@ fn cookie(r: &Response, name: &str) -> String {
     line.split(';').next().unwrap_or_default().to_string()
 }
 
-fn get(host: &str, path: &str, extra: &str) -> String {
+pub(crate) fn get(host: &str, path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n{extra}")
 }
 
@@ -262,7 +262,7 @@ async fn share_tokens_revocation_and_expiry() {
 }
 
 /// Opens a WebSocket through the edge with a session cookie.
-async fn open_ws(edge: &Edge, host: &str, session: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+pub(crate) async fn open_ws(edge: &Edge, host: &str, session: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{host}/ws").into_client_request().expect("request");
     req.headers_mut().insert("cookie", session.parse().expect("cookie"));

@@ -130,3 +130,180 @@ async fn a_write_on_one_node_routes_on_every_node_at_the_same_generation() {
     assert!(m.contains("miosa_edge_cluster_connected 1"), "{m}");
     assert!(m.contains(&format!("miosa_edge_cluster_generation {top}")), "{m}");
 }
+
+/// The `miosa_edge_cluster_connected` gauge of `edge`.
+async fn connected(edge: &Edge) -> Option<bool> {
+    let m = edge.api("GET", "/metrics", None).await.text();
+    m.lines().find_map(|l| l.strip_prefix("miosa_edge_cluster_connected ")).map(|v| v.trim() == "1")
+}
+
+async fn readyz(edge: &Edge) -> u16 {
+    edge.api("GET", "/readyz", None).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_nodes_route_and_restart_on_their_copy_refuse_writes_then_catch_up() {
+    let mut redis = Redis::start();
+    let origin = Origin::start("fleet-origin", "127.0.0.2").await;
+    let port = origin.addr.port();
+    let a = node(&redis, "edge-a", "").await;
+    let mut b = node(&redis, "edge-b", "").await;
+    assert!(ready(&a).await && ready(&b).await, "{}\n{}", a.log(), b.log());
+    assert_eq!(a.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await.status, 200);
+    let r = a.api("PUT", "/v1/sandboxes/s1", Some(&sandbox("s1", port))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let g = r.json()["generation"].as_u64().expect("generation");
+    assert!(reaches(&b, g).await);
+
+    redis.stop();
+    let lost = eventually(Duration::from_secs(10), || async { (connected(&a).await == Some(false)).then_some(()) }).await;
+    assert!(lost.is_some(), "edge-a never noticed Redis going away");
+    // Writes are refused, not half-made; routing and readiness go on.
+    let r = a.api("PUT", "/v1/sandboxes/s2", Some(&sandbox("s2", port))).await;
+    assert_eq!((r.status, r.code()), (503, "cluster_unavailable".to_string()), "{}", r.text());
+    for edge in [&a, &b] {
+        assert_eq!(edge.get(&format!("{port}-s1.sandbox.localhost"), "/").await.status, 200);
+        assert_eq!(readyz(edge).await, 200, "a node with a state stays ready without Redis");
+        assert_eq!(generation(edge).await, g);
+    }
+    // A restart without Redis serves the node's own copy.
+    b.kill9_and_restart().await;
+    assert!(ready(&b).await, "a restarted node with a local copy is ready without Redis: {}", b.log());
+    assert_eq!(generation(&b).await, g, "never an older generation than it served");
+    assert_eq!(b.get(&format!("{port}-s1.sandbox.localhost"), "/").await.status, 200);
+    // A node with no state and no Redis is not ready.
+    let c = node(&redis, "edge-c", "").await;
+    assert_eq!(readyz(&c).await, 503);
+
+    redis.start_again();
+    // Writes work again once the nodes have reconnected (backoff up to 5 s).
+    let r = eventually(Duration::from_secs(15), || async {
+        let r = b.api("PUT", "/v1/sandboxes/s2", Some(&sandbox("s2", port))).await;
+        (r.status == 200).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|| panic!("writes never came back: {}", b.log()));
+    let g2 = r.json()["generation"].as_u64().expect("generation");
+    assert_eq!(g2, g + 1, "the acknowledged writes survived the outage (append-only Redis)");
+    for edge in [&a, &b, &c] {
+        assert!(reaches(edge, g2).await, "{}", edge.log());
+        assert!(ready(edge).await);
+        assert_eq!(edge.get(&format!("{port}-s2.sandbox.localhost"), "/").await.status, 200);
+    }
+    let states: Vec<serde_json::Value> =
+        futures_util::future::join_all([&a, &b, &c].map(|e| e.api("GET", "/v1/state", None))).await.into_iter().map(|r| r.json()).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "{states:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_a_trimmed_log_takes_the_snapshot_and_foreign_records_are_passed_over() {
+    let redis = Redis::start();
+    let origin = Origin::start("fleet-origin", "127.0.0.2").await;
+    let port = origin.addr.port();
+    let a = node(&redis, "edge-a", "").await;
+    let mut b = node(&redis, "edge-b", "").await;
+    assert!(ready(&a).await && ready(&b).await);
+    assert_eq!(a.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await.status, 200);
+    assert!(reaches(&b, 1).await);
+    // b stops at generation 1; the fleet goes on without it.
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    let mut g = 1;
+    for i in 0..5 {
+        let r = a.api("PUT", &format!("/v1/sandboxes/s{i}"), Some(&sandbox(&format!("s{i}"), port))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        g = r.json()["generation"].as_u64().expect("generation");
+    }
+    // Age the fleet's snapshot so a node keeps a new one at once, then trim the log
+    // below it: b's position is gone from the stream.
+    redis.cmd(&["SET", "fleet-test:snap:at", "0"]).expect("redis");
+    let kept = eventually(Duration::from_secs(10), || async {
+        let at = redis.cmd(&["GET", "fleet-test:snap:at"]).unwrap_or_default();
+        (at.trim() != "0" && !at.trim().is_empty()).then_some(())
+    })
+    .await;
+    assert!(kept.is_some(), "no node kept a snapshot: {}", a.log());
+    redis.cmd(&["XTRIM", "fleet-test:log", "MINID", &format!("{}-0", g + 1)]).expect("redis");
+    assert_eq!(redis.cmd(&["XLEN", "fleet-test:log"]).map(|s| s.trim().to_string()), Some("0".into()));
+    b.kill9_and_restart().await;
+    assert!(ready(&b).await, "{}", b.log());
+    assert_eq!(generation(&b).await, g);
+    assert!(b.log().contains("took the fleet's snapshot"), "{}", b.log());
+    assert_eq!(b.get(&format!("{port}-s4.sandbox.localhost"), "/").await.status, 200);
+
+    // A record nobody can read (a foreign writer, a truncated value) is passed over
+    // whole by every node, in its place; the fleet goes on after it.
+    let bad = (g + 1).to_string();
+    redis.cmd(&["XADD", "fleet-test:log", &format!("{bad}-0"), "r", "{\"g\":", "t", "0"]).expect("redis");
+    redis.cmd(&["SET", "fleet-test:gen", &bad]).expect("redis");
+    assert!(reaches(&a, g + 1).await && reaches(&b, g + 1).await);
+    let r = b.api("PUT", "/v1/sandboxes/s9", Some(&sandbox("s9", port))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["generation"].as_u64(), Some(g + 2));
+    assert!(reaches(&a, g + 2).await);
+    for edge in [&a, &b] {
+        let m = edge.api("GET", "/metrics", None).await.text();
+        assert!(m.contains("miosa_edge_cluster_bad_input_total 1"), "{m}");
+        assert!(!edge.log().contains("panicked"), "{}", edge.log());
+    }
+    // A generation key that is not a number: writes answer 503, nothing panics, and
+    // the fleet works again once it is repaired.
+    redis.cmd(&["SET", "fleet-test:gen", "not-a-number"]).expect("redis");
+    let r = a.api("PUT", "/v1/sandboxes/s10", Some(&sandbox("s10", port))).await;
+    assert_eq!((r.status, r.code()), (503, "cluster_unavailable".to_string()), "{}", r.text());
+    redis.cmd(&["SET", "fleet-test:gen", &(g + 2).to_string()]).expect("redis");
+    let r = eventually(Duration::from_secs(15), || async {
+        let r = a.api("PUT", "/v1/sandboxes/s10", Some(&sandbox("s10", port))).await;
+        (r.status == 200).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|| panic!("writes never came back: {}", a.log()));
+    assert_eq!(r.json()["generation"].as_u64(), Some(g + 3));
+    assert!(reaches(&b, g + 3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_share_on_one_node_closes_its_live_websocket_on_another() {
+    use crate::access::{cookie, get, open_ws, push_share};
+    use crate::support::{ws_echo, TOKENS_TOML};
+    use futures_util::{SinkExt, StreamExt};
+    let redis = Redis::start();
+    let (ws_addr, _ws) = ws_echo("127.0.0.5").await;
+    let a = node(&redis, "edge-a", TOKENS_TOML).await;
+    let b = node(&redis, "edge-b", TOKENS_TOML).await;
+    assert!(ready(&a).await && ready(&b).await);
+    assert_eq!(a.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await.status, 200);
+    let body = serde_json::json!({
+        "id": "wsbox", "workspace": "ws_1", "address": "127.0.0.5",
+        "previews": [{"port": ws_addr.port(), "access": "private"}]
+    });
+    assert_eq!(a.api("PUT", "/v1/sandboxes/wsbox", Some(&body.to_string())).await.status, 200);
+    let token = push_share(&a, "sh_ws", "wsbox", None, "").await;
+    let g = generation(&a).await;
+    assert!(reaches(&b, g).await);
+    // The share opened on b (the record came from a), the session used on b.
+    let ws_host = format!("{}-wsbox.sandbox.localhost", ws_addr.port());
+    let r = b.request(&get(&ws_host, &format!("/?token={token}"), "")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let session = cookie(&r, "__Host-miosa_session");
+    let mut ws = open_ws(&b, &ws_host, &session).await;
+    ws.send(tokio_tungstenite::tungstenite::Message::text("ping")).await.expect("send");
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
+    assert!(matches!(echo, Some(Ok(m)) if m.to_text().unwrap_or("") == "ping"));
+    // Deleted through a: b closes the WebSocket within 10 s.
+    let deleted_at = std::time::Instant::now();
+    assert_eq!(a.api("DELETE", "/v1/share-tokens/sh_ws", None).await.status, 200);
+    let end = tokio::time::timeout(Duration::from_secs(12), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if !m.is_close() => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the WebSocket on edge-b was not closed after the share was deleted on edge-a");
+    assert!(deleted_at.elapsed() <= Duration::from_secs(10), "closed after {:?}", deleted_at.elapsed());
+    let m = b.api("GET", "/metrics", None).await.text();
+    assert!(m.contains("miosa_edge_revoked_connections_total 1"), "{m}");
+}
