@@ -51,7 +51,7 @@ const READ_COUNT: usize = 1000;
 /// Heartbeats older than this are not listed by `GET /v1/cluster`.
 const NODE_SEEN_WITHIN_MS: u64 = 60_000;
 /// A new snapshot is kept in Redis after this many records…
-const SNAPSHOT_EVERY_RECORDS: u64 = 10_000;
+const SNAPSHOT_EVERY_RECORDS: u64 = 100_000;
 /// …or this many record bytes…
 const SNAPSHOT_EVERY_BYTES: u64 = 64 << 20;
 /// …or this long after the last one, when anything was written since.
@@ -638,7 +638,9 @@ impl Beats {
                 return Ok(false);
             }
             redis::pipe().atomic().set(c.key("snap"), bytes).set(c.key("snap:at"), now_ms()).set(c.key("logbytes"), 0).query::<()>(conn)?;
-            let min = generation.saturating_sub(KEEP_BEFORE_SNAPSHOT);
+            // Records after a large write are cheaper to skip than to replay: past the
+            // byte bound, the log keeps nothing the snapshot holds.
+            let min = if bytes_since >= SNAPSHOT_EVERY_BYTES { generation + 1 } else { generation.saturating_sub(KEEP_BEFORE_SNAPSHOT) };
             let trimmed: u64 = redis::cmd("XTRIM").arg(c.key("log")).arg("MINID").arg(format!("{min}-0")).query(conn)?;
             tracing::info!(generation, bytes = size, trimmed, "cluster: kept a snapshot of the fleet's state");
             Ok(true)

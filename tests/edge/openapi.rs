@@ -155,6 +155,7 @@ async fn responses_match_the_openapi_document() {
         ("GET", "/metrics".into(), None, vec![]),
         ("GET", "/v1/openapi.yaml".into(), None, vec![]),
         ("GET", "/v1/certificates".into(), None, vec![]),
+        ("GET", "/v1/cluster".into(), None, vec![]),
         ("GET", "/v1/usage".into(), None, vec![]),
         ("GET", "/v1/usage?cursor=1".into(), None, vec![]),
         ("GET", "/v1/usage?cursor=x".into(), None, vec![]),
