@@ -79,18 +79,24 @@ return {1, tostring(g)}
 ";
 
 /// A fleet that has never been written to takes a node's state as its start.
+/// KEYS: gen, snap, id; ARGV: generation, snapshot, the fleet identity the node has.
 const SEED: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
 return 1
 ";
+
+/// Where a node keeps the identity of the fleet its state belongs to.
+const FLEET_ID_FILE: &str = "fleet.id";
 
 /// The fleet as this node sees it.
 pub struct Cluster {
     /// This node's name.
     pub node: String,
     prefix: String,
+    state_dir: std::path::PathBuf,
     client: redis::Client,
     metrics: Arc<Metrics>,
     /// The writes' connection (one write at a time holds the store lock anyway).
@@ -145,6 +151,7 @@ impl Cluster {
         Ok(Some(Arc::new(Cluster {
             node: c.node.clone(),
             prefix: c.prefix.clone(),
+            state_dir: cfg.server.state_dir.clone(),
             client,
             metrics,
             writer: Mutex::new(None),
@@ -242,19 +249,61 @@ impl Cluster {
     /// snapshot as its `state.snap`, so it starts from it the fast way (a million
     /// sandboxes in a couple of seconds) and follows the log from there. Redis away or
     /// without a snapshot: nothing happens (the follower catches up later).
-    pub fn prepare(&self, state_dir: &std::path::Path) {
+    pub fn prepare(&self) {
+        let state_dir = self.state_dir.as_path();
         use crate::store::{log, snapshot};
-        let fresh = !state_dir.join(snapshot::FILE).exists()
-            && !state_dir.join(snapshot::LEGACY_FILE).exists()
-            && log::segments(state_dir).map(|s| s.is_empty()).unwrap_or_else(|_| !state_dir.exists());
-        if !fresh {
+        let has_files = state_dir.join(snapshot::FILE).exists()
+            || state_dir.join(snapshot::LEGACY_FILE).exists()
+            || log::segments(state_dir).map(|s| !s.is_empty()).unwrap_or(false);
+        let mut conn = match self.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: Redis unreachable at start; serving this node's own copy until it answers");
+                return;
+            }
+        };
+        let fleet: Result<(Option<String>, Option<String>), RedisError> =
+            redis::pipe().get(self.key("id")).get(self.key("gen")).query(&mut conn);
+        let (fleet_id, fleet_gen) = match fleet {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot read the fleet's identity at start");
+                return;
+            }
+        };
+        let local_id = self.local_id();
+        if has_files && fleet_gen.is_some() && local_id.is_none() {
+            // A state made outside this fleet (a single node's, or an earlier version's):
+            // following the fleet's log on top of it would mix two histories. It is set
+            // aside, and the node starts from the fleet's state.
+            let aside = state_dir.join(format!("before-fleet-{}", now_ms()));
+            let moved = std::fs::create_dir_all(&aside).and_then(|()| {
+                for e in std::fs::read_dir(state_dir)? {
+                    let path = e?.path();
+                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                    if name == snapshot::FILE || name == snapshot::LEGACY_FILE || name.starts_with("state.log") {
+                        std::fs::rename(&path, aside.join(&name))?;
+                    }
+                }
+                Ok(())
+            });
+            match moved {
+                Ok(()) => {
+                    tracing::warn!(aside = %aside.display(), fleet = ?fleet_id, "cluster: this node's state was not made in this fleet: set aside; starting from the fleet's")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster: cannot set aside a state made outside this fleet");
+                    return;
+                }
+            }
+        } else if has_files {
             return;
         }
         let started = Instant::now();
-        let bytes: Option<Vec<u8>> = match self.connect().and_then(|mut c| c.get(self.key("snap"))) {
+        let bytes: Option<Vec<u8>> = match conn.get(self.key("snap")) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, "cluster: Redis unreachable at start; this node waits for it to have a state");
+                tracing::warn!(error = %e, "cluster: cannot read the fleet's snapshot at start; following its log instead");
                 return;
             }
         };
@@ -277,6 +326,15 @@ impl Cluster {
             ms = started.elapsed().as_millis() as u64,
             "cluster: started from the fleet's snapshot"
         );
+    }
+
+    /// The fleet this node's state belongs to (`<state_dir>/fleet.id`).
+    fn local_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.state_dir.join(FLEET_ID_FILE)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    fn save_local_id(&self, id: &str) -> std::io::Result<()> {
+        crate::files::write_atomic(&self.state_dir.join(FLEET_ID_FILE), id.as_bytes(), 0o644)
     }
 
     /// Ties the store to the fleet: its writes are appended here first.
@@ -433,6 +491,7 @@ impl Follower {
         let c = &self.cluster;
         let fleet = self.fleet_generation(conn)?;
         let local = self.store.generation();
+        self.check_identity(conn, fleet.is_some(), local)?;
         match fleet {
             None if local > 0 => self.seed(conn, local)?,
             Some(g) if g < local => {
@@ -529,14 +588,55 @@ impl Follower {
         }
     }
 
+    /// Makes sure this node's state belongs to the fleet in Redis (`{p}:id` against
+    /// `<state_dir>/fleet.id`): a state of another history is never followed.
+    fn check_identity(&self, conn: &mut redis::Connection, fleet_exists: bool, local: u64) -> Result<(), String> {
+        let c = &self.cluster;
+        let mine = c.local_id();
+        let theirs: Option<String> = conn.get(c.key("id")).map_err(|e| e.to_string())?;
+        match (mine, theirs) {
+            (Some(m), Some(t)) if m == t => Ok(()),
+            (Some(m), Some(t)) => {
+                c.metrics.cluster_bad_input.inc();
+                Err(format!("this node's state belongs to fleet {m}, Redis holds fleet {t}: not following it (check [cluster] prefix)"))
+            }
+            (None, _) if local > 0 && fleet_exists => {
+                c.metrics.cluster_bad_input.inc();
+                Err("this node's state was not made in this fleet (it started while Redis was away): restart it to take the fleet's state"
+                    .into())
+            }
+            (mine, theirs) => {
+                // A fresh node adopts the fleet's identity; a node that seeds a new fleet
+                // (or one Redis lost) gives it its own, or a new one.
+                let id = match (theirs, mine) {
+                    (Some(t), _) => t,
+                    (None, Some(m)) => m,
+                    (None, None) => {
+                        let mut raw = [0u8; 16];
+                        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+                            .map_err(|_| "no randomness for a fleet identity".to_string())?;
+                        raw.iter().map(|b| format!("{b:02x}")).collect()
+                    }
+                };
+                // Whoever set it first wins (two fresh nodes at once).
+                let (id,): (String,) =
+                    redis::pipe().set_nx(c.key("id"), &id).ignore().get(c.key("id")).query(conn).map_err(|e| e.to_string())?;
+                c.save_local_id(&id).map_err(|e| format!("cannot keep the fleet's identity in the state directory: {e}"))
+            }
+        }
+    }
+
     /// The fleet has no state yet: this node's becomes its start.
     fn seed(&self, conn: &mut redis::Connection, local: u64) -> Result<(), String> {
         let (generation, bytes) = self.store.snapshot_bytes().map_err(|e| e.to_string())?;
+        let id = self.cluster.local_id().unwrap_or_default();
         let seeded: i64 = redis::Script::new(SEED)
             .key(self.cluster.key("gen"))
             .key(self.cluster.key("snap"))
+            .key(self.cluster.key("id"))
             .arg(generation.to_string())
             .arg(bytes)
+            .arg(id)
             .invoke(conn)
             .map_err(|e| e.to_string())?;
         if seeded == 1 {

@@ -136,7 +136,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // [cluster]: a node with no state of its own starts from the fleet's snapshot.
     let cluster = crate::cluster::Cluster::new(&cfg, metrics.clone()).map_err(StartError::Cluster)?;
     if let Some(c) = &cluster {
-        c.prepare(&cfg.server.state_dir);
+        c.prepare();
     }
     // The last acknowledged control-plane state is loaded before anything listens.
     let store = Arc::new(Store::open(&cfg, metrics.clone(), true)?);

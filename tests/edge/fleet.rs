@@ -307,3 +307,48 @@ async fn deleting_a_share_on_one_node_closes_its_live_websocket_on_another() {
     let m = b.api("GET", "/metrics", None).await.text();
     assert!(m.contains("miosa_edge_revoked_connections_total 1"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_history_of_its_own_sets_it_aside_and_takes_the_fleets_state() {
+    let redis = Redis::start();
+    let origin = Origin::start("fleet-origin", "127.0.0.2").await;
+    let port = origin.addr.port();
+    let a = node(&redis, "edge-a", "").await;
+    assert!(ready(&a).await);
+    assert_eq!(a.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await.status, 200);
+    let r = a.api("PUT", "/v1/sandboxes/fleetbox", Some(&sandbox("fleetbox", port))).await;
+    let g = r.json()["generation"].as_u64().expect("generation");
+
+    // A single node with writes of its own (generations of another history)…
+    let mut x = Edge::start_env(&[("MIOSA_EDGE_REDIS_URL", redis.url())], routes()).await;
+    assert_eq!(x.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await.status, 200);
+    for i in 0..5 {
+        let r = x.api("PUT", &format!("/v1/sandboxes/own{i}"), Some(&sandbox(&format!("own{i}"), port))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // …joins the fleet: its own state is set aside, not mixed with the fleet's log.
+    x.write_config(&format!("{}\n{}", cluster("edge-x"), routes()));
+    x.kill9_and_restart().await;
+    assert!(ready(&x).await, "{}", x.log());
+    assert!(reaches(&x, g).await);
+    let st = x.api("GET", "/v1/state", None).await.json();
+    assert_eq!(st, a.api("GET", "/v1/state", None).await.json());
+    assert_eq!(x.get(&format!("{port}-fleetbox.sandbox.localhost"), "/").await.status, 200);
+    assert_eq!(x.get(&format!("{port}-own0.sandbox.localhost"), "/").await.status, 404);
+    assert!(x.log().contains("set aside"), "{}", x.log());
+    let aside = std::fs::read_dir(x.dir.path().join("var"))
+        .expect("state dir")
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("before-fleet-"));
+    assert!(aside, "the node's own state is kept aside, not deleted");
+
+    // A node whose state belongs to another fleet (another identity) does not follow.
+    std::fs::write(x.dir.path().join("var/fleet.id"), "another-fleet").expect("write");
+    x.kill9_and_restart().await;
+    let refused = eventually(Duration::from_secs(10), || async { x.log().contains("Redis holds fleet").then_some(()) }).await;
+    assert!(refused.is_some(), "{}", x.log());
+    let w = a.api("PUT", "/v1/sandboxes/later", Some(&sandbox("later", port))).await;
+    assert_eq!(w.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(x.get(&format!("{port}-later.sandbox.localhost"), "/").await.status, 404, "never followed");
+}
