@@ -103,6 +103,9 @@ pub struct Cluster {
     writer: Mutex<Option<redis::Connection>>,
     /// The follower reaches Redis.
     connected: AtomicBool,
+    /// The follower has tried to reach Redis at least once (until then a node is not
+    /// ready: it may be about to find that the fleet is ahead of it).
+    tried: AtomicBool,
     /// The follower has applied everything the fleet had when it (re)connected.
     caught_up: AtomicBool,
     /// This node has a state to serve (its own copy, or the fleet's once caught up).
@@ -156,6 +159,7 @@ impl Cluster {
             metrics,
             writer: Mutex::new(None),
             connected: AtomicBool::new(false),
+            tried: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
             has_state: AtomicBool::new(false),
             fleet_generation: AtomicU64::new(0),
@@ -203,7 +207,9 @@ impl Cluster {
     /// Ready to serve (CONTRACT §11): caught up with the fleet, or cut off from Redis
     /// with a state of its own. A node with no state and no Redis is not ready.
     pub fn ready(&self) -> bool {
-        if self.connected() {
+        if !self.tried.load(Ordering::Relaxed) {
+            false
+        } else if self.connected() {
             self.caught_up.load(Ordering::Relaxed)
         } else {
             self.has_state.load(Ordering::Relaxed)
@@ -212,6 +218,7 @@ impl Cluster {
 
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
+        self.tried.store(true, Ordering::Relaxed);
         if !up {
             self.caught_up.store(false, Ordering::Relaxed);
         }
@@ -473,7 +480,7 @@ impl Follower {
             }
             if let Err(e) = r {
                 if self.cluster.connected() {
-                    tracing::warn!(error = %e, "cluster: lost Redis; serving the state this node has, writes answer 503");
+                    tracing::warn!(error = %e, "cluster: not following the fleet; serving the state this node has, writes answer 503");
                 }
                 self.cluster.set_connected(false);
             }

@@ -215,3 +215,69 @@ fn an_earlier_versions_state_json_is_read_and_replaced_by_a_snapshot() {
     drop(store);
     assert_eq!(address(&open(dir.path()), "old").as_deref(), Some("10.0.0.7"));
 }
+
+/// A store in fleet mode (generations are the fleet's; no Redis needed to follow records).
+fn open_fleet(dir: &Path) -> (Store, Arc<Metrics>) {
+    let mut cfg = config(dir, "");
+    cfg.cluster = Some(crate::config::Cluster {
+        redis_url_env: "UNUSED".into(),
+        node: "n1".into(),
+        prefix: "p".into(),
+        seal_key_env: "UNUSED".into(),
+        redis_url: "redis://127.0.0.1:1/0".into(),
+        seal_key: None,
+    });
+    let metrics = Arc::new(Metrics::new());
+    (Store::open(&cfg, metrics.clone(), true).expect("store"), metrics)
+}
+
+fn record(generation: u64, ops: Vec<BatchOp>) -> log::Record {
+    log::Record { generation, ops: ops.into_iter().map(|b| b.op).collect() }
+}
+
+#[test]
+fn a_fleet_node_follows_records_in_order_passes_over_refused_ones_and_takes_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, metrics) = open_fleet(dir.path());
+    assert_eq!(f.generation(), 0, "a fleet node's start takes no generation of its own");
+    assert_eq!(f.follow(vec![record(1, vec![sandbox("a", 1)]), record(2, vec![sandbox("b", 2)])]).unwrap(), 2);
+    assert_eq!(address(&f, "b").as_deref(), Some("10.0.0.2"));
+    // Records it has are skipped; a record after a missing one is a gap (load a snapshot).
+    assert_eq!(f.follow(vec![record(2, vec![sandbox("b", 9)])]).unwrap(), 2);
+    assert_eq!(address(&f, "b").as_deref(), Some("10.0.0.2"));
+    assert!(matches!(f.follow(vec![record(4, vec![sandbox("c", 4)])]), Err(FollowError::Gap { have: 2, found: 4 })));
+    // A record this node's state refuses (a sandbox of an unknown workspace) is passed over
+    // whole, in its place: the generation moves on, nothing of it is applied.
+    let bad: Sandbox = serde_json::from_str(r#"{"id":"x","workspace":"nope","address":"10.0.0.7"}"#).unwrap();
+    let bad = BatchOp { path: String::new(), origin: Origin::Api, op: Op::Upsert(Object::Sandbox(bad)) };
+    assert_eq!(f.follow(vec![record(3, vec![sandbox("c", 3), bad])]).unwrap(), 3);
+    assert_eq!(address(&f, "c"), None, "never half a batch");
+    assert_eq!(metrics.cluster_refused.get(), 1);
+    drop(f);
+    // A restart resumes at the generation it had, with what it followed.
+    let (f, _) = open_fleet(dir.path());
+    assert_eq!(f.generation(), 3);
+    assert_eq!(address(&f, "a").as_deref(), Some("10.0.0.1"));
+
+    // Another node's state at a later generation, as the fleet keeps it in Redis.
+    let other = tempfile::tempdir().unwrap();
+    let (o, _) = open_fleet(other.path());
+    o.follow((1..=6).map(|g| record(g, vec![sandbox(&format!("s{g}"), g as u8)])).collect()).unwrap();
+    let (g, bytes) = o.snapshot_bytes().unwrap();
+    assert_eq!(g, 6);
+    let mut torn = bytes.clone();
+    torn.truncate(bytes.len() - 3);
+    assert!(f.follow_snapshot(&torn).is_err());
+    assert_eq!(f.generation(), 3, "a snapshot that does not read changes nothing");
+    assert_eq!(f.follow_snapshot(&bytes).unwrap(), Some(6));
+    assert_eq!(f.follow_snapshot(&bytes).unwrap(), None, "not ahead: nothing to take");
+    assert_eq!(address(&f, "a"), None, "the fleet's state replaces this node's");
+    assert_eq!(address(&f, "s6").as_deref(), Some("10.0.0.6"));
+    f.follow(vec![record(7, vec![sandbox("t", 7)])]).unwrap();
+    drop(f);
+    let (f, _) = open_fleet(dir.path());
+    assert_eq!(f.generation(), 7, "the snapshot became the local one, the log goes on after it");
+    assert_eq!(address(&f, "s1").as_deref(), Some("10.0.0.1"));
+    assert_eq!(address(&f, "t").as_deref(), Some("10.0.0.7"));
+    assert_eq!(address(&f, "a"), None);
+}
