@@ -361,20 +361,31 @@ impl AttemptsInner {
     }
 
     /// Runs `f` on a pooled connection (blocking), with the short time limit of a try.
-    fn run<T>(&self, f: impl FnOnce(&mut redis::Connection) -> Result<T, RedisError>) -> Result<T, String> {
+    fn run<T>(&self, f: impl Fn(&mut redis::Connection) -> Result<T, RedisError>) -> Result<T, String> {
         if self.down_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| Instant::now() < t) {
             return Err("Redis failed moments ago".into());
         }
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let conn = match pooled {
-            Some(c) => Ok(c),
-            None => self.cluster.connect().and_then(|c| {
+        let fresh = || {
+            self.cluster.connect().and_then(|c| {
                 c.set_read_timeout(Some(ATTEMPT_TIMEOUT))?;
                 c.set_write_timeout(Some(ATTEMPT_TIMEOUT))?;
                 Ok(c)
-            }),
+            })
         };
-        let r = conn.and_then(|mut c| f(&mut c).map(|v| (v, c)));
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let r = match pooled {
+            Some(mut c) => match f(&mut c) {
+                Ok(v) => Ok((v, c)),
+                // A pooled connection may have died with a Redis restart: one fresh try.
+                // Not after a timeout: the first may have counted (twice would be
+                // stricter, still not what was asked).
+                Err(e) if !e.is_timeout() && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()) => {
+                    fresh().and_then(|mut c| f(&mut c).map(|v| (v, c)))
+                }
+                Err(e) => Err(e),
+            },
+            None => fresh().and_then(|mut c| f(&mut c).map(|v| (v, c))),
+        };
         match r {
             Ok((v, c)) => {
                 let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
