@@ -521,6 +521,34 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_whose_answer_was_lost_is_sent_again_and_counted_once() {
+        use crate::usage::Kind;
+        let redis = TestRedis::start();
+        let mut c = redis.conn();
+        let k = UsageKeys::new("t", "edge-a");
+        let u = Usage::default();
+        let ws = u.cell(Kind::Workspace, "ws_1");
+        ws.add(10);
+        ws.add(20);
+        let b1 = u.fleet_batch().unwrap();
+        assert!(apply(&mut c, &k, &b1).unwrap().now);
+        // The answer never came (a timeout): the node still has the batch in flight.
+        ws.add(5);
+        let again = u.fleet_batch().unwrap();
+        assert_eq!(again, b1, "the same batch, not one with the new count");
+        let applied = apply(&mut c, &k, &again).unwrap();
+        assert!(!applied.now, "passed over the second time");
+        u.fleet_applied(again.seq);
+        let b2 = u.fleet_batch().unwrap();
+        assert_eq!(b2.seq, b1.seq + 1);
+        assert!(apply(&mut c, &k, &b2).unwrap().now);
+        u.fleet_applied(b2.seq);
+        assert_eq!(u.fleet_batch(), None);
+        let (r, _) = report(&mut c, &k, None);
+        assert_eq!(r.workspaces, vec![e("ws_1", 3, 35)]);
+    }
+
+    #[test]
     fn the_fleet_cursor_acknowledges_like_a_single_node() {
         let redis = TestRedis::start();
         let mut c = redis.conn();
