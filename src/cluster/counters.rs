@@ -101,7 +101,10 @@ return {1, bad, unreadable}
 ";
 
 /// The report with the cursor: KEYS = totals, issued, acked, cursor; ARGV[1] = the
-/// acknowledged cursor or ''. Answers {cursor, {field, total, acked, …}}.
+/// acknowledged cursor or ''. Answers {cursor, {field, total, acked, …}}. A fleet's
+/// first cursor is its clock in seconds × 1000: far from any a single node gave (a
+/// consumer's stored cursor from before cannot acknowledge a fleet report it never
+/// saw), and past those of a fleet whose Redis lost its keys.
 const REPORT: &str = r"
 local issued = redis.call('HGET', KEYS[4], 'issued')
 if ARGV[1] ~= '' and issued and issued == ARGV[1] then
@@ -124,6 +127,10 @@ for i = 1, #totals, 1000 do
   local chunk = {}
   for j = i, math.min(i + 999, #totals) do chunk[#chunk + 1] = totals[j] end
   redis.call('HSET', KEYS[2], unpack(chunk))
+end
+if redis.call('HEXISTS', KEYS[4], 'next') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[4], 'next', t[1] .. '000')
 end
 local next = redis.call('HINCRBY', KEYS[4], 'next', 1)
 redis.call('HSET', KEYS[4], 'issued', tostring(next))
@@ -555,6 +562,10 @@ mod tests {
         let k = UsageKeys::new("t", "edge-a");
         let (r0, _) = report(&mut c, &k, None);
         assert!(r0.workspaces.is_empty());
+        assert!(r0.cursor > 1_700_000_000_000, "{}", r0.cursor);
+        // A cursor a single node gave acknowledges nothing here.
+        let (r0b, _) = report(&mut c, &k, Some(1));
+        assert!(r0b.cursor == r0.cursor + 1);
         apply(&mut c, &k, &batch("e", 1, &[("ws_1", 2, 150), ("ws_2", 1, 7)])).unwrap();
         let (r1, _) = report(&mut c, &k, None);
         assert_eq!(r1.workspaces, vec![e("ws_1", 2, 150), e("ws_2", 1, 7)]);
