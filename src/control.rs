@@ -49,6 +49,8 @@ pub struct ControlApi {
     certs: Option<Arc<crate::tls::Watcher>>,
     acme: Option<Arc<crate::acme::Manager>>,
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Fleet mode: `GET /v1/usage` answers the fleet's counts.
+    fleet_usage: Option<Arc<crate::cluster::counters::FleetUsage>>,
     /// Taken by [`Service::run`].
     listener: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
@@ -146,6 +148,7 @@ impl ControlApi {
             certs: None,
             acme: None,
             cluster: None,
+            fleet_usage: None,
             listener: std::sync::Mutex::new(None),
         }
     }
@@ -159,6 +162,12 @@ impl ControlApi {
     /// Fleet mode: readiness follows the fleet, `GET /v1/cluster` lists its nodes.
     pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
         self.cluster = Some(cluster);
+        self
+    }
+
+    /// Answers `GET /v1/usage` with the fleet's counts (CONTRACT §11).
+    pub fn with_fleet_usage(mut self, fleet: Arc<crate::cluster::counters::FleetUsage>) -> Self {
+        self.fleet_usage = Some(fleet);
         self
     }
 
@@ -300,6 +309,15 @@ impl ControlApi {
                 }
                 _ => return Err(ApiError::invalid(format!("unknown query parameter `{kv}`"), "")),
             }
+        }
+        if let Some(fleet) = &self.fleet_usage {
+            // Redis round-trips on a blocking connection: off the async threads.
+            let fleet = fleet.clone();
+            let report = tokio::task::spawn_blocking(move || fleet.report(ack))
+                .await
+                .map_err(|e| ApiError::Internal(format!("usage report failed: {e}")))?
+                .map_err(|e| ApiError::ClusterUnavailable(format!("the fleet's usage counts cannot be read: {e}")))?;
+            return Ok(json(StatusCode::OK, &report));
         }
         // A report saves the cursor durably: off the async threads.
         let usage = self.usage.clone();

@@ -118,6 +118,12 @@ impl EdgeProxy {
         self
     }
 
+    /// Counts share-password attempts in `shared` too (fleet mode, CONTRACT §11).
+    pub fn with_shared_attempts(mut self, shared: Arc<dyn crate::access::password::SharedAttempts>) -> Self {
+        self.passwords = std::mem::take(&mut self.passwords).with_shared(shared);
+        self
+    }
+
     /// HTTPS redirects and ACME HTTP-01 answers on the plain listener.
     pub fn with_tls(mut self, tls: TlsFront) -> Self {
         self.tls = tls;

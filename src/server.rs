@@ -150,6 +150,11 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     services.start(Arc::new(crate::store::Compactor(store.clone())));
     let usage = Arc::new(Usage::open(cfg.server.state_dir.join("usage.json")));
     services.start(Arc::new(crate::usage::UsageSaver(usage.clone())));
+    // [cluster]: this node's usage counts go to the fleet's every second.
+    let fleet_usage = cluster.as_ref().map(|c| Arc::new(crate::cluster::counters::FleetUsage::new(c.clone(), usage.clone())));
+    if let Some(f) = &fleet_usage {
+        services.start(Arc::new(crate::cluster::counters::UsageFlusher(f.clone())));
+    }
     let access_log = match cfg.log.access.as_str() {
         "off" => None,
         target => {
@@ -233,6 +238,11 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         )?)),
         None => proxy,
     };
+    // [cluster]: share-password attempts are counted fleet-wide.
+    let proxy = match &cluster {
+        Some(c) => proxy.with_shared_attempts(Arc::new(crate::cluster::counters::Attempts::new(c.clone()))),
+        None => proxy,
+    };
     // Hostile clients: the request-head deadline and body timeout in the proxy, the
     // per-IP connection cap around it (crate::hostile).
     let limits = crate::hostile::Limits::from_config(&cfg.server);
@@ -273,6 +283,10 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     };
     let control = match &cluster {
         Some(c) => control.with_cluster(c.clone()),
+        None => control,
+    };
+    let control = match fleet_usage {
+        Some(f) => control.with_fleet_usage(f),
         None => control,
     };
     services.start(Arc::new(control));

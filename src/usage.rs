@@ -11,6 +11,13 @@
 //! saved to `<state_dir>/usage.json` every second while they change ([`UsageSaver`])
 //! and before a report is answered, so a crash loses at most a second of counts and
 //! never counts anything twice. Sandbox counters (metrics only) start from zero.
+//!
+//! In fleet mode (CONTRACT §11) the report is the fleet's, kept in Redis by
+//! `cluster::counters`; this node sends it what it counted in numbered batches
+//! ([`Usage::fleet_batch`], [`Usage::fleet_applied`]). Which counts were confirmed by the
+//! fleet, and the batch in flight, are saved in `usage.json` with the counts, before the
+//! batch is sent: a batch sent again after a crash or a lost answer carries the same
+//! sequence number, which the fleet applies once.
 
 use crate::services::{Service, Shutdown};
 use dashmap::DashMap;
@@ -63,6 +70,32 @@ struct Cursor {
     issued: Option<(u64, Totals)>,
     /// Totals at the last acknowledged cursor: reports are counted from here.
     acked: Totals,
+    /// Fleet mode: what the fleet has of this node's workspace counts.
+    fleet: Option<FleetState>,
+}
+
+/// This node's share of the fleet's workspace counts (saved in `usage.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct FleetState {
+    /// Names this `usage.json`: sequence numbers restart with a new one.
+    epoch: String,
+    /// The last sequence number given to a batch.
+    seq: u64,
+    /// Per workspace, the counts the fleet confirmed it has.
+    flushed: Counts,
+    /// The batch sent and not yet confirmed.
+    batch: Option<Batch>,
+}
+
+/// Workspace counts sent to the fleet under one sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The `usage.json` this node counts in (see [`Usage::fleet_batch`]).
+    pub epoch: String,
+    /// Grows by one per batch; the fleet applies each (epoch, seq) once.
+    pub seq: u64,
+    /// Per workspace, (requests, bytes) counted since the previous batch.
+    pub deltas: BTreeMap<String, (u64, u64)>,
 }
 
 /// Usage counters of the whole edge.
@@ -94,6 +127,9 @@ struct Saved {
     issued: Option<(u64, Counts)>,
     #[serde(default)]
     acked: BTreeMap<String, (u64, u64)>,
+    /// Fleet mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fleet: Option<FleetState>,
 }
 
 impl std::fmt::Debug for Usage {
@@ -144,6 +180,7 @@ impl Usage {
             c.next = saved.next;
             c.issued = saved.issued.as_ref().map(|(n, t)| (*n, boxed(t)));
             c.acked = boxed(&saved.acked);
+            c.fleet = saved.fleet;
         }
         u.saved_requests.store(u.total_requests(), Ordering::Relaxed);
         u
@@ -167,6 +204,7 @@ impl Usage {
             next: c.next,
             issued: c.issued.as_ref().map(|(n, t)| (*n, plain(t))),
             acked: plain(&c.acked),
+            fleet: c.fleet.clone(),
         };
         let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
         crate::files::write_atomic(file, &bytes, 0o644)?;
@@ -237,6 +275,73 @@ impl Usage {
         Report { cursor, workspaces }
     }
 
+    /// Fleet mode: the workspace counts to send to the fleet. The batch sent before and
+    /// not confirmed comes again unchanged (same sequence, same deltas: the fleet applies
+    /// it once); otherwise what was counted since the last confirmed batch, under the next
+    /// sequence number. It is saved durably, with counts that include it, before it is
+    /// returned, so a crash after sending retries this very batch. `None` when nothing is
+    /// pending, or when it cannot be saved (then it is not sent: sent and forgotten, its
+    /// number could be given again to other counts, which the fleet would pass over).
+    ///
+    /// The first batch of a node that counted alone before starts from what its
+    /// consumer acknowledged there: acknowledged counts are not reported again.
+    pub fn fleet_batch(&self) -> Option<Batch> {
+        let mut c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let acked = &c.acked;
+        let mut fleet = c.fleet.clone().unwrap_or_else(|| FleetState {
+            epoch: new_epoch(),
+            seq: 0,
+            flushed: acked.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            batch: None,
+        });
+        if let Some(b) = &fleet.batch {
+            return Some(b.clone());
+        }
+        let deltas: BTreeMap<String, (u64, u64)> = self
+            .workspaces
+            .iter()
+            .filter_map(|e| {
+                let (r, b) = e.value().get();
+                let (fr, fb) = fleet.flushed.get(&**e.key()).copied().unwrap_or((0, 0));
+                let (dr, db) = (r.saturating_sub(fr), b.saturating_sub(fb));
+                (dr > 0 || db > 0).then(|| (e.key().to_string(), (dr, db)))
+            })
+            .collect();
+        if deltas.is_empty() {
+            return None;
+        }
+        fleet.seq += 1;
+        let batch = Batch { epoch: fleet.epoch.clone(), seq: fleet.seq, deltas };
+        fleet.batch = Some(batch.clone());
+        let before = c.fleet.replace(fleet);
+        if let Err(e) = self.save_locked(&c) {
+            tracing::error!(error = %e, "cannot save the usage counters: this node's counts wait before going to the fleet");
+            c.fleet = before;
+            return None;
+        }
+        Some(batch)
+    }
+
+    /// Fleet mode: the fleet has batch `seq` (applied now or before): its counts are
+    /// flushed. Saving this is not needed for correctness (the batch would be sent
+    /// again and passed over by the fleet), only done.
+    pub fn fleet_applied(&self, seq: u64) {
+        let mut c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(fleet) = c.fleet.as_mut() else { return };
+        if fleet.batch.as_ref().is_none_or(|b| b.seq != seq) {
+            return;
+        }
+        if let Some(batch) = fleet.batch.take() {
+            for (id, (r, b)) in batch.deltas {
+                let f = fleet.flushed.entry(id).or_insert((0, 0));
+                *f = (f.0.saturating_add(r), f.1.saturating_add(b));
+            }
+        }
+        if let Err(e) = self.save_locked(&c) {
+            tracing::warn!(error = %e, "cannot save the usage counters");
+        }
+    }
+
     /// Prometheus text for the top-N ids of each kind, the rest summed as `_other`.
     pub fn render_metrics(&self, out: &mut String) {
         for (kind, label) in [(Kind::Workspace, "workspace"), (Kind::Deployment, "deployment"), (Kind::Sandbox, "sandbox")] {
@@ -288,6 +393,17 @@ impl Service for UsageSaver {
             }
         }
     }
+}
+
+/// A fresh name for a `usage.json`'s fleet counts: 16 random hex digits (the clock's
+/// nanoseconds if the system has no randomness).
+fn new_epoch() -> String {
+    let mut raw = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        raw = t.to_le_bytes();
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn escape_label(s: &str) -> String {
@@ -346,6 +462,53 @@ mod tests {
         // r2 was never acknowledged: its counts come again, from the saved totals.
         assert_eq!(u.report(None).workspaces, r2.workspaces);
         assert!(u.save_if_changed().is_ok());
+    }
+
+    #[test]
+    fn fleet_batches_are_numbered_kept_until_confirmed_and_saved_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("usage.json");
+        let u = Usage::open(file.clone());
+        assert_eq!(u.fleet_batch(), None, "nothing counted, nothing to send");
+        u.cell(Kind::Workspace, "ws_1").add(100);
+        u.cell(Kind::Workspace, "ws_2").add(7);
+        u.cell(Kind::Deployment, "d").add(5);
+        let b1 = u.fleet_batch().unwrap();
+        assert_eq!(b1.seq, 1);
+        assert_eq!(b1.deltas, BTreeMap::from([("ws_1".into(), (1, 100)), ("ws_2".into(), (1, 7))]));
+        // Not confirmed: the same batch again, whatever was counted since.
+        u.cell(Kind::Workspace, "ws_1").add(1);
+        assert_eq!(u.fleet_batch().as_ref(), Some(&b1));
+        // A crash now: the batch was saved before it was sent, and comes again.
+        drop(u);
+        let u = Usage::open(file.clone());
+        assert_eq!(u.fleet_batch().as_ref(), Some(&b1), "the batch in flight survives a restart");
+        u.fleet_applied(b1.seq + 7);
+        assert_eq!(u.fleet_batch().as_ref(), Some(&b1), "another batch's confirmation changes nothing");
+        u.fleet_applied(b1.seq);
+        // The count made after the last save before the crash is lost with it (as a
+        // single node's); the one saved with the batch is sent next.
+        u.cell(Kind::Workspace, "ws_2").add(3);
+        let b2 = u.fleet_batch().unwrap();
+        assert_eq!((b2.epoch.as_str(), b2.seq), (b1.epoch.as_str(), 2));
+        assert_eq!(b2.deltas, BTreeMap::from([("ws_2".into(), (1, 3))]));
+        u.fleet_applied(2);
+        assert_eq!(u.fleet_batch(), None);
+        drop(u);
+        let u = Usage::open(file);
+        assert_eq!(u.fleet_batch(), None, "confirmed counts are not sent again after a restart");
+    }
+
+    #[test]
+    fn a_node_joining_a_fleet_sends_only_what_its_consumer_did_not_acknowledge() {
+        let u = Usage::default();
+        u.cell(Kind::Workspace, "ws_1").add(10);
+        let r = u.report(None);
+        u.report(Some(r.cursor));
+        u.cell(Kind::Workspace, "ws_1").add(5);
+        let b = u.fleet_batch().unwrap();
+        assert_eq!(b.deltas, BTreeMap::from([("ws_1".into(), (1, 5))]));
+        assert_eq!(b.epoch.len(), 16);
     }
 
     #[test]

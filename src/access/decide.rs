@@ -188,7 +188,7 @@ pub async fn password_post(
         return Ok(open_share_session(table, p, pending, share.expires_at, "/", now));
     };
     let ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-    if !passwords.allowed(&hash, ip, now) {
+    if !passwords.admit(&hash, ip, now).await {
         metrics.access(Credential::Password, false);
         return Ok(Answer::error(ErrorCode::TooManyAttempts, p.detail()));
     }
@@ -203,7 +203,7 @@ pub async fn password_post(
     let next = password::safe_next(&form.next).to_string();
     if passwords.verify(hash_str, form.password).await {
         metrics.access(Credential::Password, true);
-        passwords.succeeded(&hash, ip);
+        passwords.forget(&hash, ip).await;
         return Ok(open_share_session(table, p, pending, share.expires_at, &next, now));
     }
     metrics.access(Credential::Password, false);

@@ -7,6 +7,13 @@
 //! time, so a burst of logins costs bounded memory (19 MiB each with argon2's default
 //! parameters) and never stalls a proxy thread. Hashes whose parameters exceed
 //! [`crate::state`]'s bounds are refused when pushed.
+//!
+//! In fleet mode (CONTRACT §11) the attempts are also counted in a store every node
+//! shares ([`SharedAttempts`], Redis through `cluster::counters`), so the limit holds
+//! whichever nodes the tries reach. The shared count is taken *before* verifying (one
+//! atomic check-and-count), so concurrent tries on many nodes cannot exceed it. The
+//! local limiter keeps counting beside it: a try is refused when either refuses, and
+//! when the shared store cannot answer the local one decides alone (never unlimited).
 
 use dashmap::DashMap;
 use std::net::IpAddr;
@@ -30,10 +37,23 @@ struct Window {
     failures: u32,
 }
 
+/// Share-password attempts counted where every node of a fleet sees them.
+#[async_trait::async_trait]
+pub trait SharedAttempts: Send + Sync {
+    /// Takes one attempt of `ip` on `share`: `Ok(true)` counts it (the password may be
+    /// verified), `Ok(false)` refuses it ([`MAX_FAILURES`] already counted within the
+    /// window); `Err` when the store cannot answer (the caller falls back to its own).
+    async fn take(&self, share: &[u8; 32], ip: IpAddr) -> Result<bool, String>;
+    /// Forgets the attempts of `ip` on `share` (a right password).
+    async fn forget(&self, share: &[u8; 32], ip: IpAddr);
+}
+
 /// Password attempts and verification.
 pub struct Passwords {
     attempts: DashMap<([u8; 32], IpAddr), Window, ahash::RandomState>,
     permits: Arc<Semaphore>,
+    /// Fleet mode: the attempts every node counts.
+    shared: Option<Arc<dyn SharedAttempts>>,
 }
 
 impl std::fmt::Debug for Passwords {
@@ -51,7 +71,42 @@ impl Default for Passwords {
 impl Passwords {
     /// An empty limiter.
     pub fn new() -> Passwords {
-        Passwords { attempts: DashMap::with_hasher(ahash::RandomState::new()), permits: Arc::new(Semaphore::new(MAX_CONCURRENT)) }
+        Passwords {
+            attempts: DashMap::with_hasher(ahash::RandomState::new()),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            shared: None,
+        }
+    }
+
+    /// Also counts attempts in `shared` (fleet mode).
+    pub fn with_shared(mut self, shared: Arc<dyn SharedAttempts>) -> Passwords {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Whether `ip` may try a password for `share` now, counting the try in the shared
+    /// store when there is one (see the module head). Refused when the local limiter or
+    /// the shared store refuses; the local limiter alone when the store cannot answer.
+    pub async fn admit(&self, share: &[u8; 32], ip: IpAddr, now: i64) -> bool {
+        if !self.allowed(share, ip, now) {
+            return false;
+        }
+        let Some(shared) = &self.shared else { return true };
+        match shared.take(share, ip).await {
+            Ok(allowed) => allowed,
+            Err(e) => {
+                tracing::warn!(error = %e, "share-password attempts: the fleet's count is unreachable; this node's own limit applies");
+                true
+            }
+        }
+    }
+
+    /// A right password: forgets the failures here and in the shared store.
+    pub async fn forget(&self, share: &[u8; 32], ip: IpAddr) {
+        self.succeeded(share, ip);
+        if let Some(shared) = &self.shared {
+            shared.forget(share, ip).await;
+        }
     }
 
     /// Whether `ip` may try a password for `share` at `now`.
