@@ -103,6 +103,9 @@ pub struct Cluster {
     writer: Mutex<Option<redis::Connection>>,
     /// The follower reaches Redis.
     connected: AtomicBool,
+    /// This node's state belongs to another history than the fleet's: it does not
+    /// follow, and is not ready (it would serve a state the fleet never had).
+    foreign: AtomicBool,
     /// The follower has tried to reach Redis at least once (until then a node is not
     /// ready: it may be about to find that the fleet is ahead of it).
     tried: AtomicBool,
@@ -160,6 +163,7 @@ impl Cluster {
             writer: Mutex::new(None),
             connected: AtomicBool::new(false),
             tried: AtomicBool::new(false),
+            foreign: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
             has_state: AtomicBool::new(false),
             fleet_generation: AtomicU64::new(0),
@@ -207,7 +211,7 @@ impl Cluster {
     /// Ready to serve (CONTRACT §11): caught up with the fleet, or cut off from Redis
     /// with a state of its own. A node with no state and no Redis is not ready.
     pub fn ready(&self) -> bool {
-        if !self.tried.load(Ordering::Relaxed) {
+        if !self.tried.load(Ordering::Relaxed) || self.foreign.load(Ordering::Relaxed) {
             false
         } else if self.connected() {
             self.caught_up.load(Ordering::Relaxed)
@@ -323,8 +327,19 @@ impl Cluster {
                 return;
             }
         };
-        if let Err(e) = std::fs::create_dir_all(state_dir).and_then(|()| snapshot::write_bytes(&state_dir.join(snapshot::FILE), &bytes)) {
+        let Some(id) = fleet_id else {
+            // Every fleet that has a snapshot has an identity (the node that seeded it,
+            // or the first to connect, set it): without one this is not our layout.
+            self.metrics.cluster_bad_input.inc();
+            tracing::error!("cluster: the fleet has a snapshot but no identity: not used");
+            return;
+        };
+        let written = std::fs::create_dir_all(state_dir)
+            .and_then(|()| snapshot::write_bytes(&state_dir.join(snapshot::FILE), &bytes))
+            .and_then(|()| self.save_local_id(&id));
+        if let Err(e) = written {
             tracing::error!(error = %e, "cluster: cannot write the fleet's snapshot to the state directory");
+            let _ = std::fs::remove_file(state_dir.join(snapshot::FILE));
             return;
         }
         tracing::info!(
@@ -601,17 +616,20 @@ impl Follower {
         let c = &self.cluster;
         let mine = c.local_id();
         let theirs: Option<String> = conn.get(c.key("id")).map_err(|e| e.to_string())?;
+        let foreign = |e: String| {
+            c.foreign.store(true, Ordering::Relaxed);
+            c.metrics.cluster_bad_input.inc();
+            Err::<(), String>(e)
+        };
         match (mine, theirs) {
             (Some(m), Some(t)) if m == t => Ok(()),
             (Some(m), Some(t)) => {
-                c.metrics.cluster_bad_input.inc();
-                Err(format!("this node's state belongs to fleet {m}, Redis holds fleet {t}: not following it (check [cluster] prefix)"))
+                foreign(format!("this node's state belongs to fleet {m}, Redis holds fleet {t}: not following it (check [cluster] prefix)"))
             }
-            (None, _) if local > 0 && fleet_exists => {
-                c.metrics.cluster_bad_input.inc();
-                Err("this node's state was not made in this fleet (it started while Redis was away): restart it to take the fleet's state"
-                    .into())
-            }
+            (None, _) if local > 0 && fleet_exists => foreign(
+                "this node's state was not made in this fleet (it started while Redis was away): restart it to take the fleet's state"
+                    .into(),
+            ),
             (mine, theirs) => {
                 // A fresh node adopts the fleet's identity; a node that seeds a new fleet
                 // (or one Redis lost) gives it its own, or a new one.

@@ -228,6 +228,7 @@ def main():
         convergence(edges, a.rate, a.seconds)
 
         base = redis.used_memory()
+        snap_at = redis.cli("GET", "bench:snap:at").strip()
         body = state_json(a.sandboxes)
         t0 = time.monotonic()
         status, j = edges[0].api("PUT", "/v1/state", body)
@@ -249,7 +250,7 @@ def main():
         t2 = time.monotonic()
         while time.monotonic() - t2 < 90:
             head = redis.cli("GET", "bench:snap:at").strip()
-            if head.isdigit() and int(head) > 0 and int(redis.cli("XLEN", "bench:log").strip() or 0) < 1000:
+            if head.isdigit() and head != snap_at and int(redis.cli("XLEN", "bench:log").strip() or 0) == 0:
                 break
             time.sleep(0.5)
         steady = redis.used_memory()

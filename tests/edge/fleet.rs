@@ -347,8 +347,44 @@ async fn a_node_with_a_history_of_its_own_sets_it_aside_and_takes_the_fleets_sta
     x.kill9_and_restart().await;
     let refused = eventually(Duration::from_secs(10), || async { x.log().contains("Redis holds fleet").then_some(()) }).await;
     assert!(refused.is_some(), "{}", x.log());
+    assert_eq!(readyz(&x).await, 503, "a node with another fleet's state is not ready");
     let w = a.api("PUT", "/v1/sandboxes/later", Some(&sandbox("later", port))).await;
     assert_eq!(w.status, 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(x.get(&format!("{port}-later.sandbox.localhost"), "/").await.status, 404, "never followed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_starts_from_the_fleets_snapshot_and_is_ready_only_once_caught_up() {
+    let redis = Redis::start();
+    let origin = Origin::start("fleet-origin", "127.0.0.2").await;
+    let port = origin.addr.port();
+    let a = node(&redis, "edge-a", "").await;
+    assert!(ready(&a).await);
+    assert_eq!(a.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await.status, 200);
+    for i in 0..3 {
+        assert_eq!(a.api("PUT", &format!("/v1/sandboxes/s{i}"), Some(&sandbox(&format!("s{i}"), port))).await.status, 200);
+    }
+    let at = redis.cmd(&["GET", "fleet-test:snap:at"]).unwrap_or_default();
+    redis.cmd(&["SET", "fleet-test:snap:at", "0"]).expect("redis");
+    let kept = eventually(Duration::from_secs(10), || async {
+        let now = redis.cmd(&["GET", "fleet-test:snap:at"]).unwrap_or_default();
+        (now.trim() != "0" && now != at).then_some(())
+    })
+    .await;
+    assert!(kept.is_some(), "no snapshot kept: {}", a.log());
+    // Records after the snapshot: the new node follows them from the stream.
+    let mut g = 0;
+    for i in 3..6 {
+        let r = a.api("PUT", &format!("/v1/sandboxes/s{i}"), Some(&sandbox(&format!("s{i}"), port))).await;
+        g = r.json()["generation"].as_u64().expect("generation");
+    }
+    let c = node(&redis, "edge-c", "").await;
+    assert!(ready(&c).await, "{}", c.log());
+    // Ready means caught up: the generation it answers is the fleet's at once.
+    assert_eq!(c.api("GET", "/readyz", None).await.json()["generation"].as_u64(), Some(g));
+    assert!(c.log().contains("started from the fleet's snapshot"), "{}", c.log());
+    assert_eq!(c.api("GET", "/v1/state", None).await.json(), a.api("GET", "/v1/state", None).await.json());
+    assert_eq!(c.get(&format!("{port}-s5.sandbox.localhost"), "/").await.status, 200);
+    assert!(c.dir.path().join("var/fleet.id").exists());
 }
