@@ -9,6 +9,7 @@ mod alloc;
 mod browser;
 mod control;
 mod fleet;
+mod fleet_certs;
 mod forwarding;
 mod hostile;
 mod layers;

@@ -1,0 +1,256 @@
+//! Fleet mode, certificates (CONTRACT §11): several real edge processes on one real
+//! Redis, ordering from Pebble (pebble-challtestsrv as DNS server and DNS-01 webhook).
+//! One order per name fleet-wide, one account and one budget, any node answers any
+//! node's HTTP-01 challenge, every node serves a new certificate within 10 s, private
+//! keys in Redis are sealed, and a sealed value that does not open is refused.
+
+use crate::support::pebble::{
+    certificates, is_default, log_tail, metric, metrics, pem_cert, served_cert, tls_connect, tls_get, tls_toml, Pebble, PebbleOpts, TlsOpts,
+};
+use crate::support::redis::Redis;
+use crate::support::{eventually, free_port, Edge, Origin};
+use miosa_edge::cluster::certs::Sealer;
+use redis::Commands;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const SEAL_KEY: &str = "fleet-certs-test-seal-key-0123456789abcdef";
+const PREFIX: &str = "fleet-certs";
+const SANDBOX: &str = "sandbox.localhost";
+const APPS: &str = "apps.localhost";
+/// Longest wait for an order to complete (issuance against Pebble takes seconds).
+const ISSUE: Duration = Duration::from_secs(90);
+/// CONTRACT §11: every node serves a new certificate within this of its issuance.
+const FLEET_SERVES_WITHIN: Duration = Duration::from_secs(10);
+
+/// One node: its edge and its (own, empty) certs_dir.
+struct Node {
+    edge: Edge,
+    certs_dir: PathBuf,
+    _certs: tempfile::TempDir,
+}
+
+/// The routing every node is given: workspace `ws_1` (slug `one`), sandbox `abc12345`
+/// previewing `sandbox_port` on 127.0.0.2, and, when given, deployment `my-app` with a
+/// verified custom domain served by `app`.
+fn routing(sandbox_port: u16, deployment: Option<(&str, SocketAddr)>) -> String {
+    let mut s = format!(
+        r#"[domains]
+sandbox = "{SANDBOX}"
+apps = "{APPS}"
+
+[[workspaces]]
+id = "ws_1"
+slug = "one"
+
+[[sandboxes]]
+id = "abc12345"
+workspace = "ws_1"
+address = "127.0.0.2"
+previews = [{{ port = {sandbox_port}, access = "public" }}]
+"#
+    );
+    if let Some((domain, app)) = deployment {
+        s.push_str(&format!(
+            r#"
+[[deployments]]
+id = "dep_1"
+workspace = "ws_1"
+name = "my-app"
+domains = [{{ host = "{domain}", verified = true }}]
+active_version = "v1"
+
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "dynamic", instances = ["{app}"] }}
+"#
+        ));
+    }
+    s
+}
+
+/// Starts node `name` on `redis` with TLS, `[acme]` against `pebble` when `acme`, its
+/// plain listener on `http_port` (0: any).
+async fn node(redis: &Redis, pebble: &Pebble, name: &str, acme: bool, http_port: u16, routing: &str) -> Node {
+    let (certs, certs_dir) = crate::support::pebble::certs_dir();
+    let acme = if acme { pebble.acme_toml("max_concurrent_orders = 4") } else { String::new() };
+    let body = format!("[cluster]\nnode = \"{name}\"\nprefix = \"{PREFIX}\"\n\n{}{acme}\n{routing}", tls_toml(&certs_dir, true));
+    let server = format!("http = \"127.0.0.1:{http_port}\"\nhttps = \"127.0.0.1:0\"\n");
+    let env = [("MIOSA_EDGE_REDIS_URL", redis.url()), ("MIOSA_EDGE_SEAL_KEY", SEAL_KEY.to_string())];
+    Node { edge: Edge::start_opts(&server, &env, &body).await, certs_dir, _certs: certs }
+}
+
+/// A connection to the test Redis (the test reads and alters what the fleet keeps).
+fn redis_conn(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url()).expect("redis url").get_connection().expect("redis connection")
+}
+
+/// The logs of `nodes` and Pebble's, for failure messages.
+fn context(pebble: &Pebble, nodes: &[&Node]) -> String {
+    let mut s = String::new();
+    for n in nodes {
+        s.push_str(&format!("--- edge log (tail) ---\n{}\n", log_tail(&n.edge.log(), 6000)));
+    }
+    s + &pebble.logs()
+}
+
+/// Waits (bounded) until `edge` serves `sni` a certificate that verifies against
+/// Pebble's root; answers its serial.
+async fn wait_pebble_cert(edge: &Edge, pebble: &Pebble, sni: &str, limit: Duration) -> Option<String> {
+    eventually(limit, || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let served = served_cert(edge.https(), Some(sni)).await.ok()?;
+        if !served.issuer_cn.contains("Pebble") {
+            return None;
+        }
+        let (_, info) = tls_connect(edge.https(), &TlsOpts::verified(sni, pebble.roots())).await.ok()?;
+        Some(info.cert().serial)
+    })
+    .await
+}
+
+/// Waits until `edge` reports `name` as `valid` (not ordering) in `/v1/certificates`.
+async fn wait_valid(edge: &Edge, name: &str) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        let c = certificates(edge).await;
+        let m = c["managed"].as_array()?.iter().find(|m| m["name"] == name)?.clone();
+        (m["state"] == "valid").then_some(())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_acme_order_a_name_once_and_both_serve_it() {
+    let redis = Redis::start();
+    let origin = Origin::start("sbx", "127.0.0.2").await;
+    let pebble = Pebble::start(PebbleOpts { http_port: free_port(), validity_secs: None }).await;
+    let routes = routing(origin.addr.port(), None);
+    let (a, b) = tokio::join!(node(&redis, &pebble, "edge-a", true, 0, &routes), node(&redis, &pebble, "edge-b", true, 0, &routes));
+    let host = format!("{}-abc12345.{SANDBOX}", origin.addr.port());
+    let wildcard = format!("*.{SANDBOX}");
+    let entry = format!("_wildcard.{SANDBOX}");
+
+    // Both serve the one certificate Pebble issued.
+    let Some(sa) = wait_pebble_cert(&a.edge, &pebble, &host, ISSUE).await else {
+        panic!("edge-a never served a certificate from Pebble\n{}", context(&pebble, &[&a, &b]))
+    };
+    let Some(sb) = wait_pebble_cert(&b.edge, &pebble, &host, FLEET_SERVES_WITHIN).await else {
+        panic!("edge-b never served the fleet's certificate\n{}", context(&pebble, &[&a, &b]))
+    };
+    assert_eq!(sa, sb, "both nodes serve the same certificate");
+    let r = tls_get(b.edge.https(), Some(&host), &host, "/", Some(pebble.roots()), &["http/1.1"]).await.expect("verified GET on edge-b");
+    assert_eq!(r.response.json()["origin"], "sbx");
+
+    // Once no node is ordering any more, exactly one order was placed, fleet-wide.
+    for n in [&a, &b] {
+        assert!(wait_valid(&n.edge, &wildcard).await, "{wildcard} never valid\n{}", context(&pebble, &[n]));
+    }
+    let added = format!("Added DNS-01 TXT challenge for Host \"_acme-challenge.{SANDBOX}.\"");
+    assert_eq!(pebble.challtestsrv_log().matches(&added).count(), 1, "one order for {wildcard}\n{}", pebble.challtestsrv_log());
+    let successes: f64 = {
+        let (ma, mb) = (metrics(&a.edge).await, metrics(&b.edge).await);
+        [ma, mb].iter().map(|m| metric(m, "miosa_edge_acme_orders_total", "result=\"success\"").unwrap_or(0.0)).sum()
+    };
+    assert_eq!(successes, 1.0, "one successful order across the fleet");
+    // The budget is counted fleet-wide: the node that did not order sees the order too.
+    let mut conn = redis_conn(&redis);
+    let ledger: Option<String> = conn.get(format!("{PREFIX}:acme:ledger")).expect("GET ledger");
+    let ledger: serde_json::Value = serde_json::from_str(&ledger.expect("the fleet's ledger is in Redis")).expect("ledger JSON");
+    assert_eq!(ledger["orders"].as_array().map(Vec::len), Some(1), "{ledger}");
+    let (ba, bb) = (certificates(&a.edge).await["budget"].clone(), certificates(&b.edge).await["budget"].clone());
+    assert_eq!(ba["orders_per_3h"], 299, "{ba}");
+    assert_eq!(ba, bb, "both nodes count the same budget");
+
+    // Kept in Redis, not in either node's certs_dir; the private key and the account
+    // sealed (not plaintext), opening with the fleet's seal key only.
+    for n in [&a, &b] {
+        assert!(!n.certs_dir.join(&entry).exists(), "saved to Redis, not to {}", n.certs_dir.display());
+    }
+    let key = format!("{PREFIX}:cert:{entry}");
+    let (chain, sealed): (Vec<u8>, Vec<u8>) =
+        redis::cmd("HMGET").arg(&key).arg("fullchain").arg("key").query(&mut conn).expect("HMGET certificate");
+    let (_, served) = tls_connect(a.edge.https(), &TlsOpts::sni(&host)).await.expect("handshake");
+    assert_eq!(pem_cert(&String::from_utf8_lossy(&chain)).as_ref(), served.leaf.as_slice(), "the served certificate is the fleet's");
+    assert!(!sealed.windows(11).any(|w| w == b"PRIVATE KEY") && !sealed.windows(5).any(|w| w == b"-----"), "the key is sealed");
+    let sealer = Sealer::new(SEAL_KEY.as_bytes()).expect("sealer");
+    let opened = sealer.open(&format!("cert:{entry}"), &sealed).expect("opens with the fleet's seal key");
+    assert!(String::from_utf8_lossy(&opened).contains("PRIVATE KEY"));
+    assert!(Sealer::new(b"some other seal key of thirty-two bytes+").expect("sealer").open(&format!("cert:{entry}"), &sealed).is_err());
+    let account: Vec<u8> = conn.get(format!("{PREFIX}:acme:account")).expect("GET account");
+    assert!(!account.is_empty() && !account.windows(9).any(|w| w == b"key_pkcs8"), "the account is sealed");
+    let account = sealer.open("acme:account", &account).expect("the account opens");
+    assert!(String::from_utf8_lossy(&account).contains(&pebble.directory()), "one account, for Pebble's directory");
+
+    // A sealed key altered in Redis is refused, logged and counted; no node panics,
+    // nodes that served the certificate keep serving it, a new node serves the default.
+    let mut altered = sealed.clone();
+    let mid = altered.len() / 2;
+    altered[mid] ^= 0x40;
+    let _: () = conn.hset(&key, "key", altered).expect("HSET key");
+    let _: () = conn.hset(format!("{PREFIX}:certs"), &entry, "altered").expect("HSET stamp");
+    let c = node(&redis, &pebble, "edge-c", false, 0, &routes).await;
+    let refused = eventually(Duration::from_secs(10), || async {
+        let m = metrics(&c.edge).await;
+        metric(&m, "miosa_edge_cluster_bad_input_total", "").filter(|v| *v >= 1.0).map(|_| m)
+    })
+    .await;
+    assert!(refused.is_some(), "edge-c counts the refused value\n{}", context(&pebble, &[&c]));
+    assert!(c.edge.log().contains(&key), "edge-c logs which value it refused\n{}", log_tail(&c.edge.log(), 4000));
+    let errors = certificates(&c.edge).await["errors"].clone();
+    assert_eq!(errors[0]["entry"], entry.as_str(), "the refused entry is reported: {errors}");
+    let default = served_cert(c.edge.https(), Some(&host)).await.expect("edge-c handshake");
+    assert!(is_default(&default), "edge-c serves the default, not a certificate without its key: {default:?}");
+    for n in [&a, &b] {
+        let counted = eventually(Duration::from_secs(10), || async {
+            metric(&metrics(&n.edge).await, "miosa_edge_cluster_bad_input_total", "").filter(|v| *v >= 1.0)
+        })
+        .await;
+        assert!(counted.is_some(), "the node rereads the altered entry and refuses it\n{}", context(&pebble, &[n]));
+        let still = served_cert(n.edge.https(), Some(&host)).await.expect("handshake");
+        assert_eq!(still.serial, sa, "the certificate being served keeps serving");
+    }
+    for n in [&a, &b, &c] {
+        let r = n.edge.api("GET", "/v1/certificates", None).await;
+        assert_eq!(r.status, 200, "the node is alive: {}", r.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_acme_answers_the_fleets_http01_challenge_and_serves_its_certificate() {
+    let redis = Redis::start();
+    let origin = Origin::start("sbx", "127.0.0.2").await;
+    let app = Origin::start("app", "127.0.0.4").await;
+    let domain = "shop.customer.test";
+    // Pebble validates HTTP-01 on the plain port of edge-c, which has no [acme]: only the
+    // fleet's copy of edge-a's challenge can answer it.
+    let c_port = free_port();
+    let pebble = Pebble::start(PebbleOpts { http_port: c_port, validity_secs: None }).await;
+    let routes = routing(origin.addr.port(), Some((domain, app.addr)));
+    let c = node(&redis, &pebble, "edge-c", false, c_port, &routes).await;
+    let a = node(&redis, &pebble, "edge-a", true, 0, &routes).await;
+
+    let Some(serial) = wait_pebble_cert(&a.edge, &pebble, domain, ISSUE).await else {
+        panic!("edge-a never served a certificate for {domain}\n{}", context(&pebble, &[&a, &c]))
+    };
+    let issued = Instant::now();
+    let Some(on_c) = wait_pebble_cert(&c.edge, &pebble, domain, FLEET_SERVES_WITHIN).await else {
+        panic!("edge-c did not serve {domain}'s certificate within 10 s\n{}", context(&pebble, &[&a, &c]))
+    };
+    assert!(issued.elapsed() <= FLEET_SERVES_WITHIN + Duration::from_secs(1));
+    assert_eq!(on_c, serial);
+    let r = tls_get(c.edge.https(), Some(domain), domain, "/", Some(pebble.roots()), &["http/1.1"]).await.expect("verified GET on edge-c");
+    assert_eq!(r.response.status, 200, "{}", r.response.text());
+    assert_eq!(r.response.json()["origin"], "app");
+    // The challenge was edge-a's order, and it is withdrawn from the fleet once done.
+    let managed = certificates(&c.edge).await;
+    assert!(managed["managed"].as_array().is_none_or(|m| m.is_empty()), "edge-c orders nothing: {managed}");
+    let mut conn = redis_conn(&redis);
+    let withdrawn = eventually(Duration::from_secs(10), || {
+        let n: usize = conn.hlen(format!("{PREFIX}:http01")).unwrap_or(usize::MAX);
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    assert!(withdrawn.is_some(), "the fleet's pending challenges are removed after the order");
+}
