@@ -9,7 +9,11 @@ use crate::support::pebble::{
 };
 use crate::support::redis::Redis;
 use crate::support::{eventually, free_port, Edge, Origin};
-use miosa_edge::cluster::certs::Sealer;
+use miosa_edge::cluster::certs::{CertFleet, RedisCertStore, Sealer};
+use miosa_edge::cluster::Cluster;
+use miosa_edge::config::Config;
+use miosa_edge::metrics::Metrics;
+use miosa_edge::tls::CertStore;
 use redis::Commands;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -253,4 +257,136 @@ async fn a_node_without_acme_answers_the_fleets_http01_challenge_and_serves_its_
     })
     .await;
     assert!(withdrawn.is_some(), "the fleet's pending challenges are removed after the order");
+}
+
+/// The certificate side of a fleet node `node` on `redis` (prefix `lib`), built from the
+/// library directly: the parts the processes above use, each case on its own.
+fn cert_fleet(redis: &Redis, node: &str) -> (std::sync::Arc<CertFleet>, std::sync::Arc<Metrics>) {
+    let mut cfg = Config::parse("", None).expect("empty config");
+    cfg.cluster = Some(miosa_edge::config::Cluster {
+        redis_url_env: "UNUSED".into(),
+        node: node.into(),
+        prefix: "lib".into(),
+        seal_key_env: "UNUSED".into(),
+        redis_url: redis.url(),
+        seal_key: None,
+    });
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let cluster = Cluster::new(&cfg, metrics.clone()).expect("cluster").expect("fleet mode");
+    (CertFleet::new(cluster, Some(SEAL_KEY.as_bytes())).expect("cert fleet"), metrics)
+}
+
+#[test]
+fn order_locks_are_exclusive_and_only_their_holder_renews_or_releases_them() {
+    let redis = Redis::start();
+    let (a, _) = cert_fleet(&redis, "edge-a");
+    let (b, _) = cert_fleet(&redis, "edge-b");
+    let la = a.lock("cert:x.test").expect("redis").expect("free");
+    assert!(b.lock("cert:x.test").expect("redis").is_none(), "held by edge-a");
+    assert!(a.lock("cert:x.test").expect("redis").is_none(), "not twice, even by its holder");
+    assert_eq!(b.lock_holder("cert:x.test").expect("redis").as_deref(), Some("edge-a"));
+    assert!(b.lock("cert:y.test").expect("redis").is_some(), "locks are per name");
+    let ttl: i64 = redis.cmd(&["PTTL", "lib:lock:cert:x.test"]).and_then(|s| s.trim().parse().ok()).expect("PTTL");
+    assert!(ttl > 0 && ttl <= 60_000, "held with an expiry: {ttl}");
+    assert!(la.renew().expect("redis"));
+
+    // edge-a's lock expired (as when it stalls past 60 s) and edge-b took the name:
+    // edge-a can neither renew nor release edge-b's lock.
+    redis.cmd(&["DEL", "lib:lock:cert:x.test"]).expect("DEL");
+    let lb = b.lock("cert:x.test").expect("redis").expect("free again");
+    assert!(!la.renew().expect("redis"), "not the holder any more");
+    la.release().expect("redis");
+    assert_eq!(b.lock_holder("cert:x.test").expect("redis").as_deref(), Some("edge-b"));
+    lb.release().expect("redis");
+    assert_eq!(b.lock_holder("cert:x.test").expect("redis"), None);
+    assert!(a.lock("cert:x.test").expect("redis").is_some());
+}
+
+#[test]
+fn optimistic_updates_from_several_nodes_lose_nothing() {
+    let redis = Redis::start();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let (f, _) = cert_fleet(&redis, &format!("edge-{i}"));
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    f.update("counter", |raw| {
+                        let n: u64 = raw.and_then(|r| std::str::from_utf8(r).ok()?.parse().ok()).unwrap_or(0);
+                        (Some((n + 1).to_string().into_bytes()), ())
+                    })
+                    .expect("update");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(redis.cmd(&["GET", "lib:counter"]).map(|s| s.trim().to_string()).as_deref(), Some("100"));
+}
+
+#[test]
+fn the_redis_store_seals_keys_and_refuses_what_does_not_open() {
+    let redis = Redis::start();
+    let (f, metrics) = cert_fleet(&redis, "edge-a");
+    let store = RedisCertStore::new(f.clone());
+    let leaf = crate::support::pebble::TestCa::new("fleet store test CA").issue(&["a.test"]);
+    store.save("a.test", leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).expect("save");
+    let listed = store.list().expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, "a.test");
+    let (chain, key) = store.read("a.test").expect("read");
+    assert_eq!((chain.as_slice(), key.as_slice()), (leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()));
+    // Saving again changes the stamp (the watchers reread it).
+    store.save("a.test", leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).expect("save");
+    assert_ne!(store.list().expect("list")[0].1, listed[0].1);
+    assert_eq!(metrics.cluster_bad_input.get(), 0);
+
+    let mut conn = redis_conn(&redis);
+    let sealed: Vec<u8> = conn.hget("lib:cert:a.test", "key").expect("HGET");
+    assert!(!sealed.windows(11).any(|w| w == b"PRIVATE KEY"), "sealed");
+    // A sealed key copied under another entry does not open there.
+    let _: () =
+        conn.hset_multiple("lib:cert:b.test", &[("fullchain", leaf.cert_pem.as_bytes()), ("key", sealed.as_slice())]).expect("HSET");
+    let _: () = conn.hset("lib:certs", "b.test", "1").expect("HSET");
+    let e = store.read("b.test").expect_err("moved key");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    assert_eq!(metrics.cluster_bad_input.get(), 1);
+    // Truncated, and not sealed at all (a plaintext key written by hand).
+    for bad in [&sealed[..20], leaf.key_pem.as_bytes(), &[][..]] {
+        let _: () = conn.hset("lib:cert:a.test", "key", bad).expect("HSET");
+        assert_eq!(store.read("a.test").expect_err("refused").kind(), std::io::ErrorKind::InvalidData);
+    }
+    assert_eq!(metrics.cluster_bad_input.get(), 4);
+    // An entry name that could be a path is not listed.
+    let _: () = conn.hset("lib:certs", "../etc", "1").expect("HSET");
+    assert!(store.list().expect("list").iter().all(|(n, _)| n != "../etc"));
+    assert_eq!(metrics.cluster_bad_input.get(), 5);
+    assert_eq!(store.read("c.test").expect_err("absent").kind(), std::io::ErrorKind::NotFound);
+}
+
+#[test]
+fn http01_challenges_are_shared_expire_and_foreign_values_are_dropped() {
+    let redis = Redis::start();
+    let (a, _) = cert_fleet(&redis, "edge-a");
+    let (b, metrics) = cert_fleet(&redis, "edge-b");
+    a.put_token("tok_1", "tok_1.thumbprint").expect("put");
+    let seen = b.tokens().expect("tokens");
+    assert_eq!(seen.get("tok_1").map(|v| v.as_ref()), Some(&b"tok_1.thumbprint"[..]));
+    let http01 = miosa_edge::acme::Http01::default();
+    http01.set_fleet(seen);
+    assert_eq!(http01.answer(b"/.well-known/acme-challenge/tok_1").as_deref(), Some(&b"tok_1.thumbprint"[..]));
+
+    redis.cmd(&["HSET", "lib:http01", "tok_2", "1 tok_2.expired"]).expect("HSET");
+    redis.cmd(&["HSET", "lib:http01", "tok_3", "not a challenge"]).expect("HSET");
+    let seen = b.tokens().expect("tokens");
+    assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["tok_1"]);
+    assert_eq!(metrics.cluster_bad_input.get(), 1, "the foreign value is counted, the expired one is not");
+    assert_eq!(
+        redis.cmd(&["HLEN", "lib:http01"]).map(|s| s.trim().to_string()).as_deref(),
+        Some("1"),
+        "expired and foreign values removed"
+    );
+    a.remove_token("tok_1").expect("remove");
+    assert!(b.tokens().expect("tokens").is_empty());
 }
