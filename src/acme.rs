@@ -163,6 +163,13 @@ pub fn entry_name(name: &str) -> String {
     }
 }
 
+/// CertMagic's rule, after taking a name's lock: whether `stored`, the fleet's
+/// certificate for `name` as read now, was obtained since this node decided to order
+/// (`old`: the certificate it meant to replace), so that no order is needed.
+fn renewed_elsewhere(stored: &Cert, name: &str, old: Option<&Cert>, now: i64) -> bool {
+    stored.covers(name) && old.is_none_or(|o| o.serial != stored.serial && stored.not_after > o.not_after) && now < stored.renew_at()
+}
+
 /// What `GET /v1/certificates` says of a managed name.
 #[derive(Clone, Debug, Serialize)]
 pub struct SubjectStatus {
@@ -709,9 +716,9 @@ impl Manager {
         let store = RedisCertStore::new(fleet.clone());
         let stored = fleet::blocking(move || store.read(&entry)).await;
         let fresh = match stored {
-            Ok(Ok((chain, key))) => crate::tls::store::parse_pair(&entry_name(&s.name), &chain, &key).ok().filter(|c| {
-                c.covers(&s.name) && old.is_none_or(|o| o.serial != c.serial && c.not_after > o.not_after) && now < c.renew_at()
-            }),
+            Ok(Ok((chain, key))) => {
+                crate::tls::store::parse_pair(&entry_name(&s.name), &chain, &key).ok().filter(|c| renewed_elsewhere(c, &s.name, old, now))
+            }
             _ => None,
         };
         if let Some(c) = fresh {
@@ -999,6 +1006,31 @@ mod tests {
         assert_eq!(h.answer(b"/.well-known/acme-challenge/abc").as_deref(), Some(&b"abc.thumb"[..]));
         h.set_fleet(HashMap::new());
         assert!(h.answer(b"/.well-known/acme-challenge/xyz").is_none());
+    }
+
+    #[test]
+    fn an_order_is_skipped_only_for_a_certificate_obtained_since() {
+        let names = vec!["*.s.test".to_string()];
+        let (chain, key) = crate::tls::default_cert::generate(&names).unwrap();
+        let at = |serial: u8, not_before: i64, not_after: i64| Cert {
+            serial: vec![serial],
+            not_before,
+            not_after,
+            ..crate::tls::store::parse_pair("_wildcard.s.test", chain.as_bytes(), key.as_bytes()).unwrap()
+        };
+        let old = at(1, 0, 90);
+        let now = 61; // old is due (renewal at 60)
+                      // Another node renewed it: a new serial, valid longer, not due.
+        assert!(renewed_elsewhere(&at(2, 60, 150), "*.s.test", Some(&old), now));
+        // Nothing new in the fleet's store: order.
+        assert!(!renewed_elsewhere(&old, "*.s.test", Some(&old), now));
+        // The fleet's certificate is another one, but not newer, or itself due: order.
+        assert!(!renewed_elsewhere(&at(3, 0, 80), "*.s.test", Some(&old), now));
+        assert!(!renewed_elsewhere(&at(4, 0, 90), "*.s.test", Some(&old), now));
+        // A first certificate that appeared meanwhile is enough; one for another name is not.
+        assert!(renewed_elsewhere(&at(2, 60, 150), "*.s.test", None, now));
+        assert!(!renewed_elsewhere(&at(2, 60, 150), "*.other.test", None, now));
+        assert!(!renewed_elsewhere(&at(2, 60, 150), "*.s.test", None, 121));
     }
 
     #[test]
