@@ -77,8 +77,16 @@ release = {{ kind = "dynamic", instances = ["{app}"] }}
 /// Starts node `name` on `redis` with TLS, `[acme]` against `pebble` when `acme`, its
 /// plain listener on `http_port` (0: any).
 async fn node(redis: &Redis, pebble: &Pebble, name: &str, acme: bool, http_port: u16, routing: &str) -> Node {
+    node_with(redis, pebble, name, if acme { Some("") } else { None }, http_port, routing).await
+}
+
+/// [`node`] with `[acme]` followed by `acme_tail` (`[acme.limits]`…) when given.
+async fn node_with(redis: &Redis, pebble: &Pebble, name: &str, acme_tail: Option<&str>, http_port: u16, routing: &str) -> Node {
     let (certs, certs_dir) = crate::support::pebble::certs_dir();
-    let acme = if acme { pebble.acme_toml("max_concurrent_orders = 4") } else { String::new() };
+    let acme = match acme_tail {
+        Some(tail) => format!("{}{tail}\n", pebble.acme_toml("max_concurrent_orders = 4")),
+        None => String::new(),
+    };
     let body = format!("[cluster]\nnode = \"{name}\"\nprefix = \"{PREFIX}\"\n\n{}{acme}\n{routing}", tls_toml(&certs_dir, true));
     let server = format!("http = \"127.0.0.1:{http_port}\"\nhttps = \"127.0.0.1:0\"\n");
     let env = [("MIOSA_EDGE_REDIS_URL", redis.url()), ("MIOSA_EDGE_SEAL_KEY", SEAL_KEY.to_string())];
@@ -389,4 +397,51 @@ fn http01_challenges_are_shared_expire_and_foreign_values_are_dropped() {
     );
     a.remove_token("tok_1").expect("remove");
     assert!(b.tokens().expect("tokens").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_is_ordered_once_and_every_node_serves_it_within_10_s() {
+    let redis = Redis::start();
+    let origin = Origin::start("sbx", "127.0.0.2").await;
+    // 30 s certificates: renewal starts 20 s after issuance (and the next 20 s after that).
+    let pebble = Pebble::start(PebbleOpts { http_port: free_port(), validity_secs: Some(30) }).await;
+    let routes = routing(origin.addr.port(), None);
+    let limits = Some("[acme.limits]\nduplicates_per_week = 1000\n");
+    let (a, b) =
+        tokio::join!(node_with(&redis, &pebble, "edge-a", limits, 0, &routes), node_with(&redis, &pebble, "edge-b", limits, 0, &routes));
+    let host = format!("{}-abc12345.{SANDBOX}", origin.addr.port());
+    let Some(first) = wait_pebble_cert(&a.edge, &pebble, &host, ISSUE).await else {
+        panic!("edge-a never served a certificate from Pebble\n{}", context(&pebble, &[&a, &b]))
+    };
+
+    // Renewed by one node; whichever it was, the other serves the new one within 10 s.
+    let renewed = eventually(Duration::from_secs(60), || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for n in [&a, &b] {
+            let c = served_cert(n.edge.https(), Some(&host)).await.ok()?;
+            if c.issuer_cn.contains("Pebble") && c.serial != first {
+                return Some((c.serial, std::ptr::eq(n, &a)));
+            }
+        }
+        None
+    })
+    .await;
+    let Some((second, on_a)) = renewed else { panic!("never renewed\n{}", context(&pebble, &[&a, &b])) };
+    let other = if on_a { &b } else { &a };
+    let followed = eventually(FLEET_SERVES_WITHIN, || async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (served_cert(other.edge.https(), Some(&host)).await.ok()?.serial == second).then_some(())
+    })
+    .await;
+    assert!(followed.is_some(), "the other node serves the renewed certificate within 10 s\n{}", context(&pebble, &[other]));
+    let (_, info) = tls_connect(other.edge.https(), &TlsOpts::verified(&host, pebble.roots())).await.expect("verified");
+    assert_eq!(info.cert().serial, second);
+
+    // Two orders in all: the first certificate and its one renewal.
+    let mut conn = redis_conn(&redis);
+    let ledger: String = conn.get(format!("{PREFIX}:acme:ledger")).expect("GET ledger");
+    let ledger: serde_json::Value = serde_json::from_str(&ledger).expect("ledger JSON");
+    assert_eq!(ledger["orders"].as_array().map(Vec::len), Some(2), "{ledger}");
+    let added = format!("Added DNS-01 TXT challenge for Host \"_acme-challenge.{SANDBOX}.\"");
+    assert_eq!(pebble.challtestsrv_log().matches(&added).count(), 2, "{}", pebble.challtestsrv_log());
 }
