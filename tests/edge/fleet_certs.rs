@@ -5,7 +5,8 @@
 //! keys in Redis are sealed, and a sealed value that does not open is refused.
 
 use crate::support::pebble::{
-    certificates, is_default, log_tail, metric, metrics, pem_cert, served_cert, tls_connect, tls_get, tls_toml, Pebble, PebbleOpts, TlsOpts,
+    certificates, install_pair, is_default, log_tail, metric, metrics, pem_cert, served_cert, tls_connect, tls_get, tls_toml, Pebble,
+    PebbleOpts, TestCa, TlsOpts,
 };
 use crate::support::redis::Redis;
 use crate::support::{eventually, free_port, Edge, Origin};
@@ -77,14 +78,15 @@ release = {{ kind = "dynamic", instances = ["{app}"] }}
 /// Starts node `name` on `redis` with TLS, `[acme]` against `pebble` when `acme`, its
 /// plain listener on `http_port` (0: any).
 async fn node(redis: &Redis, pebble: &Pebble, name: &str, acme: bool, http_port: u16, routing: &str) -> Node {
-    node_with(redis, pebble, name, if acme { Some("") } else { None }, http_port, routing).await
+    node_with(redis, acme.then_some((pebble, "")), name, http_port, routing).await
 }
 
-/// [`node`] with `[acme]` followed by `acme_tail` (`[acme.limits]`…) when given.
-async fn node_with(redis: &Redis, pebble: &Pebble, name: &str, acme_tail: Option<&str>, http_port: u16, routing: &str) -> Node {
+/// [`node`] with `[acme]` against the Pebble given, followed by its tail
+/// (`[acme.limits]`…); `None`: no `[acme]`.
+async fn node_with(redis: &Redis, acme: Option<(&Pebble, &str)>, name: &str, http_port: u16, routing: &str) -> Node {
     let (certs, certs_dir) = crate::support::pebble::certs_dir();
-    let acme = match acme_tail {
-        Some(tail) => format!("{}{tail}\n", pebble.acme_toml("max_concurrent_orders = 4")),
+    let acme = match acme {
+        Some((pebble, tail)) => format!("{}{tail}\n", pebble.acme_toml("max_concurrent_orders = 4")),
         None => String::new(),
     };
     let body = format!("[cluster]\nnode = \"{name}\"\nprefix = \"{PREFIX}\"\n\n{}{acme}\n{routing}", tls_toml(&certs_dir, true));
@@ -270,11 +272,16 @@ async fn a_node_without_acme_answers_the_fleets_http01_challenge_and_serves_its_
 /// The certificate side of a fleet node `node` on `redis` (prefix `lib`), built from the
 /// library directly: the parts the processes above use, each case on its own.
 fn cert_fleet(redis: &Redis, node: &str) -> (std::sync::Arc<CertFleet>, std::sync::Arc<Metrics>) {
+    cert_fleet_at(redis, node, "lib")
+}
+
+/// [`cert_fleet`] under `prefix`.
+fn cert_fleet_at(redis: &Redis, node: &str, prefix: &str) -> (std::sync::Arc<CertFleet>, std::sync::Arc<Metrics>) {
     let mut cfg = Config::parse("", None).expect("empty config");
     cfg.cluster = Some(miosa_edge::config::Cluster {
         redis_url_env: "UNUSED".into(),
         node: node.into(),
-        prefix: "lib".into(),
+        prefix: prefix.into(),
         seal_key_env: "UNUSED".into(),
         redis_url: redis.url(),
         seal_key: None,
@@ -406,9 +413,11 @@ async fn a_renewal_is_ordered_once_and_every_node_serves_it_within_10_s() {
     // 30 s certificates: renewal starts 20 s after issuance (and the next 20 s after that).
     let pebble = Pebble::start(PebbleOpts { http_port: free_port(), validity_secs: Some(30) }).await;
     let routes = routing(origin.addr.port(), None);
-    let limits = Some("[acme.limits]\nduplicates_per_week = 1000\n");
-    let (a, b) =
-        tokio::join!(node_with(&redis, &pebble, "edge-a", limits, 0, &routes), node_with(&redis, &pebble, "edge-b", limits, 0, &routes));
+    let limits = "[acme.limits]\nduplicates_per_week = 1000\n";
+    let (a, b) = tokio::join!(
+        node_with(&redis, Some((&pebble, limits)), "edge-a", 0, &routes),
+        node_with(&redis, Some((&pebble, limits)), "edge-b", 0, &routes)
+    );
     let host = format!("{}-abc12345.{SANDBOX}", origin.addr.port());
     let Some(first) = wait_pebble_cert(&a.edge, &pebble, &host, ISSUE).await else {
         panic!("edge-a never served a certificate from Pebble\n{}", context(&pebble, &[&a, &b]))
@@ -444,4 +453,65 @@ async fn a_renewal_is_ordered_once_and_every_node_serves_it_within_10_s() {
     assert_eq!(ledger["orders"].as_array().map(Vec::len), Some(2), "{ledger}");
     let added = format!("Added DNS-01 TXT challenge for Host \"_acme-challenge.{SANDBOX}.\"");
     assert_eq!(pebble.challtestsrv_log().matches(&added).count(), 2, "{}", pebble.challtestsrv_log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_certificates_are_served_beside_certs_dir_and_kept_while_redis_is_away() {
+    let mut redis = Redis::start();
+    let ca = TestCa::new("fleet certificates test CA");
+    let now = time::OffsetDateTime::now_utc();
+    let fleet_leaf = ca.issue_valid(&["a.fleet.test"], now - time::Duration::hours(1), now + time::Duration::days(30));
+    // Another node's certificate, as it saves it.
+    let (f, _) = cert_fleet_at(&redis, "edge-x", PREFIX);
+    let store = RedisCertStore::new(f.clone());
+    store.save("a.fleet.test", fleet_leaf.cert_pem.as_bytes(), fleet_leaf.key_pem.as_bytes()).expect("save");
+
+    let c = node_with(&redis, None, "edge-c", 0, &routing(free_port(), None)).await;
+    let serves = |sni: &'static str, serial: String| {
+        let https = c.edge.https();
+        async move {
+            eventually(FLEET_SERVES_WITHIN, || {
+                let serial = serial.clone();
+                async move { (served_cert(https, Some(sni)).await.ok()?.serial == serial).then_some(()) }
+            })
+            .await
+            .is_some()
+        }
+    };
+    assert!(serves("a.fleet.test", fleet_leaf.serial.clone()).await, "the fleet's certificate is served\n{}", c.edge.log());
+
+    // The operator's certs_dir is served beside it; an entry of the same name in both
+    // loads both, and the one valid longer serves.
+    let own = ca.issue(&["b.fleet.test"]);
+    install_pair(&c.certs_dir, "b.fleet.test", &own);
+    assert!(serves("b.fleet.test", own.serial.clone()).await, "certs_dir is still served\n{}", c.edge.log());
+    let longer = ca.issue_valid(&["a.fleet.test"], now - time::Duration::hours(1), now + time::Duration::days(60));
+    install_pair(&c.certs_dir, "a.fleet.test", &longer);
+    assert!(serves("a.fleet.test", longer.serial.clone()).await, "the one valid longer serves\n{}", c.edge.log());
+    let listed = certificates(&c.edge).await;
+    let sources: Vec<&str> = listed["certificates"].as_array().expect("certificates").iter().filter_map(|c| c["source"].as_str()).collect();
+    assert_eq!(sources, vec!["a.fleet.test", "b.fleet.test", "certs_dir/a.fleet.test"], "{listed}");
+    std::fs::remove_dir_all(c.certs_dir.join("a.fleet.test")).expect("remove");
+    assert!(serves("a.fleet.test", fleet_leaf.serial.clone()).await, "the fleet's again\n{}", c.edge.log());
+
+    // Redis away: the node keeps serving what it has, the fleet's and its own.
+    redis.stop();
+    let noticed = eventually(Duration::from_secs(10), || async {
+        c.edge.log().contains("cannot list the fleet's certificates; serving the ones this node has").then_some(())
+    })
+    .await;
+    assert!(noticed.is_some(), "{}", log_tail(&c.edge.log(), 4000));
+    for (sni, serial) in [("a.fleet.test", &fleet_leaf.serial), ("b.fleet.test", &own.serial)] {
+        assert_eq!(&served_cert(c.edge.https(), Some(sni)).await.expect("handshake").serial, serial, "{sni} while Redis is away");
+    }
+
+    // Back: a certificate renewed meanwhile elsewhere is served within 10 s.
+    redis.start_again();
+    let renewed = ca.issue_valid(&["a.fleet.test"], now - time::Duration::minutes(1), now + time::Duration::days(40));
+    let saved = eventually(Duration::from_secs(10), || async {
+        store.save("a.fleet.test", renewed.cert_pem.as_bytes(), renewed.key_pem.as_bytes()).ok()
+    })
+    .await;
+    assert!(saved.is_some(), "Redis back");
+    assert!(serves("a.fleet.test", renewed.serial.clone()).await, "served after Redis returned\n{}", log_tail(&c.edge.log(), 4000));
 }
