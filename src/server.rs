@@ -337,7 +337,15 @@ fn certificates(cfg: &Config, metrics: &Arc<Metrics>, fleet: Option<&Arc<CertFle
     let dir = &cfg.tls.certs_dir;
     let dir_store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
     let store: Arc<dyn CertStore> = match fleet {
-        Some(f) => Arc::new(FleetStore::new(RedisCertStore::new(f.clone()), dir_store)),
+        Some(f) => {
+            // A copy of the fleet's certificates, served by a node that starts while Redis
+            // is away.
+            let path = cfg.server.state_dir.join("fleet-certs");
+            let copy = DirStore::open(&path)
+                .map_err(|e| tracing::warn!(dir = %path.display(), error = %e, "no local copy of the fleet's certificates"))
+                .ok();
+            Arc::new(FleetStore::new(RedisCertStore::new(f.clone()), dir_store, copy))
+        }
         None => Arc::new(dir_store),
     };
     let watcher = Arc::new(Watcher::new(store, Arc::new(default), metrics.clone()));

@@ -416,13 +416,20 @@ impl CertStore for RedisCertStore {
 /// `certs_dir/{entry}`, so both load and the index serves the one valid longer.
 ///
 /// While Redis cannot be read, the fleet's entries are listed as they were last seen
-/// (the watcher keeps serving them, and keeps following `certs_dir`).
+/// (the watcher keeps serving them, and keeps following `certs_dir`). Every entry read
+/// from Redis is also kept in a local copy (`state_dir/fleet-certs`, certbot layout,
+/// keys 0600), so a node that starts while Redis is away serves the fleet's
+/// certificates it had; the copy follows the fleet's list whenever Redis answers.
 #[derive(Debug)]
 pub struct FleetStore {
     redis: RedisCertStore,
     dir: DirStore,
-    /// The fleet's entries as Redis listed them last.
+    copy: Option<DirStore>,
+    /// The fleet's entries as Redis listed them last (or the local copy's, until Redis
+    /// has answered once).
     last: Mutex<Vec<(String, u64)>>,
+    /// Whether `last` comes from the local copy.
+    from_copy: std::sync::atomic::AtomicBool,
     /// Whether the last listing of Redis failed (logged once per outage).
     away: std::sync::atomic::AtomicBool,
 }
@@ -431,8 +438,23 @@ pub struct FleetStore {
 const DIR_PREFIX: &str = "certs_dir/";
 
 impl FleetStore {
-    pub fn new(redis: RedisCertStore, dir: DirStore) -> FleetStore {
-        FleetStore { redis, dir, last: Mutex::new(Vec::new()), away: Default::default() }
+    /// The fleet's certificates (`redis`) beside the operator's (`dir`), with a local
+    /// copy of the fleet's in `copy` when given.
+    pub fn new(redis: RedisCertStore, dir: DirStore, copy: Option<DirStore>) -> FleetStore {
+        FleetStore { redis, dir, copy, last: Mutex::new(Vec::new()), from_copy: Default::default(), away: Default::default() }
+    }
+
+    /// Removes from the local copy what the fleet no longer lists.
+    fn prune_copy(&self, listed: &[(String, u64)]) {
+        let Some(copy) = &self.copy else { return };
+        let Ok(have) = copy.list() else { return };
+        for (name, _) in have {
+            if !listed.iter().any(|(n, _)| *n == name) {
+                if let Err(e) = copy.remove(&name) {
+                    tracing::warn!(entry = %name, error = %e, "cannot remove a certificate from the local copy of the fleet's");
+                }
+            }
+        }
     }
 
     fn in_redis(&self, entry: &str) -> bool {
@@ -448,6 +470,8 @@ impl CertStore for FleetStore {
                 if self.away.swap(false, Ordering::Relaxed) {
                     tracing::info!(certificates = l.len(), "cluster: the fleet's certificates can be read again");
                 }
+                self.prune_copy(&l);
+                self.from_copy.store(false, Ordering::Relaxed);
                 *self.last.lock().unwrap_or_else(|p| p.into_inner()) = l.clone();
                 l
             }
@@ -455,7 +479,15 @@ impl CertStore for FleetStore {
                 if !self.away.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cluster: cannot list the fleet's certificates; serving the ones this node has");
                 }
-                self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+                let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_empty() || self.from_copy.load(Ordering::Relaxed) {
+                    // Started while Redis is away: the local copy of the fleet's.
+                    if let Some(Ok(copied)) = self.copy.as_ref().map(DirStore::list) {
+                        *last = copied;
+                        self.from_copy.store(true, Ordering::Relaxed);
+                    }
+                }
+                last.clone()
             }
         };
         let names: HashSet<&str> = fleet.iter().map(|(n, _)| n.as_str()).collect();
@@ -478,11 +510,21 @@ impl CertStore for FleetStore {
         if let Some(local) = entry.strip_prefix(DIR_PREFIX) {
             return self.dir.read(local);
         }
-        if self.in_redis(entry) {
-            self.redis.read(entry)
-        } else {
-            self.dir.read(entry)
+        if !self.in_redis(entry) {
+            return self.dir.read(entry);
         }
+        if self.from_copy.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(copy) = &self.copy {
+                return copy.read(entry);
+            }
+        }
+        let (chain, key) = self.redis.read(entry)?;
+        if let Some(copy) = &self.copy {
+            if let Err(e) = copy.save(entry, &chain, &key) {
+                tracing::warn!(entry = %entry, error = %e, "cannot keep a local copy of the fleet's certificate");
+            }
+        }
+        Ok((chain, key))
     }
 
     fn save(&self, entry: &str, fullchain: &[u8], privkey: &[u8]) -> io::Result<()> {

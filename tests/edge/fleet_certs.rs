@@ -124,6 +124,13 @@ async fn wait_pebble_cert(edge: &Edge, pebble: &Pebble, sni: &str, limit: Durati
     .await
 }
 
+/// Waits (at most 10 s) until `edge` serves `sni` the certificate with `serial`.
+async fn serves(edge: &Edge, sni: &str, serial: &str) -> bool {
+    eventually(FLEET_SERVES_WITHIN, || async { (served_cert(edge.https(), Some(sni)).await.ok()?.serial == serial).then_some(()) })
+        .await
+        .is_some()
+}
+
 /// Waits until `edge` reports `name` as `valid` (not ordering) in `/v1/certificates`.
 async fn wait_valid(edge: &Edge, name: &str) -> bool {
     eventually(Duration::from_secs(15), || async {
@@ -466,33 +473,22 @@ async fn the_fleets_certificates_are_served_beside_certs_dir_and_kept_while_redi
     let store = RedisCertStore::new(f.clone());
     store.save("a.fleet.test", fleet_leaf.cert_pem.as_bytes(), fleet_leaf.key_pem.as_bytes()).expect("save");
 
-    let c = node_with(&redis, None, "edge-c", 0, &routing(free_port(), None)).await;
-    let serves = |sni: &'static str, serial: String| {
-        let https = c.edge.https();
-        async move {
-            eventually(FLEET_SERVES_WITHIN, || {
-                let serial = serial.clone();
-                async move { (served_cert(https, Some(sni)).await.ok()?.serial == serial).then_some(()) }
-            })
-            .await
-            .is_some()
-        }
-    };
-    assert!(serves("a.fleet.test", fleet_leaf.serial.clone()).await, "the fleet's certificate is served\n{}", c.edge.log());
+    let mut c = node_with(&redis, None, "edge-c", 0, &routing(free_port(), None)).await;
+    assert!(serves(&c.edge, "a.fleet.test", &fleet_leaf.serial).await, "the fleet's certificate is served\n{}", c.edge.log());
 
     // The operator's certs_dir is served beside it; an entry of the same name in both
     // loads both, and the one valid longer serves.
     let own = ca.issue(&["b.fleet.test"]);
     install_pair(&c.certs_dir, "b.fleet.test", &own);
-    assert!(serves("b.fleet.test", own.serial.clone()).await, "certs_dir is still served\n{}", c.edge.log());
+    assert!(serves(&c.edge, "b.fleet.test", &own.serial).await, "certs_dir is still served\n{}", c.edge.log());
     let longer = ca.issue_valid(&["a.fleet.test"], now - time::Duration::hours(1), now + time::Duration::days(60));
     install_pair(&c.certs_dir, "a.fleet.test", &longer);
-    assert!(serves("a.fleet.test", longer.serial.clone()).await, "the one valid longer serves\n{}", c.edge.log());
+    assert!(serves(&c.edge, "a.fleet.test", &longer.serial).await, "the one valid longer serves\n{}", c.edge.log());
     let listed = certificates(&c.edge).await;
     let sources: Vec<&str> = listed["certificates"].as_array().expect("certificates").iter().filter_map(|c| c["source"].as_str()).collect();
     assert_eq!(sources, vec!["a.fleet.test", "b.fleet.test", "certs_dir/a.fleet.test"], "{listed}");
     std::fs::remove_dir_all(c.certs_dir.join("a.fleet.test")).expect("remove");
-    assert!(serves("a.fleet.test", fleet_leaf.serial.clone()).await, "the fleet's again\n{}", c.edge.log());
+    assert!(serves(&c.edge, "a.fleet.test", &fleet_leaf.serial).await, "the fleet's again\n{}", c.edge.log());
 
     // Redis away: the node keeps serving what it has, the fleet's and its own.
     redis.stop();
@@ -504,6 +500,12 @@ async fn the_fleets_certificates_are_served_beside_certs_dir_and_kept_while_redi
     for (sni, serial) in [("a.fleet.test", &fleet_leaf.serial), ("b.fleet.test", &own.serial)] {
         assert_eq!(&served_cert(c.edge.https(), Some(sni)).await.expect("handshake").serial, serial, "{sni} while Redis is away");
     }
+    // A node restarted meanwhile serves the fleet's certificates from its local copy.
+    c.edge.kill9_and_restart().await;
+    for (sni, serial) in [("a.fleet.test", &fleet_leaf.serial), ("b.fleet.test", &own.serial)] {
+        let got = served_cert(c.edge.https(), Some(sni)).await.expect("handshake");
+        assert_eq!(&got.serial, serial, "{sni} after a restart while Redis is away: {got:?}\n{}", log_tail(&c.edge.log(), 4000));
+    }
 
     // Back: a certificate renewed meanwhile elsewhere is served within 10 s.
     redis.start_again();
@@ -513,5 +515,5 @@ async fn the_fleets_certificates_are_served_beside_certs_dir_and_kept_while_redi
     })
     .await;
     assert!(saved.is_some(), "Redis back");
-    assert!(serves("a.fleet.test", renewed.serial.clone()).await, "served after Redis returned\n{}", log_tail(&c.edge.log(), 4000));
+    assert!(serves(&c.edge, "a.fleet.test", &renewed.serial).await, "served after Redis returned\n{}", log_tail(&c.edge.log(), 4000));
 }
