@@ -22,6 +22,10 @@
 //! does not open. Everything read from Redis is input: a value that does not open or
 //! parse is logged, counted (`miosa_edge_cluster_bad_input_total`) and refused, never
 //! served and never a panic.
+//!
+//! A node's watcher reads [`FleetStore`]: the fleet's certificates, the operator's
+//! `certs_dir` beside them, and a local copy of the fleet's for starting while Redis is
+//! away. ACME saves to Redis only.
 
 use super::{Cluster, RedisError};
 use crate::tls::store::{valid_entry, CertStore, DirStore};
