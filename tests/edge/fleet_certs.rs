@@ -517,3 +517,31 @@ async fn the_fleets_certificates_are_served_beside_certs_dir_and_kept_while_redi
     assert!(saved.is_some(), "Redis back");
     assert!(serves(&c.edge, "a.fleet.test", &renewed.serial).await, "served after Redis returned\n{}", log_tail(&c.edge.log(), 4000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_ordering_different_names_at_once_share_one_account() {
+    let redis = Redis::start();
+    let origin = Origin::start("sbx", "127.0.0.2").await;
+    let pebble = Pebble::start(PebbleOpts { http_port: free_port(), validity_secs: None }).await;
+    // Each node's own sandbox zone ([domains] is per node): two names, one per node,
+    // ordered at the same time, and both nodes need the fleet's account for it.
+    let zones = [SANDBOX, "sbx2.localhost"];
+    let routes = routing(origin.addr.port(), None);
+    let routes_b = routes.replace(&format!("sandbox = \"{SANDBOX}\""), &format!("sandbox = \"{}\"", zones[1]));
+    let (a, b) = tokio::join!(node(&redis, &pebble, "edge-a", true, 0, &routes), node(&redis, &pebble, "edge-b", true, 0, &routes_b));
+    for (n, zone) in [(&a, zones[0]), (&b, zones[1])] {
+        let host = format!("{}-abc12345.{zone}", origin.addr.port());
+        assert!(wait_pebble_cert(&n.edge, &pebble, &host, ISSUE).await.is_some(), "{host} never served\n{}", context(&pebble, &[&a, &b]));
+        assert!(n.edge.log().contains("ordering a certificate"), "each node ordered its own name");
+    }
+    let log = std::fs::read_to_string(pebble.dir.path().join("pebble.log")).unwrap_or_default();
+    assert!(log.contains("There are now 1 accounts in memory"), "{log}");
+    assert!(!log.contains("There are now 2 accounts in memory"), "one account for the fleet\n{log}");
+    // Both nodes serve both certificates (every certificate is the fleet's).
+    for n in [&a, &b] {
+        for zone in zones {
+            let host = format!("x.{zone}");
+            assert!(wait_pebble_cert(&n.edge, &pebble, &host, FLEET_SERVES_WITHIN).await.is_some(), "{host}\n{}", context(&pebble, &[n]));
+        }
+    }
+}
