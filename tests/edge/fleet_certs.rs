@@ -545,3 +545,37 @@ async fn nodes_ordering_different_names_at_once_share_one_account() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_order_backs_off_on_every_node() {
+    let redis = Redis::start();
+    let origin = Origin::start("sbx", "127.0.0.2").await;
+    let app = Origin::start("app", "127.0.0.4").await;
+    let pebble = Pebble::start(PebbleOpts { http_port: free_port(), validity_secs: None }).await;
+    let domain = "bad.customer.test";
+    // Pebble validates HTTP-01 where no node listens: the order fails.
+    pebble.challtestsrv("/add-a", &format!(r#"{{"host":"{domain}","addresses":["127.0.0.9"]}}"#)).await;
+    let routes = routing(origin.addr.port(), Some((domain, app.addr)));
+    let (a, b) = tokio::join!(node(&redis, &pebble, "edge-a", true, 0, &routes), node(&redis, &pebble, "edge-b", true, 0, &routes));
+    for n in [&a, &b] {
+        let backoff = eventually(ISSUE, || async {
+            let c = certificates(&n.edge).await;
+            let m = c["managed"].as_array()?.iter().find(|m| m["name"] == domain)?.clone();
+            (m["state"] == "backoff").then_some(m)
+        })
+        .await;
+        let Some(m) = backoff else { panic!("{domain} never in backoff\n{}", context(&pebble, &[n])) };
+        assert_eq!(m["failures"], 1, "the fleet's count of failures: {m}");
+        assert!(m["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
+    }
+    // One attempt in all: the node that did not order did not try again.
+    let mut conn = redis_conn(&redis);
+    let ledger: String = conn.get(format!("{PREFIX}:acme:ledger")).expect("GET ledger");
+    let ledger: serde_json::Value = serde_json::from_str(&ledger).expect("ledger JSON");
+    let failed = ledger["failed"].as_array().map(|f| f.iter().filter(|x| x[1] == domain).count());
+    assert_eq!(failed, Some(1), "{ledger}");
+    let tried = |n: &Node| {
+        n.edge.log().lines().filter(|l| l.contains("certificate order failed") && l.contains(&format!("name={domain} "))).count()
+    };
+    assert_eq!(tried(&a) + tried(&b), 1, "\n{}", context(&pebble, &[&a, &b]));
+}
