@@ -693,6 +693,24 @@ impl Manager {
     /// fleet's ledger in one transaction.
     async fn claim(&self, fleet: Arc<CertFleet>, s: &Subject, registered: &str, old: Option<&Cert>) -> Claim {
         let now = crate::clock::unix_now();
+        // A node sealing with another key than the fleet's would replace certificates
+        // the others cannot open, and they it (each ordering again): it orders nothing.
+        let f = fleet.clone();
+        match fleet::blocking(move || f.seal_key_matches()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                tracing::error!(name = %s.name, "cluster: this node's seal key does not open the fleet's values; not ordering (is seal_key_env the same on every node?)");
+                return Claim::Wait(now + 60, "pending");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: Redis unreachable; not ordering");
+                return Claim::Wait(now + 30, "pending");
+            }
+            Err(e) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot check the seal key; not ordering");
+                return Claim::Wait(now + 30, "pending");
+            }
+        }
         let what = format!("cert:{}", s.name);
         let f = fleet.clone();
         let held = match fleet::blocking(move || f.lock(&what)).await {

@@ -193,6 +193,21 @@ impl CertFleet {
         })
     }
 
+    /// Whether this node's seal key is the fleet's: `{p}:seal:check` holds a value
+    /// sealed by the first node that looked; it opens here or not (refused: logged and
+    /// counted). A node whose key differs must not write what the others cannot open.
+    pub fn seal_key_matches(&self) -> Result<bool, RedisError> {
+        const CHECK: &str = "seal:check";
+        let Some(sealer) = &self.sealer else { return Ok(false) };
+        let ours = match sealer.seal(CHECK, b"miosa-edge seal check") {
+            Ok(v) => v,
+            Err(_) => return Ok(false),
+        };
+        self.set(CHECK, &ours, true)?;
+        let Some(stored) = self.get(CHECK)? else { return Ok(false) };
+        Ok(self.open(CHECK, &stored).is_ok())
+    }
+
     /// `GET {p}:{name}`.
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>, RedisError> {
         let key = self.cluster.key(name);

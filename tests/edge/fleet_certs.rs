@@ -236,6 +236,27 @@ async fn two_nodes_with_acme_order_a_name_once_and_both_serve_it() {
         let r = n.edge.api("GET", "/v1/certificates", None).await;
         assert_eq!(r.status, 200, "the node is alive: {}", r.text());
     }
+
+    // A node with [acme] and another seal key opens nothing of the fleet's and orders
+    // nothing (it would replace what the others cannot open, and they it).
+    let (certs, certs_dir) = crate::support::pebble::certs_dir();
+    let body = format!(
+        "[cluster]\nnode = \"edge-d\"\nprefix = \"{PREFIX}\"\n\n{}{}\n{routes}",
+        tls_toml(&certs_dir, true),
+        pebble.acme_toml("max_concurrent_orders = 4")
+    );
+    let env = [("MIOSA_EDGE_REDIS_URL", redis.url()), ("MIOSA_EDGE_SEAL_KEY", "another seal key, also 32 bytes or more".to_string())];
+    let d = Edge::start_opts("https = \"127.0.0.1:0\"\n", &env, &body).await;
+    let held_back = eventually(Duration::from_secs(15), || async {
+        let c = certificates(&d).await;
+        let m = c["managed"].as_array()?.iter().find(|m| m["name"] == wildcard.as_str())?.clone();
+        (m["state"] == "pending" && d.log().contains("seal key does not open the fleet's values")).then_some(())
+    })
+    .await;
+    assert!(held_back.is_some(), "edge-d holds back\n{}", log_tail(&d.log(), 4000));
+    assert_eq!(pebble.challtestsrv_log().matches(&added).count(), 1, "still one order\n{}", pebble.challtestsrv_log());
+    assert!(!d.log().contains("ordering a certificate"), "{}", log_tail(&d.log(), 4000));
+    drop(certs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
