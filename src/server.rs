@@ -167,7 +167,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     let cert_fleet = match &cluster {
         Some(c) => {
             let seal_key = cfg.cluster.as_ref().and_then(|x| x.seal_key.as_deref());
-            Some(crate::cluster::certs::CertFleet::new(c.clone(), seal_key).map_err(StartError::Cluster)?)
+            Some(CertFleet::new(c.clone(), seal_key).map_err(StartError::Cluster)?)
         }
         None => None,
     };
