@@ -13,11 +13,17 @@
 //! written to the ledger before it starts (crash loops cannot hammer the CA); failures
 //! back off per name; the CA's rate limits are budgeted; the certificate being
 //! served keeps serving until a new one is saved.
+//!
+//! In fleet mode ([`fleet`]) the account, the ledger, the certificates and the pending
+//! HTTP-01 challenges are the fleet's, in Redis; each name is ordered by the one node
+//! holding its lock, after a fresh look at the fleet's store and budget.
 
 pub mod dns01;
+pub mod fleet;
 pub mod ledger;
 pub mod rfc2136;
 
+use crate::cluster::certs::{CertFleet, Lock, RedisCertStore, TOKEN_POLL};
 use crate::config::tls::Acme as AcmeConfig;
 use crate::dns::Verifier;
 use crate::metrics::Metrics;
@@ -25,7 +31,7 @@ use crate::schema::Domains;
 use crate::services::{Service, Shutdown};
 use crate::state::Objects;
 use crate::store::Store;
-use crate::tls::{Cert, Watcher};
+use crate::tls::{Cert, CertStore, Watcher};
 use bytes::Bytes;
 use dns01::Dns01Solver;
 use instant_acme::{
@@ -51,17 +57,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Pending HTTP-01 challenges: token → key authorization.
+/// Pending HTTP-01 challenges: token → key authorization; this node's own, and in
+/// fleet mode every node's (a copy [`fleet::TokenFollower`] keeps current).
 #[derive(Debug, Default)]
 pub struct Http01 {
     tokens: Mutex<HashMap<String, Bytes>>,
+    fleet: arc_swap::ArcSwap<HashMap<String, Bytes>>,
 }
 
 impl Http01 {
     /// The key authorization for a request to `/.well-known/acme-challenge/{token}`.
     pub fn answer(&self, raw_path: &[u8]) -> Option<Bytes> {
         let token = std::str::from_utf8(raw_path.strip_prefix(HTTP01_PREFIX.as_bytes())?).ok()?;
-        lock(&self.tokens).get(token).cloned()
+        if let Some(ka) = lock(&self.tokens).get(token) {
+            return Some(ka.clone());
+        }
+        self.fleet.load().get(token).cloned()
+    }
+
+    /// Replaces the copy of the fleet's pending challenges.
+    pub fn set_fleet(&self, tokens: HashMap<String, Bytes>) {
+        if **self.fleet.load() != tokens {
+            self.fleet.store(Arc::new(tokens));
+        }
     }
 
     fn insert(&self, token: &str, key_auth: &str) {
@@ -145,6 +163,13 @@ pub fn entry_name(name: &str) -> String {
     }
 }
 
+/// CertMagic's rule, after taking a name's lock: whether `stored`, the fleet's
+/// certificate for `name` as read now, was obtained since this node decided to order
+/// (`old`: the certificate it meant to replace), so that no order is needed.
+fn renewed_elsewhere(stored: &Cert, name: &str, old: Option<&Cert>, now: i64) -> bool {
+    stored.covers(name) && old.is_none_or(|o| o.serial != stored.serial && stored.not_after > o.not_after) && now < stored.renew_at()
+}
+
 /// What `GET /v1/certificates` says of a managed name.
 #[derive(Clone, Debug, Serialize)]
 pub struct SubjectStatus {
@@ -205,6 +230,26 @@ pub struct Manager {
     wake: Notify,
     account: tokio::sync::OnceCell<Account>,
     ari: Mutex<HashMap<Vec<u8>, AriWindow>>,
+    /// Fleet mode: the account, ledger, locks and challenges are the fleet's.
+    fleet: Option<Arc<CertFleet>>,
+    /// Fleet mode: names not to try before a time (another node orders them, or Redis
+    /// was away), with the state to report meanwhile.
+    waits: Mutex<HashMap<String, (i64, &'static str)>>,
+}
+
+/// The ACME account as it is kept (`state_dir/acme/account.json`, or sealed in Redis).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedAccount {
+    directory: String,
+    credentials: instant_acme::AccountCredentials,
+}
+
+/// What the fleet says of a name this node wants to order.
+enum Claim {
+    /// This node holds the name's lock and its order fits the fleet's budget.
+    Go(Arc<Lock>),
+    /// Not now: try again at this time, reporting this state meanwhile.
+    Wait(i64, &'static str),
 }
 
 impl std::fmt::Debug for Manager {
@@ -215,7 +260,8 @@ impl std::fmt::Debug for Manager {
 
 impl Manager {
     /// The ACME service (start it with [`crate::services::Services::start`]). `http01`
-    /// is shared with the proxy.
+    /// is shared with the proxy; `fleet` in fleet mode.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &AcmeConfig,
         state_dir: &std::path::Path,
@@ -224,6 +270,7 @@ impl Manager {
         store: Arc<Store>,
         http01: Arc<Http01>,
         metrics: Arc<Metrics>,
+        fleet: Option<Arc<CertFleet>>,
     ) -> Result<Arc<Manager>, String> {
         let dir = state_dir.join("acme");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -247,6 +294,8 @@ impl Manager {
             wake: Notify::new(),
             account: tokio::sync::OnceCell::new(),
             ari: Mutex::new(HashMap::new()),
+            fleet,
+            waits: Mutex::new(HashMap::new()),
         });
         Ok(me)
     }
@@ -267,6 +316,9 @@ impl Service for Manager {
         let mut changes = self.store.subscribe_to(crate::schema::Kind::Deployment);
         let mut feed = true;
         loop {
+            if let Some(fleet) = &self.fleet {
+                self.refresh_ledger(fleet.clone()).await;
+            }
             let wait = self.clone().tick();
             tokio::select! {
                 r = changes.changed(), if feed => feed = r.is_ok(),
@@ -292,6 +344,7 @@ impl Manager {
         ledger.prune(now);
         let mut statuses = lock(&self.status);
         statuses.retain(|name, _| subjects.iter().any(|s| &s.name == name));
+        lock(&self.waits).retain(|_, (until, _)| *until > now);
         let mut started = false;
         for s in subjects {
             let b = ledger.names.get(&s.name).cloned().unwrap_or_default();
@@ -331,6 +384,12 @@ impl Manager {
                     continue;
                 }
             }
+            if let Some((until, state)) = lock(&self.waits).get(&s.name).copied().filter(|(until, _)| *until > now) {
+                st.state = state;
+                st.next_attempt_at = Some(until);
+                next = next.min(until);
+                continue;
+            }
             let not_before = ledger.next_try(&s.name);
             if not_before > now {
                 st.state = "backoff";
@@ -350,7 +409,10 @@ impl Manager {
                 st.state = "pending";
                 continue;
             };
-            ledger.started(&s.name, now);
+            if self.fleet.is_none() {
+                // (in fleet mode, once the name's lock is held: see `claim`)
+                ledger.started(&s.name, now);
+            }
             st.state = "ordering";
             st.last_attempt_at = Some(now);
             lock(&self.inflight).insert(s.name.clone());
@@ -358,7 +420,7 @@ impl Manager {
             let me = self.clone();
             tokio::spawn(async move { me.order_task(s, registered, cert, permit).await });
         }
-        if started {
+        if started && self.fleet.is_none() {
             self.persist(&ledger);
         }
         let b = ledger.budget(&self.cfg.limits, now);
@@ -421,37 +483,79 @@ impl Manager {
     }
 
     async fn order_task(self: Arc<Self>, s: Subject, registered: String, old: Option<Arc<Cert>>, permit: OwnedSemaphorePermit) {
+        let held = match &self.fleet {
+            Some(fleet) => match self.claim(fleet.clone(), &s, &registered, old.as_deref()).await {
+                Claim::Go(l) => Some(l),
+                Claim::Wait(until, state) => {
+                    lock(&self.waits).insert(s.name.clone(), (until, state));
+                    lock(&self.inflight).remove(&s.name);
+                    drop(permit);
+                    self.wake.notify_one();
+                    return;
+                }
+            },
+            None => None,
+        };
+        let keeper = held.clone().map(|l| tokio::spawn(fleet::keep(l, s.name.clone())));
         tracing::info!(name = %s.name, challenge = ?s.challenge, renewal = old.is_some(), "ordering a certificate");
         let result = match self.order(&s, old.as_deref()).await {
             Ok((chain, key)) => {
                 let entry = entry_name(&s.name);
-                match self.watcher.store().save(&entry, chain.as_bytes(), key.as_bytes()) {
-                    Ok(()) => {
-                        self.watcher.scan();
-                        Ok(())
-                    }
+                let watcher = self.watcher.clone();
+                let saved = fleet::blocking(move || {
+                    watcher.store().save(&entry, chain.as_bytes(), key.as_bytes())?;
+                    watcher.scan();
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
+                match saved {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(OrderError::other(format!("cannot save the certificate: {e}"))),
                     Err(e) => Err(OrderError::other(format!("cannot save the certificate: {e}"))),
                 }
             }
             Err(e) => Err(e),
         };
         let now = crate::clock::unix_now();
-        {
-            let mut ledger = lock(&self.ledger);
-            match &result {
-                Ok(()) => {
-                    tracing::info!(name = %s.name, "certificate issued and serving");
-                    self.metrics.acme_orders.with_label_values(&["success"]).inc();
-                    ledger.succeeded(&s.name, &registered, now);
-                }
-                Err(e) => {
-                    let (min, max) = (self.cfg.backoff_min_secs as i64, self.cfg.backoff_max_secs as i64);
-                    let next = ledger.failed(&s.name, &e.message, e.validation, min, max, now);
-                    tracing::error!(name = %s.name, error = %e.message, retry_in_secs = next - now, "certificate order failed; the certificate being served (if any) keeps serving");
-                    self.metrics.acme_orders.with_label_values(&["failure"]).inc();
+        let (min, max) = (self.cfg.backoff_min_secs as i64, self.cfg.backoff_max_secs as i64);
+        let apply = {
+            let name = s.name.clone();
+            let registered = registered.clone();
+            let failure = result.as_ref().err().map(|e| (e.message.clone(), e.validation));
+            move |ledger: &mut Ledger| -> i64 {
+                match &failure {
+                    None => {
+                        ledger.succeeded(&name, &registered, now);
+                        0
+                    }
+                    Some((message, validation)) => ledger.failed(&name, message, *validation, min, max, now),
                 }
             }
-            self.persist(&ledger);
+        };
+        let next = match &self.fleet {
+            Some(fleet) => self.record_in_fleet(fleet.clone(), apply, now).await,
+            None => {
+                let mut ledger = lock(&self.ledger);
+                let next = apply(&mut ledger);
+                self.persist(&ledger);
+                next
+            }
+        };
+        match &result {
+            Ok(()) => {
+                tracing::info!(name = %s.name, "certificate issued and serving");
+                self.metrics.acme_orders.with_label_values(&["success"]).inc();
+            }
+            Err(e) => {
+                tracing::error!(name = %s.name, error = %e.message, retry_in_secs = next - now, "certificate order failed; the certificate being served (if any) keeps serving");
+                self.metrics.acme_orders.with_label_values(&["failure"]).inc();
+            }
+        }
+        if let Some(k) = keeper {
+            k.abort();
+        }
+        if let Some(l) = held {
+            fleet::release(l).await;
         }
         lock(&self.inflight).remove(&s.name);
         drop(permit);
@@ -461,18 +565,13 @@ impl Manager {
     async fn account(&self) -> Result<Account, OrderError> {
         self.account
             .get_or_try_init(|| async {
-                #[derive(serde::Serialize, serde::Deserialize)]
-                struct Saved {
-                    directory: String,
-                    credentials: instant_acme::AccountCredentials,
+                if let Some(fleet) = &self.fleet {
+                    return self.fleet_account(fleet.clone()).await;
                 }
-                let builder = || match &self.cfg.ca_bundle {
-                    Some(p) => Account::builder_with_root(p),
-                    None => Account::builder(),
-                };
+                let builder = || self.account_builder();
                 let path = self.dir.join("account.json");
                 if let Ok(bytes) = std::fs::read(&path) {
-                    match serde_json::from_slice::<Saved>(&bytes) {
+                    match serde_json::from_slice::<SavedAccount>(&bytes) {
                         Ok(saved) if saved.directory == self.cfg.directory => {
                             return builder().map_err(OrderError::other)?.from_credentials(saved.credentials).await.map_err(OrderError::other);
                         }
@@ -484,7 +583,7 @@ impl Manager {
                 let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
                 let (account, credentials) =
                     builder().map_err(OrderError::other)?.create(&new, self.cfg.directory.clone(), None).await.map_err(OrderError::other)?;
-                let saved = Saved { directory: self.cfg.directory.clone(), credentials };
+                let saved = SavedAccount { directory: self.cfg.directory.clone(), credentials };
                 let written = serde_json::to_vec(&saved)
                     .map_err(std::io::Error::other)
                     .and_then(|b| crate::files::write_atomic(&path, &b, 0o600));
@@ -496,6 +595,250 @@ impl Manager {
             })
             .await
             .cloned()
+    }
+
+    fn account_builder(&self) -> Result<instant_acme::AccountBuilder, instant_acme::Error> {
+        match &self.cfg.ca_bundle {
+            Some(p) => Account::builder_with_root(p),
+            None => Account::builder(),
+        }
+    }
+
+    /// The fleet's account when it has one for this directory (`None`: register one).
+    async fn fleet_stored_account(&self, fleet: &Arc<CertFleet>) -> Result<Option<SavedAccount>, OrderError> {
+        let f = fleet.clone();
+        let raw = fleet::blocking(move || f.get(fleet::ACCOUNT))
+            .await
+            .map_err(OrderError::other)?
+            .map_err(|e| OrderError::other(format!("the fleet's ACME account: redis: {e}")))?;
+        let Some(raw) = raw else { return Ok(None) };
+        let plain = fleet.open(fleet::ACCOUNT, &raw).map_err(|e| {
+            OrderError::other(format!("the fleet's ACME account cannot be opened (is the seal key the same on every node?): {e}"))
+        })?;
+        match serde_json::from_slice::<SavedAccount>(&plain) {
+            Ok(saved) if saved.directory == self.cfg.directory => Ok(Some(saved)),
+            Ok(_) => {
+                tracing::warn!("the fleet's ACME account is for another directory; registering a new one");
+                Ok(None)
+            }
+            Err(e) => {
+                fleet.refused(fleet::ACCOUNT, &e);
+                Err(OrderError::other(format!("the fleet's ACME account does not parse: {e}")))
+            }
+        }
+    }
+
+    /// The fleet's one account: read from Redis, or registered by one node (under a
+    /// lock, the others wait for it) and kept there sealed.
+    async fn fleet_account(&self, fleet: Arc<CertFleet>) -> Result<Account, OrderError> {
+        let deadline = tokio::time::Instant::now() + crate::cluster::certs::LOCK_TTL;
+        loop {
+            if let Some(saved) = self.fleet_stored_account(&fleet).await? {
+                return self
+                    .account_builder()
+                    .map_err(OrderError::other)?
+                    .from_credentials(saved.credentials)
+                    .await
+                    .map_err(OrderError::other);
+            }
+            let f = fleet.clone();
+            let held = fleet::blocking(move || f.lock(fleet::ACCOUNT))
+                .await
+                .map_err(OrderError::other)?
+                .map_err(|e| OrderError::other(format!("the fleet's ACME account: redis: {e}")))?;
+            let Some(held) = held.map(Arc::new) else {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(OrderError::other("another node has been registering the fleet's ACME account for too long"));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            let registered = async {
+                // Registered by another node just before this one took the lock?
+                if let Some(saved) = self.fleet_stored_account(&fleet).await? {
+                    return self
+                        .account_builder()
+                        .map_err(OrderError::other)?
+                        .from_credentials(saved.credentials)
+                        .await
+                        .map_err(OrderError::other);
+                }
+                let contact: Vec<&str> = self.cfg.contact.iter().map(String::as_str).collect();
+                let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
+                let (account, credentials) = self
+                    .account_builder()
+                    .map_err(OrderError::other)?
+                    .create(&new, self.cfg.directory.clone(), None)
+                    .await
+                    .map_err(OrderError::other)?;
+                let saved = SavedAccount { directory: self.cfg.directory.clone(), credentials };
+                let json = serde_json::to_vec(&saved).map_err(OrderError::other)?;
+                let sealed = fleet.seal(fleet::ACCOUNT, &json).map_err(OrderError::other)?;
+                let f = fleet.clone();
+                match fleet::blocking(move || f.set(fleet::ACCOUNT, &sealed, false)).await {
+                    Ok(Ok(_)) => tracing::info!(id = account.id(), "registered the fleet's ACME account"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot keep the fleet's ACME account in Redis; another will be registered"),
+                    Err(e) => tracing::error!(error = %e, "cannot keep the fleet's ACME account in Redis; another will be registered"),
+                }
+                Ok(account)
+            }
+            .await;
+            fleet::release(held).await;
+            return registered;
+        }
+    }
+
+    /// Fleet mode, before an order: take the name's lock, look whether another node
+    /// renewed it meanwhile (CertMagic's rule), then check and record the order in the
+    /// fleet's ledger in one transaction.
+    async fn claim(&self, fleet: Arc<CertFleet>, s: &Subject, registered: &str, old: Option<&Cert>) -> Claim {
+        let now = crate::clock::unix_now();
+        // A node sealing with another key than the fleet's would replace certificates
+        // the others cannot open, and they it (each ordering again): it orders nothing.
+        let f = fleet.clone();
+        match fleet::blocking(move || f.seal_key_matches()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                tracing::error!(name = %s.name, "cluster: this node's seal key does not open the fleet's values; not ordering (is seal_key_env the same on every node?)");
+                return Claim::Wait(now + 60, "pending");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: Redis unreachable; not ordering");
+                return Claim::Wait(now + 30, "pending");
+            }
+            Err(e) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot check the seal key; not ordering");
+                return Claim::Wait(now + 30, "pending");
+            }
+        }
+        let what = format!("cert:{}", s.name);
+        let f = fleet.clone();
+        let held = match fleet::blocking(move || f.lock(&what)).await {
+            Ok(Ok(Some(l))) => Arc::new(l),
+            Ok(Ok(None)) => {
+                tracing::debug!(name = %s.name, "another node is ordering this name");
+                return Claim::Wait(now + 5, "ordering");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: Redis unreachable; not ordering");
+                return Claim::Wait(now + 30, "pending");
+            }
+            Err(e) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot take the order lock; not ordering");
+                return Claim::Wait(now + 30, "pending");
+            }
+        };
+        // The name's certificate as the fleet holds it now: renewed by another node
+        // between this node's look and its lock?
+        let entry = entry_name(&s.name);
+        let store = RedisCertStore::new(fleet.clone());
+        let stored = fleet::blocking(move || store.read(&entry)).await;
+        let fresh = match stored {
+            Ok(Ok((chain, key))) => {
+                crate::tls::store::parse_pair(&entry_name(&s.name), &chain, &key).ok().filter(|c| renewed_elsewhere(c, &s.name, old, now))
+            }
+            _ => None,
+        };
+        if let Some(c) = fresh {
+            tracing::info!(name = %s.name, not_after = c.not_after, "another node renewed this name; serving its certificate");
+            fleet::release(held).await;
+            let w = self.watcher.clone();
+            let _ = fleet::blocking(move || w.scan()).await;
+            return Claim::Wait(now + 5, "valid");
+        }
+        // The fleet's budget and backoff, checked and counted in one transaction.
+        let (name, registered, limits, renewal) = (s.name.clone(), registered.to_owned(), self.cfg.limits, old.is_some());
+        let f = fleet.clone();
+        let counted = fleet::blocking(move || {
+            f.update(fleet::LEDGER, |raw| {
+                let mut l = fleet::parse_ledger(&f, raw);
+                l.prune(now);
+                let next_try = l.next_try(&name);
+                if next_try > now {
+                    return (None, Err((next_try, "backoff")));
+                }
+                if let Err(d) = l.check(&name, &registered, renewal, &limits, now) {
+                    return (None, Err((d.until, "deferred")));
+                }
+                l.started(&name, now);
+                (serde_json::to_vec(&l).ok(), Ok(l))
+            })
+        })
+        .await;
+        match counted {
+            Ok(Ok(Ok(l))) => {
+                *lock(&self.ledger) = l;
+                Claim::Go(held)
+            }
+            Ok(Ok(Err((until, state)))) => {
+                fleet::release(held).await;
+                Claim::Wait(until, state)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot count the order in the fleet's ledger; not ordering");
+                fleet::release(held).await;
+                Claim::Wait(now + 30, "pending")
+            }
+            Err(e) => {
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot count the order in the fleet's ledger; not ordering");
+                fleet::release(held).await;
+                Claim::Wait(now + 30, "pending")
+            }
+        }
+    }
+
+    /// Fleet mode: records an order's end in the fleet's ledger (`apply` answers when
+    /// the name may be tried again). Redis away: recorded in this node's copy only.
+    async fn record_in_fleet(&self, fleet: Arc<CertFleet>, apply: impl Fn(&mut Ledger) -> i64 + Send + Clone + 'static, now: i64) -> i64 {
+        let f = fleet.clone();
+        let local = apply.clone();
+        let r = fleet::blocking(move || {
+            f.update(fleet::LEDGER, |raw| {
+                let mut l = fleet::parse_ledger(&f, raw);
+                let next = apply(&mut l);
+                l.prune(now);
+                (serde_json::to_vec(&l).ok(), (l, next))
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok((l, next))) => {
+                *lock(&self.ledger) = l;
+                next
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cluster: cannot record the order in the fleet's ledger; recorded in this node's copy");
+                local(&mut lock(&self.ledger))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cluster: cannot record the order in the fleet's ledger; recorded in this node's copy");
+                local(&mut lock(&self.ledger))
+            }
+        }
+    }
+
+    /// Fleet mode: this node's copy of the fleet's ledger, read before each look at the
+    /// names. A fleet without a ledger yet starts from this node's (its history counts).
+    async fn refresh_ledger(&self, fleet: Arc<CertFleet>) {
+        let f = fleet.clone();
+        let raw = match fleet::blocking(move || f.get(fleet::LEDGER)).await {
+            Ok(Ok(raw)) => raw,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cluster: cannot read the fleet's ACME ledger; using this node's copy");
+                return;
+            }
+            Err(_) => return,
+        };
+        match raw {
+            Some(raw) => {
+                let l = fleet::parse_ledger(&fleet, Some(&raw));
+                *lock(&self.ledger) = l;
+            }
+            None => {
+                let Ok(json) = serde_json::to_vec(&*lock(&self.ledger)) else { return };
+                let _ = fleet::blocking(move || fleet.set(fleet::LEDGER, &json, true)).await;
+            }
+        }
     }
 
     /// One order, start to certificate: (PEM chain, PEM key).
@@ -540,6 +883,16 @@ impl Manager {
                     (Challenge::Http01, _, _) => {
                         self.http01.insert(&ch.token, ka.as_str());
                         cleanup.push(Cleanup::Token(ch.token.clone()));
+                        if let Some(fleet) = self.fleet.clone() {
+                            // The CA may ask any node: publish, and give every node
+                            // time to read it before the CA is told to look.
+                            let (token, ka) = (ch.token.clone(), ka.as_str().to_owned());
+                            fleet::blocking(move || fleet.put_token(&token, &ka))
+                                .await
+                                .map_err(OrderError::other)?
+                                .map_err(|e| OrderError::other(format!("cannot publish the HTTP-01 challenge to the fleet: {e}")))?;
+                            tokio::time::sleep(TOKEN_POLL * 2 + Duration::from_millis(100)).await;
+                        }
                     }
                     _ => return Err(OrderError::other("DNS-01 needs [acme.dns01]")),
                 }
@@ -559,7 +912,16 @@ impl Manager {
         .await;
         for c in cleanup {
             match c {
-                Cleanup::Token(t) => self.http01.remove(&t),
+                Cleanup::Token(t) => {
+                    self.http01.remove(&t);
+                    if let Some(fleet) = self.fleet.clone() {
+                        match fleet::blocking(move || fleet.remove_token(&t)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot withdraw an HTTP-01 challenge from the fleet; it expires"),
+                            Err(e) => tracing::warn!(error = %e, "cannot withdraw an HTTP-01 challenge from the fleet; it expires"),
+                        }
+                    }
+                }
                 Cleanup::Txt(fqdn, value) => {
                     if let Some(dns) = &self.dns {
                         if let Err(e) = dns.clear_txt(&fqdn, &value).await {
@@ -655,6 +1017,38 @@ mod tests {
         assert!(h.answer(b"/other/abc").is_none());
         h.remove("abc");
         assert!(h.answer(b"/.well-known/acme-challenge/abc").is_none());
+        // The fleet's challenges (fleet mode) are answered too, this node's first.
+        h.set_fleet(HashMap::from([("xyz".to_string(), Bytes::from_static(b"xyz.fleet")), ("abc".into(), Bytes::from_static(b"abc.f"))]));
+        assert_eq!(h.answer(b"/.well-known/acme-challenge/xyz").as_deref(), Some(&b"xyz.fleet"[..]));
+        h.insert("abc", "abc.thumb");
+        assert_eq!(h.answer(b"/.well-known/acme-challenge/abc").as_deref(), Some(&b"abc.thumb"[..]));
+        h.set_fleet(HashMap::new());
+        assert!(h.answer(b"/.well-known/acme-challenge/xyz").is_none());
+    }
+
+    #[test]
+    fn an_order_is_skipped_only_for_a_certificate_obtained_since() {
+        let names = vec!["*.s.test".to_string()];
+        let (chain, key) = crate::tls::default_cert::generate(&names).unwrap();
+        let at = |serial: u8, not_before: i64, not_after: i64| Cert {
+            serial: vec![serial],
+            not_before,
+            not_after,
+            ..crate::tls::store::parse_pair("_wildcard.s.test", chain.as_bytes(), key.as_bytes()).unwrap()
+        };
+        let old = at(1, 0, 90);
+        let now = 61; // old is due (renewal at 60)
+                      // Another node renewed it: a new serial, valid longer, not due.
+        assert!(renewed_elsewhere(&at(2, 60, 150), "*.s.test", Some(&old), now));
+        // Nothing new in the fleet's store: order.
+        assert!(!renewed_elsewhere(&old, "*.s.test", Some(&old), now));
+        // The fleet's certificate is another one, but not newer, or itself due: order.
+        assert!(!renewed_elsewhere(&at(3, 0, 80), "*.s.test", Some(&old), now));
+        assert!(!renewed_elsewhere(&at(4, 0, 90), "*.s.test", Some(&old), now));
+        // A first certificate that appeared meanwhile is enough; one for another name is not.
+        assert!(renewed_elsewhere(&at(2, 60, 150), "*.s.test", None, now));
+        assert!(!renewed_elsewhere(&at(2, 60, 150), "*.other.test", None, now));
+        assert!(!renewed_elsewhere(&at(2, 60, 150), "*.s.test", None, 121));
     }
 
     #[test]

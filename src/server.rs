@@ -2,6 +2,7 @@
 //! pingora server with the proxy service, until a signal stops it.
 
 use crate::access_log::AccessLog;
+use crate::cluster::certs::{CertFleet, FleetStore, RedisCertStore};
 use crate::config::Config;
 use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
@@ -11,7 +12,7 @@ use crate::reload::{ReloadService, Reloader};
 use crate::schema::Kind;
 use crate::services::Services;
 use crate::store::{OpenError, Store};
-use crate::tls::{default_cert, DirStore, SniResolver, WatchService, Watcher};
+use crate::tls::{default_cert, CertStore, DirStore, SniResolver, WatchService, Watcher};
 use crate::upstream::health::HealthChecker;
 use crate::usage::Usage;
 use pingora::listeners::tls::TlsSettings;
@@ -167,17 +168,35 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // Taken over sockets are not bound again; fresh ones are checked (and port 0 resolved).
     let http = if upgrade { cfg.server.http } else { resolve_listener(cfg.server.http)? };
     let https = if upgrade { cfg.server.https } else { cfg.server.https.map(resolve_listener).transpose()? };
-    // TLS: the default certificate, then certs_dir, watched; handshakes read the index.
+    // [cluster]: the fleet's certificates, ACME account, ledger, locks and challenges.
+    let cert_fleet = match &cluster {
+        Some(c) => {
+            let seal_key = cfg.cluster.as_ref().and_then(|x| x.seal_key.as_deref());
+            Some(CertFleet::new(c.clone(), seal_key).map_err(StartError::Cluster)?)
+        }
+        None => None,
+    };
+    // TLS: the default certificate, then certs_dir (and the fleet's certificates),
+    // watched; handshakes read the index.
     let certs = match https {
         Some(_) => {
-            let watcher = certificates(&cfg, &metrics)?;
-            let interval = Duration::from_millis(cfg.tls.watch_interval_ms);
+            let watcher = certificates(&cfg, &metrics, cert_fleet.as_ref())?;
+            let mut interval = Duration::from_millis(cfg.tls.watch_interval_ms);
+            if cert_fleet.is_some() {
+                // Every node serves a certificate within 10 s of its issuance (§11).
+                interval = interval.min(crate::cluster::certs::WATCH_AT_MOST);
+            }
             services.start(Arc::new(WatchService { watcher: watcher.clone(), interval }));
             Some(watcher)
         }
         None => None,
     };
     let http01 = Arc::new(crate::acme::Http01::default());
+    if let Some(fleet) = &cert_fleet {
+        // Any node answers the HTTP-01 challenges of any node's orders, with or
+        // without [acme].
+        services.start(Arc::new(crate::acme::fleet::TokenFollower { fleet: fleet.clone(), http01: http01.clone() }));
+    }
     services.start(Arc::new(HealthChecker::new(routes.clone(), store.subscribe_to(Kind::Deployment), metrics.clone())));
     // [static]: releases are fetched as soon as a version names them, and served here.
     let release_store = crate::releases::store::open(&cfg.static_.store).map_err(StartError::ReleaseStore)?;
@@ -203,6 +222,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
                 store.clone(),
                 http01.clone(),
                 metrics.clone(),
+                cert_fleet.clone(),
             )
             .map_err(StartError::Acme)?;
             services.start(m.clone());
@@ -223,7 +243,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .with_tls(TlsFront {
         redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
-        challenges: cfg.acme.as_ref().map(|_| http01.clone()),
+        challenges: (cfg.acme.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
     })
     .with_releases(releases, Duration::from_millis(cfg.static_.wait_ms))
     // Live share-opened exchanges recheck their share when share records change.
@@ -323,13 +343,26 @@ fn load_session_key(cfg: &mut Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The default certificate and `certs_dir`, loaded once.
-fn certificates(cfg: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Watcher>, StartError> {
+/// The default certificate and `certs_dir` (in fleet mode, and the fleet's certificates
+/// in Redis, where ACME saves), loaded once.
+fn certificates(cfg: &Config, metrics: &Arc<Metrics>, fleet: Option<&Arc<CertFleet>>) -> Result<Arc<Watcher>, StartError> {
     let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str());
     let default = default_cert::load_or_generate(&cfg.server.state_dir, &names).map_err(StartError::Tls)?;
     let dir = &cfg.tls.certs_dir;
-    let store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
-    let watcher = Arc::new(Watcher::new(Arc::new(store), Arc::new(default), metrics.clone()));
+    let dir_store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
+    let store: Arc<dyn CertStore> = match fleet {
+        Some(f) => {
+            // A copy of the fleet's certificates, served by a node that starts while Redis
+            // is away.
+            let path = cfg.server.state_dir.join("fleet-certs");
+            let copy = DirStore::open(&path)
+                .map_err(|e| tracing::warn!(dir = %path.display(), error = %e, "no local copy of the fleet's certificates"))
+                .ok();
+            Arc::new(FleetStore::new(RedisCertStore::new(f.clone()), dir_store, copy))
+        }
+        None => Arc::new(dir_store),
+    };
+    let watcher = Arc::new(Watcher::new(store, Arc::new(default), metrics.clone()));
     watcher.scan();
     Ok(watcher)
 }

@@ -72,6 +72,16 @@ pub fn valid_entry(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
+impl DirStore {
+    /// Removes an entry (both files and its directory).
+    pub fn remove(&self, entry: &str) -> io::Result<()> {
+        if !valid_entry(entry) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid certificate entry name {entry:?}")));
+        }
+        std::fs::remove_dir_all(self.dir.join(entry))
+    }
+}
+
 impl CertStore for DirStore {
     fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let mut out = Vec::new();

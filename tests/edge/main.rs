@@ -9,6 +9,7 @@ mod alloc;
 mod browser;
 mod control;
 mod fleet;
+mod fleet_certs;
 mod fleet_counters;
 mod forwarding;
 mod hostile;
