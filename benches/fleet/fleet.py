@@ -272,7 +272,10 @@ def main():
         for e in started:
             e.stop()
         redis.stop()
-        shutil.rmtree(d, ignore_errors=True)
+        if not os.environ.get("FLEET_BENCH_KEEP"):
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            print(f"kept {d}")
 
 
 if __name__ == "__main__":
