@@ -763,9 +763,17 @@ impl Beats {
                 return Ok(false);
             }
             redis::pipe().atomic().set(c.key("snap"), bytes).set(c.key("snap:at"), now_ms()).set(c.key("logbytes"), 0).query::<()>(conn)?;
-            // Records after a large write are cheaper to skip than to replay: past the
-            // byte bound, the log keeps nothing the snapshot holds.
-            let min = if bytes_since >= SNAPSHOT_EVERY_BYTES { generation + 1 } else { generation.saturating_sub(KEEP_BEFORE_SNAPSHOT) };
+            // Records after a large write are cheaper to skip than to replay: when the
+            // log holds more than the byte bound (measured, whatever triggered this
+            // snapshot), it keeps nothing the snapshot holds. Either way only records
+            // the snapshot holds (its generation and below) are trimmed.
+            // (A Redis that does not offer MEMORY USAGE: the appended-bytes count decides.)
+            let log_bytes: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(c.key("log")).query(conn).unwrap_or(None);
+            let min = if log_bytes.unwrap_or(0).max(bytes_since) >= SNAPSHOT_EVERY_BYTES {
+                generation + 1
+            } else {
+                generation.saturating_sub(KEEP_BEFORE_SNAPSHOT)
+            };
             let trimmed: u64 = redis::cmd("XTRIM").arg(c.key("log")).arg("MINID").arg(format!("{min}-0")).query(conn)?;
             tracing::info!(generation, bytes = size, trimmed, "cluster: kept a snapshot of the fleet's state");
             Ok(true)
