@@ -9,7 +9,7 @@
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
 //! Listener addresses are fixed at start; a reload that changes `[server]`,
-//! `[control]`, `[static]` or `[wake]` logs that a restart is needed for them and
+//! `[control]`, `[static]`, `[wake]` or `[cluster]` logs that a restart is needed for them and
 //! applies the rest (routes, branding, `[tokens]` keys).
 
 use crate::config::{Config, ConfigError, ConfigIssue};
@@ -78,6 +78,12 @@ impl Reloader {
                 }
                 if cfg.static_ != self.started_with.static_ || cfg.wake != self.started_with.wake {
                     tracing::warn!(file = %path.display(), "[static] and [wake] changed: they take effect on restart");
+                }
+                let fleet = |c: &Option<crate::config::Cluster>| {
+                    c.as_ref().map(|c| (c.node.clone(), c.prefix.clone(), c.redis_url.clone(), c.seal_key.clone()))
+                };
+                if fleet(&cfg.cluster) != fleet(&self.started_with.cluster) {
+                    tracing::warn!(file = %path.display(), "[cluster] changed: it takes effect on restart");
                 }
                 tracing::info!(file = %path.display(), generation, "config reloaded");
                 Ok(generation)

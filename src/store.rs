@@ -495,10 +495,7 @@ impl Store {
             }
         }
         let applied = w.index.commit(plan);
-        let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
-        let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
-        w.generation = generation;
-        self.stage(&mut w, table, kinds);
+        self.stage_applied(&mut w, &applied, generation);
         drop(w);
         self.wait_durable(generation).map_err(Retry::No)?;
         Ok(generation)
@@ -542,10 +539,7 @@ impl Store {
                     tracing::error!(error = %e, generation, "cannot append to the local state log");
                 }
             }
-            let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
-            let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
-            w.generation = generation;
-            self.stage(&mut w, table, kinds);
+            self.stage_applied(&mut w, &applied, generation);
             last = Some(generation);
         }
         let generation = w.generation;
@@ -587,10 +581,7 @@ impl Store {
             }
         }
         let applied = w.index.commit(plan);
-        let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
-        let table = w.table.apply(&applied, w.index.objects(), generation).with_access(w.keys.clone());
-        w.generation = generation;
-        self.stage(&mut w, table, kinds);
+        self.stage_applied(&mut w, &applied, generation);
         drop(w);
         self.wait_durable(generation).map_err(|e| e.to_string())?;
         Ok(Some(generation))
@@ -651,6 +642,15 @@ impl Store {
         drop(w);
         self.wait_durable(generation).map_err(|e| vec![StateError { path: String::new(), message: e.to_string() }])?;
         Ok(generation)
+    }
+
+    /// Takes changes committed to the index into the next table, at `generation`, and
+    /// queues it (published once durable).
+    fn stage_applied(&self, w: &mut Writer, applied: &[crate::state::Applied], generation: u64) {
+        let kinds = applied.iter().fold(0, |m, a| m | kind_bit(a.kind()));
+        let table = w.table.apply(applied, w.index.objects(), generation).with_access(w.keys.clone());
+        w.generation = generation;
+        self.stage(w, table, kinds);
     }
 
     /// Queues `table` to be published once its record is durable, and asks for a

@@ -264,7 +264,7 @@ async fn a_node_behind_a_trimmed_log_takes_the_snapshot_and_foreign_records_are_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_share_on_one_node_closes_its_live_websocket_on_another() {
-    use crate::access::{cookie, get, open_ws, push_share};
+    use crate::access::{cookie, get, open_ws, push_share, ws_closed_within};
     use crate::support::{ws_echo, TOKENS_TOML};
     use futures_util::{SinkExt, StreamExt};
     let redis = Redis::start();
@@ -293,16 +293,8 @@ async fn deleting_a_share_on_one_node_closes_its_live_websocket_on_another() {
     // Deleted through a: b closes the WebSocket within 10 s.
     let deleted_at = std::time::Instant::now();
     assert_eq!(a.api("DELETE", "/v1/share-tokens/sh_ws", None).await.status, 200);
-    let end = tokio::time::timeout(Duration::from_secs(12), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(m)) if !m.is_close() => continue,
-                _ => break,
-            }
-        }
-    })
-    .await;
-    assert!(end.is_ok(), "the WebSocket on edge-b was not closed after the share was deleted on edge-a");
+    let closed = ws_closed_within(&mut ws, Duration::from_secs(12)).await;
+    assert!(closed, "the WebSocket on edge-b was not closed after the share was deleted on edge-a");
     assert!(deleted_at.elapsed() <= Duration::from_secs(10), "closed after {:?}", deleted_at.elapsed());
     let m = b.api("GET", "/metrics", None).await.text();
     assert!(m.contains("miosa_edge_revoked_connections_total 1"), "{m}");
