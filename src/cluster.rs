@@ -50,6 +50,8 @@ const BLOCK_MS: usize = 1000;
 const READ_COUNT: usize = 1000;
 /// Heartbeats older than this are not listed by `GET /v1/cluster`.
 const NODE_SEEN_WITHIN_MS: u64 = 60_000;
+/// A node that has not reported for this long is removed from `{p}:nodes`.
+const FORGET_AFTER_MS: u64 = 3_600_000;
 /// A new snapshot is kept in Redis after this many records…
 const SNAPSHOT_EVERY_RECORDS: u64 = 100_000;
 /// …or this many record bytes…
@@ -715,8 +717,17 @@ impl Service for Beats {
 impl Beats {
     fn beat(&self, shutdown: &Shutdown) {
         let slot = Mutex::new(None);
+        let mut beats: u64 = 0;
         while !shutdown.is_set() {
             let c = &self.cluster;
+            beats += 1;
+            if beats % 60 == 0 {
+                // Nodes that left without a word (killed, scaled away) are forgotten
+                // after an hour, so the hash does not grow with every name ever used.
+                if let Err(e) = c.with_conn(&slot, |conn| self.forget_departed(conn)) {
+                    tracing::debug!(error = %e, "cluster: cannot prune departed nodes");
+                }
+            }
             let beat = Beat { generation: self.store.generation(), ready: c.ready(), at: now_ms() };
             let json = serde_json::to_vec(&beat).unwrap_or_default();
             let r = c.with_conn(&slot, |conn| conn.hset::<_, _, _, ()>(c.key("nodes"), &c.node, json));
@@ -729,6 +740,21 @@ impl Beats {
         }
         // Leaving: the fleet stops listing this node at once.
         let _ = self.cluster.with_conn(&slot, |conn| conn.hdel::<_, _, ()>(self.cluster.key("nodes"), &self.cluster.node));
+    }
+
+    fn forget_departed(&self, conn: &mut redis::Connection) -> Result<(), RedisError> {
+        let c = &self.cluster;
+        let all: Vec<(String, Vec<u8>)> = conn.hgetall(c.key("nodes"))?;
+        let now = now_ms();
+        let gone: Vec<String> = all
+            .into_iter()
+            .filter(|(_, v)| serde_json::from_slice::<Beat>(v).map_or(true, |b| now.saturating_sub(b.at) > FORGET_AFTER_MS))
+            .map(|(node, _)| node)
+            .collect();
+        if !gone.is_empty() {
+            conn.hdel::<_, _, ()>(c.key("nodes"), gone)?;
+        }
+        Ok(())
     }
 
     /// Writes a new snapshot of the fleet's state when enough was written since the

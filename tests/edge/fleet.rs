@@ -113,7 +113,10 @@ async fn a_write_on_one_node_routes_on_every_node_at_the_same_generation() {
     assert_eq!(sa, sb);
     assert_eq!(sa["sandboxes"].as_array().map(Vec::len), Some(20), "{sa}");
 
-    // GET /v1/cluster lists both, ready, at the fleet's generation.
+    // GET /v1/cluster lists both, ready, at the fleet's generation: not a node last
+    // heard of long ago, nor a heartbeat that does not parse.
+    redis.cmd(&["HSET", "fleet-test:nodes", "ghost", r#"{"generation":1,"ready":true,"at":1000}"#]).expect("redis");
+    redis.cmd(&["HSET", "fleet-test:nodes", "junk", "not json"]).expect("redis");
     let listed = eventually(Duration::from_secs(5), || async {
         let j = a.api("GET", "/v1/cluster", None).await.json();
         let nodes = j["nodes"].as_array().cloned().unwrap_or_default();
