@@ -56,7 +56,7 @@ const MAX_VALUE_BYTES: usize = 1 << 20;
 const SEAL_V1: u8 = 1;
 const TAG_LEN: usize = 16;
 /// Tries of an optimistic (WATCH/MULTI) update before giving up.
-const UPDATE_TRIES: usize = 20;
+const UPDATE_TRIES: usize = 30;
 
 /// Release a lock only if this node still holds it.
 const RELEASE: &str = r"
@@ -231,22 +231,32 @@ impl CertFleet {
     /// new value (`None`: leave it) and a result, the one of the try that counted.
     pub fn update<R>(&self, name: &str, mut f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, R)) -> Result<R, RedisError> {
         let key = self.cluster.key(name);
-        self.run(|c| {
-            for _ in 0..UPDATE_TRIES {
+        for attempt in 0..UPDATE_TRIES {
+            if attempt > 0 {
+                // Another node's update came first: back off a random while (up to
+                // 2^attempt ms, at most 100 ms), without holding the connection, so
+                // contending nodes stop colliding.
+                let mut r = [0u8; 2];
+                let _ = SystemRandom::new().fill(&mut r);
+                let cap = (1u64 << attempt.min(7)).min(100);
+                std::thread::sleep(Duration::from_millis(u64::from(u16::from_le_bytes(r)) % (cap + 1)));
+            }
+            let done = self.run(|c| {
                 redis::cmd("WATCH").arg(&key).exec(c)?;
                 let current: Option<Vec<u8>> = c.get(&key)?;
                 let (next, result) = f(current.as_deref());
                 let Some(next) = next else {
                     redis::cmd("UNWATCH").exec(c)?;
-                    return Ok(result);
+                    return Ok(Some(result));
                 };
                 let done: redis::Value = redis::pipe().atomic().set(&key, next).ignore().query(c)?;
-                if !matches!(done, redis::Value::Nil) {
-                    return Ok(result);
-                }
+                Ok((!matches!(done, redis::Value::Nil)).then_some(result))
+            })?;
+            if let Some(result) = done {
+                return Ok(result);
             }
-            Err(RedisError::from((redis::ErrorKind::Io, "optimistic update", format!("{key} kept changing"))))
-        })
+        }
+        Err(RedisError::from((redis::ErrorKind::Io, "optimistic update", format!("{key} kept changing"))))
     }
 
     /// Takes `{p}:lock:{what}` for [`LOCK_TTL`] if no node holds it (`None`: one does).
