@@ -320,6 +320,7 @@ impl Service for Manager {
                 self.refresh_ledger(fleet.clone()).await;
             }
             let wait = self.clone().tick();
+            self.sweep().await;
             tokio::select! {
                 r = changes.changed(), if feed => feed = r.is_ok(),
                 r = workspaces.changed(), if feed => feed = r.is_ok(),
@@ -814,6 +815,67 @@ impl Manager {
                 tracing::error!(error = %e, "cluster: cannot record the order in the fleet's ledger; recorded in this node's copy");
                 local(&mut lock(&self.ledger))
             }
+        }
+    }
+
+    /// Names that left the routing state: `tick` orders and renews only the names the
+    /// state has; the ledger notes when each managed name left, and the certificate of
+    /// one gone for [`ledger::UNUSED_FOR`] (30 days) is removed from the store and the
+    /// index (CONTRACT §9). In a fleet the ledger is the fleet's, so one node notes it.
+    async fn sweep(&self) {
+        let now = crate::clock::unix_now();
+        let published = self.store.published();
+        let current: std::collections::HashSet<String> =
+            subjects(&published.objects, &published.domains).into_iter().map(|s| s.name).collect();
+        let expired = match &self.fleet {
+            Some(fleet) => {
+                let f = fleet.clone();
+                let r = fleet::blocking(move || {
+                    f.update(fleet::LEDGER, |raw| {
+                        let mut l = fleet::parse_ledger(&f, raw);
+                        let (expired, changed) = l.leftovers(|n| current.contains(n), now);
+                        (changed.then(|| serde_json::to_vec(&l).ok()).flatten(), (l, expired))
+                    })
+                })
+                .await;
+                match r {
+                    Ok(Ok((l, expired))) => {
+                        *lock(&self.ledger) = l;
+                        expired
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "cluster: cannot note the names that left the state in the fleet's ledger");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            None => {
+                let mut l = lock(&self.ledger);
+                let (expired, changed) = l.leftovers(|n| current.contains(n), now);
+                if changed {
+                    self.persist(&l);
+                }
+                expired
+            }
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let watcher = self.watcher.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            for name in &expired {
+                let entry = entry_name(name);
+                match watcher.store().remove(&entry) {
+                    Ok(()) => tracing::info!(name = %name, entry = %entry, "ACME: the certificate of a name unused for 30 days removed"),
+                    Err(e) => tracing::warn!(name = %name, entry = %entry, error = %e, "ACME: cannot remove the certificate of a name unused for 30 days"),
+                }
+            }
+            watcher.scan();
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::error!(error = %e, "ACME: removing unused certificates failed");
         }
     }
 

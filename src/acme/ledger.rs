@@ -20,7 +20,14 @@ pub struct Backoff {
     pub last_error: Option<String>,
     pub last_attempt: Option<i64>,
     pub last_success: Option<i64>,
+    /// When the name left the routing state (renewals stop; its certificate goes
+    /// [`UNUSED_FOR`] later). Absent while the state names it.
+    #[serde(default)]
+    pub left_at: Option<i64>,
 }
+
+/// How long the certificate of a name that left the routing state is kept (CONTRACT §9).
+pub const UNUSED_FOR: i64 = 30 * 86_400;
 
 /// The persisted ledger.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -98,6 +105,32 @@ impl Ledger {
     }
 
     /// Forgets history no limit looks at any more.
+    /// Notes which managed names the routing state no longer has (`current` says which
+    /// it has), and forgets those gone for [`UNUSED_FOR`]: their certificates are to be
+    /// removed (returned). Returns also whether anything changed.
+    pub fn leftovers(&mut self, current: impl Fn(&str) -> bool, now: i64) -> (Vec<String>, bool) {
+        let mut changed = false;
+        let mut expired = Vec::new();
+        for (name, b) in self.names.iter_mut() {
+            if current(name) {
+                changed |= b.left_at.take().is_some();
+            } else {
+                let left = *b.left_at.get_or_insert_with(|| {
+                    changed = true;
+                    now
+                });
+                if now - left >= UNUSED_FOR {
+                    expired.push(name.clone());
+                }
+            }
+        }
+        for name in &expired {
+            self.names.remove(name);
+            changed = true;
+        }
+        (expired, changed)
+    }
+
     pub fn prune(&mut self, now: i64) {
         self.orders.retain(|t| *t > now - 3 * HOUR);
         self.issued.retain(|(t, _, _)| *t > now - WEEK);
@@ -280,5 +313,30 @@ mod tests {
         assert_eq!(Ledger::load(&p), l);
         std::fs::write(&p, b"{not json").unwrap();
         assert_eq!(Ledger::load(&p), Ledger::default());
+    }
+
+    #[test]
+    fn names_that_leave_the_state_are_forgotten_after_thirty_days_unless_they_return() {
+        let mut l = Ledger::default();
+        l.succeeded("a.test", "a.test", 0);
+        l.succeeded("b.test", "b.test", 0);
+        let day = 86_400;
+        // b.test leaves the state on day 1.
+        let (gone, changed) = l.leftovers(|n| n == "a.test", day);
+        assert!(gone.is_empty() && changed);
+        assert_eq!(l.names["b.test"].left_at, Some(day));
+        // Nothing changes while it stays away less than 30 days…
+        assert_eq!(l.leftovers(|n| n == "a.test", 30 * day), (Vec::new(), false));
+        // …it comes back: the clock starts again when it leaves again.
+        assert_eq!(l.leftovers(|_| true, 20 * day), (Vec::new(), true));
+        assert_eq!(l.names["b.test"].left_at, None);
+        l.leftovers(|n| n == "a.test", 40 * day);
+        assert_eq!(l.leftovers(|n| n == "a.test", 69 * day), (Vec::new(), false));
+        assert_eq!(l.leftovers(|n| n == "a.test", 70 * day), (vec!["b.test".to_string()], true));
+        assert!(!l.names.contains_key("b.test") && l.names.contains_key("a.test"));
+        // A ledger written before `left_at` existed still reads.
+        let old = r#"{"names":{"c.test":{"failures":0,"next_try":0,"last_error":null,"last_attempt":null,"last_success":5}}}"#;
+        let l: Ledger = serde_json::from_str(old).unwrap();
+        assert_eq!(l.names["c.test"].left_at, None);
     }
 }

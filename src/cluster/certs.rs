@@ -437,6 +437,11 @@ impl CertStore for RedisCertStore {
             })
             .map_err(io_err)
     }
+
+    fn remove(&self, entry: &str) -> io::Result<()> {
+        let (key, list) = (self.fleet.cluster.key(&format!("cert:{entry}")), self.fleet.cluster.key("certs"));
+        self.fleet.run(|c| redis::pipe().atomic().hdel(&list, entry).ignore().del(&key).ignore().exec(c)).map_err(io_err)
+    }
 }
 
 /// What a fleet node's watcher reads: the fleet's certificates in Redis, and the
@@ -558,6 +563,16 @@ impl CertStore for FleetStore {
 
     fn save(&self, entry: &str, fullchain: &[u8], privkey: &[u8]) -> io::Result<()> {
         self.redis.save(entry, fullchain, privkey)
+    }
+
+    /// Removes the fleet's entry and this node's copy of it (never the operator's
+    /// `certs_dir`, which ACME does not write to in a fleet).
+    fn remove(&self, entry: &str) -> io::Result<()> {
+        self.redis.remove(entry)?;
+        if let Some(copy) = &self.copy {
+            copy.remove(entry)?;
+        }
+        Ok(())
     }
 }
 

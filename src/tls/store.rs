@@ -27,6 +27,8 @@ pub trait CertStore: Send + Sync + fmt::Debug {
     fn read(&self, entry: &str) -> io::Result<(Vec<u8>, Vec<u8>)>;
     /// Writes an entry (replacing it); readers never see a half-written file.
     fn save(&self, entry: &str, fullchain: &[u8], privkey: &[u8]) -> io::Result<()>;
+    /// Removes an entry (a missing one is not an error).
+    fn remove(&self, entry: &str) -> io::Result<()>;
 }
 
 /// `<dir>/<entry>/fullchain.pem` + `<dir>/<entry>/privkey.pem` (certbot's live layout;
@@ -72,17 +74,18 @@ pub fn valid_entry(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
-impl DirStore {
+impl CertStore for DirStore {
     /// Removes an entry (both files and its directory).
-    pub fn remove(&self, entry: &str) -> io::Result<()> {
+    fn remove(&self, entry: &str) -> io::Result<()> {
         if !valid_entry(entry) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid certificate entry name {entry:?}")));
         }
-        std::fs::remove_dir_all(self.dir.join(entry))
+        match std::fs::remove_dir_all(self.dir.join(entry)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
     }
-}
 
-impl CertStore for DirStore {
     fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir)? {

@@ -258,6 +258,35 @@ async fn custom_domain_is_issued_by_http01_after_it_is_verified() {
 
     assert_eq!(edge.child.id(), pid);
     assert!(edge.child.try_wait().expect("try_wait").is_none(), "the edge was not restarted");
+
+    // The domain leaves the routing state: it is no longer renewed (not managed), the
+    // ledger notes when it left, and its certificate goes once unused for 30 days (§9).
+    edge.write_config(&ca.body(acme_keys, "", &routing(origin.addr.port(), Some((domain, false, app.addr)))));
+    let ledger_path = edge.dir.path().join("var/acme/ledger.json");
+    let left = eventually(Duration::from_secs(10), || async {
+        let l: Value = serde_json::from_slice(&std::fs::read(&ledger_path).ok()?).ok()?;
+        l["names"][domain]["left_at"].as_i64()
+    })
+    .await;
+    let left = left.unwrap_or_else(|| {
+        panic!("the ledger never noted that {domain} left: {}", std::fs::read_to_string(&ledger_path).unwrap_or_default())
+    });
+    assert!(managed(&certificates(&edge).await, domain).is_none(), "a name out of the state is not renewed");
+    assert!(ca.certs_dir.join(domain).join("fullchain.pem").exists(), "kept while unused for less than 30 days");
+    // Thirty days later (the ledger's clock moved back), at the next start:
+    let mut l: Value = serde_json::from_slice(&std::fs::read(&ledger_path).expect("ledger")).expect("ledger json");
+    l["names"][domain]["left_at"] = (left - 30 * 86_400).into();
+    std::fs::write(&ledger_path, serde_json::to_vec(&l).expect("json")).expect("write ledger");
+    edge.kill9_and_restart().await;
+    let removed = eventually(Duration::from_secs(10), || async { (!ca.certs_dir.join(domain).exists()).then_some(()) }).await;
+    assert!(removed.is_some(), "the certificate of a name unused for 30 days was not removed: {}", edge.log());
+    let certs = certificates(&edge).await;
+    let listed = certs["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["names"].as_array().is_some_and(|n| n.iter().any(|n| n == domain)));
+    assert!(!listed, "no longer served: {certs}");
 }
 
 #[tokio::test]
