@@ -8,6 +8,8 @@
 //!      [server] https port?  TLS handshake (SniResolver) within [tls] handshake_timeout_ms
 //!                            counted: miosa_edge_tls_handshakes_total{version},
 //!                            …_failures_total{reason}, …_duration_seconds
+//!      h2 by ALPN?          PING and SETTINGS frames budgeted (crate::hostile::H2Flood):
+//!                            a flood closes the connection, miosa_edge_h2_floods_total
 //!  → pingora's HTTP app (h1, or h2 by ALPN) → EdgeProxy
 //! ```
 //!
@@ -22,7 +24,7 @@
 //! [`Held`], or a TLS stream over one), so the later calls of `process_new` for the
 //! same keep-alive connection are recognised and passed straight through.
 
-use crate::hostile::{Admitted, PerIp};
+use crate::hostile::{Admitted, H2Flood, PerIp};
 use crate::metrics::{HandshakeFailure, Metrics};
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -96,7 +98,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     Ok(Ok(s)) => {
                         let version = s.get_ssl_digest().map(|d| d.version.to_string()).unwrap_or_default();
                         self.metrics.tls_handshake(&version, started.elapsed().as_secs_f64());
-                        Box::new(s)
+                        if s.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
+                            // HTTP/2: the control frames it must answer are budgeted.
+                            let guarded: Stream = Box::new(H2Guard {
+                                inner: s,
+                                flood: H2Flood::new(crate::clock::monotonic_ms()),
+                                metrics: self.metrics.clone(),
+                            });
+                            guarded
+                        } else {
+                            Box::new(s)
+                        }
                     }
                     Ok(Err(e)) => {
                         let reason = handshake_failure(&e);
@@ -240,6 +252,112 @@ impl GetSocketDigest for Held {
 
 #[async_trait]
 impl Peek for Held {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// An HTTP/2 connection whose client is held to a budget of PING and SETTINGS frames
+/// ([`H2Flood`]): past it, reading fails and pingora closes the connection. Everything
+/// else is the inner stream's.
+#[derive(Debug)]
+struct H2Guard<S> {
+    inner: S,
+    flood: H2Flood,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for H2Guard<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            let me = &mut *self;
+            if !me.flood.feed(&buf.filled()[before..], crate::clock::monotonic_ms()) {
+                me.metrics.h2_floods.inc();
+                tracing::debug!("HTTP/2 PING/SETTINGS flood: connection closed");
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "HTTP/2 control frame flood")));
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for H2Guard<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl<S: Shutdown + Send> Shutdown for H2Guard<S> {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut self.inner).await
+    }
+}
+
+impl<S: UniqueID> UniqueID for H2Guard<S> {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl<S: Ssl> Ssl for H2Guard<S> {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl<S: GetTimingDigest> GetTimingDigest for H2Guard<S> {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl<S: GetProxyDigest> GetProxyDigest for H2Guard<S> {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl<S: GetSocketDigest> GetSocketDigest for H2Guard<S> {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl<S: Peek + Send> Peek for H2Guard<S> {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         self.inner.try_peek(buf).await
     }

@@ -199,5 +199,97 @@ impl Drop for Admitted {
     }
 }
 
+/// HTTP/2 control frames a client may send that the server must answer (PING, SETTINGS):
+/// a burst of this many per connection…
+pub const H2_CONTROL_BURST: u32 = 100;
+/// …refilled at this many a second. A client past it is flooding (each one costs the
+/// edge a frame to write, whether or not the client reads): its connection is closed,
+/// as nginx does.
+pub const H2_CONTROL_PER_SEC: u32 = 10;
+
+/// The client preface of HTTP/2 (RFC 9113 §3.4), before the first frame.
+const H2_PREFACE_LEN: usize = 24;
+
+/// Reads the frame headers of what an HTTP/2 client sends (the bytes as they arrive, in
+/// any pieces) and keeps the budget of PING and SETTINGS frames (not their ACKs).
+#[derive(Debug)]
+pub(crate) struct H2Flood {
+    phase: Phase,
+    tokens: u32,
+    /// Milliseconds (any monotonic origin) of the last refill.
+    refilled_ms: u64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Preface bytes still to pass.
+    Preface(usize),
+    /// A frame header being read: its bytes so far.
+    Header([u8; 9], usize),
+    /// Payload bytes still to pass.
+    Payload(u32),
+}
+
+impl H2Flood {
+    pub(crate) fn new(now_ms: u64) -> H2Flood {
+        H2Flood { phase: Phase::Preface(H2_PREFACE_LEN), tokens: H2_CONTROL_BURST, refilled_ms: now_ms }
+    }
+
+    /// Takes in bytes the client sent; `false` once it has sent more PING and SETTINGS
+    /// frames than its budget allows.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], now_ms: u64) -> bool {
+        while !bytes.is_empty() {
+            match &mut self.phase {
+                Phase::Preface(left) => {
+                    let n = (*left).min(bytes.len());
+                    *left -= n;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.phase = Phase::Header([0; 9], 0);
+                    }
+                }
+                Phase::Payload(left) => {
+                    let n = (*left as usize).min(bytes.len());
+                    *left -= n as u32;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.phase = Phase::Header([0; 9], 0);
+                    }
+                }
+                Phase::Header(head, have) => {
+                    let n = (9 - *have).min(bytes.len());
+                    head[*have..*have + n].copy_from_slice(&bytes[..n]);
+                    *have += n;
+                    bytes = &bytes[n..];
+                    if *have < 9 {
+                        continue;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+                    let (kind, flags) = (head[3], head[4]);
+                    // PING (0x6) and SETTINGS (0x4) without the ACK flag (0x1).
+                    if (kind == 0x6 || kind == 0x4) && flags & 0x1 == 0 && !self.take(now_ms) {
+                        return false;
+                    }
+                    self.phase = if len == 0 { Phase::Header([0; 9], 0) } else { Phase::Payload(len) };
+                }
+            }
+        }
+        true
+    }
+
+    fn take(&mut self, now_ms: u64) -> bool {
+        let earned = now_ms.saturating_sub(self.refilled_ms) * u64::from(H2_CONTROL_PER_SEC) / 1000;
+        if earned > 0 {
+            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(H2_CONTROL_BURST)) as u32;
+            self.refilled_ms += earned * 1000 / u64::from(H2_CONTROL_PER_SEC);
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests;

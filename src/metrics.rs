@@ -104,6 +104,8 @@ pub struct Metrics {
     access: Vec<IntCounter>,
     /// Live connections (WebSockets, streams) cut because their share was revoked or expired.
     pub revoked_connections: IntCounter,
+    /// HTTP/2 connections closed for a flood of PING or SETTINGS frames.
+    pub h2_floods: IntCounter,
     /// Client connections closed at once because their IP address held
     /// `[server] max_connections_per_ip` connections already.
     pub connections_over_ip_cap: IntCounter,
@@ -231,6 +233,11 @@ impl Metrics {
             "miosa_edge_connections_over_ip_cap_total",
             "Client connections closed at once because their IP address already held [server] max_connections_per_ip connections.",
         );
+        let h2_floods = counter(
+            &registry,
+            "miosa_edge_h2_floods_total",
+            "HTTP/2 connections closed because the client sent PING or SETTINGS frames past the budget (a flood).",
+        );
         let release_fetches = counters(
             &registry,
             "miosa_edge_release_fetches_total",
@@ -329,6 +336,7 @@ impl Metrics {
             access: CREDENTIALS.iter().flat_map(|c| ["granted", "denied"].map(|r| access.with_label_values(&[*c, r]))).collect(),
             revoked_connections,
             connections_over_ip_cap,
+            h2_floods,
             release_fetch_ok: release_fetches.with_label_values(&["ok"]),
             release_fetch_err: release_fetches.with_label_values(&["error"]),
             releases_cached,

@@ -84,3 +84,39 @@ fn per_ip_counts_and_gives_back() {
     drop((two, three, other));
     assert!(p.live.is_empty(), "entries are removed at zero");
 }
+
+fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn h2_ping_and_settings_floods_are_cut_acks_and_data_are_not_counted() {
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    assert_eq!(wire.len(), 24);
+    wire.extend(frame(0x4, 0, &[0; 6])); // SETTINGS
+    for _ in 0..500 {
+        wire.extend(frame(0x4, 0x1, &[])); // SETTINGS ACK: free
+        wire.extend(frame(0x6, 0x1, &[0; 8])); // PING ACK: free
+        wire.extend(frame(0x0, 0, &[6; 300])); // DATA, with a payload that looks like frames
+    }
+    // Fed in pieces of every size, at one instant: within the budget.
+    let mut f = H2Flood::new(0);
+    for piece in wire.chunks(7) {
+        assert!(f.feed(piece, 0));
+    }
+    // 99 more PINGs fit the burst of 100 (the SETTINGS took one); the next does not.
+    let ping = frame(0x6, 0, &[0; 8]);
+    for _ in 0..99 {
+        assert!(f.feed(&ping, 0));
+    }
+    assert!(!f.feed(&ping, 0), "the 101st unanswered control frame at once is a flood");
+    // A client pinging at the refill rate is never cut.
+    let mut g = H2Flood::new(0);
+    assert!(g.feed(&wire[..24], 0));
+    for i in 0..2_000u64 {
+        assert!(g.feed(&ping, i * 100), "ping {i} at 10/s");
+    }
+}

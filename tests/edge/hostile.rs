@@ -643,3 +643,38 @@ async fn http2_rapid_reset_and_continuation_flood() {
     assert_eq!(status, 200);
     assert_eq!(edge.get(&host, "/").await.status, 200);
 }
+
+/// HTTP/2 PING and SETTINGS floods (each frame makes the edge write one back, read or
+/// not): past a burst of 100 and 10 a second, the connection is closed, as nginx does.
+/// A client within the budget, and ACKs, are untouched.
+#[tokio::test]
+async fn http2_ping_and_settings_floods_are_cut() {
+    const H2_PING: u8 = 0x6;
+    let f = Fixture::start().await;
+    let (_t, dir) = certs_dir();
+    let edge = Edge::start_opts("https = \"127.0.0.1:0\"", &[], &format!("{}{}", tls_toml(&dir, false), f.toml(""))).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    for kind in [H2_PING, H2_SETTINGS] {
+        let payload: &[u8] = if kind == H2_PING { &[0; 8] } else { &[] };
+        let mut frames = Vec::new();
+        for _ in 0..10_000 {
+            frames.extend(h2_frame(kind, 0, 0, payload));
+        }
+        let x = h2_raw(edge.https(), &host, frames, Duration::from_secs(10)).await;
+        assert!(x.closed, "a flood of 10,000 frames of type {kind} is cut: {x:?}");
+    }
+    // 50 PINGs and their ACK-flagged twins, then a request: served, connection open.
+    let mut frames = Vec::new();
+    for _ in 0..50 {
+        frames.extend(h2_frame(H2_PING, 0, 0, &[0; 8]));
+        frames.extend(h2_frame(H2_PING, 0x1, 0, &[0; 8]));
+    }
+    frames.extend(h2_frame(H2_HEADERS, END_STREAM | END_HEADERS, 1, &h2_request_block(&host)));
+    let x = h2_raw(edge.https(), &host, frames, Duration::from_secs(3)).await;
+    assert!(!x.closed && x.responses == 1, "within the budget: {x:?}");
+    let metrics = edge.api("GET", "/metrics", None).await.text();
+    assert!(metrics.contains("miosa_edge_h2_floods_total 2"), "{metrics}");
+    // Still serving over HTTP/2.
+    let (send, _conn) = h2_connect(edge.https(), &host).await;
+    assert_eq!(h2_fetch(&send, &host).await.expect("h2 request after the floods").0, 200);
+}
