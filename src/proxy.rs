@@ -164,6 +164,10 @@ impl ProxyHttp for EdgeProxy {
     /// the edge answered (always through the one writer). Never connects anywhere but
     /// the waker's hook; never reads the body (but the password form's).
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2): requests sent back to back are answered
+        // one after the other, in order, on the same connection (pingora reads what
+        // follows this request as the next one's start; a no-op on HTTP/2).
+        session.downstream_session.set_pipelining_enabled(true);
         ctx.request_id = match session.req_header().headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v.as_bytes()) => v.clone(),
             _ => self.ids.next(),

@@ -122,3 +122,51 @@ async fn streaming_response_in_flight_survives_a_reload() {
     let body = r.text();
     assert!(body.starts_with("first-chunk;chunk-0;") && body.ends_with("chunk-99;end"), "{body}");
 }
+
+/// HTTP/1.1 pipelining (RFC 9112 §9.3.2): requests written back to back, in one write,
+/// are all answered, in order, on the one connection; on TLS too.
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = crate::Fixture::start().await;
+    let (_t, dir) = crate::support::pebble::certs_dir();
+    let edge =
+        Edge::start_opts("https = \"127.0.0.1:0\"", &[], &format!("{}{}", crate::support::pebble::tls_toml(&dir, false), f.toml(""))).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let req = |path: &str, last: bool| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n{}\r\n",
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let two = format!("{}{}", req("/one", false), req("/two", true));
+    let three = format!("{}{}{}", req("/a", false), req("/b", false), req("/c", true));
+    for (wire, paths) in [(two, vec!["/one", "/two"]), (three, vec!["/a", "/b", "/c"])] {
+        // Plain.
+        let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+        s.write_all(wire.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("in time").expect("read");
+        assert_answers(&buf, &paths);
+        // TLS.
+        let opts = crate::support::pebble::TlsOpts { sni: Some(host.clone()), ..crate::support::pebble::TlsOpts::default() };
+        let (mut t, _) = crate::support::pebble::tls_connect(edge.https(), &opts).await.expect("tls");
+        t.write_all(wire.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut buf)).await.expect("in time");
+        assert_answers(&buf, &paths);
+    }
+}
+
+/// `buf` holds one 200 per path, each echoing its path, in order.
+fn assert_answers(buf: &[u8], paths: &[&str]) {
+    let text = String::from_utf8_lossy(buf);
+    let statuses = text.matches("HTTP/1.1 200").count();
+    assert_eq!(statuses, paths.len(), "one answer per pipelined request: {text}");
+    let mut at = 0;
+    for p in paths {
+        let needle = format!("\"path\":\"{p}\"");
+        let found = text[at..].find(&needle).unwrap_or_else(|| panic!("{p} not answered in order: {text}"));
+        at += found + needle.len();
+    }
+}
