@@ -148,3 +148,38 @@ fn hostile_client_limits_have_defaults_and_bounds() {
     let i = issues("[server]\nmax_connections_per_ip = -1\n");
     assert_eq!(i[0].path, "server.max_connections_per_ip", "{:?}", i[0]);
 }
+
+#[test]
+fn cluster_reads_its_secrets_from_the_environment_and_says_what_is_wrong() {
+    // Names only this test sets.
+    std::env::set_var("CFGTEST_REDIS_OK", "redis://:pw@127.0.0.1:6390/0");
+    std::env::set_var("CFGTEST_REDIS_HTTP", "http://127.0.0.1:6390");
+    std::env::set_var("CFGTEST_SEAL_SHORT", "too short");
+    std::env::set_var("CFGTEST_SEAL_OK", "0123456789abcdef0123456789abcdef");
+    let section = |url: &str, seal: &str, extra: &str| format!("[cluster]\nredis_url_env = \"{url}\"\nseal_key_env = \"{seal}\"\n{extra}");
+    let c = Config::parse(&section("CFGTEST_REDIS_OK", "CFGTEST_SEAL_OK", "node = \"edge-7\"\n"), None).expect("valid");
+    let cl = c.cluster.expect("cluster");
+    assert_eq!((cl.node.as_str(), cl.prefix.as_str()), ("edge-7", "miosa-edge"));
+    assert_eq!(cl.seal_key.as_deref().map(<[u8]>::len), Some(32));
+    assert!(!format!("{cl:?}").contains("pw@"), "the URL's password is not in Debug output");
+    // The node defaults to the host name.
+    assert!(!Config::parse(&section("CFGTEST_REDIS_OK", "CFGTEST_SEAL_OK", ""), None)
+        .expect("valid")
+        .cluster
+        .expect("cluster")
+        .node
+        .is_empty());
+
+    let i = issues(&section("CFGTEST_REDIS_UNSET", "CFGTEST_SEAL_SHORT", "node = \"no spaces allowed\"\n"));
+    let paths: Vec<&str> = i.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(paths, ["cluster.node"], "names are checked first: {i:?}");
+    let i = issues(&section("CFGTEST_REDIS_UNSET", "CFGTEST_SEAL_SHORT", ""));
+    let paths: Vec<&str> = i.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(paths, ["cluster.redis_url_env", "cluster.seal_key_env"], "{i:?}");
+    assert!(i[0].message.contains("CFGTEST_REDIS_UNSET is not set") && i[1].message.contains("at least 32 bytes"), "{i:?}");
+    let i = issues(&section("CFGTEST_REDIS_HTTP", "CFGTEST_SEAL_OK", ""));
+    assert!(i[0].message.contains("redis:// or rediss://"), "{i:?}");
+    // With TLS, the seal key is required (the fleet keeps its certificates' keys sealed).
+    let i = issues(&format!("[server]\nhttps = \"127.0.0.1:0\"\n{}", section("CFGTEST_REDIS_OK", "CFGTEST_SEAL_UNSET", "")));
+    assert!(i.iter().any(|i| i.path == "cluster.seal_key_env" && i.message.contains("is not set")), "{i:?}");
+}
