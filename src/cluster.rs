@@ -516,6 +516,7 @@ impl Follower {
         let fleet = self.fleet_generation(conn)?;
         let local = self.store.generation();
         self.check_identity(conn, fleet.is_some(), local)?;
+        c.foreign.store(false, Ordering::Relaxed);
         match fleet {
             None if local > 0 => self.seed(conn, local)?,
             Some(g) if g < local => {
