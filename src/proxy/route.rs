@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! host (Host / :authority, one of them) ─ malformed ─► 400 invalid_host
-//! plain listener with TLS on ─► 308 https://host… (ACME challenges excepted)
 //! table.lookup(host)
+//!   plain listener with TLS on, a host the edge routes ─► 308 https://host…
+//!     (ACME challenges excepted; an unrouted host gets 404 unknown_host below)
 //!   Denied(code)  ─► the code's page, branded for the host's workspace
 //!   Preview       ─► access::authorize ─► Answer | Pass (watching a share)
 //!                    suspended ─► [wake]: hold until pushed running, route again
@@ -74,10 +75,15 @@ impl EdgeProxy {
         let Some(host) = host else {
             return Ok(ErrorCode::InvalidHost.into());
         };
-        if let Some(location) = self.https_redirect(session, ctx, host) {
-            return Ok(Answer::Redirect { status: 308, location, cookies: Vec::new() }.into());
+        let route = table.lookup(host);
+        // A host the edge does not route is answered 404 on the plain listener too: a
+        // redirect would echo whatever `Host` a client sent (CONTRACT §9).
+        if !matches!(route, Route::Denied { code: ErrorCode::UnknownHost, .. }) {
+            if let Some(location) = self.https_redirect(session, ctx, host) {
+                return Ok(Answer::Redirect { status: 308, location, cookies: Vec::new() }.into());
+            }
         }
-        match table.lookup(host) {
+        match route {
             Route::Denied { code, branding, preview, workspace } => {
                 self.attribute(ctx, &table, workspace);
                 ctx.branding = branding;
@@ -126,8 +132,8 @@ impl EdgeProxy {
         }
     }
 
-    /// The `Location` of the 308 to HTTPS a plain-listener request gets when TLS is on
-    /// (ACME HTTP-01 challenges excepted), else `None`.
+    /// The `Location` of the 308 to HTTPS a plain-listener request for a routed host gets
+    /// when TLS is on (ACME HTTP-01 challenges excepted), else `None`.
     fn https_redirect(&self, session: &Session, ctx: &RequestCtx, host: &str) -> Option<Vec<u8>> {
         let port = self.tls.redirect_to.filter(|_| !ctx.tls)?;
         let raw = session.req_header().raw_path();
