@@ -259,11 +259,11 @@ impl ProxyHttp for EdgeProxy {
 
     /// The edge's response headers ([`forward::downstream_response`]); an answer from
     /// an instance ends its failures in a row.
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
         if let Some(i) = &ctx.instance {
             i.health().passive_success();
         }
-        forward::downstream_response(resp, ctx)
+        forward::downstream_response(resp, session.req_header().version, ctx)
     }
 
     /// Counts the failure; nothing reached the upstream yet, so any method may be
