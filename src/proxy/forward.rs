@@ -50,6 +50,10 @@ pub fn upstream_request(req: &mut RequestHeader, client: Option<IpAddr>, ctx: &R
         }
     }
     req.insert_static(&XRID, ctx.request_id.clone())?;
+    if let Some(target) = &ctx.upstream_target {
+        // A WebSocket upgrade authorised by `?token=`: forwarded without the token.
+        req.set_raw_path(target)?;
+    }
     strip_edge_headers(req);
     strip_edge_cookies(req)
 }

@@ -6,7 +6,8 @@
 //!   plain listener with TLS on, a host the edge routes ─► 308 https://host…
 //!     (ACME challenges excepted; an unrouted host gets 404 unknown_host below)
 //!   Denied(code)  ─► the code's page, branded for the host's workspace
-//!   Preview       ─► access::authorize ─► Answer | Pass (watching a share)
+//!   Preview       ─► access::authorize ─► Answer | Pass (watching a share or an mp_
+//!                    token's exp; a WebSocket's ?token= taken out of its target)
 //!                    suspended ─► [wake]: hold until pushed running, route again
 //!                    ─► sandbox address:port
 //!   Deployment    ─► static release: the file (or 404/405/503), answered here
@@ -16,7 +17,7 @@
 //! The edge connects only to addresses found in the table this request loaded
 //! (`RequestCtx::table`), never to one derived from the request.
 
-use super::ctx::{RequestCtx, ShareWatch, Target};
+use super::ctx::{CredentialWatch, RequestCtx, Target};
 use super::rescue::wants_html;
 use super::EdgeProxy;
 use crate::access::{self, Decision, Preview};
@@ -151,14 +152,15 @@ impl EdgeProxy {
     }
 
     /// The access decision for preview `p`: `Some` answer, or `None` to go on (then
-    /// watching the share it was opened with, if any).
+    /// watching the share or `mp_` token it was opened with, if any).
     async fn authorize(&self, session: &mut Session, ctx: &mut RequestCtx, table: &RouteTable, p: &Preview<'_>) -> Result<Option<Answer>> {
         let now = crate::clock::unix_now();
         match access::authorize(table, session.req_header(), p, now, &self.metrics) {
-            Decision::Pass { watch } => {
-                if let Some(share) = watch {
-                    ctx.share_watch = Some(ShareWatch { share, sandbox: p.sandbox.into(), port: p.port });
+            Decision::Pass { watch, target } => {
+                if watch.is_some() {
+                    ctx.watch = Some(CredentialWatch { watch, sandbox: p.sandbox.into(), port: p.port });
                 }
+                ctx.upstream_target = target;
                 Ok(None)
             }
             Decision::Answer(a) => Ok(Some(a)),

@@ -532,3 +532,34 @@ pub async fn read_response(s: &mut TcpStream, limit: Duration) -> Option<(String
     .ok()
     .flatten()
 }
+
+/// A WebSocket echo origin on `ip:0` that reports each handshake's request target and
+/// `Cookie` header.
+#[allow(clippy::result_large_err)] // the callback's type is tungstenite's
+pub async fn ws_echo_recording(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<(String, Option<String>)>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response as WsResponse};
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind ws");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let record = |req: &Request, resp: WsResponse| {
+                    let cookie = req.headers().get("cookie").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    let _ = tx.send((req.uri().to_string(), cookie));
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(sock, record).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task, rx)
+}
