@@ -81,6 +81,7 @@ impl EdgeProxy {
         // redirect would echo whatever `Host` a client sent (CONTRACT §9).
         if !matches!(route, Route::Denied { code: ErrorCode::UnknownHost, .. }) {
             if let Some(location) = self.https_redirect(session, ctx, host) {
+                drain_small_body(session).await;
                 return Ok(Answer::Redirect { status: 308, location, cookies: Vec::new() }.into());
             }
         }
@@ -241,6 +242,23 @@ impl EdgeProxy {
         if let Some(w) = workspace.and_then(|w| table.workspace(w)) {
             ctx.usage[0] = Some(self.usage.cell(UsageKind::Workspace, &w.id));
         }
+    }
+}
+
+/// Longest request body read off the wire and dropped before a 308 to `https://`.
+const DRAIN_MAX_BYTES: u64 = 64 * 1024;
+
+/// Reads a small request body (a `Content-Length` up to [`DRAIN_MAX_BYTES`]) off the
+/// wire and drops it, so the connection can carry the next request after the edge's
+/// answer (CONTRACT §9: the plain listener's 308 keeps the connection open; the client
+/// sends the body again to `https://`). A longer or chunked body is left unread, and
+/// pingora closes the connection after the answer; so does a body that fails to arrive.
+async fn drain_small_body(session: &mut Session) {
+    let req = session.req_header();
+    let length = req.headers.get(header::CONTENT_LENGTH).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
+    let small = matches!(length, Some(n) if n > 0 && n <= DRAIN_MAX_BYTES) && !req.headers.contains_key(header::TRANSFER_ENCODING);
+    if small && session.drain_request_body().await.is_err() {
+        session.set_keepalive(None);
     }
 }
 

@@ -351,10 +351,11 @@ async fn handshakes_are_counted_bounded_and_capped() {
 
 /// With TLS on, the plain listener redirects only hosts the edge routes (CONTRACT §9): a
 /// host it does not route gets 404 `unknown_host`, never a redirect echoing that host,
-/// and the connection stays open across redirects and pages alike.
+/// and the connection stays open across redirects and pages alike, a POST's small body
+/// included.
 ///
 /// Before, every host got a 308 to `https://` on itself, and the connection was closed
-/// after it.
+/// after a redirect of a request with a body.
 #[tokio::test]
 async fn plain_listener_redirects_only_routed_hosts_and_keeps_the_connection() {
     use crate::support::read_response;
@@ -385,5 +386,12 @@ async fn plain_listener_redirects_only_routed_hosts_and_keeps_the_connection() {
             }
             assert!(r.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close")), "{host}: {:?}", r.headers);
         }
+        // A POST with a body: the client sends it again to https://.
+        s.write_all(format!("POST /form HTTP/1.1\r\nHost: {routed}\r\nContent-Length: 11\r\n\r\nfield=value").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}, POST: connection closed: {e}"));
+        let (_, r) = read_response(&mut s, Duration::from_secs(10)).await.unwrap_or_else(|| panic!("round {round}: no answer to the POST"));
+        assert_eq!((r.status, r.header("location")), (308, Some(format!("https://{routed}:{tls_port}/form").as_str())));
+        assert!(r.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close")), "POST: {:?}", r.headers);
     }
 }
