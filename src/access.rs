@@ -27,7 +27,7 @@ pub mod password;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{authorize, password_post, Decision, Preview, PASSWORD_PATH};
+pub use decide::{authorize, password_post, Decision, Preview, Watch, PASSWORD_PATH};
 pub use keys::{mint, verify_preview, LEEWAY_SECS, MAX_TOKEN_LIFE_SECS, MIN_SECRET_LEN};
 pub use keys::{KeyAlg, Keys, PreviewKeySpec, Tokens};
 

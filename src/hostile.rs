@@ -32,8 +32,9 @@
 //! repeated or not plain digits (pingora forwards `4, 4` and two identical fields as
 //! they came) — all 400 `bad_request`; a NUL in the path (raw or `%00`), `*` with a
 //! method other than `OPTIONS`, and absolute-form targets with a scheme other than
-//! `http`/`https` (400 `bad_request`). A refused request closes its connection: what
-//! follows it on the wire is never read as another request.
+//! `http`/`https`, and an HTTP/2 request without a path (no `:path`) — 400
+//! `bad_request`. A refused request closes its connection: what follows it on the wire
+//! is never read as another request.
 
 use crate::codes::ErrorCode;
 use crate::config;
@@ -130,7 +131,10 @@ pub fn screen<R: AsRef<[u8]>>(req: &RequestHeader, raw_head: impl FnOnce() -> Op
             None => false,
         },
     };
-    if !form_ok && req.method != http::Method::CONNECT {
+    // An HTTP/2 request without `:path` (and no `:authority` to make it absolute) has no
+    // path at all: malformed (RFC 9113 §8.3.1); h2 itself refuses an empty `:path`.
+    let no_path = req.uri.path().is_empty();
+    if (!form_ok || no_path) && req.method != http::Method::CONNECT {
         return Some(ErrorCode::BadRequest);
     }
     if has_nul(req.uri.path().as_bytes()) || has_nul(path_of(target)) {

@@ -7,7 +7,8 @@
 //!                          any Answer → the one writer (proxy::rescue)
 //! upstream_peer            ctx.target: sandbox address:port | the chosen instance
 //! upstream_request_filter  forwarding headers, credential firewall (proxy::forward)
-//! revocation               a share-opened exchange ends with its share (access)
+//! revocation               a share-opened exchange ends with its share (access),
+//!                          an mp_-opened one at the token's exp
 //! response_filter          X-Request-Id; X-Robots-Tag on previews (proxy::forward)
 //! error_while_proxy        passive health; one replay of an idempotent request
 //! fail_to_connect          one retry on another instance (deployments)
@@ -263,11 +264,11 @@ impl ProxyHttp for EdgeProxy {
 
     /// The edge's response headers ([`forward::downstream_response`]); an answer from
     /// an instance ends its failures in a row.
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
         if let Some(i) = &ctx.instance {
             i.health().passive_success();
         }
-        forward::downstream_response(resp, ctx)
+        forward::downstream_response(resp, session.req_header().version, ctx)
     }
 
     /// Counts the failure; nothing reached the upstream yet, so any method may be
@@ -346,14 +347,26 @@ impl ProxyHttp for EdgeProxy {
     }
 
     /// For an exchange opened with a share token: resolves when the share is deleted or
-    /// expires, and the vendored pingora-proxy (patch 2) then closes the exchange, idle
-    /// or not ([`crate::access::until_revoked`]). `None` (no cost) for everything else.
+    /// expires ([`crate::access::until_revoked`]); with an `mp_` token (URL, header or
+    /// session cookie): at the token's `exp`, where its session ends (CONTRACT §3). The
+    /// vendored pingora-proxy (patch 2) then closes the exchange, idle or not. `None`
+    /// (no cost) for everything else.
     fn revocation(&self, ctx: &RequestCtx) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>> {
-        let w = ctx.share_watch.as_ref()?;
-        let (routes, metrics, changes) = (self.routes.clone(), self.metrics.clone(), self.table_changes.clone());
-        let (share, sandbox, port) = (w.share, w.sandbox.clone(), w.port);
+        let w = ctx.watch.as_ref()?;
+        let metrics = self.metrics.clone();
+        if let Some(share) = w.watch.share {
+            let (routes, changes) = (self.routes.clone(), self.table_changes.clone());
+            let (sandbox, port) = (w.sandbox.clone(), w.port);
+            return Some(Box::pin(async move {
+                crate::access::until_revoked(|| routes.load_full(), changes, share, &sandbox, port).await;
+                metrics.revoked_connections.inc();
+            }));
+        }
+        let until = w.watch.until?;
         Some(Box::pin(async move {
-            crate::access::until_revoked(|| routes.load_full(), changes, share, &sandbox, port).await;
+            // Whole seconds from a `now` rounded down: never before `exp`, at most 1 s after.
+            let left = until.saturating_sub(crate::clock::unix_now()).max(0) as u64;
+            tokio::time::sleep(Duration::from_secs(left)).await;
             metrics.revoked_connections.inc();
         }))
     }
@@ -363,7 +376,11 @@ impl ProxyHttp for EdgeProxy {
     /// that left are not errors of ours.
     fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         if matches!(e.etype(), ErrorType::Custom(REVOKED)) {
-            tracing::info!(request_id = ctx.request_id(), route = ctx.kind.as_str(), "share revoked or expired: live connection closed");
+            tracing::info!(
+                request_id = ctx.request_id(),
+                route = ctx.kind.as_str(),
+                "credential revoked or expired: live connection closed"
+            );
             return true;
         }
         if matches!(e.esource(), ErrorSource::Upstream) {

@@ -4,11 +4,14 @@
 //! authorize(snapshot, request, preview, now)
 //!   POST /__miosa/share-password on a private preview ─► PasswordPost (password_post)
 //!   ?token=mp_…|ms_… ─► valid: 303 to the URL without it + session cookie
-//!                       (public preview: the same 303, no cookie; WebSocket: see below)
+//!                       (public preview: the same 303, no cookie)
+//!                       WebSocket upgrade (follows no redirect): Pass in place, no
+//!                       cookie, the target forwarded without the token
 //!                       invalid: the token's 401
 //!   public preview ─► Pass
 //!   X-Miosa-Token ─► valid: Pass (this request only) · password share: 401 · else 401
-//!   session cookie ─► valid: Pass (watching its share) · unreadable: cleared, go on
+//!   session cookie ─► valid: Pass · unreadable: cleared, go on
+//!   (every Pass watches what it was opened with: a share, or an mp_ token's exp)
 //!   pending cookie (a password share's link was opened) ─► the password form (401)
 //!   nothing ─► 401 preview_auth_required (clearing what was unreadable)
 //! ```
@@ -55,11 +58,37 @@ impl Preview<'_> {
     }
 }
 
+/// What a live exchange was opened with, and so when it must end (CONTRACT §3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// The share record (it ends when the record is deleted or expires).
+    pub share: Option<[u8; 32]>,
+    /// An `mp_` token's `exp`, in Unix seconds (the session it opened ends then).
+    pub until: Option<i64>,
+}
+
+impl Watch {
+    /// What an exchange authorised by `grant` watches: its share, else its `exp`.
+    pub fn of(grant: &super::Grant) -> Watch {
+        match grant.share {
+            Some(share) => Watch { share: Some(share), until: None },
+            None => Watch { share: None, until: Some(grant.expires) },
+        }
+    }
+
+    /// Whether there is anything to watch.
+    pub fn is_some(&self) -> bool {
+        self.share.is_some() || self.until.is_some()
+    }
+}
+
 /// What the edge does with a request to a preview.
 #[derive(Debug)]
 pub enum Decision {
-    /// Forward it; while the exchange lives, watch this share (it ends with the share).
-    Pass { watch: Option<[u8; 32]> },
+    /// Forward it; while the exchange lives, watch what it was opened with. `target`:
+    /// the request target to forward instead of the client's (a WebSocket upgrade
+    /// authorised by `?token=`, without it).
+    Pass { watch: Watch, target: Option<Vec<u8>> },
     /// Answer it.
     Answer(Answer),
     /// A password form's POST: [`password_post`] reads and checks it.
@@ -81,12 +110,25 @@ pub fn authorize(table: &impl Credentials, req: &RequestHeader, p: &Preview<'_>,
         return Decision::PasswordPost;
     }
     if let Some((token, location)) = url_token(req.raw_path()) {
+        // A WebSocket handshake follows no redirect: it is authorised in place, and
+        // the token taken out of the target it is forwarded with.
+        let upgrade = req.headers.contains_key(header::UPGRADE);
         if !p.private {
             // Nothing to open, but a token never reaches the sandbox.
+            if upgrade {
+                return Decision::Pass { watch: Watch::default(), target: Some(location) };
+            }
             return Answer::see_other(location, Vec::new()).into();
         }
         let credential = if token.starts_with("ms_") { Credential::ShareToken } else { Credential::PreviewToken };
         return match verify_token(table, &token, sandbox, port, now) {
+            Ok(grant) if upgrade => {
+                metrics.access(credential, !grant.needs_password);
+                if grant.needs_password {
+                    return Answer::error(ErrorCode::SharePasswordRequired, p.detail()).into();
+                }
+                Decision::Pass { watch: Watch::of(&grant), target: Some(location) }
+            }
             Ok(grant) => {
                 metrics.access(credential, true);
                 let kind = match (grant.share, grant.needs_password) {
@@ -109,7 +151,7 @@ pub fn authorize(table: &impl Credentials, req: &RequestHeader, p: &Preview<'_>,
         };
     }
     if !p.private {
-        return Decision::Pass { watch: None };
+        return Decision::Pass { watch: Watch::default(), target: None };
     }
     if let Some(v) = req.headers.get(&X_MIOSA_TOKEN) {
         let token = std::str::from_utf8(v.as_bytes()).unwrap_or("").trim();
@@ -118,7 +160,7 @@ pub fn authorize(table: &impl Credentials, req: &RequestHeader, p: &Preview<'_>,
         metrics.access(credential, matches!(result, Ok(g) if !g.needs_password));
         return match result {
             Ok(g) if g.needs_password => Answer::error(ErrorCode::SharePasswordRequired, p.detail()).into(),
-            Ok(g) => Decision::Pass { watch: g.share },
+            Ok(g) => Decision::Pass { watch: Watch::of(&g), target: None },
             Err(code) => Answer::error(code, p.detail()).into(),
         };
     }
@@ -129,7 +171,7 @@ pub fn authorize(table: &impl Credentials, req: &RequestHeader, p: &Preview<'_>,
         match cookie::decode(table.keys(), host, v, now).filter(|s| s.kind != SessionKind::Pending) {
             Some(s) if super::still_valid(table, &s.grant(), sandbox, port, now) => {
                 metrics.access(Credential::Session, true);
-                return Decision::Pass { watch: s.share };
+                return Decision::Pass { watch: Watch::of(&s.grant()), target: None };
             }
             s => {
                 metrics.access(Credential::Session, false);

@@ -49,8 +49,12 @@ pub struct RequestCtx {
     pub edge_status: Option<u16>,
     /// Usage counters of the workspace, deployment and sandbox this request is for.
     pub usage: [Option<Arc<UsageCell>>; 3],
-    /// The share a private preview was opened with, watched while the exchange lives.
-    pub share_watch: Option<ShareWatch>,
+    /// What a private preview was opened with (a share, an `mp_` token's `exp`),
+    /// watched while the exchange lives.
+    pub watch: Option<CredentialWatch>,
+    /// The request target to forward instead of the client's: a WebSocket upgrade
+    /// authorised by `?token=`, without the token.
+    pub upstream_target: Option<Vec<u8>>,
     /// The request came over TLS.
     pub tls: bool,
     /// The instance this request is using (outstanding-request count).
@@ -76,7 +80,8 @@ impl RequestCtx {
             retries: 0,
             edge_status: None,
             usage: [None, None, None],
-            share_watch: None,
+            watch: None,
+            upstream_target: None,
             tls: false,
             instance: None,
             releases: [None, None],
@@ -95,9 +100,10 @@ impl Default for RequestCtx {
     }
 }
 
-/// What [`crate::access::until_revoked`] rechecks for a share-opened exchange.
-pub struct ShareWatch {
-    pub share: [u8; 32],
+/// What ends a live exchange of a private preview: the share it was opened with
+/// (rechecked by [`crate::access::until_revoked`]), or the `exp` of its `mp_` token.
+pub struct CredentialWatch {
+    pub watch: crate::access::Watch,
     pub sandbox: Box<str>,
     pub port: u16,
 }

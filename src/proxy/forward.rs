@@ -3,7 +3,7 @@
 //! Upstream: `X-Forwarded-For` (the client address; a client's own value is replaced),
 //! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Request-Id`; the credential firewall takes
 //! out `X-Miosa-*` and the edge's own cookies. Downstream: `X-Request-Id` on every
-//! response, `X-Robots-Tag: noindex` on previews.
+//! response, `X-Robots-Tag: noindex` on previews, HTTP/1.1 to HTTP/1.1 clients.
 //!
 //! These run on every request: names are [`StaticHeaderName`]s (inserted without being
 //! parsed or copied, vendored pingora-http patch) and the client address is written
@@ -50,12 +50,23 @@ pub fn upstream_request(req: &mut RequestHeader, client: Option<IpAddr>, ctx: &R
         }
     }
     req.insert_static(&XRID, ctx.request_id.clone())?;
+    if let Some(target) = &ctx.upstream_target {
+        // A WebSocket upgrade authorised by `?token=`: forwarded without the token.
+        req.set_raw_path(target)?;
+    }
     strip_edge_headers(req);
     strip_edge_cookies(req)
 }
 
-/// Adds the edge's headers to a response from upstream.
-pub fn downstream_response(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+/// Adds the edge's headers to a response from upstream, and answers an HTTP/1.1 client
+/// in HTTP/1.1 whatever version the upstream spoke (CONTRACT §6: a Python `http.server`
+/// answers in HTTP/1.0). The body's framing is already one HTTP/1.1 keeps: its
+/// `Content-Length`, or chunked when the upstream ends it by closing (the vendored
+/// pingora-proxy sets `Transfer-Encoding: chunked` before this runs).
+pub fn downstream_response(resp: &mut ResponseHeader, client: http::Version, ctx: &RequestCtx) -> Result<()> {
+    if client == http::Version::HTTP_11 && resp.version < http::Version::HTTP_11 {
+        resp.set_version(http::Version::HTTP_11);
+    }
     resp.insert_static(&XRID, ctx.request_id.clone())?;
     if ctx.preview {
         resp.append_static(&XRT, NOINDEX.clone())?;

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! host (Host / :authority, one of them) ─ malformed ─► 400 invalid_host
-//! plain listener with TLS on ─► 308 https://host… (ACME challenges excepted)
 //! table.lookup(host)
+//!   plain listener with TLS on, a host the edge routes ─► 308 https://host…
+//!     (ACME challenges excepted; an unrouted host gets 404 unknown_host below)
 //!   Denied(code)  ─► the code's page, branded for the host's workspace
-//!   Preview       ─► access::authorize ─► Answer | Pass (watching a share)
+//!   Preview       ─► access::authorize ─► Answer | Pass (watching a share or an mp_
+//!                    token's exp; a WebSocket's ?token= taken out of its target)
 //!                    suspended ─► [wake]: hold until pushed running, route again
 //!                    ─► sandbox address:port
 //!   Deployment    ─► static release: the file (or 404/405/503), answered here
@@ -15,7 +17,7 @@
 //! The edge connects only to addresses found in the table this request loaded
 //! (`RequestCtx::table`), never to one derived from the request.
 
-use super::ctx::{RequestCtx, ShareWatch, Target};
+use super::ctx::{CredentialWatch, RequestCtx, Target};
 use super::rescue::wants_html;
 use super::EdgeProxy;
 use crate::access::{self, Decision, Preview};
@@ -74,10 +76,16 @@ impl EdgeProxy {
         let Some(host) = host else {
             return Ok(ErrorCode::InvalidHost.into());
         };
-        if let Some(location) = self.https_redirect(session, ctx, host) {
-            return Ok(Answer::Redirect { status: 308, location, cookies: Vec::new() }.into());
+        let route = table.lookup(host);
+        // A host the edge does not route is answered 404 on the plain listener too: a
+        // redirect would echo whatever `Host` a client sent (CONTRACT §9).
+        if !matches!(route, Route::Denied { code: ErrorCode::UnknownHost, .. }) {
+            if let Some(location) = self.https_redirect(session, ctx, host) {
+                drain_small_body(session).await;
+                return Ok(Answer::Redirect { status: 308, location, cookies: Vec::new() }.into());
+            }
         }
-        match table.lookup(host) {
+        match route {
             Route::Denied { code, branding, preview, workspace } => {
                 self.attribute(ctx, &table, workspace);
                 ctx.branding = branding;
@@ -126,8 +134,8 @@ impl EdgeProxy {
         }
     }
 
-    /// The `Location` of the 308 to HTTPS a plain-listener request gets when TLS is on
-    /// (ACME HTTP-01 challenges excepted), else `None`.
+    /// The `Location` of the 308 to HTTPS a plain-listener request for a routed host gets
+    /// when TLS is on (ACME HTTP-01 challenges excepted), else `None`.
     fn https_redirect(&self, session: &Session, ctx: &RequestCtx, host: &str) -> Option<Vec<u8>> {
         let port = self.tls.redirect_to.filter(|_| !ctx.tls)?;
         let raw = session.req_header().raw_path();
@@ -145,14 +153,15 @@ impl EdgeProxy {
     }
 
     /// The access decision for preview `p`: `Some` answer, or `None` to go on (then
-    /// watching the share it was opened with, if any).
+    /// watching the share or `mp_` token it was opened with, if any).
     async fn authorize(&self, session: &mut Session, ctx: &mut RequestCtx, table: &RouteTable, p: &Preview<'_>) -> Result<Option<Answer>> {
         let now = crate::clock::unix_now();
         match access::authorize(table, session.req_header(), p, now, &self.metrics) {
-            Decision::Pass { watch } => {
-                if let Some(share) = watch {
-                    ctx.share_watch = Some(ShareWatch { share, sandbox: p.sandbox.into(), port: p.port });
+            Decision::Pass { watch, target } => {
+                if watch.is_some() {
+                    ctx.watch = Some(CredentialWatch { watch, sandbox: p.sandbox.into(), port: p.port });
                 }
+                ctx.upstream_target = target;
                 Ok(None)
             }
             Decision::Answer(a) => Ok(Some(a)),
@@ -233,6 +242,23 @@ impl EdgeProxy {
         if let Some(w) = workspace.and_then(|w| table.workspace(w)) {
             ctx.usage[0] = Some(self.usage.cell(UsageKind::Workspace, &w.id));
         }
+    }
+}
+
+/// Longest request body read off the wire and dropped before a 308 to `https://`.
+const DRAIN_MAX_BYTES: u64 = 64 * 1024;
+
+/// Reads a small request body (a `Content-Length` up to [`DRAIN_MAX_BYTES`]) off the
+/// wire and drops it, so the connection can carry the next request after the edge's
+/// answer (CONTRACT §9: the plain listener's 308 keeps the connection open; the client
+/// sends the body again to `https://`). A longer or chunked body is left unread, and
+/// pingora closes the connection after the answer; so does a body that fails to arrive.
+async fn drain_small_body(session: &mut Session) {
+    let req = session.req_header();
+    let length = req.headers.get(header::CONTENT_LENGTH).and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
+    let small = matches!(length, Some(n) if n > 0 && n <= DRAIN_MAX_BYTES) && !req.headers.contains_key(header::TRANSFER_ENCODING);
+    if small && session.drain_request_body().await.is_err() {
+        session.set_keepalive(None);
     }
 }
 

@@ -487,3 +487,118 @@ async fn keys_rotate_on_reload() {
     .await;
     assert!(ok.is_some(), "the key added to the file is used without a restart: {}", edge.log());
 }
+
+/// Opens a WebSocket through the edge at `target` (with `cookie`, if any): the handshake
+/// response, and the socket when it was upgraded.
+async fn try_ws(
+    edge: &Edge,
+    host: &str,
+    target: &str,
+    cookie: Option<&str>,
+) -> (u16, Vec<String>, Option<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>) {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+    let mut req = format!("ws://{host}{target}").into_client_request().expect("request");
+    if let Some(c) = cookie {
+        req.headers_mut().insert("cookie", c.parse().expect("cookie"));
+    }
+    let sock = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let set_cookies =
+        |h: &http::HeaderMap| h.get_all("set-cookie").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+    match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::client_async(req, sock)).await.expect("handshake in time") {
+        Ok((ws, resp)) => (resp.status().as_u16(), set_cookies(resp.headers()), Some(ws)),
+        Err(Error::Http(resp)) => (resp.status().as_u16(), set_cookies(resp.headers()), None),
+        Err(e) => panic!("websocket handshake failed: {e}"),
+    }
+}
+
+/// A WebSocket upgrade carrying `?token=` is authorised in place (CONTRACT §3): 101, no
+/// redirect (a browser's `new WebSocket(url)` follows none), no cookie, and the token is
+/// taken out of the target the sandbox sees. Bad tokens still get their 401.
+///
+/// Before, the upgrade was answered 303 and the browser's handshake failed.
+#[tokio::test]
+async fn websocket_upgrades_are_authorised_in_place_by_url_tokens() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let f = Fixture::start().await;
+    let (ws_addr, _ws, mut seen) = crate::support::ws_echo_recording("127.0.0.5").await;
+    let public = format!(
+        "\n[[sandboxes]]\nid = \"wspub\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.5\"\npreviews = [{{ port = {}, access = \"public\" }}]\n",
+        ws_addr.port()
+    );
+    let edge = Edge::start(&format!("{TOKENS_TOML}\n{}", f.toml(&format!("{}{public}", extra_sandboxes(&f, ws_addr.port()))))).await;
+    let host = format!("{}-wsbox.sandbox.localhost", ws_addr.port());
+    let mp_token = mp("wsbox", Some(ws_addr.port()), now(), now() + 600);
+    let share = push_share(&edge, "sh_wsurl", "wsbox", None, "").await;
+
+    for (name, token) in [("mp_", mp_token.as_str()), ("ms_", share.as_str())] {
+        let (status, cookies, ws) = try_ws(&edge, &host, &format!("/hmr?x=1&token={token}&y=2"), None).await;
+        assert_eq!(status, 101, "{name}: the upgrade is authorised in place\n{}", edge.log());
+        assert!(cookies.is_empty(), "{name}: no cookie on the 101: {cookies:?}");
+        let mut ws = ws.expect("upgraded");
+        let (target, cookie) = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.expect("handshake seen").expect("seen");
+        assert_eq!(target, "/hmr?x=1&y=2", "{name}: the token never reaches the sandbox");
+        assert_eq!(cookie, None, "{name}");
+        ws.send(Message::text("hi")).await.expect("send");
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("echo in time");
+        assert!(matches!(echo, Some(Ok(m)) if m.to_text().unwrap_or("") == "hi"), "{name}");
+        if name == "ms_" {
+            // Opened with a share: it ends with the share, like a cookie-opened one.
+            assert_eq!(edge.api("DELETE", "/v1/share-tokens/sh_wsurl", None).await.status, 200);
+            assert!(ws_closed_within(&mut ws, Duration::from_secs(10)).await, "the share's deletion closes the WebSocket");
+        }
+    }
+
+    // Bad tokens: the token's 401, and nothing reaches the sandbox.
+    for (bad, code) in [(mp("other", None, now(), now() + 60), 401), ("mp_x.y.z".to_string(), 401), (share.clone(), 401)] {
+        let (status, _, ws) = try_ws(&edge, &host, &format!("/hmr?token={bad}"), None).await;
+        assert_eq!((status, ws.is_none()), (code, true), "{bad}");
+    }
+    // A public preview: upgraded too, the token taken out.
+    let public_host = format!("{}-wspub.sandbox.localhost", ws_addr.port());
+    let (status, cookies, _ws) = try_ws(&edge, &public_host, &format!("/p?token={mp_token}"), None).await;
+    assert_eq!((status, cookies.len()), (101, 0));
+    let (target, _) = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.expect("handshake seen").expect("seen");
+    assert_eq!(target, "/p");
+    assert!(seen.try_recv().is_err(), "no refused handshake reached the sandbox");
+
+    // A page load with a token is still the 303 that sets the cookie.
+    let r = edge.request(&get(&host, &format!("/?token={mp_token}"), "")).await;
+    assert_eq!(r.status, 303);
+    assert!(r.header("set-cookie").is_some());
+}
+
+/// The session an `mp_` token opens ends at its `exp` (CONTRACT §3): a live WebSocket
+/// opened with it — by a URL token, the session cookie or the header — is closed within
+/// 10 s of `exp`, idle as it is.
+///
+/// Before, only share-opened exchanges were watched: these lived on.
+#[tokio::test]
+async fn preview_token_websockets_end_at_exp() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let f = Fixture::start().await;
+    let (ws_addr, _ws) = ws_echo("127.0.0.5").await;
+    let edge = Edge::start(&format!("{TOKENS_TOML}\n{}", f.toml(&extra_sandboxes(&f, ws_addr.port())))).await;
+    let host = format!("{}-wsbox.sandbox.localhost", ws_addr.port());
+    let exp = now() + 3;
+    let token = mp("wsbox", None, now(), exp);
+    let r = edge.request(&get(&host, &format!("/?token={token}"), "")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let session = cookie(&r, "__Host-miosa_session");
+
+    let by_cookie = open_ws(&edge, &host, &session).await;
+    let (status, _, by_url) = try_ws(&edge, &host, &format!("/ws?token={token}"), None).await;
+    assert_eq!(status, 101);
+    let mut req = format!("ws://{host}/ws").into_client_request().expect("request");
+    req.headers_mut().insert("x-miosa-token", token.parse().expect("header"));
+    let sock = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let (by_header, _) = tokio_tungstenite::client_async(req, sock).await.expect("handshake with the header token");
+
+    let exp_instant = std::time::Instant::now() + Duration::from_secs((exp - now()).max(0) as u64);
+    for (name, mut ws) in [("cookie", by_cookie), ("url token", by_url.expect("upgraded")), ("header", by_header)] {
+        let left = (exp_instant + Duration::from_secs(10)).saturating_duration_since(std::time::Instant::now());
+        assert!(ws_closed_within(&mut ws, left).await, "{name}: the WebSocket outlived its token's exp by more than 10 s");
+    }
+    let metrics = edge.api("GET", "/metrics", None).await.text();
+    assert!(metrics.contains("miosa_edge_revoked_connections_total 3"), "{metrics}");
+}

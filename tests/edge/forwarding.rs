@@ -170,3 +170,56 @@ fn assert_answers(buf: &[u8], paths: &[&str]) {
         at += found + needle.len();
     }
 }
+
+/// An HTTP/1.0 origin (Python's `http.server` is one): its answers reach an HTTP/1.1
+/// client as HTTP/1.1 (CONTRACT §6), with a body framed so the connection stays usable —
+/// by its `Content-Length`, or chunked when the origin ends its body by closing.
+///
+/// Before, the status line was `HTTP/1.0` whenever the origin sent a `Content-Length`.
+#[tokio::test]
+async fn http10_origin_answers_http11_clients_in_http11() {
+    use crate::support::read_response;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let origin = tokio::net::TcpListener::bind(("127.0.0.2", 0)).await.expect("bind");
+    let port = origin.local_addr().expect("addr").port();
+    let _task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = origin.accept().await else { return };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let answer: &[u8] = if head.starts_with(b"GET /len ") {
+                    b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+                } else {
+                    b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3\r\nContent-Type: text/plain\r\n\r\nended by close"
+                };
+                let _ = sock.write_all(answer).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    let extra = format!("[[sandboxes]]\nid = \"py\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
+    let edge = Edge::start(&f.toml(&extra)).await;
+    let host = format!("{port}-py.sandbox.localhost");
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    for round in 0..2 {
+        for (path, body) in [("/len", "hello"), ("/close", "ended by close")] {
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, {path}: connection closed: {e}"));
+            let (status_line, r) = read_response(&mut s, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("round {round}, {path}: no whole response on the kept-open connection\n{}", edge.log()));
+            assert_eq!(status_line, "HTTP/1.1 200 OK", "{path}: {:?}", r.headers);
+            assert_eq!(r.text(), body, "{path}");
+            assert!(r.header("content-length").is_some() || r.header("transfer-encoding") == Some("chunked"), "{path}: {:?}", r.headers);
+        }
+    }
+}

@@ -513,6 +513,9 @@ struct H2Outcome {
     responses: usize,
     /// RST_STREAM error codes received.
     resets: Vec<u32>,
+    /// The `:status` of each response whose header block starts with it as an indexed
+    /// field of HPACK's static table (200, 204, 206, 304, 400, 404, 500).
+    statuses: Vec<u16>,
 }
 
 /// Opens a raw HTTP/2 connection, writes the preface, SETTINGS and then `frames`
@@ -565,7 +568,15 @@ async fn h2_raw(https: SocketAddr, host: &str, frames: Vec<u8>, limit: Duration)
                     .collect();
             }
             H2_GOAWAY if payload.len() >= 8 => out.goaway = Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])),
-            H2_HEADERS => out.responses += 1,
+            H2_HEADERS => {
+                out.responses += 1;
+                // Skip dynamic table size updates (001xxxxx), then an indexed :status.
+                let first = payload.iter().copied().find(|b| b & 0xe0 != 0x20);
+                const STATIC: [u16; 7] = [200, 204, 206, 304, 400, 404, 500];
+                if let Some(s) = first.filter(|b| (0x88..=0x8e).contains(b)).map(|b| STATIC[(b - 0x88) as usize]) {
+                    out.statuses.push(s);
+                }
+            }
             H2_RST_STREAM if payload.len() == 4 => out.resets.push(u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])),
             _ => {}
         }
@@ -677,4 +688,45 @@ async fn http2_ping_and_settings_floods_are_cut() {
     // Still serving over HTTP/2.
     let (send, _conn) = h2_connect(edge.https(), &host).await;
     assert_eq!(h2_fetch(&send, &host).await.expect("h2 request after the floods").0, 200);
+}
+
+/// A malformed HTTP/2 request (RFC 9113 §8.3.1: `:path` empty or missing in a request
+/// that is not CONNECT) is a stream error or a 400, never forwarded (CONTRACT §6).
+///
+/// Before, a request with no `:path` and its host in a `host` field (no `:authority`)
+/// was forwarded and answered 200.
+#[tokio::test]
+async fn h2_requests_without_a_path_are_refused() {
+    let f = Fixture::start().await;
+    let (_t, dir) = certs_dir();
+    let edge = Edge::start_opts("https = \"127.0.0.1:0\"", &[], &format!("{}{}", tls_toml(&dir, false), f.toml(""))).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let authority = [&[0x01, host.len() as u8][..], host.as_bytes()].concat();
+    // `host` (static index 38), literal without indexing.
+    let host_field = [&[0x0f, 0x17, host.len() as u8][..], host.as_bytes()].concat();
+    let get_https = [0x82u8, 0x87];
+    let empty_path = [0x04u8, 0x00];
+    let shapes: [(&str, Vec<u8>); 4] = [
+        ("empty :path, :authority", [&get_https[..], &empty_path, &authority].concat()),
+        ("no :path, :authority", [&get_https[..], &authority].concat()),
+        ("empty :path, host field", [&get_https[..], &empty_path, &host_field].concat()),
+        ("no :path, host field", [&get_https[..], &host_field].concat()),
+    ];
+    // The well-formed request the shapes are made from is served.
+    let ok = h2_raw(
+        edge.https(),
+        &host,
+        h2_frame(H2_HEADERS, END_STREAM | END_HEADERS, 1, &[&get_https[..], &[0x84], &host_field].concat()),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(ok.statuses, vec![200], "the well-formed request: {ok:?}");
+    for (name, block) in shapes {
+        let x = h2_raw(edge.https(), &host, h2_frame(H2_HEADERS, END_STREAM | END_HEADERS, 1, &block), Duration::from_secs(2)).await;
+        let refused = !x.resets.is_empty() || x.goaway.is_some() || x.statuses == [400];
+        assert!(refused && !x.statuses.contains(&200), "{name}: {x:?}");
+    }
+    // Still serving.
+    let (send, _conn) = h2_connect(edge.https(), &host).await;
+    assert_eq!(h2_fetch(&send, &host).await.expect("h2 request").0, 200);
 }

@@ -485,3 +485,81 @@ pub fn closed_port(ip: &str) -> u16 {
     let l = std::net::TcpListener::bind((ip, 0)).expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+/// Reads one response from a kept-open connection, within `limit`: its status line and
+/// the parsed response (body by `Content-Length`, `chunked`, or else to the close).
+/// `None` when the connection closed or stalled before a whole response.
+pub async fn read_response(s: &mut TcpStream, limit: Duration) -> Option<(String, Response)> {
+    tokio::time::timeout(limit, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = parse_response(&buf[..end]);
+        let chunked = head.header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+        let length = head.header("content-length").and_then(|v| v.parse::<usize>().ok());
+        loop {
+            let body = &buf[end..];
+            let done = match (chunked, length) {
+                (true, _) => body.ends_with(b"0\r\n\r\n"),
+                (false, Some(n)) => body.len() >= n,
+                (false, None) => false,
+            };
+            if done {
+                break;
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                if chunked || length.is_some() {
+                    return None;
+                }
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let status_line = String::from_utf8_lossy(&buf[..buf.windows(2).position(|w| w == b"\r\n").unwrap_or(0)]).into_owned();
+        Some((status_line, parse_response(&buf)))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A WebSocket echo origin on `ip:0` that reports each handshake's request target and
+/// `Cookie` header.
+#[allow(clippy::result_large_err)] // the callback's type is tungstenite's
+pub async fn ws_echo_recording(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<(String, Option<String>)>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response as WsResponse};
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind ws");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let record = |req: &Request, resp: WsResponse| {
+                    let cookie = req.headers().get("cookie").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    let _ = tx.send((req.uri().to_string(), cookie));
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(sock, record).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task, rx)
+}

@@ -348,3 +348,50 @@ async fn handshakes_are_counted_bounded_and_capped() {
     // Failed handshakes are not errors of the edge: nothing at ERROR in its log.
     assert!(!edge.log().contains("ERROR"), "{}", edge.log());
 }
+
+/// With TLS on, the plain listener redirects only hosts the edge routes (CONTRACT §9): a
+/// host it does not route gets 404 `unknown_host`, never a redirect echoing that host,
+/// and the connection stays open across redirects and pages alike, a POST's small body
+/// included.
+///
+/// Before, every host got a 308 to `https://` on itself, and the connection was closed
+/// after a redirect of a request with a body.
+#[tokio::test]
+async fn plain_listener_redirects_only_routed_hosts_and_keeps_the_connection() {
+    use crate::support::read_response;
+    let f = Fixture::start().await;
+    let (_certs, dir) = certs_dir();
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, true), f.toml(""))).await;
+    let tls_port = edge.https().port();
+    let routed = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    for round in 0..2 {
+        for (host, accept) in [(routed.as_str(), "application/json"), ("evil.example", "application/json"), ("evil.example", "text/html")] {
+            let req = format!("GET /a?b=1 HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("round {round}, {host}: connection closed: {e}"));
+            let (_, r) = read_response(&mut s, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("round {round}, {host}: no response on the kept-open connection"));
+            if host == routed {
+                assert_eq!(r.status, 308, "{}", r.text());
+                assert_eq!(r.header("location"), Some(format!("https://{routed}:{tls_port}/a?b=1").as_str()));
+            } else {
+                assert_eq!(r.status, 404, "an unrouted host is not redirected: {:?}", r.headers);
+                assert!(r.header("location").is_none(), "{:?}", r.headers);
+                if accept == "application/json" {
+                    assert_eq!(r.code(), "unknown_host");
+                } else {
+                    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/html")), "{:?}", r.headers);
+                }
+            }
+            assert!(r.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close")), "{host}: {:?}", r.headers);
+        }
+        // A POST with a body: the client sends it again to https://.
+        s.write_all(format!("POST /form HTTP/1.1\r\nHost: {routed}\r\nContent-Length: 11\r\n\r\nfield=value").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}, POST: connection closed: {e}"));
+        let (_, r) = read_response(&mut s, Duration::from_secs(10)).await.unwrap_or_else(|| panic!("round {round}: no answer to the POST"));
+        assert_eq!((r.status, r.header("location")), (308, Some(format!("https://{routed}:{tls_port}/form").as_str())));
+        assert!(r.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close")), "POST: {:?}", r.headers);
+    }
+}
