@@ -235,6 +235,13 @@ impl ControlApi {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // A method a known path does not offer is answered before the token is checked,
+        // like any method on it: the answer says nothing about the state.
+        if let Some(allow) = allowed_methods(&segs) {
+            if !allow.split(", ").any(|m| m == method.as_str()) {
+                return ApiError::MethodNotAllowed(allow).into_response();
+            }
+        }
         match (&method, segs.as_slice()) {
             (&Method::GET, ["healthz"]) => return json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             (&Method::GET, ["readyz"]) => return self.readyz().await,
@@ -268,19 +275,9 @@ impl ControlApi {
                     Method::GET => self.get_object(kind, &id),
                     Method::PUT => self.put_object(kind, id, req).await,
                     Method::DELETE => self.delete_object(kind, id).await,
-                    _ => Err(ApiError::MethodNotAllowed("use GET, PUT or DELETE")),
+                    _ => Err(ApiError::MethodNotAllowed("GET, PUT, DELETE")),
                 }
             }
-            (
-                _,
-                ["metrics"]
-                | ["v1", "usage"]
-                | ["v1", "certificates"]
-                | ["v1", "state"]
-                | ["v1", "state", "ops"]
-                | ["v1", "openapi.yaml"]
-                | ["v1", "domains", "verify"],
-            ) => Err(ApiError::MethodNotAllowed("method not allowed on this path")),
             _ => Err(ApiError::not_found(format!("no such endpoint: {method} {path}"))),
         };
         result.unwrap_or_else(ApiError::into_response)
@@ -427,6 +424,19 @@ impl Service for ControlApi {
         drop(listener);
         tracing::info!("control API closed: the process is stopping");
     }
+}
+
+/// The methods a known path offers, as its `Allow` header lists them (`None`: no such
+/// endpoint).
+fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
+    Some(match segs {
+        ["healthz"] | ["readyz"] | ["metrics"] => "GET",
+        ["v1", "usage" | "certificates" | "cluster" | "openapi.yaml"] => "GET",
+        ["v1", "state"] => "GET, PUT",
+        ["v1", "state", "ops"] | ["v1", "domains", "verify"] | ["v1", "deployments", _, "activate"] => "POST",
+        ["v1", kind, _] if Kind::from_path(kind).is_some() => "GET, PUT, DELETE",
+        _ => return None,
+    })
 }
 
 /// Compares without an early exit, so the time taken says nothing about how much of a

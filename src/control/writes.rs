@@ -3,7 +3,7 @@
 //! here (schema errors with their path), then hand the store one change, off the async
 //! threads, and answer `{"generation": N}`.
 
-use super::error::{bytes_response, invalid_at, json, parse, ApiError};
+use super::error::{bytes_response, invalid_at, json, object_at, object_body, parse, ApiError};
 use super::ControlApi;
 use crate::schema::{Id, Kind, Object, State, StateDoc, StateError};
 use crate::state::{BatchOp, Op, Origin};
@@ -67,10 +67,12 @@ impl ControlApi {
             let b: Body = parse(&body)?;
             let mut ops = Vec::with_capacity(b.ops.len());
             for (i, v) in b.ops.into_iter().enumerate() {
+                object_at(&v, &format!("ops[{i}]"))?;
                 let op: WireOp = serde_path_to_error::deserialize(v).map_err(|e| invalid_at(&format!("ops[{i}]"), e))?;
                 let (path, op) = match op {
                     WireOp::Upsert { kind, value } => {
                         let path = format!("ops[{i}].value");
+                        object_at(&value, &path)?;
                         let o = Object::from_value(kind, value).map_err(|e| invalid_at(&path, e))?;
                         (path, Op::Upsert(o))
                     }
@@ -96,6 +98,7 @@ impl ControlApi {
         let if_match = if_match(&req)?;
         let body = self.body(req).await?;
         self.blocking(move |api| {
+            object_body(&body)?;
             let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
             let obj = Object::from_value(kind, value).map_err(|e| invalid_at("", e))?;
             if obj.id() != id {
