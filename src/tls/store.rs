@@ -27,6 +27,12 @@ pub trait CertStore: Send + Sync + fmt::Debug {
     fn read(&self, entry: &str) -> io::Result<(Vec<u8>, Vec<u8>)>;
     /// Writes an entry (replacing it); readers never see a half-written file.
     fn save(&self, entry: &str, fullchain: &[u8], privkey: &[u8]) -> io::Result<()>;
+    /// Whether `entry` was obtained by ACME for the fleet rather than placed by the
+    /// operator (a directory holds the operator's files, and ACME's where it manages the
+    /// names: the caller knows those).
+    fn obtained_by_acme(&self, _entry: &str) -> bool {
+        false
+    }
 }
 
 /// `<dir>/<entry>/fullchain.pem` + `<dir>/<entry>/privkey.pem` (certbot's live layout;
