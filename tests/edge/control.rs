@@ -466,6 +466,17 @@ async fn error_paths_go_through_tagged_releases() {
     let ops = json!({"ops": [{"op": "upsert", "kind": "deployment", "value": bad_sha}]});
     let r = edge.api("POST", "/v1/state/ops", Some(&ops.to_string())).await;
     assert_eq!(r.json()["error"]["path"], "ops[0].value.versions[0].release.sha256", "{}", r.text());
+    // The ops' own union: an error inside an op names its field too.
+    for (op, path) in [
+        (json!({"op": "upsert", "kind": "sandboxx", "value": {}}), "ops[0].kind"),
+        (json!({"op": "upsertt", "kind": "sandbox", "value": {}}), "ops[0].op"),
+        (json!({"op": "delete", "kind": "sandbox", "id": 7}), "ops[0].id"),
+        (json!({"op": "delete", "kind": "sandbox", "value": {}}), "ops[0].value"),
+        (json!({"op": "upsert", "kind": "sandbox", "id": "x"}), "ops[0].id"),
+    ] {
+        let r = edge.api("POST", "/v1/state/ops", Some(&json!({ "ops": [op] }).to_string())).await;
+        assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some(path)), "{op}: {}", r.text());
+    }
     // A field of the other kind is refused, and a good release still reads.
     let mixed = dep(json!({"kind": "dynamic", "instances": ["10.0.0.1:80"], "spa": true}));
     let r = edge.api("PUT", "/v1/deployments/d", Some(&mixed.to_string())).await;
