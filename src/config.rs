@@ -304,43 +304,165 @@ pub struct Dns {
     pub nameservers: Option<Vec<SocketAddr>>,
 }
 
-/// The serde mirror of the file. Sections of CONTRACT §10 that this version does not
-/// implement yet are caught by name so the error says so instead of "unknown field".
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The file's sections, each read on its own so that a bad value in one section (or one
+/// element of a routing section) does not hide the errors of the others.
 struct RawConfig {
-    #[serde(default)]
     server: Server,
-    #[serde(default)]
     control: Control,
-    #[serde(default)]
     domains: Domains,
-    #[serde(default)]
     branding: PlatformBranding,
-    #[serde(default)]
     dns: Dns,
-    #[serde(default)]
     log: Log,
-    #[serde(default)]
     workspaces: Vec<schema::Workspace>,
-    #[serde(default)]
     sandboxes: Vec<schema::Sandbox>,
-    #[serde(default)]
     share_tokens: Vec<schema::ShareToken>,
-    #[serde(default)]
     deployments: Vec<schema::Deployment>,
-    #[serde(default)]
     tokens: Tokens,
-    #[serde(default)]
     tls: Option<tls::Tls>,
-    #[serde(default)]
     acme: Option<tls::Acme>,
-    #[serde(rename = "static", default)]
     static_: Static,
-    #[serde(default)]
     wake: Option<Wake>,
-    #[serde(default)]
     cluster: Option<Cluster>,
+    /// The top-level keys whose value could not be read (their checks are skipped: the
+    /// defaults in their place would report errors the file does not have).
+    failed: Vec<String>,
+}
+
+/// The top-level keys of a config file.
+const SECTIONS: &[&str] = &[
+    "server",
+    "control",
+    "domains",
+    "branding",
+    "dns",
+    "log",
+    "workspaces",
+    "sandboxes",
+    "share_tokens",
+    "deployments",
+    "tokens",
+    "tls",
+    "acme",
+    "static",
+    "wake",
+    "cluster",
+];
+
+impl RawConfig {
+    /// Reads every section of `table`, collecting each error with its key path.
+    fn read(table: toml::Table, errors: &mut Vec<StateError>) -> RawConfig {
+        let mut raw = RawConfig {
+            server: Server::default(),
+            control: Control::default(),
+            domains: Domains::default(),
+            branding: PlatformBranding::default(),
+            dns: Dns::default(),
+            log: Log::default(),
+            workspaces: Vec::new(),
+            sandboxes: Vec::new(),
+            share_tokens: Vec::new(),
+            deployments: Vec::new(),
+            tokens: Tokens::default(),
+            tls: None,
+            acme: None,
+            static_: Static::default(),
+            wake: None,
+            cluster: None,
+            failed: Vec::new(),
+        };
+        for (key, value) in table {
+            let before = errors.len();
+            match key.as_str() {
+                "server" => set(&mut raw.server, section(&key, value, errors)),
+                "control" => set(&mut raw.control, section(&key, value, errors)),
+                "domains" => set(&mut raw.domains, section(&key, value, errors)),
+                "branding" => set(&mut raw.branding, section(&key, value, errors)),
+                "dns" => set(&mut raw.dns, section(&key, value, errors)),
+                "log" => set(&mut raw.log, section(&key, value, errors)),
+                "tokens" => set(&mut raw.tokens, section(&key, value, errors)),
+                "tls" => raw.tls = section(&key, value, errors),
+                "acme" => raw.acme = section(&key, value, errors),
+                "static" => set(&mut raw.static_, section(&key, value, errors)),
+                "wake" => raw.wake = section(&key, value, errors),
+                "cluster" => raw.cluster = section(&key, value, errors),
+                "workspaces" => raw.workspaces = elements(&key, value, errors),
+                "sandboxes" => raw.sandboxes = elements(&key, value, errors),
+                "share_tokens" => raw.share_tokens = elements(&key, value, errors),
+                "deployments" => raw.deployments = elements(&key, value, errors),
+                _ => errors.push(StateError {
+                    path: key.clone(),
+                    message: format!(
+                        "unknown field `{key}`, expected one of {}",
+                        SECTIONS.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                }),
+            }
+            if errors.len() > before {
+                raw.failed.push(key);
+            }
+        }
+        raw
+    }
+
+    /// Whether every one of `keys` was read (or left to its default).
+    fn read_ok(&self, keys: &[&str]) -> bool {
+        !self.failed.iter().any(|f| keys.contains(&f.as_str()))
+    }
+}
+
+fn set<T>(slot: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *slot = v;
+    }
+}
+
+/// Reads the section `[key]`, which must be a table (serde would read a struct from an
+/// array too).
+fn section<T: serde::de::DeserializeOwned>(key: &str, value: toml::Value, errors: &mut Vec<StateError>) -> Option<T> {
+    if !value.is_table() {
+        errors.push(StateError { path: key.into(), message: format!("must be a table ([{key}]), not {}", value.type_str()) });
+        return None;
+    }
+    read_value(key, value, errors)
+}
+
+/// Reads each element of `[[key]]` on its own; a bad one is reported and left out.
+fn elements<T: serde::de::DeserializeOwned>(key: &str, value: toml::Value, errors: &mut Vec<StateError>) -> Vec<T> {
+    let toml::Value::Array(items) = value else {
+        errors.push(StateError { path: key.into(), message: format!("must be an array of tables ([[{key}]]), not {}", value.type_str()) });
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let path = format!("{key}[{i}]");
+        if !item.is_table() {
+            errors.push(StateError { path, message: format!("must be a table, not {}", item.type_str()) });
+            continue;
+        }
+        if let Some(v) = read_value(&path, item, errors) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// Deserializes `value`, the part of the file at `path`; an error names the innermost key.
+fn read_value<T: serde::de::DeserializeOwned>(path: &str, value: toml::Value, errors: &mut Vec<StateError>) -> Option<T> {
+    // Structs from tables only, at every depth (serde reads them from arrays too).
+    match serde_path_to_error::deserialize::<_, T>(schema::strict::Strict(value)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let message = e.into_inner().message().trim().to_string();
+            let path = match inner.as_str() {
+                "." => path.to_string(),
+                p if p.starts_with('[') => format!("{path}{p}"),
+                p => format!("{path}.{p}"),
+            };
+            errors.push(StateError { path, message });
+            None
+        }
+    }
 }
 
 /// One problem in a config file.
@@ -397,13 +519,18 @@ impl Config {
             Ok(doc) => doc,
             Err(e) => return Err(invalid(vec![issue_from_toml(text, None, &e)])),
         };
-        let mut raw: RawConfig = match toml::from_str(text) {
+        let table: toml::Table = match toml::from_str(text) {
             Ok(r) => r,
             Err(e) => return Err(invalid(vec![issue_from_toml(text, Some(&doc), &e)])),
         };
         let mut errors: Vec<StateError> = Vec::new();
-        errors.extend(tls::check(raw.server.https, raw.tls.as_ref(), raw.acme.as_ref()));
-        if let Some(https) = raw.server.https {
+        let mut raw = RawConfig::read(table, &mut errors);
+        // Checks run on the sections that could be read; a section that could not is
+        // reported already, and its defaults would only add errors the file does not have.
+        if raw.read_ok(&["server", "tls", "acme"]) {
+            errors.extend(tls::check(raw.server.https, raw.tls.as_ref(), raw.acme.as_ref()));
+        }
+        if let (true, Some(https)) = (raw.read_ok(&["server"]), raw.server.https) {
             // Connections are told apart by the port they arrived on (crate::front).
             if https.port() == raw.server.http.port() && https.port() != 0 {
                 errors.push(StateError { path: "server.https".into(), message: "must use another port than server.http".into() });
@@ -450,7 +577,7 @@ impl Config {
         if let Some(c) = &mut raw.cluster {
             errors.extend(check_cluster(c, https));
         }
-        let keys = if errors.iter().any(|e| e.path.starts_with("tokens")) {
+        let keys = if !raw.read_ok(&["tokens"]) || errors.iter().any(|e| e.path.starts_with("tokens")) {
             crate::access::Keys::none()
         } else {
             crate::access::Keys::load(&raw.tokens, env_bytes).unwrap_or_else(|es| {
@@ -458,20 +585,28 @@ impl Config {
                 crate::access::Keys::none()
             })
         };
+        let objects_read = raw.read_ok(&["domains", "workspaces", "sandboxes", "share_tokens", "deployments"]);
         let state =
             State { workspaces: raw.workspaces, sandboxes: raw.sandboxes, share_tokens: raw.share_tokens, deployments: raw.deployments };
-        if let Err(es) = state::validate(&state, &raw.domains) {
-            errors.extend(es);
+        // References between objects are checked only when every object could be read: a
+        // left-out one would make its references look dangling.
+        if objects_read {
+            if let Err(es) = state::validate(&state, &raw.domains) {
+                errors.extend(es);
+            }
         }
         if !errors.is_empty() {
-            let issues = errors
+            let mut issues: Vec<ConfigIssue> = errors
                 .into_iter()
                 .map(|e| {
-                    let span = span_of_path(&doc, &e.path);
+                    // An unknown key is shown at the key, a bad value at the value.
+                    let span = span_of_path(&doc, &e.path, e.message.starts_with("unknown field"));
                     let (line, column) = line_col(text, span.start);
                     ConfigIssue { path: e.path, message: e.message, line, column }
                 })
                 .collect();
+            // In the file's order, as a compiler lists them (sections are read by name).
+            issues.sort_by_key(|i| (i.line, i.column));
             return Err(invalid(issues));
         }
         Ok(Config {
@@ -601,8 +736,9 @@ fn parse_path(path: &str) -> Vec<Seg<'_>> {
     out
 }
 
-/// The span of the deepest node of `doc` along `path` (the whole document if none).
-fn span_of_path(doc: &Spanned<DeTable<'_>>, path: &str) -> std::ops::Range<usize> {
+/// The span of the deepest node of `doc` along `path` (the whole document if none): of a
+/// scalar's value, or of its key when `at_key`.
+fn span_of_path(doc: &Spanned<DeTable<'_>>, path: &str, at_key: bool) -> std::ops::Range<usize> {
     let mut span = 0..0;
     let mut table: Option<&DeTable<'_>> = Some(doc.get_ref());
     let mut array: Option<&[Spanned<DeValue<'_>>]> = None;
@@ -624,7 +760,8 @@ fn span_of_path(doc: &Spanned<DeTable<'_>>, path: &str) -> std::ops::Range<usize
             DeValue::Table(t) => table = Some(t),
             DeValue::Array(a) => array = Some(&a[..]),
             // A bad scalar: point at the value itself.
-            _ => span = v.span(),
+            _ if !at_key => span = v.span(),
+            _ => {}
         }
     }
     span

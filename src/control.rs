@@ -197,26 +197,54 @@ impl ControlApi {
         self
     }
 
-    /// `GET /v1/certificates`.
+    /// `GET /v1/certificates` (CONTRACT §4): every certificate served, the default
+    /// included, as `names`, `issuer`, `not_before`/`not_after`/`renew_after` (RFC 3339),
+    /// `source` (`acme` for those ACME or the fleet obtained, `file` for the operator's,
+    /// `default`), its store `entry` and its `last_error`; then the load errors of
+    /// `certs_dir` entries and, with `[acme]`, the managed names and the CA budget.
     fn get_certificates(&self) -> Response<Full<Bytes>> {
-        let cert = |c: &crate::tls::Cert| {
-            serde_json::json!({
-                "source": c.source,
-                "names": c.names,
-                "issuer": c.issuer,
-                "not_before": c.not_before,
-                "not_after": c.not_after,
-                "renew_at": c.renew_at(),
-            })
-        };
-        let mut body = serde_json::json!({ "tls": self.certs.is_some(), "default": null, "certificates": [], "errors": [] });
+        let rfc3339 = |t: i64| crate::schema::Timestamp(t).to_rfc3339();
+        let mut body = serde_json::json!({ "tls": self.certs.is_some(), "certificates": [], "errors": [] });
         if let Some(w) = &self.certs {
             let index = w.index().load_full();
+            let errors = w.errors();
+            let statuses = self.acme.as_ref().map(|a| a.statuses()).unwrap_or_default();
+            let default = index.default_cert();
             let mut certs: Vec<&Arc<crate::tls::Cert>> = index.certs().iter().collect();
             certs.sort_by(|a, b| a.source.cmp(&b.source));
-            body["default"] = cert(index.default_cert());
-            body["certificates"] = certs.into_iter().map(|c| cert(c)).collect();
-            body["errors"] = serde_json::to_value(w.errors()).unwrap_or_default();
+            let list: Vec<serde_json::Value> = std::iter::once(default)
+                .chain(certs.into_iter().filter(|c| !Arc::ptr_eq(c, default)))
+                .map(|c| {
+                    let managed: Vec<&crate::acme::SubjectStatus> =
+                        statuses.iter().filter(|s| crate::acme::entry_name(&s.name) == c.source).collect();
+                    let (source, entry) = if Arc::ptr_eq(c, default) {
+                        ("default", None)
+                    } else if !managed.is_empty() || w.store().obtained_by_acme(&c.source) {
+                        ("acme", Some(c.source.as_str()))
+                    } else {
+                        ("file", Some(c.source.as_str()))
+                    };
+                    // ACME's last failure for the names it renews, else the entry's last
+                    // load failure (the certificate listed is the last good one).
+                    let last_error = managed
+                        .iter()
+                        .find_map(|s| s.last_error.clone())
+                        .or_else(|| entry.and_then(|e| errors.iter().find(|l| l.entry == e).map(|l| l.error.clone())));
+                    let renew_after = self.acme.as_ref().map(|a| a.renew_after(c)).unwrap_or_else(|| c.renew_at());
+                    serde_json::json!({
+                        "names": c.names,
+                        "issuer": c.issuer,
+                        "not_before": rfc3339(c.not_before),
+                        "not_after": rfc3339(c.not_after),
+                        "renew_after": rfc3339(renew_after),
+                        "source": source,
+                        "entry": entry,
+                        "last_error": last_error,
+                    })
+                })
+                .collect();
+            body["certificates"] = list.into();
+            body["errors"] = serde_json::to_value(errors).unwrap_or_default();
         }
         if let Some(a) = &self.acme {
             body["managed"] = serde_json::to_value(a.statuses()).unwrap_or_default();
@@ -235,6 +263,13 @@ impl ControlApi {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // A method a known path does not offer is answered before the token is checked,
+        // like any method on it: the answer says nothing about the state.
+        if let Some(allow) = allowed_methods(&segs) {
+            if !allow.split(", ").any(|m| m == method.as_str()) {
+                return ApiError::MethodNotAllowed(allow).into_response();
+            }
+        }
         match (&method, segs.as_slice()) {
             (&Method::GET, ["healthz"]) => return json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             (&Method::GET, ["readyz"]) => return self.readyz().await,
@@ -268,19 +303,9 @@ impl ControlApi {
                     Method::GET => self.get_object(kind, &id),
                     Method::PUT => self.put_object(kind, id, req).await,
                     Method::DELETE => self.delete_object(kind, id).await,
-                    _ => Err(ApiError::MethodNotAllowed("use GET, PUT or DELETE")),
+                    _ => Err(ApiError::MethodNotAllowed("GET, PUT, DELETE")),
                 }
             }
-            (
-                _,
-                ["metrics"]
-                | ["v1", "usage"]
-                | ["v1", "certificates"]
-                | ["v1", "state"]
-                | ["v1", "state", "ops"]
-                | ["v1", "openapi.yaml"]
-                | ["v1", "domains", "verify"],
-            ) => Err(ApiError::MethodNotAllowed("method not allowed on this path")),
             _ => Err(ApiError::not_found(format!("no such endpoint: {method} {path}"))),
         };
         result.unwrap_or_else(ApiError::into_response)
@@ -427,6 +452,19 @@ impl Service for ControlApi {
         drop(listener);
         tracing::info!("control API closed: the process is stopping");
     }
+}
+
+/// The methods a known path offers, as its `Allow` header lists them (`None`: no such
+/// endpoint).
+fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
+    Some(match segs {
+        ["healthz"] | ["readyz"] | ["metrics"] => "GET",
+        ["v1", "usage" | "certificates" | "cluster" | "openapi.yaml"] => "GET",
+        ["v1", "state"] => "GET, PUT",
+        ["v1", "state", "ops"] | ["v1", "domains", "verify"] | ["v1", "deployments", _, "activate"] => "POST",
+        ["v1", kind, _] if Kind::from_path(kind).is_some() => "GET, PUT, DELETE",
+        _ => return None,
+    })
 }
 
 /// Compares without an early exit, so the time taken says nothing about how much of a

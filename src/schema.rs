@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod kinds;
+pub mod strict;
 pub mod types;
 
 use serde::{Deserialize, Serialize};
@@ -185,8 +186,12 @@ pub struct Version {
 }
 
 /// What a version serves.
+///
+/// Read through [`RawRelease`], whose fields are read in place: an internally tagged enum
+/// would buffer the object first, and an error inside it would lose its path
+/// (`release` instead of `release.instances[1]`, CONTRACT §4).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "lowercase", try_from = "RawRelease")]
 pub enum Release {
     /// Runtime instances behind the edge.
     Dynamic {
@@ -207,6 +212,57 @@ pub enum Release {
         #[serde(default)]
         spa: bool,
     },
+}
+
+/// The kinds of release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ReleaseKind {
+    Dynamic,
+    Static,
+}
+
+/// A release as written: the fields of every kind, checked against `kind` after.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelease {
+    kind: ReleaseKind,
+    #[serde(default)]
+    instances: Option<Vec<Instance>>,
+    #[serde(default)]
+    health_check: Option<HealthCheck>,
+    #[serde(default)]
+    balance: Option<Balance>,
+    #[serde(default)]
+    sha256: Option<Sha256>,
+    #[serde(default)]
+    spa: Option<bool>,
+}
+
+impl TryFrom<RawRelease> for Release {
+    type Error = String;
+
+    fn try_from(r: RawRelease) -> Result<Release, String> {
+        let foreign = |kind: &str, fields: &[(&str, bool)]| match fields.iter().find(|(_, present)| *present) {
+            Some((name, _)) => Err(format!("unknown field `{name}` for a {kind} release")),
+            None => Ok(()),
+        };
+        match r.kind {
+            ReleaseKind::Dynamic => {
+                foreign("dynamic", &[("sha256", r.sha256.is_some()), ("spa", r.spa.is_some())])?;
+                let instances = r.instances.ok_or("missing field `instances`")?;
+                Ok(Release::Dynamic { instances, health_check: r.health_check, balance: r.balance.unwrap_or_default() })
+            }
+            ReleaseKind::Static => {
+                foreign(
+                    "static",
+                    &[("instances", r.instances.is_some()), ("health_check", r.health_check.is_some()), ("balance", r.balance.is_some())],
+                )?;
+                let sha256 = r.sha256.ok_or("missing field `sha256`")?;
+                Ok(Release::Static { sha256, spa: r.spa.unwrap_or_default() })
+            }
+        }
+    }
 }
 
 /// Instance selection of a dynamic release.

@@ -381,6 +381,10 @@ fn stamp_of(raw: &[u8]) -> u64 {
 }
 
 impl CertStore for RedisCertStore {
+    fn obtained_by_acme(&self, _entry: &str) -> bool {
+        true
+    }
+
     fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let key = self.fleet.cluster.key("certs");
         let all: Vec<(String, Vec<u8>)> = self.fleet.run(|c| c.hgetall(&key)).map_err(io_err)?;
@@ -497,6 +501,11 @@ impl FleetStore {
 }
 
 impl CertStore for FleetStore {
+    /// The fleet's certificates are the ones its nodes obtained from the CA.
+    fn obtained_by_acme(&self, entry: &str) -> bool {
+        !entry.starts_with(DIR_PREFIX) && self.in_redis(entry)
+    }
+
     fn list(&self) -> io::Result<Vec<(String, u64)>> {
         use std::sync::atomic::Ordering;
         let fleet = match self.redis.list() {

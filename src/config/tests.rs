@@ -183,3 +183,56 @@ fn cluster_reads_its_secrets_from_the_environment_and_says_what_is_wrong() {
     let i = issues(&format!("[server]\nhttps = \"127.0.0.1:0\"\n{}", section("CFGTEST_REDIS_OK", "CFGTEST_SEAL_UNSET", "")));
     assert!(i.iter().any(|i| i.path == "cluster.seal_key_env" && i.message.contains("is not set")), "{i:?}");
 }
+
+#[test]
+fn every_error_is_reported_not_only_the_first() {
+    // A bad value in [branding] and a bad one in a sandbox: both, in the file's order,
+    // each at the value it names.
+    let text = "[branding]\naccent_color = \"blue\"\n\n[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.3\"\n\n[server]\nthreads = \"many\"\n";
+    let i = issues(text);
+    let got: Vec<(&str, usize, usize)> = i.iter().map(|i| (i.path.as_str(), i.line, i.column)).collect();
+    assert_eq!(got, [("branding.accent_color", 2, 16), ("sandboxes[0].address", 11, 11), ("server.threads", 14, 11)], "{i:?}");
+    assert!(i[1].message.contains("not an IP address"), "{:?}", i[1]);
+    let shown = Config::parse(text, Some(Path::new("t.toml"))).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(shown.contains("\n  t.toml:2:16: branding.accent_color: "), "{shown}");
+    assert!(shown.contains("\n  t.toml:11:11: sandboxes[0].address: "), "{shown}");
+    // A left-out sandbox does not make the share token that references it dangle.
+    let text = "[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"x\"\n\n[[sandboxes]]\nid = \"b\"\nworkspace = \"w\"\naddress = \"10.0.0.2\"\ncolour = 1\n";
+    let i = issues(text);
+    let paths: Vec<&str> = i.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(paths, ["sandboxes[0].address", "sandboxes[1].colour"], "{i:?}");
+}
+
+#[test]
+fn error_paths_go_through_releases() {
+    let dep = |release: &str| {
+        format!("[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[deployments]]\nid = \"d\"\nworkspace = \"w\"\nname = \"app\"\nactive_version = \"v1\"\n\n[[deployments.versions]]\nid = \"v1\"\nrelease = {release}\n")
+    };
+    let i = issues(&dep(r#"{ kind = "dynamic", instances = ["10.0.0.1:80", "10.0.0.2"] }"#));
+    assert_eq!(i[0].path, "deployments[0].versions[0].release.instances[1]", "{i:?}");
+    assert_eq!((i[0].line, i[0].column), (13, 59), "{i:?}");
+    let i = issues(&dep(r#"{ kind = "static", sha256 = "abc" }"#));
+    assert_eq!(i[0].path, "deployments[0].versions[0].release.sha256", "{i:?}");
+    let i = issues(&dep(r#"{ kind = "static", spa = true, color = 1 }"#));
+    assert_eq!(i[0].path, "deployments[0].versions[0].release.color", "{i:?}");
+    let i = issues(&dep(r#"{ kind = "lambda" }"#));
+    assert_eq!(i[0].path, "deployments[0].versions[0].release.kind", "{i:?}");
+    let i = issues(&dep(&format!(r#"{{ kind = "static", sha256 = "{}", instances = [] }}"#, "a".repeat(64))));
+    assert_eq!(i[0].path, "deployments[0].versions[0].release", "{i:?}");
+    assert!(i[0].message.contains("unknown field `instances` for a static release"), "{i:?}");
+    let ok = dep(&format!(r#"{{ kind = "static", sha256 = "{}", spa = true }}"#, "a".repeat(64)));
+    let c = Config::parse(&ok, None).expect("valid");
+    assert!(matches!(c.state.deployments[0].versions[0].release, schema::Release::Static { spa: true, .. }));
+}
+
+#[test]
+fn sections_and_routing_objects_must_be_tables() {
+    // serde reads a struct from an array too: `branding = ["x"]` would be a branding.
+    let i = issues("branding = [\"x\"]\nsandboxes = [[\"a\", \"w\", \"10.0.0.1\"]]\n");
+    let got: Vec<(&str, bool)> = i.iter().map(|i| (i.path.as_str(), i.message.contains("must be a table"))).collect();
+    assert_eq!(got, [("branding", true), ("sandboxes[0]", true)], "{i:?}");
+    let i = issues("sandboxes = 3\n");
+    assert_eq!(i[0].path, "sandboxes");
+    let i = issues("[serverr]\n");
+    assert!(i[0].path == "serverr" && i[0].message.starts_with("unknown field `serverr`"), "{i:?}");
+}

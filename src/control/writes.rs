@@ -3,7 +3,7 @@
 //! here (schema errors with their path), then hand the store one change, off the async
 //! threads, and answer `{"generation": N}`.
 
-use super::error::{bytes_response, invalid_at, json, parse, ApiError};
+use super::error::{bytes_response, invalid_at, json, object_at, object_body, parse, ApiError};
 use super::ControlApi;
 use crate::schema::{Id, Kind, Object, State, StateDoc, StateError};
 use crate::state::{BatchOp, Op, Origin};
@@ -56,10 +56,22 @@ impl ControlApi {
             ops: Vec<serde_json::Value>,
         }
         #[derive(Deserialize)]
-        #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-        enum WireOp {
-            Upsert { kind: Kind, value: serde_json::Value },
-            Delete { kind: Kind, id: String },
+        #[serde(rename_all = "lowercase")]
+        enum OpName {
+            Upsert,
+            Delete,
+        }
+        // One flat struct rather than an internally tagged enum, which serde buffers: an
+        // error inside an op then names its field (`ops[0].kind`), CONTRACT §4.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct WireOp {
+            op: OpName,
+            kind: Kind,
+            #[serde(default)]
+            value: Option<serde_json::Value>,
+            #[serde(default)]
+            id: Option<String>,
         }
         let if_match = if_match(&req)?;
         let body = self.body(req).await?;
@@ -67,14 +79,24 @@ impl ControlApi {
             let b: Body = parse(&body)?;
             let mut ops = Vec::with_capacity(b.ops.len());
             for (i, v) in b.ops.into_iter().enumerate() {
+                object_at(&v, &format!("ops[{i}]"))?;
                 let op: WireOp = serde_path_to_error::deserialize(v).map_err(|e| invalid_at(&format!("ops[{i}]"), e))?;
-                let (path, op) = match op {
-                    WireOp::Upsert { kind, value } => {
+                let (path, op) = match (op.op, op.value, op.id) {
+                    (OpName::Upsert, Some(value), None) => {
                         let path = format!("ops[{i}].value");
-                        let o = Object::from_value(kind, value).map_err(|e| invalid_at(&path, e))?;
+                        object_at(&value, &path)?;
+                        let o = Object::from_value(op.kind, value).map_err(|e| invalid_at(&path, e))?;
                         (path, Op::Upsert(o))
                     }
-                    WireOp::Delete { kind, id } => (format!("ops[{i}]"), Op::Delete(kind, id)),
+                    (OpName::Delete, None, Some(id)) => (format!("ops[{i}]"), Op::Delete(op.kind, id)),
+                    (OpName::Upsert, _, Some(_)) => {
+                        return Err(ApiError::invalid("an upsert takes `value`, not `id`", format!("ops[{i}].id")))
+                    }
+                    (OpName::Delete, Some(_), _) => {
+                        return Err(ApiError::invalid("a delete takes `id`, not `value`", format!("ops[{i}].value")))
+                    }
+                    (OpName::Upsert, None, None) => return Err(ApiError::invalid("missing field `value`", format!("ops[{i}]"))),
+                    (OpName::Delete, None, None) => return Err(ApiError::invalid("missing field `id`", format!("ops[{i}]"))),
                 };
                 ops.push(BatchOp { path, origin: Origin::Api, op });
             }
@@ -96,6 +118,7 @@ impl ControlApi {
         let if_match = if_match(&req)?;
         let body = self.body(req).await?;
         self.blocking(move |api| {
+            object_body(&body)?;
             let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
             let obj = Object::from_value(kind, value).map_err(|e| invalid_at("", e))?;
             if obj.id() != id {

@@ -102,13 +102,15 @@ pub enum Object {
 }
 
 impl Object {
-    /// Reads an object of `kind` (the error says where in `value` it went wrong).
+    /// Reads an object of `kind`, structs from JSON objects only (the error says where in
+    /// `value` it went wrong).
     pub fn from_value(kind: Kind, value: serde_json::Value) -> Result<Object, serde_path_to_error::Error<serde_json::Error>> {
+        let v = super::strict::Strict(value);
         Ok(match kind {
-            Kind::Workspace => Object::Workspace(serde_path_to_error::deserialize(value)?),
-            Kind::Sandbox => Object::Sandbox(serde_path_to_error::deserialize(value)?),
-            Kind::ShareToken => Object::ShareToken(serde_path_to_error::deserialize(value)?),
-            Kind::Deployment => Object::Deployment(serde_path_to_error::deserialize(value)?),
+            Kind::Workspace => Object::Workspace(serde_path_to_error::deserialize(v)?),
+            Kind::Sandbox => Object::Sandbox(serde_path_to_error::deserialize(v)?),
+            Kind::ShareToken => Object::ShareToken(serde_path_to_error::deserialize(v)?),
+            Kind::Deployment => Object::Deployment(serde_path_to_error::deserialize(v)?),
         })
     }
 

@@ -29,6 +29,12 @@ pub trait CertStore: Send + Sync + fmt::Debug {
     fn save(&self, entry: &str, fullchain: &[u8], privkey: &[u8]) -> io::Result<()>;
     /// Removes an entry (a missing one is not an error).
     fn remove(&self, entry: &str) -> io::Result<()>;
+    /// Whether `entry` was obtained by ACME for the fleet rather than placed by the
+    /// operator (a directory holds the operator's files, and ACME's where it manages the
+    /// names: the caller knows those).
+    fn obtained_by_acme(&self, _entry: &str) -> bool {
+        false
+    }
 }
 
 /// `<dir>/<entry>/fullchain.pem` + `<dir>/<entry>/privkey.pem` (certbot's live layout;

@@ -201,11 +201,13 @@ async fn sandbox_wildcard_is_issued_by_dns01() {
     assert!(m["last_success_at"].as_i64().is_some_and(|t| t >= started - 1 && t <= unix_now() + 1), "{m}");
     let listed = certs["certificates"]
         .as_array()
-        .and_then(|a| a.iter().find(|c| c["source"] == entry_name.as_str()).cloned())
+        .and_then(|a| a.iter().find(|c| c["entry"] == entry_name.as_str()).cloned())
         .unwrap_or_else(|| panic!("issued certificate not listed: {certs}"));
     assert_eq!(listed["names"], serde_json::json!([wildcard]), "{listed}");
     assert!(listed["issuer"].as_str().is_some_and(pebble_issued), "{listed}");
-    assert_eq!(listed["not_after"], cert.not_after, "{listed}");
+    assert_eq!(listed["not_after"], miosa_edge::schema::Timestamp(cert.not_after).to_rfc3339(), "{listed}");
+    assert_eq!((listed["source"].as_str(), listed["last_error"].as_str()), (Some("acme"), None), "{listed}");
+    assert!(listed["renew_after"].as_str().is_some_and(|t| t < listed["not_after"].as_str().unwrap_or_default()), "{listed}");
     for k in ["orders_per_3h", "certs_per_domain_per_week", "failures_per_host_per_hour", "duplicates_per_week"] {
         assert!(certs["budget"][k].as_u64().is_some_and(|v| v > 0), "budget.{k}: {certs}");
     }

@@ -404,3 +404,115 @@ async fn kill_9_in_a_write_storm_loses_no_acknowledged_write_and_invents_none() 
     }
     assert!(present.len() <= acked.len() + 8, "at most one write in flight per writer may land unacknowledged");
 }
+
+#[tokio::test]
+async fn write_bodies_must_be_json_objects() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let sb = json!({"id": "apibox", "workspace": "ws_1", "address": "127.0.0.3"});
+    assert_eq!(edge.api("PUT", "/v1/sandboxes/apibox", Some(&sb.to_string())).await.status, 200);
+    let g = edge.api("GET", "/v1/state", None).await.json()["generation"].as_u64().expect("generation");
+
+    // serde reads a struct from an array: `[]` would have been an empty state.
+    for (method, path, body) in [
+        ("PUT", "/v1/state", "[]"),
+        ("PUT", "/v1/state", " [[],[],[],[]]"),
+        ("PUT", "/v1/state", "null"),
+        ("PUT", "/v1/state", ""),
+        ("PUT", "/v1/sandboxes/apibox", r#"["apibox","ws_1","127.0.0.9"]"#),
+        ("POST", "/v1/state/ops", "[[]]"),
+        ("POST", "/v1/deployments/dep_1/activate", r#"["v1"]"#),
+        ("POST", "/v1/domains/verify", r#"["preview.tenant-one.test","preview"]"#),
+    ] {
+        let r = edge.api(method, path, Some(body)).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_json".into()), "{method} {path} {body}: {}", r.text());
+    }
+    // Inside ops, an op and an object given as arrays are refused at their path.
+    let r = edge.api("POST", "/v1/state/ops", Some(r#"{"ops":[["delete","sandbox","apibox"]]}"#)).await;
+    assert_eq!((r.status, r.code(), r.json()["error"]["path"].as_str()), (400, "invalid_state".into(), Some("ops[0]")), "{}", r.text());
+    let r = edge.api("POST", "/v1/state/ops", Some(r#"{"ops":[{"op":"upsert","kind":"sandbox","value":["x","ws_1","10.0.0.1"]}]}"#)).await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("ops[0].value")), "{}", r.text());
+    // And so is a nested object given as an array, at any depth.
+    let r = edge
+        .api("PUT", "/v1/state", Some(r#"{"sandboxes":[{"id":"a","workspace":"ws_1","address":"10.0.0.1","previews":[[5173,"public"]]}]}"#))
+        .await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("sandboxes[0].previews[0]")), "{}", r.text());
+    let r = edge.api("PUT", "/v1/workspaces/ws_x", Some(r#"{"id":"ws_x","slug":"x","branding":["https://x.test/l.png"]}"#)).await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("branding")), "{}", r.text());
+
+    // Nothing changed.
+    let r = edge.api("GET", "/v1/state", None).await;
+    assert_eq!(r.json()["generation"].as_u64(), Some(g));
+    assert_eq!(r.json()["sandboxes"][0]["address"], "127.0.0.3");
+}
+
+#[tokio::test]
+async fn error_paths_go_through_tagged_releases() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    let dep = |release: serde_json::Value| json!({"id": "d", "workspace": "ws_1", "name": "app", "active_version": "v1", "versions": [{"id": "v1", "release": release}]});
+    let bad_instance = dep(json!({"kind": "dynamic", "instances": ["10.0.0.1:80", "10.0.0.2"]}));
+    let bad_sha = dep(json!({"kind": "static", "sha256": "xyz"}));
+    for (body, path) in [
+        (json!({"deployments": [bad_instance.clone()]}), "deployments[0].versions[0].release.instances[1]"),
+        (json!({"deployments": [bad_sha.clone()]}), "deployments[0].versions[0].release.sha256"),
+        (json!({"deployments": [dep(json!({"kind": "lambda"}))]}), "deployments[0].versions[0].release.kind"),
+    ] {
+        let r = edge.api("PUT", "/v1/state", Some(&body.to_string())).await;
+        assert_eq!((r.status, r.code(), r.json()["error"]["path"].as_str()), (400, "invalid_state".into(), Some(path)), "{}", r.text());
+    }
+    let r = edge.api("PUT", "/v1/deployments/d", Some(&bad_instance.to_string())).await;
+    assert_eq!(r.json()["error"]["path"], "versions[0].release.instances[1]", "{}", r.text());
+    let ops = json!({"ops": [{"op": "upsert", "kind": "deployment", "value": bad_sha}]});
+    let r = edge.api("POST", "/v1/state/ops", Some(&ops.to_string())).await;
+    assert_eq!(r.json()["error"]["path"], "ops[0].value.versions[0].release.sha256", "{}", r.text());
+    // The ops' own union: an error inside an op names its field too.
+    for (op, path) in [
+        (json!({"op": "upsert", "kind": "sandboxx", "value": {}}), "ops[0].kind"),
+        (json!({"op": "upsertt", "kind": "sandbox", "value": {}}), "ops[0].op"),
+        (json!({"op": "delete", "kind": "sandbox", "id": 7}), "ops[0].id"),
+        (json!({"op": "delete", "kind": "sandbox", "value": {}}), "ops[0].value"),
+        (json!({"op": "upsert", "kind": "sandbox", "id": "x"}), "ops[0].id"),
+    ] {
+        let r = edge.api("POST", "/v1/state/ops", Some(&json!({ "ops": [op] }).to_string())).await;
+        assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some(path)), "{op}: {}", r.text());
+    }
+    // A field of the other kind is refused, and a good release still reads.
+    let mixed = dep(json!({"kind": "dynamic", "instances": ["10.0.0.1:80"], "spa": true}));
+    let r = edge.api("PUT", "/v1/deployments/d", Some(&mixed.to_string())).await;
+    assert!(r.json()["error"]["message"].as_str().unwrap_or_default().contains("unknown field `spa`"), "{}", r.text());
+    let good = dep(json!({"kind": "static", "sha256": "a".repeat(64), "spa": true}));
+    let r = edge.api("PUT", "/v1/deployments/d", Some(&good.to_string())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(edge.api("GET", "/v1/deployments/d", None).await.json()["versions"][0]["release"], good["versions"][0]["release"]);
+}
+
+#[tokio::test]
+async fn known_paths_answer_405_with_allow_for_other_methods() {
+    let f = Fixture::start().await;
+    let edge = Edge::start(&f.toml("")).await;
+    for (method, path, allow) in [
+        ("TRACE", "/healthz", "GET"),
+        ("TRACE", "/readyz", "GET"),
+        ("TRACE", "/metrics", "GET"),
+        ("TRACE", "/v1/usage", "GET"),
+        ("TRACE", "/v1/certificates", "GET"),
+        ("POST", "/v1/cluster", "GET"),
+        ("PUT", "/v1/openapi.yaml", "GET"),
+        ("DELETE", "/v1/state", "GET, PUT"),
+        ("GET", "/v1/state/ops", "POST"),
+        ("GET", "/v1/domains/verify", "POST"),
+        ("GET", "/v1/deployments/dep_1/activate", "POST"),
+        ("PATCH", "/v1/sandboxes/abc12345", "GET, PUT, DELETE"),
+    ] {
+        // Without a token and with one: the method is wrong either way.
+        let r = raw_request(edge.control, &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!((r.status, r.code(), r.header("allow")), (405, "method_not_allowed".into(), Some(allow)), "{method} {path}");
+        let r = edge.api(method, path, None).await;
+        assert_eq!((r.status, r.header("allow")), (405, Some(allow)), "{method} {path}");
+    }
+    // A known method and path without a token is still 401; an unknown path 404.
+    let r = raw_request(edge.control, "GET /v1/certificates HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(edge.api("TRACE", "/v1/nothing", None).await.status, 404);
+}

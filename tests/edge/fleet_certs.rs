@@ -506,8 +506,18 @@ async fn the_fleets_certificates_are_served_beside_certs_dir_and_kept_while_redi
     install_pair(&c.certs_dir, "a.fleet.test", &longer);
     assert!(serves(&c.edge, "a.fleet.test", &longer.serial).await, "the one valid longer serves\n{}", c.edge.log());
     let listed = certificates(&c.edge).await;
-    let sources: Vec<&str> = listed["certificates"].as_array().expect("certificates").iter().filter_map(|c| c["source"].as_str()).collect();
-    assert_eq!(sources, vec!["a.fleet.test", "b.fleet.test", "certs_dir/a.fleet.test"], "{listed}");
+    let sources: Vec<(Option<&str>, Option<&str>)> =
+        listed["certificates"].as_array().expect("certificates").iter().map(|c| (c["entry"].as_str(), c["source"].as_str())).collect();
+    assert_eq!(
+        sources,
+        vec![
+            (None, Some("default")),
+            (Some("a.fleet.test"), Some("acme")),
+            (Some("b.fleet.test"), Some("file")),
+            (Some("certs_dir/a.fleet.test"), Some("file"))
+        ],
+        "the fleet's certificates are ACME's, certs_dir's the operator's: {listed}"
+    );
     std::fs::remove_dir_all(c.certs_dir.join("a.fleet.test")).expect("remove");
     assert!(serves(&c.edge, "a.fleet.test", &fleet_leaf.serial).await, "the fleet's again\n{}", c.edge.log());
 

@@ -82,18 +82,45 @@ impl Spec {
 
     fn validate(&self, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
         let s = self.resolve(schema);
-        if let Some(t) = s["type"].as_str() {
-            let ok = match t {
-                "object" => v.is_object(),
-                "array" => v.is_array(),
-                "string" => v.is_string(),
-                "integer" => v.is_u64() || v.is_i64(),
-                "number" => v.is_number(),
-                "boolean" => v.is_boolean(),
-                _ => true,
-            };
-            if !ok {
-                return Err(format!("{at}: expected {t}"));
+        let is = |t: &str| match t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_u64() || v.is_i64(),
+            "number" => v.is_number(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => true,
+        };
+        match &s["type"] {
+            Value::String(t) if !is(t) => return Err(format!("{at}: expected {t}")),
+            Value::Array(ts) if !ts.iter().any(|t| is(t.as_str().unwrap_or_default())) => {
+                return Err(format!("{at}: expected one of {ts:?}"))
+            }
+            _ => {}
+        }
+        if let Some(alts) = s["oneOf"].as_array() {
+            let fits: Vec<Result<(), String>> = alts.iter().map(|a| self.validate(a, v, at)).collect();
+            match fits.iter().filter(|r| r.is_ok()).count() {
+                1 => {}
+                0 => return Err(format!("{at}: fits none of oneOf: {:?}", fits.into_iter().filter_map(Result::err).collect::<Vec<_>>())),
+                n => return Err(format!("{at}: fits {n} alternatives of oneOf")),
+            }
+        }
+        if let Some(n) = v.as_i64() {
+            if s["minimum"].as_i64().is_some_and(|m| n < m) || s["maximum"].as_i64().is_some_and(|m| n > m) {
+                return Err(format!("{at}: {n} out of [{}, {}]", s["minimum"], s["maximum"]));
+            }
+        }
+        if let Some(t) = v.as_str() {
+            let len = t.chars().count() as u64;
+            if s["minLength"].as_u64().is_some_and(|m| len < m) || s["maxLength"].as_u64().is_some_and(|m| len > m) {
+                return Err(format!("{at}: length {len} out of [{}, {}]", s["minLength"], s["maxLength"]));
+            }
+        }
+        if let Some(a) = v.as_array() {
+            if s["minItems"].as_u64().is_some_and(|m| (a.len() as u64) < m) {
+                return Err(format!("{at}: fewer than {} items", s["minItems"]));
             }
         }
         if let Some(e) = s["enum"].as_array() {
@@ -209,4 +236,58 @@ async fn responses_match_the_openapi_document() {
 fn the_served_document_is_the_file() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/control-api.yaml")).expect("spec");
     assert_eq!(text, miosa_edge::control::OPENAPI_YAML);
+}
+
+#[test]
+fn the_schemas_refuse_what_the_edge_refuses() {
+    let spec = Spec::load();
+    let schema = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
+    let fits = |name: &str, v: &Value| spec.validate(&schema(name), v, "$");
+
+    let sandbox = json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "state": "suspended", "previews": [{"port": 5173, "access": "public"}]});
+    assert_eq!(fits("Sandbox", &sandbox), Ok(()));
+    for bad in [
+        json!({"id": "abc", "workspace": "ws_1"}),
+        json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "colour": "red"}),
+        json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "state": "asleep"}),
+        json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "previews": [{"port": 0}]}),
+        json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "previews": [{"port": 70000}]}),
+        json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "previews": [[5173]]}),
+        json!({"id": "abc", "workspace": "ws_1", "address": "10.0.0.1", "previews": [{"port": 80, "access": "open"}]}),
+        json!({"id": "a".repeat(58), "workspace": "ws_1", "address": "10.0.0.1"}),
+        json!(["abc", "ws_1", "10.0.0.1"]),
+    ] {
+        assert!(fits("Sandbox", &bad).is_err(), "the schema takes {bad}");
+    }
+
+    // A release is one kind or the other, never a mix.
+    for good in [
+        json!({"kind": "dynamic", "instances": ["10.0.0.1:80"], "balance": "round_robin", "health_check": {"path": "/healthz", "interval_ms": 1000}}),
+        json!({"kind": "static", "sha256": "a".repeat(64), "spa": true}),
+    ] {
+        assert_eq!(fits("Release", &good), Ok(()), "{good}");
+    }
+    for bad in [
+        json!({"kind": "dynamic", "instances": []}),
+        json!({"kind": "dynamic", "instances": ["10.0.0.1:80"], "spa": true}),
+        json!({"kind": "static", "sha256": "a".repeat(64), "instances": ["10.0.0.1:80"]}),
+        json!({"kind": "lambda"}),
+        json!({"kind": "dynamic", "instances": ["10.0.0.1:80"], "balance": "random"}),
+        json!({"kind": "dynamic", "instances": ["10.0.0.1:80"], "health_check": {"path": "/", "interval_ms": 50}}),
+    ] {
+        assert!(fits("Release", &bad).is_err(), "the schema takes {bad}");
+    }
+
+    // One object of a kind, exactly.
+    assert_eq!(fits("Object", &sandbox), Ok(()));
+    assert_eq!(fits("Object", &json!({"id": "ws_1", "slug": "s", "branding": {"accent_color": "#0a84ff"}})), Ok(()));
+    assert!(fits("Object", &json!({"id": "x"})).is_err());
+    assert!(fits("Workspace", &json!({"id": "ws_1", "slug": "s", "preview_domain": {"host": "p.example.com", "verified": true, "x": 1}}))
+        .is_err());
+    let cert = json!({"names": ["a.test"], "issuer": "ca", "not_before": "2026-01-01T00:00:00Z", "not_after": "2026-04-01T00:00:00Z",
+        "renew_after": "2026-03-01T00:00:00Z", "source": "file", "entry": "a.test", "last_error": null});
+    assert_eq!(fits("Certificate", &cert), Ok(()));
+    let mut bad = cert.clone();
+    bad["source"] = json!("a.test");
+    assert!(fits("Certificate", &bad).is_err());
 }

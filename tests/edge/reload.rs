@@ -91,6 +91,19 @@ fn check_reports_line_and_column() {
     assert!(err.contains(":7:6: sandboxes[1].id"), "{err}");
     assert!(err.contains("3 error(s)"), "{err}");
 
+    // Every error, not only the first: a bad value in [branding] and one in a sandbox.
+    std::fs::write(
+        &path,
+        "[branding]\naccent_color = \"blue\"\n\n[[workspaces]]\nid = \"w\"\nslug = \"s\"\n\n[[sandboxes]]\nid = \"a\"\nworkspace = \"w\"\naddress = \"10.0.3\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config"]).arg(&path).output().expect("run check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains(&format!("{}:2:16: branding.accent_color: `blue` must be #rgb or #rrggbb", path.display())), "{err}");
+    assert!(err.contains(&format!("{}:11:11: sandboxes[0].address: `10.0.3` is not an IP address", path.display())), "{err}");
+    assert!(err.contains("2 error(s)"), "{err}");
+
     // A good file passes; so does the shipped example and the embedded default.
     for good in ["config/edge.example.toml", "config/dev.toml", "config/edge.container.toml"] {
         let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge"))

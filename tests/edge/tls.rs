@@ -80,29 +80,33 @@ async fn sni_picks_exact_then_wildcard_then_default() {
     let files: Vec<_> = std::fs::read_dir(&current).map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(!files.is_empty(), "default certificate in {}", current.display());
 
-    // The control API lists what is served.
+    // The control API lists what is served, in CONTRACT §4's shape, the default included.
     let certs = certificates(&edge).await;
-    assert_eq!(certs["default"]["source"], "default", "{certs}");
-    let mut names: Vec<String> = serde_json::from_value(certs["default"]["names"].clone()).expect("default names");
+    let rfc3339 = |t: i64| miosa_edge::schema::Timestamp(t).to_rfc3339();
+    let list = certs["certificates"].as_array().expect("certificates array");
+    assert_eq!(list.len(), 4, "{certs}");
+    let dflt = list.iter().find(|c| c["source"] == "default").unwrap_or_else(|| panic!("default not listed: {certs}"));
+    let mut names: Vec<String> = serde_json::from_value(dflt["names"].clone()).expect("default names");
     let mut want = default.names.clone();
     names.sort();
     want.sort();
     assert_eq!(names, want, "{certs}");
-    assert_eq!(certs["default"]["not_after"], default.not_after);
+    assert_eq!(dflt["not_after"], rfc3339(default.not_after), "{dflt}");
+    assert!(dflt["entry"].is_null() && dflt["last_error"].is_null(), "{dflt}");
     assert!(certs.get("managed").is_none() && certs.get("budget").is_none(), "no [acme], no managed/budget: {certs}");
     assert_eq!(certs["errors"], serde_json::json!([]), "{certs}");
-    let list = certs["certificates"].as_array().expect("certificates array");
-    assert_eq!(list.len(), 3, "{certs}");
     for (entry, leaf, name) in
         [("exact", &exact, exact_host.as_str()), ("wild", &wild, "*.sandbox.localhost"), ("not-the-name", &tenant, "app.customer.test")]
     {
-        let c = list.iter().find(|c| c["source"] == entry).unwrap_or_else(|| panic!("{entry} not listed: {certs}"));
+        let c = list.iter().find(|c| c["entry"] == entry).unwrap_or_else(|| panic!("{entry} not listed: {certs}"));
         let info = cert_info(&leaf.der);
         assert_eq!(c["names"], serde_json::json!([name]), "{c}");
         assert_eq!(c["issuer"], "miosa-edge test CA", "{c}");
-        assert_eq!((c["not_before"].as_i64(), c["not_after"].as_i64()), (Some(info.not_before), Some(info.not_after)), "{c}");
-        let renew_at = info.not_before + (info.not_after - info.not_before) * 2 / 3;
-        assert!(c["renew_at"].as_i64().is_some_and(|r| (r - renew_at).abs() <= 1), "renew_at at 2/3 of life ({renew_at}): {c}");
+        assert_eq!((c["source"].as_str(), c["last_error"].as_str()), (Some("file"), None), "the operator's files: {c}");
+        assert_eq!((&c["not_before"], &c["not_after"]), (&rfc3339(info.not_before).into(), &rfc3339(info.not_after).into()), "{c}");
+        let renew_after = info.not_before + (info.not_after - info.not_before) * 2 / 3;
+        let got = c["renew_after"].as_str().and_then(|t| miosa_edge::schema::Timestamp::parse_rfc3339(t).ok()).map(|t| t.0);
+        assert!(got.is_some_and(|r| (r - renew_after).abs() <= 1), "renew_after at 2/3 of life ({renew_after}): {c}");
     }
 
     // And the metrics carry each certificate's expiry.
