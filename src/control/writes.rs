@@ -39,10 +39,12 @@ impl ControlApi {
 
     /// `PUT /v1/state`: replaces the API-managed state whole (applied as the difference).
     pub(super) async fn put_state(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
-        let if_match = if_match(&req)?;
+        // The body is read and checked first: a bad body is 400 whatever its If-Match.
+        let if_match = if_match(&req);
         let body = self.body(req).await?;
         self.blocking(move |api| {
             let doc: StateDoc = parse(&body)?;
+            let if_match = if_match?;
             api.store.replace_api(if_match.or(doc.generation), doc.state).map_err(ApiError::from)
         })
         .await
@@ -73,7 +75,7 @@ impl ControlApi {
             #[serde(default)]
             id: Option<String>,
         }
-        let if_match = if_match(&req)?;
+        let if_match = if_match(&req);
         let body = self.body(req).await?;
         self.blocking(move |api| {
             let b: Body = parse(&body)?;
@@ -100,6 +102,7 @@ impl ControlApi {
                 };
                 ops.push(BatchOp { path, origin: Origin::Api, op });
             }
+            let if_match = if_match?;
             api.store.apply(if_match, ops).map_err(ApiError::from)
         })
         .await
@@ -115,7 +118,7 @@ impl ControlApi {
 
     /// `PUT /v1/{kind}/{id}`: creates or replaces one object.
     pub(super) async fn put_object(self: &Arc<Self>, kind: Kind, id: String, req: Request<Incoming>) -> Answer {
-        let if_match = if_match(&req)?;
+        let if_match = if_match(&req);
         let body = self.body(req).await?;
         self.blocking(move |api| {
             object_body(&body)?;
@@ -124,6 +127,7 @@ impl ControlApi {
             if obj.id() != id {
                 return Err(ApiError::invalid(format!("the body's id `{}` is not the path's `{id}`", obj.id()), "id"));
             }
+            let if_match = if_match?;
             api.store
                 .apply(if_match, vec![BatchOp { path: String::new(), origin: Origin::Api, op: Op::Upsert(obj) }])
                 .map_err(ApiError::from)
@@ -148,10 +152,11 @@ impl ControlApi {
         struct Body {
             version: Id,
         }
-        let if_match = if_match(&req)?;
+        let if_match = if_match(&req);
         let body = self.body(req).await?;
         self.blocking(move |api| {
             let b: Body = parse(&body)?;
+            let if_match = if_match?;
             api.store
                 .write(if_match, |objects| {
                     let mut d = match objects.get(Kind::Deployment, &id) {

@@ -177,6 +177,11 @@ fn check_url_text(s: &str) -> Result<(), String> {
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("URL must not contain spaces or control characters".into());
     }
+    // RFC 3986: ASCII only (other characters percent-encoded, hosts in punycode), and
+    // none of the characters a URI never holds raw.
+    if !s.bytes().all(|b| b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b)) {
+        return Err(format!("`{s}` is not a URI: percent-encode other characters and write hosts in punycode"));
+    }
     Ok(())
 }
 
@@ -498,6 +503,9 @@ mod tests {
         assert!(HttpsUrl::try_from("https://").is_err());
         assert!(HttpsUrl::try_from("https://a b").is_err());
         assert!(HttpsUrl::try_from("javascript:alert(1)").is_err());
+        assert!(HttpsUrl::try_from("https://ß£").is_err(), "non-ASCII: not a URI");
+        assert!(HttpsUrl::try_from("https://a.test/x\"onmouseover=1").is_err());
+        assert!(HttpsUrl::try_from("https://xn--strae-oqa.test/l%C3%B6go.png?a=1&b=2#x").is_ok());
         assert!(SupportUrl::try_from("mailto:help@example.com").is_ok());
         assert!(SupportUrl::try_from("javascript:alert(1)").is_err());
         assert!(AccentColor::try_from("#0a84ff").is_ok());

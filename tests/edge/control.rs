@@ -427,6 +427,15 @@ async fn write_bodies_must_be_json_objects() {
         let r = edge.api(method, path, Some(body)).await;
         assert_eq!((r.status, r.code()), (400, "invalid_json".into()), "{method} {path} {body}: {}", r.text());
     }
+    // A bad body is 400 whatever its If-Match says (the body is checked first).
+    for (method, path) in
+        [("PUT", "/v1/state"), ("POST", "/v1/state/ops"), ("PUT", "/v1/sandboxes/apibox"), ("POST", "/v1/deployments/dep_1/activate")]
+    {
+        for if_match in ["", "\"not-a-generation\"", "\"999999\""] {
+            let r = edge.api_with(method, path, Some("[]"), &[("If-Match", if_match)]).await;
+            assert_eq!((r.status, r.code()), (400, "invalid_json".into()), "{method} {path} If-Match {if_match:?}: {}", r.text());
+        }
+    }
     // Inside ops, an op and an object given as arrays are refused at their path.
     let r = edge.api("POST", "/v1/state/ops", Some(r#"{"ops":[["delete","sandbox","apibox"]]}"#)).await;
     assert_eq!((r.status, r.code(), r.json()["error"]["path"].as_str()), (400, "invalid_state".into(), Some("ops[0]")), "{}", r.text());
