@@ -41,7 +41,8 @@ pub struct ControlApi {
     usage: Arc<Usage>,
     access_log: Option<Arc<AccessLog>>,
     token: Box<[u8]>,
-    max_body: u64,
+    /// `[control] max_body_bytes`, replaced by config reloads.
+    max_body: Arc<std::sync::atomic::AtomicU64>,
     verifier: Option<Verifier>,
     proxy_addr: SocketAddr,
     proxy_up: AtomicBool,
@@ -141,7 +142,7 @@ impl ControlApi {
             usage,
             access_log,
             token: token.into_bytes().into_boxed_slice(),
-            max_body,
+            max_body: Arc::new(std::sync::atomic::AtomicU64::new(max_body)),
             verifier,
             proxy_addr,
             proxy_up: AtomicBool::new(false),
@@ -151,6 +152,11 @@ impl ControlApi {
             fleet_usage: None,
             listener: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Where a config reload sets a new `[control] max_body_bytes`.
+    pub fn max_body(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.max_body.clone()
     }
 
     /// Serves on `listener` once started as a service.
