@@ -48,7 +48,8 @@ pub struct ControlApi {
     proxy_up: AtomicBool,
     /// The TLS certificates (`None` without `[server] https`) and the ACME service.
     certs: Option<Arc<crate::tls::Watcher>>,
-    acme: Option<Arc<crate::acme::Manager>>,
+    /// Replaced when a reload changes `[acme]`.
+    acme: Arc<arc_swap::ArcSwapOption<crate::acme::Manager>>,
     cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Fleet mode: `GET /v1/usage` answers the fleet's counts.
     fleet_usage: Option<Arc<crate::cluster::counters::FleetUsage>>,
@@ -147,7 +148,7 @@ impl ControlApi {
             proxy_addr,
             proxy_up: AtomicBool::new(false),
             certs: None,
-            acme: None,
+            acme: Arc::default(),
             cluster: None,
             fleet_usage: None,
             listener: std::sync::Mutex::new(None),
@@ -199,8 +200,13 @@ impl ControlApi {
     /// Reports the certificates served and the names ACME manages.
     pub fn with_certificates(mut self, certs: Arc<crate::tls::Watcher>, acme: Option<Arc<crate::acme::Manager>>) -> Self {
         self.certs = Some(certs);
-        self.acme = acme;
+        self.acme.store(acme);
         self
+    }
+
+    /// Where a config reload publishes the ACME service it started (or `None`).
+    pub fn acme(&self) -> Arc<arc_swap::ArcSwapOption<crate::acme::Manager>> {
+        self.acme.clone()
     }
 
     /// `GET /v1/certificates`.
@@ -224,7 +230,7 @@ impl ControlApi {
             body["certificates"] = certs.into_iter().map(|c| cert(c)).collect();
             body["errors"] = serde_json::to_value(w.errors()).unwrap_or_default();
         }
-        if let Some(a) = &self.acme {
+        if let Some(a) = self.acme.load_full() {
             body["managed"] = serde_json::to_value(a.statuses()).unwrap_or_default();
             body["budget"] = a.budget();
         }

@@ -8,13 +8,13 @@
 //! `miosa_edge_config_reloads_total{result="error"}`. Requests in flight hold the table
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
-//! The sections beside the routing state (`[wake]`, `[tls]`, `[static]`, `[control]
-//! max_body_bytes`) are applied by an [`Apply`] given by start-up: it builds every new
+//! The sections beside the routing state (`[wake]`, `[tls]`, `[static]`, `[acme]`,
+//! `[control] max_body_bytes`) are applied by an [`Apply`] given by start-up: it builds every new
 //! piece first (nothing started, nothing published), and only once the routing state
 //! took the file are they swapped in. A piece that cannot be built refuses the whole
 //! file, like a parse error. What is fixed at start — listener addresses, threads,
 //! `state_dir`, `[control] listen` and `token_env`, `[static] cache_dir`, `[cluster]`
-//! (the node's identity), and for now `[acme]`, `[dns]`, `[log]` and the other `[server]`
+//! (the node's identity), and for now `[dns]`, `[log]` and the other `[server]`
 //! timeouts and caps — is logged as needing a restart when it changes; the rest applies.
 
 use crate::config::{Config, ConfigError, ConfigIssue};
@@ -167,11 +167,9 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
             ("static", new.static_ != started.static_),
             ("wake", new.wake != started.wake),
             ("tls", new.tls != started.tls),
+            ("acme", new.acme != started.acme),
         ];
         out.extend(live.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
-    }
-    if new.acme != started.acme {
-        out.push("acme");
     }
     out
 }

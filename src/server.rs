@@ -209,25 +209,21 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .map_err(StartError::Releases)?;
     services.start(releases.clone());
-    let acme = match (&cfg.acme, &certs) {
-        (Some(a), Some(watcher)) => {
-            let nameservers = cfg.dns.nameservers.as_deref();
-            let m = crate::acme::Manager::new(
-                a,
-                &cfg.server.state_dir,
-                nameservers,
-                watcher.clone(),
-                store.clone(),
-                http01.clone(),
-                metrics.clone(),
-                cert_fleet.clone(),
-            )
-            .map_err(StartError::Acme)?;
-            services.start(m.clone());
-            Some(m)
-        }
+    let acme_inputs = certs.as_ref().map(|watcher| AcmeInputs {
+        state_dir: cfg.server.state_dir.clone(),
+        nameservers: cfg.dns.nameservers.clone(),
+        watcher: watcher.clone(),
+        store: store.clone(),
+        http01: http01.clone(),
+        metrics: metrics.clone(),
+        fleet: cert_fleet.clone(),
+        starter: services.starter(),
+    });
+    let acme = match (&cfg.acme, &acme_inputs) {
+        (Some(a), Some(inputs)) => Some(inputs.build(a).map_err(StartError::Acme)?),
         _ => None,
     };
+    let acme_running = acme.as_ref().zip(acme_inputs.as_ref()).map(|(m, inputs)| inputs.starter.start(m.clone()));
 
     let proxy = EdgeProxy::new(
         routes.clone(),
@@ -241,7 +237,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .with_tls(TlsFront {
         redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
-        challenges: (cfg.acme.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
+        // With TLS on, [acme] may be added by a reload: challenges are always looked at.
+        challenges: (certs.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
     })
     .with_releases(releases.clone(), Duration::from_millis(cfg.static_.wait_ms))
     // Live share-opened exchanges recheck their share when share records change.
@@ -298,6 +295,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .with_listener(control_listener);
     let max_body = control.max_body();
+    let acme_slot = control.acme();
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
         None => control,
@@ -325,6 +323,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         watch_interval,
         handshake_timeout,
         max_body,
+        acme: acme_inputs.map(|inputs| AcmeSlot { inputs, published: acme_slot, running: Arc::new(std::sync::Mutex::new(acme_running)) }),
     };
     let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone()).with_apply(Arc::new(pieces));
     let reload = services.block_on(async { ReloadService::new(reloader, interval) }).map_err(StartError::Reload)?;
@@ -423,6 +422,45 @@ struct Pieces {
     watch_interval: Arc<AtomicU64>,
     handshake_timeout: Arc<AtomicU64>,
     max_body: Arc<AtomicU64>,
+    /// `None` without TLS (then `[acme]` has nothing to serve).
+    acme: Option<AcmeSlot>,
+}
+
+/// What building an ACME service takes (all but `[acme]` itself, fixed at start).
+struct AcmeInputs {
+    state_dir: std::path::PathBuf,
+    nameservers: Option<Vec<SocketAddr>>,
+    watcher: Arc<Watcher>,
+    store: Arc<Store>,
+    http01: Arc<crate::acme::Http01>,
+    metrics: Arc<Metrics>,
+    fleet: Option<Arc<CertFleet>>,
+    starter: crate::services::Starter,
+}
+
+impl AcmeInputs {
+    /// An ACME service for `cfg`, not started.
+    fn build(&self, cfg: &crate::config::tls::Acme) -> Result<Arc<crate::acme::Manager>, String> {
+        crate::acme::Manager::new(
+            cfg,
+            &self.state_dir,
+            self.nameservers.as_deref(),
+            self.watcher.clone(),
+            self.store.clone(),
+            self.http01.clone(),
+            self.metrics.clone(),
+            self.fleet.clone(),
+        )
+    }
+}
+
+/// The ACME service in force, and how to replace it.
+struct AcmeSlot {
+    inputs: AcmeInputs,
+    /// Read by the control API (`GET /v1/certificates`).
+    published: Arc<arc_swap::ArcSwapOption<crate::acme::Manager>>,
+    /// Stops the running service.
+    running: Arc<std::sync::Mutex<Option<crate::services::Stop>>>,
 }
 
 fn issue(path: &str, message: impl std::fmt::Display) -> Vec<crate::config::ConfigIssue> {
@@ -455,6 +493,26 @@ impl Apply for Pieces {
             (Some(_), true) => Some(cert_store(new, self.cert_fleet.as_ref()).map_err(|e| issue("tls.certs_dir", e))?),
             _ => None,
         };
+        // [acme]: a new service, built now and started when committed; the old one's
+        // loop stops, orders it has under way finish.
+        let acme = match (&self.acme, new.acme != old.acme) {
+            (Some(slot), true) => {
+                let built = new.acme.as_ref().map(|a| slot.inputs.build(a).map_err(|e| issue("acme", e))).transpose()?;
+                Some((slot, built))
+            }
+            _ => None,
+        };
+        let acme_commit = acme.map(|(slot, built)| {
+            let (published, starter, running) = (slot.published.clone(), slot.inputs.starter.clone(), slot.running.clone());
+            move || {
+                let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(old) = running.take() {
+                    old.stop();
+                }
+                *running = built.as_ref().map(|m| starter.start(m.clone()));
+                published.store(built);
+            }
+        });
         let (live_slot, releases, certs) = (self.live.clone(), self.releases.clone(), self.certs.clone());
         let (watch, handshake, max_body) = (self.watch_interval.clone(), self.handshake_timeout.clone(), self.max_body.clone());
         let (static_, watch_ms) = (new.static_.clone(), watch_interval_ms(new, self.cert_fleet.is_some()));
@@ -470,6 +528,9 @@ impl Apply for Pieces {
             watch.store(watch_ms, Ordering::Relaxed);
             handshake.store(handshake_ms, Ordering::Relaxed);
             max_body.store(max_body_bytes, Ordering::Relaxed);
+            if let Some(commit) = acme_commit {
+                commit();
+            }
         }))
     }
 }
