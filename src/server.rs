@@ -498,6 +498,10 @@ impl Apply for Pieces {
         let acme = match (&self.acme, new.acme != old.acme) {
             (Some(slot), true) => {
                 let built = new.acme.as_ref().map(|a| slot.inputs.build(a).map_err(|e| issue("acme", e))).transpose()?;
+                let built = match (built, slot.published.load_full()) {
+                    (Some(m), Some(previous)) => Some(m.taking_over(&previous)),
+                    (m, _) => m,
+                };
                 Some((slot, built))
             }
             _ => None,
