@@ -225,7 +225,9 @@ pub struct Manager {
     metrics: Arc<Metrics>,
     ledger: Mutex<Ledger>,
     status: Mutex<BTreeMap<String, SubjectStatus>>,
-    inflight: Mutex<HashSet<String>>,
+    /// Names being ordered; shared with the service this one replaced (a config
+    /// reload), so an order it still has under way is not started twice.
+    inflight: Arc<Mutex<HashSet<String>>>,
     orders: Arc<Semaphore>,
     wake: Notify,
     account: tokio::sync::OnceCell<Account>,
@@ -289,7 +291,7 @@ impl Manager {
             metrics,
             ledger: Mutex::new(ledger),
             status: Mutex::new(BTreeMap::new()),
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Arc::default(),
             orders: Arc::new(Semaphore::new(cfg.max_concurrent_orders)),
             wake: Notify::new(),
             account: tokio::sync::OnceCell::new(),
@@ -298,6 +300,17 @@ impl Manager {
             waits: Mutex::new(HashMap::new()),
         });
         Ok(me)
+    }
+}
+
+impl Manager {
+    /// This (new, not yet started) service for `[acme]` after a reload, taking over
+    /// from `old`: names `old` is still ordering are not ordered again meanwhile.
+    pub fn taking_over(mut self: Arc<Self>, old: &Manager) -> Arc<Self> {
+        if let Some(me) = Arc::get_mut(&mut self) {
+            me.inflight = old.inflight.clone();
+        }
+        self
     }
 }
 

@@ -41,13 +41,15 @@ pub struct ControlApi {
     usage: Arc<Usage>,
     access_log: Option<Arc<AccessLog>>,
     token: Box<[u8]>,
-    max_body: u64,
+    /// `[control] max_body_bytes`, replaced by config reloads.
+    max_body: Arc<std::sync::atomic::AtomicU64>,
     verifier: Option<Verifier>,
     proxy_addr: SocketAddr,
     proxy_up: AtomicBool,
     /// The TLS certificates (`None` without `[server] https`) and the ACME service.
     certs: Option<Arc<crate::tls::Watcher>>,
-    acme: Option<Arc<crate::acme::Manager>>,
+    /// Replaced when a reload changes `[acme]`.
+    acme: Arc<arc_swap::ArcSwapOption<crate::acme::Manager>>,
     cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Fleet mode: `GET /v1/usage` answers the fleet's counts.
     fleet_usage: Option<Arc<crate::cluster::counters::FleetUsage>>,
@@ -141,16 +143,21 @@ impl ControlApi {
             usage,
             access_log,
             token: token.into_bytes().into_boxed_slice(),
-            max_body,
+            max_body: Arc::new(std::sync::atomic::AtomicU64::new(max_body)),
             verifier,
             proxy_addr,
             proxy_up: AtomicBool::new(false),
             certs: None,
-            acme: None,
+            acme: Arc::default(),
             cluster: None,
             fleet_usage: None,
             listener: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Where a config reload sets a new `[control] max_body_bytes`.
+    pub fn max_body(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.max_body.clone()
     }
 
     /// Serves on `listener` once started as a service.
@@ -193,8 +200,13 @@ impl ControlApi {
     /// Reports the certificates served and the names ACME manages.
     pub fn with_certificates(mut self, certs: Arc<crate::tls::Watcher>, acme: Option<Arc<crate::acme::Manager>>) -> Self {
         self.certs = Some(certs);
-        self.acme = acme;
+        self.acme.store(acme);
         self
+    }
+
+    /// Where a config reload publishes the ACME service it started (or `None`).
+    pub fn acme(&self) -> Arc<arc_swap::ArcSwapOption<crate::acme::Manager>> {
+        self.acme.clone()
     }
 
     /// `GET /v1/certificates` (CONTRACT §4): every certificate served, the default
@@ -204,11 +216,13 @@ impl ControlApi {
     /// `certs_dir` entries and, with `[acme]`, the managed names and the CA budget.
     fn get_certificates(&self) -> Response<Full<Bytes>> {
         let rfc3339 = |t: i64| crate::schema::Timestamp(t).to_rfc3339();
+        // The ACME service of now (a reload may replace it).
+        let acme = self.acme.load_full();
         let mut body = serde_json::json!({ "tls": self.certs.is_some(), "certificates": [], "errors": [] });
         if let Some(w) = &self.certs {
             let index = w.index().load_full();
             let errors = w.errors();
-            let statuses = self.acme.as_ref().map(|a| a.statuses()).unwrap_or_default();
+            let statuses = acme.as_ref().map(|a| a.statuses()).unwrap_or_default();
             let default = index.default_cert();
             let mut certs: Vec<&Arc<crate::tls::Cert>> = index.certs().iter().collect();
             certs.sort_by(|a, b| a.source.cmp(&b.source));
@@ -230,7 +244,7 @@ impl ControlApi {
                         .iter()
                         .find_map(|s| s.last_error.clone())
                         .or_else(|| entry.and_then(|e| errors.iter().find(|l| l.entry == e).map(|l| l.error.clone())));
-                    let renew_after = self.acme.as_ref().map(|a| a.renew_after(c)).unwrap_or_else(|| c.renew_at());
+                    let renew_after = acme.as_ref().map(|a| a.renew_after(c)).unwrap_or_else(|| c.renew_at());
                     serde_json::json!({
                         "names": c.names,
                         "issuer": c.issuer,
@@ -246,7 +260,7 @@ impl ControlApi {
             body["certificates"] = list.into();
             body["errors"] = serde_json::to_value(errors).unwrap_or_default();
         }
-        if let Some(a) = &self.acme {
+        if let Some(a) = acme {
             body["managed"] = serde_json::to_value(a.statuses()).unwrap_or_default();
             body["budget"] = a.budget();
         }

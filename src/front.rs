@@ -47,7 +47,8 @@ pub struct TlsListener {
     /// Port of `[server] https`: connections accepted on it are TLS.
     pub port: u16,
     pub acceptor: Acceptor,
-    pub handshake_timeout: Duration,
+    /// `[tls] handshake_timeout_ms`, replaced by config reloads.
+    pub handshake_timeout_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A pingora application behind the per-IP cap and, on the HTTPS port, the TLS handshake.
@@ -94,7 +95,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             (Some(t), admitted) => {
                 let held = Held { inner: into_l4(stream)?, _admitted: admitted };
                 let started = Instant::now();
-                match tokio::time::timeout(t.handshake_timeout, t.acceptor.tls_handshake(held)).await {
+                let limit = Duration::from_millis(t.handshake_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
+                match tokio::time::timeout(limit, t.acceptor.tls_handshake(held)).await {
                     Ok(Ok(s)) => {
                         let version = s.get_ssl_digest().map(|d| d.version.to_string()).unwrap_or_default();
                         self.metrics.tls_handshake(&version, started.elapsed().as_secs_f64());

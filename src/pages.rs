@@ -294,7 +294,7 @@ mod tests {
         let platform = PlatformBranding { name: "MIOSA".into(), ..Default::default() };
         let mut pages = Pages::new(&platform);
         let wb = WorkspaceBranding {
-            logo_url: Some(HttpsUrl::try_from("https://cdn.example.com/l.png?a=1&b=\"x").unwrap()),
+            logo_url: Some(HttpsUrl::try_from("https://cdn.example.com/l.png?a=1&b='x").unwrap()),
             accent_color: Some(AccentColor::try_from("#0a84ff").unwrap()),
             support_url: Some(SupportUrl::try_from("mailto:help@example.com").unwrap()),
         };
@@ -304,7 +304,7 @@ mod tests {
             let html = String::from_utf8(pages.html(i, code, Detail::default(), "rid-1").to_vec()).unwrap();
             assert!(!html.contains("MIOSA"), "{code:?} leaks the platform name");
             assert!(html.contains("#0a84ff"));
-            assert!(html.contains("a=1&amp;b=&quot;x"), "attribute values are escaped");
+            assert!(html.contains("a=1&amp;b=&#39;x"), "attribute values are escaped");
             assert!(html.contains("mailto:help@example.com"));
             assert!(html.contains(code.as_str()));
             let neutral = String::from_utf8(pages.html(Pages::NEUTRAL, code, Detail::default(), "r").to_vec()).unwrap();

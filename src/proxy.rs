@@ -57,6 +57,22 @@ pub struct ProxyOptions {
     pub read_timeout: Duration,
 }
 
+/// The proxy's settings that a config reload replaces (`[wake]`, `[tls] redirect_http`,
+/// `[static] wait_ms`): one snapshot, read with one load where a request needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    /// Wakes suspended sandboxes (`[wake]`); `None`: they answer 503 at once. A request
+    /// already waiting keeps the waker it started with.
+    pub waker: Option<Arc<Waker>>,
+    /// Plain-HTTP requests answer 308 to `https://` on this port (CONTRACT §9).
+    pub redirect_to: Option<u16>,
+    /// How long a request waits for a static release still being fetched.
+    pub release_wait: Duration,
+}
+
+/// Where a config reload publishes a new [`Live`].
+pub type SharedLive = Arc<arc_swap::ArcSwap<Live>>;
+
 /// What the proxy does for TLS on its plain listener.
 #[derive(Clone, Debug, Default)]
 pub struct TlsFront {
@@ -75,11 +91,9 @@ pub struct EdgeProxy {
     opts: ProxyOptions,
     ids: RequestIds,
     passwords: Passwords,
-    /// Wakes suspended sandboxes (`[wake]`); `None`: they answer 503 at once.
-    waker: Option<Arc<Waker>>,
     releases: Option<Arc<Releases>>,
-    /// How long a request waits for a static release still being fetched.
-    release_wait: Duration,
+    /// The waker, the HTTPS redirect and the release wait, replaced by reloads.
+    live: SharedLive,
     /// Told of every published table (live revocation of share-opened exchanges).
     table_changes: Option<tokio::sync::watch::Receiver<u64>>,
     tls: TlsFront,
@@ -104,9 +118,8 @@ impl EdgeProxy {
             opts,
             ids: RequestIds::new(),
             passwords: Passwords::new(),
-            waker: None,
             releases: None,
-            release_wait: Duration::ZERO,
+            live: SharedLive::default(),
             table_changes: None,
             tls: TlsFront::default(),
             limits: crate::hostile::Limits::default(),
@@ -127,6 +140,7 @@ impl EdgeProxy {
 
     /// HTTPS redirects and ACME HTTP-01 answers on the plain listener.
     pub fn with_tls(mut self, tls: TlsFront) -> Self {
+        self.live.rcu(|l| Live { redirect_to: tls.redirect_to, ..Live::clone(l) });
         self.tls = tls;
         self
     }
@@ -140,14 +154,19 @@ impl EdgeProxy {
     /// Serves static releases from `releases`, waiting up to `wait` for one being fetched.
     pub fn with_releases(mut self, releases: Arc<Releases>, wait: Duration) -> Self {
         self.releases = Some(releases);
-        self.release_wait = wait;
+        self.live.rcu(|l| Live { release_wait: wait, ..Live::clone(l) });
         self
     }
 
     /// Holds previews of suspended sandboxes while `waker` wakes them (CONTRACT §8).
-    pub fn with_waker(mut self, waker: Arc<Waker>) -> Self {
-        self.waker = Some(waker);
+    pub fn with_waker(self, waker: Arc<Waker>) -> Self {
+        self.live.rcu(|l| Live { waker: Some(waker.clone()), ..Live::clone(l) });
         self
+    }
+
+    /// Where a reload publishes the proxy's new [`Live`] settings.
+    pub fn live(&self) -> SharedLive {
+        self.live.clone()
     }
 }
 

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::routing::{RouteTable, SharedTable};
 use crate::schema::StateError;
 use crate::services::{Service, Shutdown};
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use serde::Deserialize;
 use serve::Release;
@@ -197,9 +198,10 @@ mod hex32_opt {
 
 /// The release cache and its fetcher.
 pub struct Releases {
-    cfg: Static,
+    /// `[static]`, replaced by config reloads (but `cache_dir`, fixed at start).
+    cfg: ArcSwap<Static>,
     cache_dir: PathBuf,
-    store: Arc<dyn ReleaseStore>,
+    store: ArcSwap<Arc<dyn ReleaseStore>>,
     slots: DashMap<[u8; 32], Slot, ahash::RandomState>,
     skew: DashMap<Box<str>, Skew, ahash::RandomState>,
     runtime: tokio::runtime::Handle,
@@ -212,7 +214,7 @@ pub struct Releases {
 
 impl std::fmt::Debug for Releases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Releases").field("cache_dir", &self.cache_dir).field("store", &self.store).finish()
+        f.debug_struct("Releases").field("cache_dir", &self.cache_dir).field("store", &self.store.load()).finish()
     }
 }
 
@@ -302,9 +304,9 @@ impl Releases {
             }
         }
         let releases = Arc::new(Releases {
-            cfg: cfg.clone(),
+            cfg: ArcSwap::from_pointee(cfg.clone()),
             cache_dir,
-            store,
+            store: ArcSwap::from_pointee(store),
             slots: DashMap::with_hasher(ahash::RandomState::new()),
             skew: DashMap::with_hasher(ahash::RandomState::new()),
             runtime,
@@ -388,16 +390,18 @@ impl Releases {
     }
 
     async fn fetch(&self, sha: [u8; 32]) -> Result<Release, String> {
+        let cfg = self.cfg.load_full();
+        let store = Arc::clone(&self.store.load());
         let hex = unpack::hex(&sha);
         let dir = self.cache_dir.join(&hex);
         if !dir.is_dir() {
             let archive = self.cache_dir.join(format!(".dl-{hex}-{}", std::process::id()));
-            let fetched = self.store.fetch(&format!("{hex}.tar.gz"), &archive, self.cfg.max_archive_bytes).await;
+            let fetched = store.fetch(&format!("{hex}.tar.gz"), &archive, cfg.max_archive_bytes).await;
             if let Err(e) = fetched {
                 let _ = tokio::fs::remove_file(&archive).await;
                 return Err(e.to_string());
             }
-            let limits = unpack::Limits { max_files: self.cfg.max_files, max_unpacked_bytes: self.cfg.max_unpacked_bytes };
+            let limits = unpack::Limits { max_files: cfg.max_files, max_unpacked_bytes: cfg.max_unpacked_bytes };
             let (a, d) = (archive.clone(), dir.clone());
             let _permit = self.unpacking.acquire().await.map_err(|_| "the release manager is stopping".to_string())?;
             let unpacked = tokio::task::spawn_blocking(move || unpack::verify_and_unpack(&a, &sha, &d, limits)).await;
@@ -409,12 +413,23 @@ impl Releases {
                 Err(e) => return Err(format!("unpack task failed: {e}")),
             }
         }
-        let mem = self.cfg.memory_file_bytes;
+        let mem = cfg.memory_file_bytes;
         let _permit = self.unpacking.acquire().await.map_err(|_| "the release manager is stopping".to_string())?;
         tokio::task::spawn_blocking(move || Release::load(sha, &dir, mem))
             .await
             .map_err(|e| format!("index task failed: {e}"))?
             .map_err(|e| format!("cannot index the unpacked release: {e}"))
+    }
+
+    /// Applies a reloaded `[static]` (its `cache_dir` excepted: fixed at start) and
+    /// fetches from `store` from now on. Fetches under way finish with the settings
+    /// they started with; releases that failed are tried again at once (the new store
+    /// may have them). Cache limits apply at the next look at the table.
+    pub fn reconfigure(&self, cfg: &Static, store: Arc<dyn ReleaseStore>) {
+        self.cfg.store(Arc::new(cfg.clone()));
+        self.store.store(Arc::new(store));
+        self.slots.retain(|_, slot| !matches!(slot, Slot::Failed { .. }));
+        self.evict(&self.routes.load_full(), SystemTime::now());
     }
 
     /// The release `sha`, waiting up to `wait` for a fetch in progress.
@@ -451,16 +466,17 @@ impl Releases {
     /// The previous release of `deployment` while skew protection applies to its
     /// current release `current` (and the previous one is cached).
     pub fn previous(&self, deployment: &str, current: &[u8; 32]) -> Option<Arc<Release>> {
+        let window = self.cfg.load().skew_window_secs;
         let skew = self.skew.get(deployment)?;
         let previous = if skew.current == *current {
-            if skew.switched_at.elapsed().unwrap_or_default() > Duration::from_secs(self.cfg.skew_window_secs) {
+            if skew.switched_at.elapsed().unwrap_or_default() > Duration::from_secs(window) {
                 return None;
             }
             skew.previous?
         } else {
             // The switch is younger than the manager's last look at the table (it
             // polls): what it saw as current is the previous release.
-            if self.cfg.skew_window_secs == 0 {
+            if window == 0 {
                 return None;
             }
             skew.current
@@ -482,12 +498,13 @@ impl Releases {
                 _ => None,
             })
             .collect();
+        let cfg = self.cfg.load_full();
         let mut total: u64 = ready.iter().map(|(_, bytes, _)| bytes).sum();
-        if total <= self.cfg.cache_max_bytes {
+        if total <= cfg.cache_max_bytes {
             self.update_gauges();
             return;
         }
-        let window = Duration::from_secs(self.cfg.skew_window_secs);
+        let window = Duration::from_secs(cfg.skew_window_secs);
         let protected: std::collections::HashSet<[u8; 32]> = table
             .static_releases()
             .filter(|(_, active)| *active)
@@ -496,7 +513,7 @@ impl Releases {
             .collect();
         ready.sort_by_key(|(_, _, last_used)| *last_used);
         for (sha, bytes, _) in ready {
-            if total <= self.cfg.cache_max_bytes {
+            if total <= cfg.cache_max_bytes {
                 break;
             }
             if protected.contains(&sha) {

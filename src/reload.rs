@@ -8,9 +8,14 @@
 //! `miosa_edge_config_reloads_total{result="error"}`. Requests in flight hold the table
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
-//! Listener addresses are fixed at start; a reload that changes `[server]`,
-//! `[control]`, `[static]`, `[wake]` or `[cluster]` logs that a restart is needed for them and
-//! applies the rest (routes, branding, `[tokens]` keys).
+//! The sections beside the routing state (`[wake]`, `[tls]`, `[static]`, `[acme]`,
+//! `[control] max_body_bytes`) are applied by an [`Apply`] given by start-up: it builds every new
+//! piece first (nothing started, nothing published), and only once the routing state
+//! took the file are they swapped in. A piece that cannot be built refuses the whole
+//! file, like a parse error. What is fixed at start — listener addresses, threads,
+//! `state_dir`, `[control] listen` and `token_env`, `[static] cache_dir`, `[cluster]`
+//! (the node's identity), and for now `[dns]`, `[log]` and the other `[server]`
+//! timeouts and caps — is logged as needing a restart when it changes; the rest applies.
 
 use crate::config::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
@@ -20,6 +25,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// Builds the pieces of a new config that live outside the routing state.
+pub trait Apply: Send + Sync {
+    /// Builds what `new` needs where it differs from `old` (the config in force), without
+    /// starting or publishing anything; the returned [`Commit`] swaps it in. An error is
+    /// a list of issues with their key paths: the whole file is then refused.
+    fn prepare(&self, old: &Config, new: &Config) -> Result<Commit, Vec<ConfigIssue>>;
+}
+
+/// Publishes what [`Apply::prepare`] built.
+pub type Commit = Box<dyn FnOnce() + Send>;
+
 /// Reloads one config file into the store.
 pub struct Reloader {
     /// `None` for the embedded default: SIGHUP is then acknowledged and ignored.
@@ -27,6 +43,9 @@ pub struct Reloader {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     started_with: Config,
+    /// The config in force (the last one reloaded).
+    current: std::sync::Mutex<Config>,
+    apply: Option<Arc<dyn Apply>>,
 }
 
 /// What identifies a version of the file on disk without reading it.
@@ -46,7 +65,14 @@ fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
 impl Reloader {
     /// A reloader for the file `started_with` came from.
     pub fn new(started_with: Config, store: Arc<Store>, metrics: Arc<Metrics>) -> Reloader {
-        Reloader { path: started_with.source.clone(), store, metrics, started_with }
+        let current = std::sync::Mutex::new(started_with.clone());
+        Reloader { path: started_with.source.clone(), store, metrics, started_with, current, apply: None }
+    }
+
+    /// Applies the sections beside the routing state with `apply`.
+    pub fn with_apply(mut self, apply: Arc<dyn Apply>) -> Reloader {
+        self.apply = Some(apply);
+        self
     }
 
     /// Reloads now. On success returns the new generation; on failure the old table
@@ -56,28 +82,33 @@ impl Reloader {
             tracing::info!("running the embedded default config: nothing to reload");
             return Ok(self.store.generation());
         };
+        // One reload at a time: SIGHUP and the file watch share this service, but the
+        // lock keeps `current` and the pieces in step whoever calls.
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let invalid = |issues| ConfigError::Invalid { file: path.display().to_string(), issues };
         let result = Config::load(Some(path)).and_then(|mut cfg| {
             // A session key generated at start-up stays in force unless one is configured.
             cfg.keys = std::sync::Arc::new((*cfg.keys).clone().inherit_session_key(&self.started_with.keys));
-            self.store.replace_toml(&cfg).map(|generation| (cfg, generation)).map_err(|errs| ConfigError::Invalid {
-                file: path.display().to_string(),
-                issues: errs.into_iter().map(|i| ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 }).collect(),
-            })
+            // Build first: a piece that cannot be built refuses the file before anything changes.
+            let commit = match &self.apply {
+                Some(a) => Some(a.prepare(&current, &cfg).map_err(invalid)?),
+                None => None,
+            };
+            let generation = self.store.replace_toml(&cfg).map_err(|errs| {
+                invalid(errs.into_iter().map(|i| ConfigIssue { path: i.path, message: i.message, line: 0, column: 0 }).collect())
+            })?;
+            if let Some(commit) = commit {
+                commit();
+            }
+            Ok((cfg, generation))
         });
         match result {
             Ok((cfg, generation)) => {
+                *current = cfg.clone();
+                drop(current);
                 self.metrics.reload(true);
-                let (s, o) = (&cfg.server, &self.started_with.server);
-                if s.http != o.http
-                    || s.https != o.https
-                    || s.threads != o.threads
-                    || s.state_dir != o.state_dir
-                    || cfg.control != self.started_with.control
-                {
-                    tracing::warn!(file = %path.display(), "[server] listeners, threads, state_dir and [control] changed: they take effect on restart");
-                }
-                if cfg.static_ != self.started_with.static_ || cfg.wake != self.started_with.wake {
-                    tracing::warn!(file = %path.display(), "[static] and [wake] changed: they take effect on restart");
+                for key in restart_only(&self.started_with, &cfg, self.apply.is_some()) {
+                    tracing::warn!(file = %path.display(), key, "changed, but takes effect on restart");
                 }
                 let fleet = |c: &Option<crate::config::Cluster>| {
                     c.as_ref().map(|c| (c.node.clone(), c.prefix.clone(), c.redis_url.clone(), c.seal_key.clone()))
@@ -103,6 +134,44 @@ impl Reloader {
             }
         }
     }
+}
+
+/// The keys of `new` that differ from `started` but are fixed at start (`applied`:
+/// whether an [`Apply`] applies the sections beside the routing state).
+fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static str> {
+    let (s, o) = (&new.server, &started.server);
+    let (c, oc) = (&new.control, &started.control);
+    let mut out = Vec::new();
+    let fixed = [
+        ("server.http", s.http != o.http),
+        ("server.https", s.https != o.https),
+        ("server.threads", s.threads != o.threads),
+        ("server.state_dir", s.state_dir != o.state_dir),
+        ("control.listen", c.listen != oc.listen),
+        ("control.token_env", c.token_env != oc.token_env),
+        ("static.cache_dir", new.static_.cache_dir != started.static_.cache_dir),
+        // Not yet applied live (built into the proxy and its listeners at start).
+        ("server.connect_timeout_ms", s.connect_timeout_ms != o.connect_timeout_ms),
+        ("server.read_timeout_ms", s.read_timeout_ms != o.read_timeout_ms),
+        ("server.watch_interval_ms", s.watch_interval_ms != o.watch_interval_ms),
+        ("server.client_header_timeout_ms", s.client_header_timeout_ms != o.client_header_timeout_ms),
+        ("server.client_body_timeout_ms", s.client_body_timeout_ms != o.client_body_timeout_ms),
+        ("server.max_connections_per_ip", s.max_connections_per_ip != o.max_connections_per_ip),
+        ("dns", new.dns != started.dns),
+        ("log", new.log != started.log),
+    ];
+    out.extend(fixed.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
+    if !applied {
+        let live = [
+            ("control.max_body_bytes", c.max_body_bytes != oc.max_body_bytes),
+            ("static", new.static_ != started.static_),
+            ("wake", new.wake != started.wake),
+            ("tls", new.tls != started.tls),
+            ("acme", new.acme != started.acme),
+        ];
+        out.extend(live.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
+    }
+    out
 }
 
 /// The reloader as a service: reloads on SIGHUP, and when the file's fingerprint

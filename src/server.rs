@@ -6,9 +6,9 @@ use crate::cluster::certs::{CertFleet, FleetStore, RedisCertStore};
 use crate::config::Config;
 use crate::control::{resolve_token, secret_file, ControlApi, ControlError};
 use crate::metrics::Metrics;
-use crate::proxy::{EdgeProxy, ProxyOptions, TlsFront};
+use crate::proxy::{EdgeProxy, Live, ProxyOptions, SharedLive, TlsFront};
 use crate::releases::Releases;
-use crate::reload::{ReloadService, Reloader};
+use crate::reload::{Apply, Commit, ReloadService, Reloader};
 use crate::schema::Kind;
 use crate::services::Services;
 use crate::store::{OpenError, Store};
@@ -21,6 +21,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,15 +179,12 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     };
     // TLS: the default certificate, then certs_dir (and the fleet's certificates),
     // watched; handshakes read the index.
+    let watch_interval = Arc::new(AtomicU64::new(watch_interval_ms(&cfg, cert_fleet.is_some())));
     let certs = match https {
         Some(_) => {
-            let watcher = certificates(&cfg, &metrics, cert_fleet.as_ref())?;
-            let mut interval = Duration::from_millis(cfg.tls.watch_interval_ms);
-            if cert_fleet.is_some() {
-                // Every node serves a certificate within 10 s of its issuance (§11).
-                interval = interval.min(crate::cluster::certs::WATCH_AT_MOST);
-            }
-            services.start(Arc::new(WatchService { watcher: watcher.clone(), interval }));
+            let store = cert_store(&cfg, cert_fleet.as_ref())?;
+            let watcher = certificates(&cfg, &metrics, store)?;
+            services.start(Arc::new(WatchService { watcher: watcher.clone(), interval_ms: watch_interval.clone() }));
             Some(watcher)
         }
         None => None,
@@ -211,25 +209,21 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .map_err(StartError::Releases)?;
     services.start(releases.clone());
-    let acme = match (&cfg.acme, &certs) {
-        (Some(a), Some(watcher)) => {
-            let nameservers = cfg.dns.nameservers.as_deref();
-            let m = crate::acme::Manager::new(
-                a,
-                &cfg.server.state_dir,
-                nameservers,
-                watcher.clone(),
-                store.clone(),
-                http01.clone(),
-                metrics.clone(),
-                cert_fleet.clone(),
-            )
-            .map_err(StartError::Acme)?;
-            services.start(m.clone());
-            Some(m)
-        }
+    let acme_inputs = certs.as_ref().map(|watcher| AcmeInputs {
+        state_dir: cfg.server.state_dir.clone(),
+        nameservers: cfg.dns.nameservers.clone(),
+        watcher: watcher.clone(),
+        store: store.clone(),
+        http01: http01.clone(),
+        metrics: metrics.clone(),
+        fleet: cert_fleet.clone(),
+        starter: services.starter(),
+    });
+    let acme = match (&cfg.acme, &acme_inputs) {
+        (Some(a), Some(inputs)) => Some(inputs.build(a).map_err(StartError::Acme)?),
         _ => None,
     };
+    let acme_running = acme.as_ref().zip(acme_inputs.as_ref()).map(|(m, inputs)| inputs.starter.start(m.clone()));
 
     let proxy = EdgeProxy::new(
         routes.clone(),
@@ -243,9 +237,10 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .with_tls(TlsFront {
         redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
-        challenges: (cfg.acme.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
+        // With TLS on, [acme] may be added by a reload: challenges are always looked at.
+        challenges: (certs.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
     })
-    .with_releases(releases, Duration::from_millis(cfg.static_.wait_ms))
+    .with_releases(releases.clone(), Duration::from_millis(cfg.static_.wait_ms))
     // Live share-opened exchanges recheck their share when share records change.
     .with_table_changes(store.subscribe_to(Kind::ShareToken));
     // [wake]: previews of suspended sandboxes are held while the control plane starts them.
@@ -258,6 +253,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         )?)),
         None => proxy,
     };
+    let live = proxy.live();
     // [cluster]: share-password attempts are counted fleet-wide.
     let proxy = match &cluster {
         Some(c) => proxy.with_shared_attempts(Arc::new(crate::cluster::counters::Attempts::new(c.clone()))),
@@ -271,8 +267,9 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     // per-IP cap and performs the TLS handshake on the https port itself, so handshakes
     // are timed, bounded and counted. The https port is only listened on with its TLS
     // side in place: never as plain HTTP.
+    let handshake_timeout = Arc::new(AtomicU64::new(cfg.tls.handshake_timeout_ms));
     let tls = match (https, &certs) {
-        (Some(addr), Some(watcher)) => Some(tls_listener(&cfg, addr, watcher)?),
+        (Some(addr), Some(watcher)) => Some(tls_listener(addr, watcher, handshake_timeout.clone())?),
         _ => None,
     };
     let https_listener = tls.as_ref().and(https);
@@ -297,6 +294,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         http,
     )
     .with_listener(control_listener);
+    let max_body = control.max_body();
+    let acme_slot = control.acme();
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
         None => control,
@@ -312,7 +311,21 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     services.start(Arc::new(control));
 
     let interval = (cfg.server.watch_interval_ms > 0).then(|| Duration::from_millis(cfg.server.watch_interval_ms));
-    let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone());
+    let pieces = Pieces {
+        routes: routes.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        https,
+        live,
+        releases,
+        certs,
+        cert_fleet,
+        watch_interval,
+        handshake_timeout,
+        max_body,
+        acme: acme_inputs.map(|inputs| AcmeSlot { inputs, published: acme_slot, running: Arc::new(std::sync::Mutex::new(acme_running)) }),
+    };
+    let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone()).with_apply(Arc::new(pieces));
     let reload = services.block_on(async { ReloadService::new(reloader, interval) }).map_err(StartError::Reload)?;
     services.start(Arc::new(reload));
     services.stop_with(server.watch_execution_phase());
@@ -343,11 +356,28 @@ fn load_session_key(cfg: &mut Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The default certificate and `certs_dir` (in fleet mode, and the fleet's certificates
-/// in Redis, where ACME saves), loaded once.
-fn certificates(cfg: &Config, metrics: &Arc<Metrics>, fleet: Option<&Arc<CertFleet>>) -> Result<Arc<Watcher>, StartError> {
+/// How often the certificate store is read: `[tls] watch_interval_ms`, and in fleet mode
+/// at most [`crate::cluster::certs::WATCH_AT_MOST`] (every node serves a certificate
+/// within 10 s of its issuance, §11).
+fn watch_interval_ms(cfg: &Config, fleet: bool) -> u64 {
+    let ms = cfg.tls.watch_interval_ms;
+    match fleet {
+        true => ms.min(u64::try_from(crate::cluster::certs::WATCH_AT_MOST.as_millis()).unwrap_or(u64::MAX)),
+        false => ms,
+    }
+}
+
+/// The default certificate, and the certificates of `store`, loaded once.
+fn certificates(cfg: &Config, metrics: &Arc<Metrics>, store: Arc<dyn CertStore>) -> Result<Arc<Watcher>, StartError> {
     let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str());
     let default = default_cert::load_or_generate(&cfg.server.state_dir, &names).map_err(StartError::Tls)?;
+    let watcher = Arc::new(Watcher::new(store, Arc::new(default), metrics.clone()));
+    watcher.scan();
+    Ok(watcher)
+}
+
+/// `certs_dir` (in fleet mode, and the fleet's certificates in Redis, where ACME saves).
+fn cert_store(cfg: &Config, fleet: Option<&Arc<CertFleet>>) -> Result<Arc<dyn CertStore>, StartError> {
     let dir = &cfg.tls.certs_dir;
     let dir_store = DirStore::open(dir).map_err(|e| StartError::Tls(format!("certs_dir {}: {e}", dir.display())))?;
     let store: Arc<dyn CertStore> = match fleet {
@@ -362,19 +392,149 @@ fn certificates(cfg: &Config, metrics: &Arc<Metrics>, fleet: Option<&Arc<CertFle
         }
         None => Arc::new(dir_store),
     };
-    let watcher = Arc::new(Watcher::new(store, Arc::new(default), metrics.clone()));
-    watcher.scan();
-    Ok(watcher)
+    Ok(store)
 }
 
 /// The TLS side of the https port: the SNI resolver over the watched index, ALPN h2.
-fn tls_listener(cfg: &Config, addr: SocketAddr, watcher: &Arc<Watcher>) -> Result<crate::front::TlsListener, StartError> {
+fn tls_listener(
+    addr: SocketAddr,
+    watcher: &Arc<Watcher>,
+    handshake_timeout_ms: Arc<AtomicU64>,
+) -> Result<crate::front::TlsListener, StartError> {
     let mut tls = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls(e.to_string()))?;
     tls.set_cert_resolver(Arc::new(SniResolver::new(watcher.index())));
     tls.enable_h2();
-    Ok(crate::front::TlsListener {
-        port: addr.port(),
-        acceptor: tls.build(),
-        handshake_timeout: Duration::from_millis(cfg.tls.handshake_timeout_ms),
-    })
+    Ok(crate::front::TlsListener { port: addr.port(), acceptor: tls.build(), handshake_timeout_ms })
+}
+
+/// What a config reload replaces beside the routing state (see [`crate::reload`]):
+/// the handles of the running pieces, and what building new ones takes.
+struct Pieces {
+    routes: crate::routing::SharedTable,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    /// The TLS listener's address (fixed at start); `None`: no TLS.
+    https: Option<SocketAddr>,
+    live: SharedLive,
+    releases: Arc<Releases>,
+    certs: Option<Arc<Watcher>>,
+    cert_fleet: Option<Arc<CertFleet>>,
+    watch_interval: Arc<AtomicU64>,
+    handshake_timeout: Arc<AtomicU64>,
+    max_body: Arc<AtomicU64>,
+    /// `None` without TLS (then `[acme]` has nothing to serve).
+    acme: Option<AcmeSlot>,
+}
+
+/// What building an ACME service takes (all but `[acme]` itself, fixed at start).
+struct AcmeInputs {
+    state_dir: std::path::PathBuf,
+    nameservers: Option<Vec<SocketAddr>>,
+    watcher: Arc<Watcher>,
+    store: Arc<Store>,
+    http01: Arc<crate::acme::Http01>,
+    metrics: Arc<Metrics>,
+    fleet: Option<Arc<CertFleet>>,
+    starter: crate::services::Starter,
+}
+
+impl AcmeInputs {
+    /// An ACME service for `cfg`, not started.
+    fn build(&self, cfg: &crate::config::tls::Acme) -> Result<Arc<crate::acme::Manager>, String> {
+        crate::acme::Manager::new(
+            cfg,
+            &self.state_dir,
+            self.nameservers.as_deref(),
+            self.watcher.clone(),
+            self.store.clone(),
+            self.http01.clone(),
+            self.metrics.clone(),
+            self.fleet.clone(),
+        )
+    }
+}
+
+/// The ACME service in force, and how to replace it.
+struct AcmeSlot {
+    inputs: AcmeInputs,
+    /// Read by the control API (`GET /v1/certificates`).
+    published: Arc<arc_swap::ArcSwapOption<crate::acme::Manager>>,
+    /// Stops the running service.
+    running: Arc<std::sync::Mutex<Option<crate::services::Stop>>>,
+}
+
+fn issue(path: &str, message: impl std::fmt::Display) -> Vec<crate::config::ConfigIssue> {
+    vec![crate::config::ConfigIssue { path: path.into(), message: message.to_string(), line: 0, column: 0 }]
+}
+
+impl Apply for Pieces {
+    fn prepare(&self, old: &Config, new: &Config) -> Result<Commit, Vec<crate::config::ConfigIssue>> {
+        // [wake]: a new waker; requests already held keep the one they wait on.
+        let waker = match (&new.wake, new.wake == old.wake) {
+            (_, true) => self.live.load().waker.clone(),
+            (Some(w), false) => Some(Arc::new(
+                crate::upstream::wake::Waker::new(w, self.routes.clone(), self.store.subscribe_to(Kind::Sandbox), self.metrics.clone())
+                    .map_err(|e| issue("wake.url", e))?,
+            )),
+            (None, false) => None,
+        };
+        let live = Live {
+            waker,
+            redirect_to: self.https.filter(|_| new.tls.redirect_http).map(|a| a.port()),
+            release_wait: Duration::from_millis(new.static_.wait_ms),
+        };
+        // [static] store: opened now, so a bad one refuses the file.
+        let release_store = match new.static_ != old.static_ {
+            true => Some(crate::releases::store::open(&new.static_.store).map_err(|e| issue("static.store", e))?),
+            false => None,
+        };
+        // [tls] certs_dir: opened now, read when committed.
+        let cert_store = match (&self.certs, new.tls.certs_dir != old.tls.certs_dir) {
+            (Some(_), true) => Some(cert_store(new, self.cert_fleet.as_ref()).map_err(|e| issue("tls.certs_dir", e))?),
+            _ => None,
+        };
+        // [acme]: a new service, built now and started when committed; the old one's
+        // loop stops, orders it has under way finish.
+        let acme = match (&self.acme, new.acme != old.acme) {
+            (Some(slot), true) => {
+                let built = new.acme.as_ref().map(|a| slot.inputs.build(a).map_err(|e| issue("acme", e))).transpose()?;
+                let built = match (built, slot.published.load_full()) {
+                    (Some(m), Some(previous)) => Some(m.taking_over(&previous)),
+                    (m, _) => m,
+                };
+                Some((slot, built))
+            }
+            _ => None,
+        };
+        let acme_commit = acme.map(|(slot, built)| {
+            let (published, starter, running) = (slot.published.clone(), slot.inputs.starter.clone(), slot.running.clone());
+            move || {
+                let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(old) = running.take() {
+                    old.stop();
+                }
+                *running = built.as_ref().map(|m| starter.start(m.clone()));
+                published.store(built);
+            }
+        });
+        let (live_slot, releases, certs) = (self.live.clone(), self.releases.clone(), self.certs.clone());
+        let (watch, handshake, max_body) = (self.watch_interval.clone(), self.handshake_timeout.clone(), self.max_body.clone());
+        let (static_, watch_ms) = (new.static_.clone(), watch_interval_ms(new, self.cert_fleet.is_some()));
+        let (handshake_ms, max_body_bytes) = (new.tls.handshake_timeout_ms, new.control.max_body_bytes);
+        Ok(Box::new(move || {
+            live_slot.store(Arc::new(live));
+            if let Some(store) = release_store {
+                releases.reconfigure(&static_, store);
+            }
+            if let (Some(w), Some(store)) = (certs, cert_store) {
+                w.replace_store(store);
+            }
+            watch.store(watch_ms, Ordering::Relaxed);
+            handshake.store(handshake_ms, Ordering::Relaxed);
+            max_body.store(max_body_bytes, Ordering::Relaxed);
+            if let Some(commit) = acme_commit {
+                commit();
+            }
+        }))
+    }
 }

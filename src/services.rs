@@ -127,6 +127,11 @@ impl Services {
         self.runtime.block_on(f)
     }
 
+    /// Starts services later, from elsewhere (a config reload replacing one).
+    pub fn starter(&self) -> Starter {
+        Starter { runtime: self.handle(), shutdown: self.shutdown() }
+    }
+
     /// Starts `service`.
     pub fn start<S: Service>(&self, service: Arc<S>) {
         let shutdown = self.shutdown();
@@ -166,6 +171,45 @@ impl Services {
     pub fn stop(self) {
         self.stop.send_replace(true);
         self.runtime.shutdown_timeout(STOP_TIMEOUT);
+    }
+}
+
+/// Starts services on the services' runtime after start-up; each can be stopped alone.
+#[derive(Clone, Debug)]
+pub struct Starter {
+    runtime: tokio::runtime::Handle,
+    shutdown: Shutdown,
+}
+
+/// Stops one service started by a [`Starter`] (the process's shutdown stops it too).
+#[derive(Debug)]
+pub struct Stop(watch::Sender<bool>);
+
+impl Stop {
+    /// Fires the service's [`Shutdown`]: its loop ends; work it spawned finishes.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Starter {
+    /// Starts `service` with a shutdown of its own, fired by [`Stop::stop`] or when the
+    /// process begins to stop.
+    pub fn start<S: Service>(&self, service: Arc<S>) -> Stop {
+        let (tx, rx) = watch::channel(false);
+        let (own, mut process) = (tx.clone(), self.shutdown.clone());
+        self.runtime.spawn(async move {
+            tokio::select! {
+                _ = process.wait() => { own.send_replace(true); }
+                _ = own.closed() => {}
+            }
+        });
+        let name = service.name();
+        self.runtime.spawn(async move {
+            service.run(Shutdown(rx)).await;
+            tracing::debug!(service = name, "service ended");
+        });
+        Stop(tx)
     }
 }
 

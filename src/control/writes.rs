@@ -185,14 +185,15 @@ impl ControlApi {
         if !mime.eq_ignore_ascii_case("application/json") {
             return Err(ApiError::UnsupportedMediaType);
         }
+        let max_body = self.max_body.load(std::sync::atomic::Ordering::Relaxed);
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            return Err(ApiError::PayloadTooLarge(self.max_body));
+        if declared.is_some_and(|n| n > max_body) {
+            return Err(ApiError::PayloadTooLarge(max_body));
         }
-        let limited = Limited::new(req.into_body(), usize::try_from(self.max_body).unwrap_or(usize::MAX));
+        let limited = Limited::new(req.into_body(), usize::try_from(max_body).unwrap_or(usize::MAX));
         match limited.collect().await {
             Ok(b) => Ok(b.to_bytes()),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(self.max_body)),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(max_body)),
             Err(e) => Err(ApiError::InvalidJson(format!("cannot read the body: {e}"))),
         }
     }

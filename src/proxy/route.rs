@@ -137,7 +137,7 @@ impl EdgeProxy {
     /// The `Location` of the 308 to HTTPS a plain-listener request for a routed host gets
     /// when TLS is on (ACME HTTP-01 challenges excepted), else `None`.
     fn https_redirect(&self, session: &Session, ctx: &RequestCtx, host: &str) -> Option<Vec<u8>> {
-        let port = self.tls.redirect_to.filter(|_| !ctx.tls)?;
+        let port = self.live.load().redirect_to.filter(|_| !ctx.tls)?;
         let raw = session.req_header().raw_path();
         if raw.starts_with(crate::acme::HTTP01_PREFIX.as_bytes()) {
             return None;
@@ -174,7 +174,7 @@ impl EdgeProxy {
     /// changed), or answers 503 `sandbox_starting`.
     async fn wake(&self, session: &mut Session, ctx: &mut RequestCtx, p: &Preview<'_>) -> Result<Next> {
         let detail = Detail { port: Some(p.port), deployment: false };
-        let Some(waker) = &self.waker else {
+        let Some(waker) = self.live.load().waker.clone() else {
             return Ok(Answer::error(ErrorCode::SandboxStarting, detail).into());
         };
         let Wait::Settled(table) = waker.wake(p.sandbox, p.host, Instant::now()).await else {
@@ -213,8 +213,9 @@ impl EdgeProxy {
     /// `sha` (CONTRACT §7). The releases are held in `ctx` while the file streams.
     async fn serve_static(&self, session: &mut Session, ctx: &mut RequestCtx, deployment: &str, sha: &[u8; 32], spa: bool) -> Answer {
         let detail = Detail { port: None, deployment: true };
+        let wait = self.live.load().release_wait;
         let release = match &self.releases {
-            Some(r) => r.get(sha, self.release_wait).await.map_err(|e| tracing::warn!(deployment, error = %e, "static release not served")),
+            Some(r) => r.get(sha, wait).await.map_err(|e| tracing::warn!(deployment, error = %e, "static release not served")),
             None => Err(()),
         };
         let Ok(release) = release else {

@@ -184,7 +184,8 @@ struct Entry {
 
 /// Keeps the shared [`CertIndex`] in step with a [`CertStore`].
 pub struct Watcher {
-    store: Arc<dyn CertStore>,
+    /// Replaced when a reload names another `certs_dir`.
+    store: arc_swap::ArcSwap<Arc<dyn CertStore>>,
     index: SharedIndex,
     default: Arc<Cert>,
     entries: Mutex<HashMap<String, Entry>>,
@@ -193,7 +194,7 @@ pub struct Watcher {
 
 impl fmt::Debug for Watcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Watcher").field("store", &self.store).finish()
+        f.debug_struct("Watcher").field("store", &self.store.load()).finish()
     }
 }
 
@@ -201,22 +202,41 @@ impl Watcher {
     /// A watcher serving `default` for unknown names; call [`Watcher::scan`] to load.
     pub fn new(store: Arc<dyn CertStore>, default: Arc<Cert>, metrics: Arc<Metrics>) -> Watcher {
         let index = Arc::new(arc_swap::ArcSwap::from_pointee(CertIndex::new(default.clone(), Vec::new())));
-        Watcher { store, index, default, entries: Mutex::new(HashMap::new()), metrics }
+        Watcher { store: arc_swap::ArcSwap::from_pointee(store), index, default, entries: Mutex::new(HashMap::new()), metrics }
     }
 
     pub fn index(&self) -> SharedIndex {
         self.index.clone()
     }
 
-    pub fn store(&self) -> &Arc<dyn CertStore> {
-        &self.store
+    /// The store being watched now.
+    pub fn store(&self) -> Arc<dyn CertStore> {
+        Arc::clone(&self.store.load())
+    }
+
+    /// Watches `store` instead (a reload named another `certs_dir`) and reads it at
+    /// once: the certificates of the old store stop being served, those of the new one
+    /// are served from this call on. Returns whether the index changed.
+    pub fn replace_store(&self, store: Arc<dyn CertStore>) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.store(Arc::new(store));
+        // Stamps of the old store say nothing about the new one's files.
+        entries.clear();
+        drop(entries);
+        self.rescan(true)
     }
 
     /// Rereads changed entries and publishes a new index if anything changed. A pair
     /// that fails to load keeps its previous certificate serving. Returns whether the
     /// index changed.
     pub fn scan(&self) -> bool {
-        let listed = match self.store.list() {
+        self.rescan(false)
+    }
+
+    /// [`Watcher::scan`]; `publish` publishes a new index even if no entry changed.
+    fn rescan(&self, publish: bool) -> bool {
+        let store = self.store();
+        let listed = match store.list() {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the certificate store; keeping the certificates being served");
@@ -224,7 +244,7 @@ impl Watcher {
             }
         };
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut changed = false;
+        let mut changed = publish;
         let before = entries.len();
         entries.retain(|name, _| listed.iter().any(|(n, _)| n == name));
         changed |= entries.len() != before;
@@ -232,7 +252,7 @@ impl Watcher {
             if entries.get(&name).is_some_and(|e| e.stamp == stamp) {
                 continue;
             }
-            let parsed = self.store.read(&name).map_err(|e| e.to_string()).and_then(|(c, k)| parse_pair(&name, &c, &k));
+            let parsed = store.read(&name).map_err(|e| e.to_string()).and_then(|(c, k)| parse_pair(&name, &c, &k));
             let old = entries.remove(&name).and_then(|e| e.good);
             let entry = match parsed {
                 Ok(cert) => {
@@ -272,7 +292,8 @@ impl Watcher {
 /// blocking pool).
 pub struct WatchService {
     pub watcher: Arc<Watcher>,
-    pub interval: Duration,
+    /// In milliseconds; a reload may change it (read before each wait).
+    pub interval_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[async_trait::async_trait]
@@ -284,7 +305,7 @@ impl Service for WatchService {
     async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(Duration::from_millis(self.interval_ms.load(std::sync::atomic::Ordering::Relaxed))) => {}
                 _ = shutdown.wait() => return,
             }
             let w = self.watcher.clone();

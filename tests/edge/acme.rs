@@ -463,3 +463,36 @@ async fn tenant_domain_wildcard_through_cname_delegation() {
     assert!(!log.contains(&format!("TXT challenge for Host \"_acme-challenge.{domain}.\"")), "{log}");
     assert!(ca.certs_dir.join(format!("_wildcard.{domain}")).join("fullchain.pem").exists());
 }
+
+/// `[acme]` reloads live (CONTRACT §10): added to a running edge, the ACME service starts
+/// and the sandbox wildcard is issued; removed, the service stops and no name is managed
+/// any more (the issued certificate keeps serving from certs_dir). Before, `[acme]` was
+/// read at start only.
+#[tokio::test]
+async fn acme_section_reloads_live() {
+    let origin = Origin::start("sbx", "127.0.0.2").await;
+    let ca = Ca::start(None).await;
+    let routing = routing(origin.addr.port(), None);
+    let server = format!("http = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:0\"\n", ca.http_port);
+    // The same [tls] and [dns] ([dns] is read at start), without [acme].
+    let with = ca.body("", "", &routing);
+    let without = format!("{}{routing}", with.split("[acme]").next().unwrap_or_default());
+    assert!(without.contains("[dns]") && !without.contains("[acme"), "{without}");
+    let edge = Edge::start_opts(&server, &[], &without).await;
+    let host = format!("{}-abc12345.{SANDBOX}", origin.addr.port());
+    assert!(is_default(&served_cert(edge.https(), Some(&host)).await.expect("handshake")));
+    assert!(certificates(&edge).await.get("managed").is_none(), "no [acme] yet");
+
+    edge.write_config(&with);
+    let r = ca.wait_issued(&edge, &host).await;
+    assert_eq!(r.info.cert().names, vec![format!("*.{SANDBOX}")]);
+    assert_eq!(r.response.json()["origin"], "sbx");
+    assert!(managed(&certificates(&edge).await, &format!("*.{SANDBOX}")).is_some());
+
+    edge.write_config(&without);
+    eventually(Duration::from_secs(10), || async { certificates(&edge).await.get("managed").is_none().then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("[acme] removed but still managing\n{}", log_tail(&edge.log(), 4000)));
+    assert!(pebble_issued(&served_cert(edge.https(), Some(&host)).await.expect("handshake").issuer_cn));
+    assert!(!edge.log().contains("takes effect on restart"), "{}", log_tail(&edge.log(), 4000));
+}

@@ -246,3 +246,27 @@ async fn releases_come_from_an_s3_bucket() {
     assert_eq!((r.status, r.code()), (503, "release_unavailable".into()));
     assert!(edge.log().contains(&format!("{missing}.tar.gz not found")), "{}", edge.log());
 }
+
+/// `[static]` reloads live (CONTRACT §10): a new `store` is fetched from at once (a
+/// release that failed in the old one is tried again in the new one), without a restart.
+/// Before, `[static]` took effect on restart only.
+#[tokio::test]
+async fn static_section_reloads_live() {
+    let f = Fixture::start().await;
+    let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let hex = put(new.path(), &[("index.html", b"from the new store")]);
+    let edge = Edge::start(&edge_config(&f, old.path(), "")).await;
+    push(&edge, &[("v", static_release(&hex, false))], "v").await;
+    let r = req(&edge, "GET", "/", "Accept: application/json\r\n").await;
+    assert_eq!((r.status, r.code()), (503, "release_unavailable".into()), "not in the old store");
+
+    edge.write_config(&edge_config(&f, new.path(), "max_files = 100"));
+    let r = eventually(Duration::from_secs(15), || async {
+        let r = req(&edge, "GET", "/", "").await;
+        (r.status == 200).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the new store was never used\n{}", edge.log()));
+    assert_eq!(r.text(), "from the new store");
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}

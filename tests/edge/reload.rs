@@ -114,3 +114,24 @@ fn check_reports_line_and_column() {
         assert!(out.status.success(), "{good}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// `[control] max_body_bytes` reloads live (CONTRACT §10); `[control] listen` needs a
+/// restart and says so. Before, any `[control]` change took effect on restart only.
+#[tokio::test]
+async fn control_max_body_reloads_live() {
+    let f = Fixture::start().await;
+    let edge = Edge::start_with("max_body_bytes = 2048", &f.toml("")).await;
+    let body = format!("{{\"id\":\"bigbody\",\"workspace\":\"ws_1\",\"address\":\"127.0.0.3\"}}{}", " ".repeat(3000));
+    let r = edge.api("PUT", "/v1/sandboxes/bigbody", Some(&body)).await;
+    assert_eq!((r.status, r.code()), (413, "payload_too_large".into()), "{}", r.text());
+
+    edge.write_config(&format!("max_body_bytes = 8192\n\n{}", f.toml("")));
+    let r = eventually(Duration::from_secs(10), || async {
+        let r = edge.api("PUT", "/v1/sandboxes/bigbody", Some(&body)).await;
+        (r.status != 413).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the new max_body_bytes was never applied\n{}", edge.log()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}

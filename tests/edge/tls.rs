@@ -399,3 +399,52 @@ async fn plain_listener_redirects_only_routed_hosts_and_keeps_the_connection() {
         assert!(r.header("connection").is_none_or(|c| !c.eq_ignore_ascii_case("close")), "POST: {:?}", r.headers);
     }
 }
+
+/// `[tls]` reloads live (CONTRACT §10): `redirect_http`, `certs_dir` and
+/// `handshake_timeout_ms` apply to a running edge; a `certs_dir` that cannot be opened
+/// refuses the whole file, and the last good configuration keeps serving. Before, only
+/// the routing sections reloaded and `[tls]` needed a restart.
+#[tokio::test]
+async fn tls_section_reloads_live() {
+    use crate::hostile::read_until_closed;
+    let f = Fixture::start().await;
+    let ca = TestCa::new("miosa-edge test CA");
+    let (_a, dir_a) = certs_dir();
+    let (b, dir_b) = certs_dir();
+    let host = "live.customer.test";
+    let leaf = ca.issue(&[host]);
+    install_pair(&dir_b, "live", &leaf);
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir_a, false), f.toml(""))).await;
+    let https = edge.https();
+    let routed = format!("{}-abc12345.sandbox.localhost", f.pa());
+    assert_eq!(edge.get(&routed, "/").await.status, 200);
+    assert!(is_default(&served_cert(https, Some(host)).await.expect("handshake")));
+
+    // Redirect on, the other certs_dir, a 1 s handshake timeout.
+    let toml = tls_toml(&dir_b, true).replace("[tls]\n", "[tls]\nhandshake_timeout_ms = 1000\n");
+    edge.write_config(&format!("{toml}{}", f.toml("")));
+    eventually(Duration::from_secs(10), || async { (edge.get(&routed, "/").await.status == 308).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("redirect_http = true never applied\n{}", edge.log()));
+    let served = served_cert(https, Some(host)).await.expect("handshake");
+    assert_eq!(served.serial, leaf.serial, "the new certs_dir is served");
+    let mut s = tokio::net::TcpStream::connect(https).await.expect("connect");
+    let x = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(x.closed && x.took < Duration::from_secs(4), "a stalled handshake closed after {:?} (default 10 s)", x.took);
+
+    // certs_dir under a file: cannot be opened, the whole file is refused (the redirect
+    // stays on, the certificate stays served).
+    let file = b.path().join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    edge.write_config(&format!("{}{}", tls_toml(&file.join("certs"), false), f.toml("")));
+    let log = eventually(Duration::from_secs(10), || async {
+        let log = edge.log();
+        log.contains("config reload refused").then_some(log)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the bad certs_dir was not refused\n{}", edge.log()));
+    assert!(log.contains("tls.certs_dir"), "{log}");
+    assert_eq!(edge.get(&routed, "/").await.status, 308);
+    assert_eq!(served_cert(https, Some(host)).await.expect("handshake").serial, leaf.serial);
+    assert!(!log.contains("takes effect on restart"), "{log}");
+}

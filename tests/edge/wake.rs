@@ -317,3 +317,72 @@ async fn failing_and_slow_hooks_answer_starting_and_never_block_other_sandboxes(
     let log = edge.log();
     assert!(log.contains("wake hook failed") && log.contains("broken"), "the failure is logged: {log}");
 }
+
+/// `[wake]` reloads live (CONTRACT §10): added to a running edge, suspended sandboxes
+/// are woken through it; its `timeout_ms` and `url` changed, the new ones apply; removed,
+/// they answer 503 at once again. Before, the waker was built once at start: a
+/// reload only logged "takes effect on restart".
+#[tokio::test]
+async fn wake_section_reloads_live() {
+    let origin = Origin::start("woken-live", "127.0.0.6").await;
+    let port = origin.addr.port();
+    let hook = Hook::start(HashMap::from([
+        (
+            "wakeme".to_string(),
+            Behaviour::Start { sandbox: sandbox("wakeme", "127.0.0.6", port, "running"), delay: Duration::from_millis(100), gate: None },
+        ),
+        ("silent".to_string(), Behaviour::Status(202)),
+    ]))
+    .await;
+    let base = "[[workspaces]]\nid = \"ws_w\"\nslug = \"w\"\n";
+    let edge = Edge::start(base).await;
+    let _ = hook.control.set(edge.control);
+    for id in ["wakeme", "silent"] {
+        let r = edge.api("PUT", &format!("/v1/sandboxes/{id}"), Some(&sandbox(id, "127.0.0.9", port, "suspended").to_string())).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let host = |id: &str| format!("{port}-{id}.sandbox.localhost");
+    let json = "application/json";
+
+    // No [wake]: 503 at once, no call.
+    let (r, _) = timed_get(edge.addr, &host("wakeme"), json).await;
+    assert_eq!((r.status, r.code()), (503, "sandbox_starting".into()), "{}", r.text());
+    assert!(hook.calls.lock().expect("lock").is_empty());
+
+    // [wake] added: the sandbox is woken and served.
+    edge.write_config(&config(&hook, 10_000));
+    let r = eventually(Duration::from_secs(15), || async {
+        let (r, _) = timed_get(edge.addr, &host("wakeme"), json).await;
+        (r.status == 200).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the added [wake] was never used\n{}", edge.log()));
+    assert_eq!(r.json()["origin"], "woken-live");
+    assert_eq!(hook.calls_for("wakeme").len(), 1);
+
+    // timeout_ms changed: a sandbox the control plane never pushes is held for the new
+    // timeout (1 s), not the old one (10 s).
+    edge.write_config(&config(&hook, 1000));
+    let held = eventually(Duration::from_secs(30), || async {
+        let (r, took) = timed_get(edge.addr, &host("silent"), json).await;
+        (r.status == 503 && took < Duration::from_secs(5)).then_some(took)
+    })
+    .await
+    .unwrap_or_else(|| panic!("the new timeout_ms was never used\n{}", edge.log()));
+    assert!(held >= Duration::from_millis(900), "held {held:?}, the hook was called: {:?}", hook.calls_for("silent"));
+
+    // [wake] removed: 503 at once again, and no further call.
+    let calls = hook.calls.lock().expect("lock").len();
+    edge.write_config(base);
+    eventually(Duration::from_secs(15), || async {
+        let (r, took) = timed_get(edge.addr, &host("silent"), json).await;
+        (r.status == 503 && took < Duration::from_millis(500)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the removed [wake] is still used\n{}", edge.log()));
+    let (r, took) = timed_get(edge.addr, &host("silent"), json).await;
+    assert_eq!((r.status, r.code()), (503, "sandbox_starting".into()));
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(hook.calls.lock().expect("lock").len() <= calls + 1, "calls after removal");
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}
