@@ -182,13 +182,18 @@ pub struct ReloadService {
     /// Registered before the service starts, so a SIGHUP right after start-up reloads
     /// instead of killing the process.
     hup: tokio::sync::Mutex<tokio::signal::unix::Signal>,
+    /// The file's fingerprint when the service was made (before the edge says it
+    /// listens): a change saved while the service's task is still starting is seen.
+    started_with: Option<Fingerprint>,
 }
 
 impl ReloadService {
-    /// Registers the SIGHUP handler (call on the runtime the service will run on).
+    /// Registers the SIGHUP handler (call on the runtime the service will run on) and
+    /// notes the file's fingerprint.
     pub fn new(reloader: Reloader, interval: Option<Duration>) -> std::io::Result<ReloadService> {
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        Ok(ReloadService { reloader, interval, hup: tokio::sync::Mutex::new(hup) })
+        let started_with = reloader.path.as_deref().and_then(fingerprint);
+        Ok(ReloadService { reloader, interval, hup: tokio::sync::Mutex::new(hup), started_with })
     }
 }
 
@@ -202,7 +207,7 @@ impl Service for ReloadService {
         let r = &self.reloader;
         let mut hup = self.hup.lock().await;
         let fp = |r: &Reloader| r.path.as_deref().and_then(fingerprint);
-        let mut last = fp(r);
+        let mut last = self.started_with;
         let tick = self.interval.unwrap_or(Duration::from_secs(3600));
         loop {
             tokio::select! {
