@@ -225,24 +225,15 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     };
     let acme_running = acme.as_ref().zip(acme_inputs.as_ref()).map(|(m, inputs)| inputs.starter.start(m.clone()));
 
-    let proxy = EdgeProxy::new(
-        routes.clone(),
-        metrics.clone(),
-        usage.clone(),
-        access_log.clone(),
-        ProxyOptions {
-            connect_timeout: Duration::from_millis(cfg.server.connect_timeout_ms),
-            read_timeout: Duration::from_millis(cfg.server.read_timeout_ms),
-        },
-    )
-    .with_tls(TlsFront {
-        redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
-        // With TLS on, [acme] may be added by a reload: challenges are always looked at.
-        challenges: (certs.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
-    })
-    .with_releases(releases.clone(), Duration::from_millis(cfg.static_.wait_ms))
-    // Live share-opened exchanges recheck their share when share records change.
-    .with_table_changes(store.subscribe_to(Kind::ShareToken));
+    let proxy = EdgeProxy::new(routes.clone(), metrics.clone(), usage.clone(), access_log.clone(), proxy_options(&cfg.server))
+        .with_tls(TlsFront {
+            redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
+            // With TLS on, [acme] may be added by a reload: challenges are always looked at.
+            challenges: (certs.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
+        })
+        .with_releases(releases.clone(), Duration::from_millis(cfg.static_.wait_ms))
+        // Live share-opened exchanges recheck their share when share records change.
+        .with_table_changes(store.subscribe_to(Kind::ShareToken));
     // [wake]: previews of suspended sandboxes are held while the control plane starts them.
     let proxy = match &cfg.wake {
         Some(w) => proxy.with_waker(Arc::new(crate::upstream::wake::Waker::new(
@@ -274,6 +265,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     };
     let https_listener = tls.as_ref().and(https);
     let front = crate::front::Front::new(proxy, limits.max_connections_per_ip, tls, metrics.clone());
+    let per_ip = front.per_ip();
     let mut svc = Service::new("miosa-edge http".to_string(), front);
     svc.add_tcp(&http.to_string());
     if let Some(addr) = https_listener {
@@ -323,6 +315,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         watch_interval,
         handshake_timeout,
         max_body,
+        per_ip,
         acme: acme_inputs.map(|inputs| AcmeSlot { inputs, published: acme_slot, running: Arc::new(std::sync::Mutex::new(acme_running)) }),
     };
     let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone()).with_apply(Arc::new(pieces));
@@ -340,6 +333,11 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     server.run(RunArgs::default());
     services.stop();
     Ok(())
+}
+
+/// The upstream timeouts of `[server]`.
+fn proxy_options(s: &crate::config::Server) -> ProxyOptions {
+    ProxyOptions { connect_timeout: Duration::from_millis(s.connect_timeout_ms), read_timeout: Duration::from_millis(s.read_timeout_ms) }
 }
 
 /// A session key kept in the state directory when none is configured, so sessions
@@ -422,6 +420,8 @@ struct Pieces {
     watch_interval: Arc<AtomicU64>,
     handshake_timeout: Arc<AtomicU64>,
     max_body: Arc<AtomicU64>,
+    /// `[server] max_connections_per_ip`.
+    per_ip: Arc<crate::hostile::PerIp>,
     /// `None` without TLS (then `[acme]` has nothing to serve).
     acme: Option<AcmeSlot>,
 }
@@ -482,6 +482,9 @@ impl Apply for Pieces {
             waker,
             redirect_to: self.https.filter(|_| new.tls.redirect_http).map(|a| a.port()),
             release_wait: Duration::from_millis(new.static_.wait_ms),
+            opts: proxy_options(&new.server),
+            limits: crate::hostile::Limits::from_config(&new.server),
+            access_log: self.live.load().access_log.clone(),
         };
         // [static] store: opened now, so a bad one refuses the file.
         let release_store = match new.static_ != old.static_ {
@@ -521,6 +524,7 @@ impl Apply for Pieces {
         let (watch, handshake, max_body) = (self.watch_interval.clone(), self.handshake_timeout.clone(), self.max_body.clone());
         let (static_, watch_ms) = (new.static_.clone(), watch_interval_ms(new, self.cert_fleet.is_some()));
         let (handshake_ms, max_body_bytes) = (new.tls.handshake_timeout_ms, new.control.max_body_bytes);
+        let (per_ip, max_per_ip) = (self.per_ip.clone(), new.server.max_connections_per_ip);
         Ok(Box::new(move || {
             live_slot.store(Arc::new(live));
             if let Some(store) = release_store {
@@ -532,6 +536,7 @@ impl Apply for Pieces {
             watch.store(watch_ms, Ordering::Relaxed);
             handshake.store(handshake_ms, Ordering::Relaxed);
             max_body.store(max_body_bytes, Ordering::Relaxed);
+            per_ip.max.store(max_per_ip, Ordering::Relaxed);
             if let Some(commit) = acme_commit {
                 commit();
             }
