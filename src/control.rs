@@ -39,7 +39,8 @@ pub struct ControlApi {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     usage: Arc<Usage>,
-    access_log: Option<Arc<AccessLog>>,
+    /// Replaced by config reloads (`[log] access`).
+    access_log: Arc<arc_swap::ArcSwapOption<AccessLog>>,
     token: Box<[u8]>,
     /// `[control] max_body_bytes`, replaced by config reloads.
     max_body: Arc<std::sync::atomic::AtomicU64>,
@@ -141,7 +142,7 @@ impl ControlApi {
             store,
             metrics,
             usage,
-            access_log,
+            access_log: Arc::new(arc_swap::ArcSwapOption::new(access_log)),
             token: token.into_bytes().into_boxed_slice(),
             max_body: Arc::new(std::sync::atomic::AtomicU64::new(max_body)),
             verifier,
@@ -153,6 +154,11 @@ impl ControlApi {
             fleet_usage: None,
             listener: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Where a config reload publishes a new access log (`[log] access`).
+    pub fn access_log(&self) -> Arc<arc_swap::ArcSwapOption<AccessLog>> {
+        self.access_log.clone()
     }
 
     /// Where a config reload sets a new `[control] max_body_bytes`.
@@ -328,7 +334,7 @@ impl ControlApi {
     fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
         self.usage.render_metrics(&mut out);
-        if let Some(log) = &self.access_log {
+        if let Some(log) = &*self.access_log.load() {
             use std::fmt::Write;
             let _ = writeln!(out, "# HELP miosa_edge_access_log_dropped_total Access log lines dropped because the writer fell behind.");
             let _ = writeln!(out, "# TYPE miosa_edge_access_log_dropped_total counter");

@@ -151,7 +151,6 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
         ("static.cache_dir", new.static_.cache_dir != started.static_.cache_dir),
         // Not yet applied live.
         ("dns", new.dns != started.dns),
-        ("log", new.log != started.log),
     ];
     out.extend(fixed.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     if !applied {
@@ -166,6 +165,7 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
             ("wake", new.wake != started.wake),
             ("tls", new.tls != started.tls),
             ("acme", new.acme != started.acme),
+            ("log", new.log != started.log),
         ];
         out.extend(live.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     }

@@ -166,6 +166,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         }
     };
 
+    let access_log_dropped = access_log.as_ref().map(|l| l.dropped_counter()).unwrap_or_default();
+
     // Taken over sockets are not bound again; fresh ones are checked (and port 0 resolved).
     let http = if upgrade { cfg.server.http } else { resolve_listener(cfg.server.http)? };
     let https = if upgrade { cfg.server.https } else { cfg.server.https.map(resolve_listener).transpose()? };
@@ -287,6 +289,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .with_listener(control_listener);
     let max_body = control.max_body();
+    let control_access_log = control.access_log();
     let acme_slot = control.acme();
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
@@ -316,6 +319,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         handshake_timeout,
         max_body,
         per_ip,
+        access_log: AccessLogSlot { dropped: access_log_dropped, control: control_access_log, starter: services.starter() },
         acme: acme_inputs.map(|inputs| AcmeSlot { inputs, published: acme_slot, running: Arc::new(std::sync::Mutex::new(acme_running)) }),
     };
     let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone()).with_apply(Arc::new(pieces));
@@ -422,8 +426,18 @@ struct Pieces {
     max_body: Arc<AtomicU64>,
     /// `[server] max_connections_per_ip`.
     per_ip: Arc<crate::hostile::PerIp>,
+    access_log: AccessLogSlot,
     /// `None` without TLS (then `[acme]` has nothing to serve).
     acme: Option<AcmeSlot>,
+}
+
+/// Where a new access log (`[log] access`) goes: the proxy's [`Live`], and the control
+/// API (which reports its dropped lines).
+struct AccessLogSlot {
+    /// One count of dropped lines across the logs that replace each other.
+    dropped: Arc<AtomicU64>,
+    control: Arc<arc_swap::ArcSwapOption<AccessLog>>,
+    starter: crate::services::Starter,
 }
 
 /// What building an ACME service takes (all but `[acme]` itself, fixed at start).
@@ -484,8 +498,23 @@ impl Apply for Pieces {
             release_wait: Duration::from_millis(new.static_.wait_ms),
             opts: proxy_options(&new.server),
             limits: crate::hostile::Limits::from_config(&new.server),
-            access_log: self.live.load().access_log.clone(),
+            access_log: None,
         };
+        // [log] access: the new target opened now (a file that cannot be opened refuses
+        // the file), its writer started when committed. The old writer ends once the
+        // requests still holding the old log are done.
+        let (access_log, access_writer) = match new.log.access == old.log.access {
+            true => (self.live.load().access_log.clone(), None),
+            false => match new.log.access.as_str() {
+                "off" => (None, None),
+                target => {
+                    let (log, writer) = AccessLog::open(target).map_err(|e| issue("log.access", format!("cannot open {target}: {e}")))?;
+                    (Some(Arc::new(log.counting_on(self.access_log.dropped.clone()))), Some(Arc::new(writer)))
+                }
+            },
+        };
+        let live = Live { access_log: access_log.clone(), ..live };
+        let (control_log, log_starter) = (self.access_log.control.clone(), self.access_log.starter.clone());
         // [static] store: opened now, so a bad one refuses the file.
         let release_store = match new.static_ != old.static_ {
             true => Some(crate::releases::store::open(&new.static_.store).map_err(|e| issue("static.store", e))?),
@@ -526,7 +555,12 @@ impl Apply for Pieces {
         let (handshake_ms, max_body_bytes) = (new.tls.handshake_timeout_ms, new.control.max_body_bytes);
         let (per_ip, max_per_ip) = (self.per_ip.clone(), new.server.max_connections_per_ip);
         Ok(Box::new(move || {
+            if let Some(writer) = access_writer {
+                // Ends by itself once its last log handle is dropped.
+                drop(log_starter.start(writer));
+            }
             live_slot.store(Arc::new(live));
+            control_log.store(access_log);
             if let Some(store) = release_store {
                 releases.reconfigure(&static_, store);
             }

@@ -219,3 +219,57 @@ async fn watch_interval_reloads_live() {
         .unwrap_or_else(|| panic!("the file watch never started\n{}", edge.log()));
     assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
 }
+
+/// `[log] access` reloads live: turned on to a file, moved to another file, a file that
+/// cannot be opened refuses the whole reload (the old log keeps writing), and off.
+#[tokio::test]
+async fn access_log_reloads_live() {
+    let f = Fixture::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (one, two) = (dir.path().join("one.log"), dir.path().join("two.log"));
+    let edge = Edge::start(&f.toml("")).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let logged = |path: &std::path::Path, marker: &str| std::fs::read_to_string(path).unwrap_or_default().contains(marker);
+
+    edge.write_config(&format!("[log]\naccess = \"{}\"\n\n{}", one.display(), f.toml("")));
+    eventually(Duration::from_secs(10), || async {
+        edge.get(&host, "/first").await;
+        logged(&one, "/first").then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the access log was never turned on\n{}", edge.log()));
+
+    // A target that cannot be opened: the whole file is refused, the old log kept.
+    let bad = dir.path().join("no-such-dir").join("x.log");
+    edge.write_config(&format!("[log]\naccess = \"{}\"\n\n{}", bad.display(), f.toml("")));
+    eventually(Duration::from_secs(10), || async { edge.log().contains("config reload refused").then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("the bad target was not refused\n{}", edge.log()));
+    assert!(edge.log().contains("log.access"), "{}", edge.log());
+    edge.get(&host, "/still-one").await;
+    eventually(Duration::from_secs(5), || async { logged(&one, "/still-one").then_some(()) })
+        .await
+        .expect("the old log keeps writing after a refused reload");
+
+    edge.write_config(&format!("[log]\naccess = \"{}\"\n\n{}", two.display(), f.toml("")));
+    eventually(Duration::from_secs(10), || async {
+        edge.get(&host, "/second").await;
+        logged(&two, "/second").then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the access log never moved\n{}", edge.log()));
+    edge.get(&host, "/after-move").await;
+    eventually(Duration::from_secs(5), || async { logged(&two, "/after-move").then_some(()) }).await.expect("the new log writes");
+    assert!(!logged(&one, "/after-move"), "the old file still written to");
+
+    edge.write_config(&f.toml(""));
+    eventually(Duration::from_secs(10), || async {
+        let before = std::fs::read_to_string(&two).unwrap_or_default();
+        edge.get(&host, "/third").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (std::fs::read_to_string(&two).unwrap_or_default() == before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the access log was never turned off\n{}", edge.log()));
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}
