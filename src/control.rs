@@ -44,7 +44,8 @@ pub struct ControlApi {
     token: Box<[u8]>,
     /// `[control] max_body_bytes`, replaced by config reloads.
     max_body: Arc<std::sync::atomic::AtomicU64>,
-    verifier: Option<Verifier>,
+    /// Replaced by config reloads (`[dns] nameservers`); `None`: unavailable.
+    verifier: Arc<arc_swap::ArcSwapOption<Verifier>>,
     proxy_addr: SocketAddr,
     proxy_up: AtomicBool,
     /// The TLS certificates (`None` without `[server] https`) and the ACME service.
@@ -145,7 +146,7 @@ impl ControlApi {
             access_log: Arc::new(arc_swap::ArcSwapOption::new(access_log)),
             token: token.into_bytes().into_boxed_slice(),
             max_body: Arc::new(std::sync::atomic::AtomicU64::new(max_body)),
-            verifier,
+            verifier: Arc::new(arc_swap::ArcSwapOption::new(verifier.map(Arc::new))),
             proxy_addr,
             proxy_up: AtomicBool::new(false),
             certs: None,
@@ -154,6 +155,11 @@ impl ControlApi {
             fleet_usage: None,
             listener: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Where a config reload publishes a new domain verifier (`[dns] nameservers`).
+    pub fn verifier(&self) -> Arc<arc_swap::ArcSwapOption<Verifier>> {
+        self.verifier.clone()
     }
 
     /// Where a config reload publishes a new access log (`[log] access`).
@@ -394,7 +400,7 @@ impl ControlApi {
         }
         let body = self.body(req).await?;
         let b: Body = parse(&body)?;
-        let Some(verifier) = &self.verifier else {
+        let Some(verifier) = self.verifier.load_full() else {
             return Err(ApiError::DnsUnavailable);
         };
         let published = self.store.published();

@@ -9,12 +9,13 @@
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
 //! The sections beside the routing state (`[wake]`, `[tls]`, `[static]`, `[acme]`,
-//! `[control] max_body_bytes`, the `[server]` timeouts and per-IP cap) are applied by an [`Apply`] given by start-up: it builds every new
+//! `[control] max_body_bytes`, the `[server]` timeouts and per-IP cap, `[log] access`,
+//! `[dns] nameservers`) are applied by an [`Apply`] given by start-up: it builds every new
 //! piece first (nothing started, nothing published), and only once the routing state
 //! took the file are they swapped in. A piece that cannot be built refuses the whole
 //! file, like a parse error. What is fixed at start — listener addresses, threads,
 //! `state_dir`, `[control] listen` and `token_env`, `[static] cache_dir`, `[cluster]`
-//! (the node's identity), and for now `[dns]` and `[log]` — is logged as needing a restart when it changes; the rest applies.
+//! (the node's identity) — is logged as needing a restart when it changes; the rest applies.
 
 use crate::config::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
@@ -149,8 +150,6 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
         ("control.listen", c.listen != oc.listen),
         ("control.token_env", c.token_env != oc.token_env),
         ("static.cache_dir", new.static_.cache_dir != started.static_.cache_dir),
-        // Not yet applied live.
-        ("dns", new.dns != started.dns),
     ];
     out.extend(fixed.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     if !applied {
@@ -166,6 +165,7 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
             ("tls", new.tls != started.tls),
             ("acme", new.acme != started.acme),
             ("log", new.log != started.log),
+            ("dns", new.dns != started.dns),
         ];
         out.extend(live.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     }

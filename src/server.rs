@@ -213,7 +213,6 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     services.start(releases.clone());
     let acme_inputs = certs.as_ref().map(|watcher| AcmeInputs {
         state_dir: cfg.server.state_dir.clone(),
-        nameservers: cfg.dns.nameservers.clone(),
         watcher: watcher.clone(),
         store: store.clone(),
         http01: http01.clone(),
@@ -222,7 +221,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         starter: services.starter(),
     });
     let acme = match (&cfg.acme, &acme_inputs) {
-        (Some(a), Some(inputs)) => Some(inputs.build(a).map_err(StartError::Acme)?),
+        (Some(a), Some(inputs)) => Some(inputs.build(a, cfg.dns.nameservers.as_deref()).map_err(StartError::Acme)?),
         _ => None,
     };
     let acme_running = acme.as_ref().zip(acme_inputs.as_ref()).map(|(m, inputs)| inputs.starter.start(m.clone()));
@@ -290,6 +289,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     .with_listener(control_listener);
     let max_body = control.max_body();
     let control_access_log = control.access_log();
+    let verifier = control.verifier();
     let acme_slot = control.acme();
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
@@ -319,6 +319,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         handshake_timeout,
         max_body,
         per_ip,
+        verifier,
         access_log: AccessLogSlot { dropped: access_log_dropped, control: control_access_log, starter: services.starter() },
         acme: acme_inputs.map(|inputs| AcmeSlot { inputs, published: acme_slot, running: Arc::new(std::sync::Mutex::new(acme_running)) }),
     };
@@ -427,6 +428,8 @@ struct Pieces {
     /// `[server] max_connections_per_ip`.
     per_ip: Arc<crate::hostile::PerIp>,
     access_log: AccessLogSlot,
+    /// The control API's domain verifier (`[dns] nameservers`).
+    verifier: Arc<arc_swap::ArcSwapOption<crate::dns::Verifier>>,
     /// `None` without TLS (then `[acme]` has nothing to serve).
     acme: Option<AcmeSlot>,
 }
@@ -440,10 +443,10 @@ struct AccessLogSlot {
     starter: crate::services::Starter,
 }
 
-/// What building an ACME service takes (all but `[acme]` itself, fixed at start).
+/// What building an ACME service takes (all but `[acme]` and `[dns] nameservers`,
+/// fixed at start).
 struct AcmeInputs {
     state_dir: std::path::PathBuf,
-    nameservers: Option<Vec<SocketAddr>>,
     watcher: Arc<Watcher>,
     store: Arc<Store>,
     http01: Arc<crate::acme::Http01>,
@@ -454,11 +457,11 @@ struct AcmeInputs {
 
 impl AcmeInputs {
     /// An ACME service for `cfg`, not started.
-    fn build(&self, cfg: &crate::config::tls::Acme) -> Result<Arc<crate::acme::Manager>, String> {
+    fn build(&self, cfg: &crate::config::tls::Acme, nameservers: Option<&[SocketAddr]>) -> Result<Arc<crate::acme::Manager>, String> {
         crate::acme::Manager::new(
             cfg,
             &self.state_dir,
-            self.nameservers.as_deref(),
+            nameservers,
             self.watcher.clone(),
             self.store.clone(),
             self.http01.clone(),
@@ -514,6 +517,12 @@ impl Apply for Pieces {
             },
         };
         let live = Live { access_log: access_log.clone(), ..live };
+        // [dns] nameservers: a new verifier for the control API.
+        let verifier = match new.dns == old.dns {
+            true => None,
+            false => Some(crate::dns::Verifier::new(new.dns.nameservers.as_deref()).map_err(|e| issue("dns.nameservers", e))?),
+        };
+        let verifier_slot = self.verifier.clone();
         let (control_log, log_starter) = (self.access_log.control.clone(), self.access_log.starter.clone());
         // [static] store: opened now, so a bad one refuses the file.
         let release_store = match new.static_ != old.static_ {
@@ -527,9 +536,12 @@ impl Apply for Pieces {
         };
         // [acme]: a new service, built now and started when committed; the old one's
         // loop stops, orders it has under way finish.
-        let acme = match (&self.acme, new.acme != old.acme) {
+        // [dns] nameservers: a running ACME service is rebuilt to ask the new ones.
+        let acme_changed = new.acme != old.acme || (new.acme.is_some() && new.dns != old.dns);
+        let acme = match (&self.acme, acme_changed) {
             (Some(slot), true) => {
-                let built = new.acme.as_ref().map(|a| slot.inputs.build(a).map_err(|e| issue("acme", e))).transpose()?;
+                let ns = new.dns.nameservers.as_deref();
+                let built = new.acme.as_ref().map(|a| slot.inputs.build(a, ns).map_err(|e| issue("acme", e))).transpose()?;
                 let built = match (built, slot.published.load_full()) {
                     (Some(m), Some(previous)) => Some(m.taking_over(&previous)),
                     (m, _) => m,
@@ -561,6 +573,9 @@ impl Apply for Pieces {
             }
             live_slot.store(Arc::new(live));
             control_log.store(access_log);
+            if let Some(v) = verifier {
+                verifier_slot.store(Some(Arc::new(v)));
+            }
             if let Some(store) = release_store {
                 releases.reconfigure(&static_, store);
             }

@@ -273,3 +273,26 @@ async fn access_log_reloads_live() {
     .unwrap_or_else(|| panic!("the access log was never turned off\n{}", edge.log()));
     assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
 }
+
+/// `[dns] nameservers` reloads live: domain verification asks the new nameservers
+/// (two silent UDP sockets stand for them; the one configured last receives the query).
+#[tokio::test]
+async fn dns_nameservers_reload_live() {
+    let (old, new) = (std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"), std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"));
+    for s in [&old, &new] {
+        s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    }
+    let dns = |s: &std::net::UdpSocket| format!("[dns]\nnameservers = [\"{}\"]\n\n", s.local_addr().expect("addr"));
+    let f = Fixture::start().await;
+    let edge = Edge::start(&format!("{}{}", dns(&old), f.toml(""))).await;
+    edge.write_config(&format!("{}{}", dns(&new), f.toml("")));
+    eventually(Duration::from_secs(10), || async { edge.log().contains("config reloaded").then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("never reloaded\n{}", edge.log()));
+    let r = edge.api("POST", "/v1/domains/verify", Some(r#"{"host":"preview.tenant-one.test","kind":"preview"}"#)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut buf = [0u8; 512];
+    assert!(new.recv_from(&mut buf).is_ok(), "the new nameserver was never asked\n{}", edge.log());
+    assert!(old.recv_from(&mut buf).is_err(), "the old nameserver was still asked");
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}
