@@ -16,7 +16,8 @@ use std::time::Duration;
 /// writes them.
 pub struct AccessLog {
     tx: SyncSender<String>,
-    dropped: AtomicU64,
+    /// Shared by the logs that replace each other on config reloads.
+    dropped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -44,7 +45,7 @@ impl AccessLog {
             Box::new(std::fs::OpenOptions::new().create(true).append(true).open(target)?)
         };
         let (tx, rx) = sync_channel::<String>(65_536);
-        Ok((AccessLog { tx, dropped: AtomicU64::new(0) }, AccessLogWriter { out: Mutex::new(Some((out, rx))) }))
+        Ok((AccessLog { tx, dropped: Arc::default() }, AccessLogWriter { out: Mutex::new(Some((out, rx))) }))
     }
 
     /// Queues one line (without waiting).
@@ -53,6 +54,17 @@ impl AccessLog {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts its dropped lines on `counter` (the one of the log it replaces).
+    pub fn counting_on(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.dropped = counter;
+        self
+    }
+
+    /// Where this log counts its dropped lines.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
     }
 
     /// Lines dropped because the writer fell behind.

@@ -39,11 +39,13 @@ pub struct ControlApi {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     usage: Arc<Usage>,
-    access_log: Option<Arc<AccessLog>>,
+    /// Replaced by config reloads (`[log] access`).
+    access_log: Arc<arc_swap::ArcSwapOption<AccessLog>>,
     token: Box<[u8]>,
     /// `[control] max_body_bytes`, replaced by config reloads.
     max_body: Arc<std::sync::atomic::AtomicU64>,
-    verifier: Option<Verifier>,
+    /// Replaced by config reloads (`[dns] nameservers`); `None`: unavailable.
+    verifier: Arc<arc_swap::ArcSwapOption<Verifier>>,
     proxy_addr: SocketAddr,
     proxy_up: AtomicBool,
     /// The TLS certificates (`None` without `[server] https`) and the ACME service.
@@ -141,10 +143,10 @@ impl ControlApi {
             store,
             metrics,
             usage,
-            access_log,
+            access_log: Arc::new(arc_swap::ArcSwapOption::new(access_log)),
             token: token.into_bytes().into_boxed_slice(),
             max_body: Arc::new(std::sync::atomic::AtomicU64::new(max_body)),
-            verifier,
+            verifier: Arc::new(arc_swap::ArcSwapOption::new(verifier.map(Arc::new))),
             proxy_addr,
             proxy_up: AtomicBool::new(false),
             certs: None,
@@ -153,6 +155,16 @@ impl ControlApi {
             fleet_usage: None,
             listener: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Where a config reload publishes a new domain verifier (`[dns] nameservers`).
+    pub fn verifier(&self) -> Arc<arc_swap::ArcSwapOption<Verifier>> {
+        self.verifier.clone()
+    }
+
+    /// Where a config reload publishes a new access log (`[log] access`).
+    pub fn access_log(&self) -> Arc<arc_swap::ArcSwapOption<AccessLog>> {
+        self.access_log.clone()
     }
 
     /// Where a config reload sets a new `[control] max_body_bytes`.
@@ -328,7 +340,7 @@ impl ControlApi {
     fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
         self.usage.render_metrics(&mut out);
-        if let Some(log) = &self.access_log {
+        if let Some(log) = &*self.access_log.load() {
             use std::fmt::Write;
             let _ = writeln!(out, "# HELP miosa_edge_access_log_dropped_total Access log lines dropped because the writer fell behind.");
             let _ = writeln!(out, "# TYPE miosa_edge_access_log_dropped_total counter");
@@ -388,7 +400,7 @@ impl ControlApi {
         }
         let body = self.body(req).await?;
         let b: Body = parse(&body)?;
-        let Some(verifier) = &self.verifier else {
+        let Some(verifier) = self.verifier.load_full() else {
             return Err(ApiError::DnsUnavailable);
         };
         let published = self.store.published();

@@ -65,6 +65,11 @@ impl<A> Front<A> {
     pub fn new(inner: A, max_per_ip: u32, tls: Option<TlsListener>, metrics: Arc<Metrics>) -> Self {
         Front { inner: Arc::new(inner), per_ip: PerIp::new(max_per_ip), tls, metrics }
     }
+
+    /// Where a config reload sets a new `[server] max_connections_per_ip`.
+    pub(crate) fn per_ip(&self) -> Arc<PerIp> {
+        self.per_ip.clone()
+    }
 }
 
 #[async_trait]
@@ -77,7 +82,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         }
         let digest = stream.get_socket_digest();
         let client = digest.as_deref().and_then(peer_ip);
-        let admitted = match (self.per_ip.max, client) {
+        let admitted = match (self.per_ip.max.load(std::sync::atomic::Ordering::Relaxed), client) {
             (0, _) | (_, None) => None,
             (_, Some(ip)) => match self.per_ip.admit(ip) {
                 Some(a) => Some(a),

@@ -167,7 +167,8 @@ fn has_field(raw: &[u8], name: &[u8]) -> bool {
 /// when it is accepted, and holds its [`Admitted`] for as long as the connection lives.
 #[derive(Debug)]
 pub(crate) struct PerIp {
-    pub(crate) max: u32,
+    /// Replaced by config reloads; connections already admitted keep their place.
+    pub(crate) max: std::sync::atomic::AtomicU32,
     pub(crate) live: DashMap<IpAddr, u32, ahash::RandomState>,
 }
 
@@ -180,13 +181,13 @@ pub(crate) struct Admitted {
 
 impl PerIp {
     pub(crate) fn new(max: u32) -> Arc<PerIp> {
-        Arc::new(PerIp { max, live: DashMap::default() })
+        Arc::new(PerIp { max: max.into(), live: DashMap::default() })
     }
 
     /// Counts a new connection from `ip`, or `None` when `ip` is at the cap.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
         let mut n = self.live.entry(ip).or_insert(0);
-        if *n >= self.max {
+        if *n >= self.max.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
         *n += 1;

@@ -51,14 +51,15 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const REVOKED: &str = "credential_revoked";
 
 /// Upstream timeouts.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct ProxyOptions {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
 }
 
 /// The proxy's settings that a config reload replaces (`[wake]`, `[tls] redirect_http`,
-/// `[static] wait_ms`): one snapshot, read with one load where a request needs it.
+/// `[static] wait_ms`, the `[server]` timeouts, `[log] access`): one snapshot, read with
+/// one load where a request needs it.
 #[derive(Clone, Debug, Default)]
 pub struct Live {
     /// Wakes suspended sandboxes (`[wake]`); `None`: they answer 503 at once. A request
@@ -68,6 +69,13 @@ pub struct Live {
     pub redirect_to: Option<u16>,
     /// How long a request waits for a static release still being fetched.
     pub release_wait: Duration,
+    /// Upstream timeouts (`[server] connect_timeout_ms`, `read_timeout_ms`).
+    pub opts: ProxyOptions,
+    /// Timeouts for slow clients (`crate::hostile`).
+    pub limits: crate::hostile::Limits,
+    /// The access log (`[log] access`); `None`: off. A request logs to the one in force
+    /// when it ends.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// Where a config reload publishes a new [`Live`].
@@ -87,8 +95,6 @@ pub struct EdgeProxy {
     routes: SharedTable,
     metrics: Arc<Metrics>,
     usage: Arc<Usage>,
-    access_log: Option<Arc<AccessLog>>,
-    opts: ProxyOptions,
     ids: RequestIds,
     passwords: Passwords,
     releases: Option<Arc<Releases>>,
@@ -97,8 +103,6 @@ pub struct EdgeProxy {
     /// Told of every published table (live revocation of share-opened exchanges).
     table_changes: Option<tokio::sync::watch::Receiver<u64>>,
     tls: TlsFront,
-    /// Timeouts for slow clients (`crate::hostile`).
-    limits: crate::hostile::Limits,
 }
 
 impl EdgeProxy {
@@ -114,21 +118,23 @@ impl EdgeProxy {
             routes,
             metrics,
             usage,
-            access_log,
-            opts,
             ids: RequestIds::new(),
             passwords: Passwords::new(),
             releases: None,
-            live: SharedLive::default(),
+            live: Arc::new(arc_swap::ArcSwap::from_pointee(Live {
+                opts,
+                access_log,
+                limits: crate::hostile::Limits::default(),
+                ..Live::default()
+            })),
             table_changes: None,
             tls: TlsFront::default(),
-            limits: crate::hostile::Limits::default(),
         }
     }
 
     /// Bounds slow clients: the request-head deadline and the body read timeout.
-    pub fn with_limits(mut self, limits: crate::hostile::Limits) -> Self {
-        self.limits = limits;
+    pub fn with_limits(self, limits: crate::hostile::Limits) -> Self {
+        self.live.rcu(|l| Live { limits, ..Live::clone(l) });
         self
     }
 
@@ -199,7 +205,7 @@ impl ProxyHttp for EdgeProxy {
             return self.answer(session, ctx, code.into()).await.map(|()| true);
         }
         if !session.is_upgrade_req() {
-            session.set_read_timeout(Some(self.limits.body_timeout));
+            session.set_read_timeout(Some(self.live.load().limits.body_timeout));
         }
         if let Some(key_auth) = self.tls.challenges.as_ref().and_then(|c| c.answer(session.req_header().raw_path())) {
             return self.answer(session, ctx, Answer::Challenge(key_auth)).await.map(|()| true);
@@ -235,10 +241,11 @@ impl ProxyHttp for EdgeProxy {
             Some(Target::Deployment { addr, .. }) => addr,
             None => return Error::e_explain(ErrorType::InternalError, "no upstream chosen for this request"),
         };
+        let opts = self.live.load().opts;
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(self.opts.connect_timeout);
-        peer.options.total_connection_timeout = Some(self.opts.connect_timeout);
-        let idle = if session.is_upgrade_req() { None } else { Some(self.opts.read_timeout) };
+        peer.options.connection_timeout = Some(opts.connect_timeout);
+        peer.options.total_connection_timeout = Some(opts.connect_timeout);
+        let idle = if session.is_upgrade_req() { None } else { Some(opts.read_timeout) };
         peer.options.read_timeout = idle;
         peer.options.write_timeout = idle;
         peer.options.idle_timeout = Some(Duration::from_secs(60));
@@ -355,7 +362,7 @@ impl ProxyHttp for EdgeProxy {
     /// The whole request head must arrive within `[server] client_header_timeout_ms`
     /// (vendored pingora-proxy patch 3).
     fn request_header_timeout(&self) -> Option<Duration> {
-        Some(self.limits.header_timeout)
+        Some(self.live.load().limits.header_timeout)
     }
 
     /// pingora's own summary prints the whole target: tokens in URLs must not reach logs.
@@ -426,7 +433,8 @@ impl ProxyHttp for EdgeProxy {
         for cell in ctx.usage.iter().flatten() {
             cell.add(bytes);
         }
-        if let Some(log) = &self.access_log {
+        let live = self.live.load();
+        if let Some(log) = &live.access_log {
             let req = session.req_header();
             let id = |i: usize| ctx.usage[i].as_ref().map(|c| &*c.id);
             let entry = access_log::Entry {
@@ -459,6 +467,6 @@ fn failure_reason(e: &Error) -> UpstreamFailure {
 
 impl std::fmt::Debug for EdgeProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EdgeProxy").field("opts", &self.opts).finish()
+        f.debug_struct("EdgeProxy").field("opts", &self.live.load().opts).finish()
     }
 }

@@ -9,13 +9,13 @@
 //! they started with (an `Arc`), so none fails because of a swap.
 //!
 //! The sections beside the routing state (`[wake]`, `[tls]`, `[static]`, `[acme]`,
-//! `[control] max_body_bytes`) are applied by an [`Apply`] given by start-up: it builds every new
+//! `[control] max_body_bytes`, the `[server]` timeouts and per-IP cap, `[log] access`,
+//! `[dns] nameservers`) are applied by an [`Apply`] given by start-up: it builds every new
 //! piece first (nothing started, nothing published), and only once the routing state
 //! took the file are they swapped in. A piece that cannot be built refuses the whole
 //! file, like a parse error. What is fixed at start — listener addresses, threads,
 //! `state_dir`, `[control] listen` and `token_env`, `[static] cache_dir`, `[cluster]`
-//! (the node's identity), and for now `[dns]`, `[log]` and the other `[server]`
-//! timeouts and caps — is logged as needing a restart when it changes; the rest applies.
+//! (the node's identity) — is logged as needing a restart when it changes; the rest applies.
 
 use crate::config::{Config, ConfigError, ConfigIssue};
 use crate::metrics::Metrics;
@@ -150,24 +150,22 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
         ("control.listen", c.listen != oc.listen),
         ("control.token_env", c.token_env != oc.token_env),
         ("static.cache_dir", new.static_.cache_dir != started.static_.cache_dir),
-        // Not yet applied live (built into the proxy and its listeners at start).
-        ("server.connect_timeout_ms", s.connect_timeout_ms != o.connect_timeout_ms),
-        ("server.read_timeout_ms", s.read_timeout_ms != o.read_timeout_ms),
-        ("server.watch_interval_ms", s.watch_interval_ms != o.watch_interval_ms),
-        ("server.client_header_timeout_ms", s.client_header_timeout_ms != o.client_header_timeout_ms),
-        ("server.client_body_timeout_ms", s.client_body_timeout_ms != o.client_body_timeout_ms),
-        ("server.max_connections_per_ip", s.max_connections_per_ip != o.max_connections_per_ip),
-        ("dns", new.dns != started.dns),
-        ("log", new.log != started.log),
     ];
     out.extend(fixed.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     if !applied {
         let live = [
+            ("server.connect_timeout_ms", s.connect_timeout_ms != o.connect_timeout_ms),
+            ("server.read_timeout_ms", s.read_timeout_ms != o.read_timeout_ms),
+            ("server.client_header_timeout_ms", s.client_header_timeout_ms != o.client_header_timeout_ms),
+            ("server.client_body_timeout_ms", s.client_body_timeout_ms != o.client_body_timeout_ms),
+            ("server.max_connections_per_ip", s.max_connections_per_ip != o.max_connections_per_ip),
             ("control.max_body_bytes", c.max_body_bytes != oc.max_body_bytes),
             ("static", new.static_ != started.static_),
             ("wake", new.wake != started.wake),
             ("tls", new.tls != started.tls),
             ("acme", new.acme != started.acme),
+            ("log", new.log != started.log),
+            ("dns", new.dns != started.dns),
         ];
         out.extend(live.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     }
@@ -175,7 +173,8 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
 }
 
 /// The reloader as a service: reloads on SIGHUP, and when the file's fingerprint
-/// changes (checked every `interval`; `None` = SIGHUP only).
+/// changes (checked every `interval`; `None` = SIGHUP only). A reload that changes
+/// `[server] watch_interval_ms` changes the interval (applied by the service itself).
 pub struct ReloadService {
     reloader: Reloader,
     interval: Option<Duration>,
@@ -208,8 +207,10 @@ impl Service for ReloadService {
         let mut hup = self.hup.lock().await;
         let fp = |r: &Reloader| r.path.as_deref().and_then(fingerprint);
         let mut last = self.started_with;
-        let tick = self.interval.unwrap_or(Duration::from_secs(3600));
+        // `[server] watch_interval_ms` as started with, then as the last reload set it.
+        let mut interval = self.interval;
         loop {
+            let tick = interval.unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 got = hup.recv() => {
                     if got.is_none() { return; }
@@ -217,7 +218,7 @@ impl Service for ReloadService {
                     last = fp(r);
                     let _ = r.reload();
                 }
-                _ = tokio::time::sleep(tick), if self.interval.is_some() && r.path.is_some() => {
+                _ = tokio::time::sleep(tick), if interval.is_some() && r.path.is_some() => {
                     let now = fp(r);
                     if now != last {
                         last = now;
@@ -229,6 +230,10 @@ impl Service for ReloadService {
                     }
                 }
                 _ = shutdown.wait() => return,
+            }
+            if r.path.is_some() {
+                let ms = r.current.lock().unwrap_or_else(|p| p.into_inner()).server.watch_interval_ms;
+                interval = (ms > 0).then(|| Duration::from_millis(ms));
             }
         }
     }

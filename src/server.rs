@@ -166,6 +166,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         }
     };
 
+    let access_log_dropped = access_log.as_ref().map(|l| l.dropped_counter()).unwrap_or_default();
+
     // Taken over sockets are not bound again; fresh ones are checked (and port 0 resolved).
     let http = if upgrade { cfg.server.http } else { resolve_listener(cfg.server.http)? };
     let https = if upgrade { cfg.server.https } else { cfg.server.https.map(resolve_listener).transpose()? };
@@ -211,7 +213,6 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     services.start(releases.clone());
     let acme_inputs = certs.as_ref().map(|watcher| AcmeInputs {
         state_dir: cfg.server.state_dir.clone(),
-        nameservers: cfg.dns.nameservers.clone(),
         watcher: watcher.clone(),
         store: store.clone(),
         http01: http01.clone(),
@@ -220,29 +221,20 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         starter: services.starter(),
     });
     let acme = match (&cfg.acme, &acme_inputs) {
-        (Some(a), Some(inputs)) => Some(inputs.build(a).map_err(StartError::Acme)?),
+        (Some(a), Some(inputs)) => Some(inputs.build(a, cfg.dns.nameservers.as_deref()).map_err(StartError::Acme)?),
         _ => None,
     };
     let acme_running = acme.as_ref().zip(acme_inputs.as_ref()).map(|(m, inputs)| inputs.starter.start(m.clone()));
 
-    let proxy = EdgeProxy::new(
-        routes.clone(),
-        metrics.clone(),
-        usage.clone(),
-        access_log.clone(),
-        ProxyOptions {
-            connect_timeout: Duration::from_millis(cfg.server.connect_timeout_ms),
-            read_timeout: Duration::from_millis(cfg.server.read_timeout_ms),
-        },
-    )
-    .with_tls(TlsFront {
-        redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
-        // With TLS on, [acme] may be added by a reload: challenges are always looked at.
-        challenges: (certs.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
-    })
-    .with_releases(releases.clone(), Duration::from_millis(cfg.static_.wait_ms))
-    // Live share-opened exchanges recheck their share when share records change.
-    .with_table_changes(store.subscribe_to(Kind::ShareToken));
+    let proxy = EdgeProxy::new(routes.clone(), metrics.clone(), usage.clone(), access_log.clone(), proxy_options(&cfg.server))
+        .with_tls(TlsFront {
+            redirect_to: https.filter(|_| cfg.tls.redirect_http).map(|a| a.port()),
+            // With TLS on, [acme] may be added by a reload: challenges are always looked at.
+            challenges: (certs.is_some() || cert_fleet.is_some()).then(|| http01.clone()),
+        })
+        .with_releases(releases.clone(), Duration::from_millis(cfg.static_.wait_ms))
+        // Live share-opened exchanges recheck their share when share records change.
+        .with_table_changes(store.subscribe_to(Kind::ShareToken));
     // [wake]: previews of suspended sandboxes are held while the control plane starts them.
     let proxy = match &cfg.wake {
         Some(w) => proxy.with_waker(Arc::new(crate::upstream::wake::Waker::new(
@@ -274,6 +266,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     };
     let https_listener = tls.as_ref().and(https);
     let front = crate::front::Front::new(proxy, limits.max_connections_per_ip, tls, metrics.clone());
+    let per_ip = front.per_ip();
     let mut svc = Service::new("miosa-edge http".to_string(), front);
     svc.add_tcp(&http.to_string());
     if let Some(addr) = https_listener {
@@ -295,6 +288,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     )
     .with_listener(control_listener);
     let max_body = control.max_body();
+    let control_access_log = control.access_log();
+    let verifier = control.verifier();
     let acme_slot = control.acme();
     let control = match &certs {
         Some(w) => control.with_certificates(w.clone(), acme),
@@ -323,6 +318,9 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         watch_interval,
         handshake_timeout,
         max_body,
+        per_ip,
+        verifier,
+        access_log: AccessLogSlot { dropped: access_log_dropped, control: control_access_log, starter: services.starter() },
         acme: acme_inputs.map(|inputs| AcmeSlot { inputs, published: acme_slot, running: Arc::new(std::sync::Mutex::new(acme_running)) }),
     };
     let reloader = Reloader::new(cfg.clone(), store.clone(), metrics.clone()).with_apply(Arc::new(pieces));
@@ -340,6 +338,11 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     server.run(RunArgs::default());
     services.stop();
     Ok(())
+}
+
+/// The upstream timeouts of `[server]`.
+fn proxy_options(s: &crate::config::Server) -> ProxyOptions {
+    ProxyOptions { connect_timeout: Duration::from_millis(s.connect_timeout_ms), read_timeout: Duration::from_millis(s.read_timeout_ms) }
 }
 
 /// A session key kept in the state directory when none is configured, so sessions
@@ -422,14 +425,28 @@ struct Pieces {
     watch_interval: Arc<AtomicU64>,
     handshake_timeout: Arc<AtomicU64>,
     max_body: Arc<AtomicU64>,
+    /// `[server] max_connections_per_ip`.
+    per_ip: Arc<crate::hostile::PerIp>,
+    access_log: AccessLogSlot,
+    /// The control API's domain verifier (`[dns] nameservers`).
+    verifier: Arc<arc_swap::ArcSwapOption<crate::dns::Verifier>>,
     /// `None` without TLS (then `[acme]` has nothing to serve).
     acme: Option<AcmeSlot>,
 }
 
-/// What building an ACME service takes (all but `[acme]` itself, fixed at start).
+/// Where a new access log (`[log] access`) goes: the proxy's [`Live`], and the control
+/// API (which reports its dropped lines).
+struct AccessLogSlot {
+    /// One count of dropped lines across the logs that replace each other.
+    dropped: Arc<AtomicU64>,
+    control: Arc<arc_swap::ArcSwapOption<AccessLog>>,
+    starter: crate::services::Starter,
+}
+
+/// What building an ACME service takes (all but `[acme]` and `[dns] nameservers`,
+/// fixed at start).
 struct AcmeInputs {
     state_dir: std::path::PathBuf,
-    nameservers: Option<Vec<SocketAddr>>,
     watcher: Arc<Watcher>,
     store: Arc<Store>,
     http01: Arc<crate::acme::Http01>,
@@ -440,11 +457,11 @@ struct AcmeInputs {
 
 impl AcmeInputs {
     /// An ACME service for `cfg`, not started.
-    fn build(&self, cfg: &crate::config::tls::Acme) -> Result<Arc<crate::acme::Manager>, String> {
+    fn build(&self, cfg: &crate::config::tls::Acme, nameservers: Option<&[SocketAddr]>) -> Result<Arc<crate::acme::Manager>, String> {
         crate::acme::Manager::new(
             cfg,
             &self.state_dir,
-            self.nameservers.as_deref(),
+            nameservers,
             self.watcher.clone(),
             self.store.clone(),
             self.http01.clone(),
@@ -482,7 +499,31 @@ impl Apply for Pieces {
             waker,
             redirect_to: self.https.filter(|_| new.tls.redirect_http).map(|a| a.port()),
             release_wait: Duration::from_millis(new.static_.wait_ms),
+            opts: proxy_options(&new.server),
+            limits: crate::hostile::Limits::from_config(&new.server),
+            access_log: None,
         };
+        // [log] access: the new target opened now (a file that cannot be opened refuses
+        // the file), its writer started when committed. The old writer ends once the
+        // requests still holding the old log are done.
+        let (access_log, access_writer) = match new.log.access == old.log.access {
+            true => (self.live.load().access_log.clone(), None),
+            false => match new.log.access.as_str() {
+                "off" => (None, None),
+                target => {
+                    let (log, writer) = AccessLog::open(target).map_err(|e| issue("log.access", format!("cannot open {target}: {e}")))?;
+                    (Some(Arc::new(log.counting_on(self.access_log.dropped.clone()))), Some(Arc::new(writer)))
+                }
+            },
+        };
+        let live = Live { access_log: access_log.clone(), ..live };
+        // [dns] nameservers: a new verifier for the control API.
+        let verifier = match new.dns == old.dns {
+            true => None,
+            false => Some(crate::dns::Verifier::new(new.dns.nameservers.as_deref()).map_err(|e| issue("dns.nameservers", e))?),
+        };
+        let verifier_slot = self.verifier.clone();
+        let (control_log, log_starter) = (self.access_log.control.clone(), self.access_log.starter.clone());
         // [static] store: opened now, so a bad one refuses the file.
         let release_store = match new.static_ != old.static_ {
             true => Some(crate::releases::store::open(&new.static_.store).map_err(|e| issue("static.store", e))?),
@@ -495,9 +536,12 @@ impl Apply for Pieces {
         };
         // [acme]: a new service, built now and started when committed; the old one's
         // loop stops, orders it has under way finish.
-        let acme = match (&self.acme, new.acme != old.acme) {
+        // [dns] nameservers: a running ACME service is rebuilt to ask the new ones.
+        let acme_changed = new.acme != old.acme || (new.acme.is_some() && new.dns != old.dns);
+        let acme = match (&self.acme, acme_changed) {
             (Some(slot), true) => {
-                let built = new.acme.as_ref().map(|a| slot.inputs.build(a).map_err(|e| issue("acme", e))).transpose()?;
+                let ns = new.dns.nameservers.as_deref();
+                let built = new.acme.as_ref().map(|a| slot.inputs.build(a, ns).map_err(|e| issue("acme", e))).transpose()?;
                 let built = match (built, slot.published.load_full()) {
                     (Some(m), Some(previous)) => Some(m.taking_over(&previous)),
                     (m, _) => m,
@@ -521,8 +565,17 @@ impl Apply for Pieces {
         let (watch, handshake, max_body) = (self.watch_interval.clone(), self.handshake_timeout.clone(), self.max_body.clone());
         let (static_, watch_ms) = (new.static_.clone(), watch_interval_ms(new, self.cert_fleet.is_some()));
         let (handshake_ms, max_body_bytes) = (new.tls.handshake_timeout_ms, new.control.max_body_bytes);
+        let (per_ip, max_per_ip) = (self.per_ip.clone(), new.server.max_connections_per_ip);
         Ok(Box::new(move || {
+            if let Some(writer) = access_writer {
+                // Ends by itself once its last log handle is dropped.
+                drop(log_starter.start(writer));
+            }
             live_slot.store(Arc::new(live));
+            control_log.store(access_log);
+            if let Some(v) = verifier {
+                verifier_slot.store(Some(Arc::new(v)));
+            }
             if let Some(store) = release_store {
                 releases.reconfigure(&static_, store);
             }
@@ -532,6 +585,7 @@ impl Apply for Pieces {
             watch.store(watch_ms, Ordering::Relaxed);
             handshake.store(handshake_ms, Ordering::Relaxed);
             max_body.store(max_body_bytes, Ordering::Relaxed);
+            per_ip.max.store(max_per_ip, Ordering::Relaxed);
             if let Some(commit) = acme_commit {
                 commit();
             }

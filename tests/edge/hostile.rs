@@ -105,11 +105,11 @@ pub(crate) struct Exchange {
 }
 
 impl Exchange {
-    fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         let line = self.bytes.split(|&b| b == b'\n').next().unwrap_or_default();
         std::str::from_utf8(line).ok().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0)
     }
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.bytes).into_owned()
     }
     /// How many responses the edge sent (a smuggled second request would make two).

@@ -135,3 +135,164 @@ async fn control_max_body_reloads_live() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
 }
+
+/// `[server]` timeouts and the per-IP cap reload live (CONTRACT §10): the per-IP cap
+/// (`crate::front`), the whole-head deadline and the upstream read timeout apply to the
+/// next connection or request. Before, each took effect on restart only.
+#[tokio::test]
+async fn server_limits_reload_live() {
+    use crate::hostile::{connect_from, read_until_closed};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    // An upstream that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let body = f.toml(&format!(
+        "[[sandboxes]]\nid = \"silent1\"\nworkspace = \"ws_2\"\naddress = \"127.0.0.1\"\npreviews = [{{ port = {silent_port}, access = \"public\" }}]\n"
+    ));
+    let before = "max_connections_per_ip = 1\nclient_header_timeout_ms = 60000\nread_timeout_ms = 30000";
+    let edge = Edge::start_opts(before, &[], &body).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let keep_alive = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut first = connect_from([127, 0, 0, 1], edge.addr).await.expect("connect");
+    first.write_all(keep_alive.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 64 << 10];
+    let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await.expect("answer").expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let second = |ip: [u8; 4]| {
+        let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let addr = edge.addr;
+        async move {
+            let mut s = connect_from(ip, addr).await.ok()?;
+            let _ = s.write_all(raw.as_bytes()).await;
+            Some(read_until_closed(&mut s, Duration::from_secs(5)).await)
+        }
+    };
+    let x = second([127, 0, 0, 1]).await.expect("connect");
+    assert!(x.closed && x.bytes.is_empty(), "a second connection under a cap of 1: {}", x.text());
+
+    let after = "max_connections_per_ip = 3\nclient_header_timeout_ms = 1000\nread_timeout_ms = 500";
+    edge.write_config_server(after, &body);
+    eventually(Duration::from_secs(10), || async { second([127, 0, 0, 1]).await.filter(|x| x.status() == 200).map(|_| ()) })
+        .await
+        .unwrap_or_else(|| panic!("the new max_connections_per_ip was never applied\n{}", edge.log()));
+
+    // The whole-head deadline: a head that never ends is cut after about 1 s, not 60.
+    let mut s = connect_from([127, 0, 0, 4], edge.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let x = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(x.closed && x.took < Duration::from_secs(5), "an unfinished head still open after {:?}", x.took);
+
+    // The upstream read timeout: a silent upstream answers 504 after about 0.5 s, not 30.
+    let start = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), edge.get(&format!("{silent_port}-silent1.sandbox.localhost"), "/"))
+        .await
+        .expect("the silent upstream was waited on past 10 s");
+    assert!(r.status >= 500 && start.elapsed() < Duration::from_secs(5), "{} after {:?}", r.status, start.elapsed());
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+    held.abort();
+    drop(first);
+}
+
+/// `[server] watch_interval_ms` reloads live: an edge started without the file watch
+/// (0, SIGHUP only) watches the file once a reload turns it on.
+#[tokio::test]
+async fn watch_interval_reloads_live() {
+    let f = Fixture::start().await;
+    let edge = Edge::start_opts("watch_interval_ms = 0", &[], &f.toml("")).await;
+    let host = format!("{}-newbox.sandbox.localhost", f.pb());
+    edge.write_config_server("watch_interval_ms = 100", &f.toml(""));
+    edge.hup();
+    eventually(Duration::from_secs(10), || async { edge.log().contains("config reloaded").then_some(()) })
+        .await
+        .expect("the SIGHUP reload");
+    let extra = format!("[[sandboxes]]\nid = \"newbox\"\nworkspace = \"ws_2\"\naddress = \"127.0.0.3\"\npreviews = [{{ port = {}, access = \"public\" }}]\n", f.pb());
+    edge.write_config_server("watch_interval_ms = 100", &f.toml(&extra));
+    eventually(Duration::from_secs(10), || async { (edge.get(&host, "/").await.status == 200).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("the file watch never started\n{}", edge.log()));
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}
+
+/// `[log] access` reloads live: turned on to a file, moved to another file, a file that
+/// cannot be opened refuses the whole reload (the old log keeps writing), and off.
+#[tokio::test]
+async fn access_log_reloads_live() {
+    let f = Fixture::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (one, two) = (dir.path().join("one.log"), dir.path().join("two.log"));
+    let edge = Edge::start(&f.toml("")).await;
+    let host = format!("{}-abc12345.sandbox.localhost", f.pa());
+    let logged = |path: &std::path::Path, marker: &str| std::fs::read_to_string(path).unwrap_or_default().contains(marker);
+
+    edge.write_config(&format!("[log]\naccess = \"{}\"\n\n{}", one.display(), f.toml("")));
+    eventually(Duration::from_secs(10), || async {
+        edge.get(&host, "/first").await;
+        logged(&one, "/first").then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the access log was never turned on\n{}", edge.log()));
+
+    // A target that cannot be opened: the whole file is refused, the old log kept.
+    let bad = dir.path().join("no-such-dir").join("x.log");
+    edge.write_config(&format!("[log]\naccess = \"{}\"\n\n{}", bad.display(), f.toml("")));
+    eventually(Duration::from_secs(10), || async { edge.log().contains("config reload refused").then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("the bad target was not refused\n{}", edge.log()));
+    assert!(edge.log().contains("log.access"), "{}", edge.log());
+    edge.get(&host, "/still-one").await;
+    eventually(Duration::from_secs(5), || async { logged(&one, "/still-one").then_some(()) })
+        .await
+        .expect("the old log keeps writing after a refused reload");
+
+    edge.write_config(&format!("[log]\naccess = \"{}\"\n\n{}", two.display(), f.toml("")));
+    eventually(Duration::from_secs(10), || async {
+        edge.get(&host, "/second").await;
+        logged(&two, "/second").then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the access log never moved\n{}", edge.log()));
+    edge.get(&host, "/after-move").await;
+    eventually(Duration::from_secs(5), || async { logged(&two, "/after-move").then_some(()) }).await.expect("the new log writes");
+    assert!(!logged(&one, "/after-move"), "the old file still written to");
+
+    edge.write_config(&f.toml(""));
+    eventually(Duration::from_secs(10), || async {
+        let before = std::fs::read_to_string(&two).unwrap_or_default();
+        edge.get(&host, "/third").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (std::fs::read_to_string(&two).unwrap_or_default() == before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the access log was never turned off\n{}", edge.log()));
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}
+
+/// `[dns] nameservers` reloads live: domain verification asks the new nameservers
+/// (two silent UDP sockets stand for them; the one configured last receives the query).
+#[tokio::test]
+async fn dns_nameservers_reload_live() {
+    let (old, new) = (std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"), std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"));
+    for s in [&old, &new] {
+        s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    }
+    let dns = |s: &std::net::UdpSocket| format!("[dns]\nnameservers = [\"{}\"]\n\n", s.local_addr().expect("addr"));
+    let f = Fixture::start().await;
+    let edge = Edge::start(&format!("{}{}", dns(&old), f.toml(""))).await;
+    edge.write_config(&format!("{}{}", dns(&new), f.toml("")));
+    eventually(Duration::from_secs(10), || async { edge.log().contains("config reloaded").then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("never reloaded\n{}", edge.log()));
+    let r = edge.api("POST", "/v1/domains/verify", Some(r#"{"host":"preview.tenant-one.test","kind":"preview"}"#)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut buf = [0u8; 512];
+    assert!(new.recv_from(&mut buf).is_ok(), "the new nameserver was never asked\n{}", edge.log());
+    assert!(old.recv_from(&mut buf).is_err(), "the old nameserver was still asked");
+    assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
+}

@@ -222,6 +222,13 @@ impl Edge {
         std::fs::rename(&tmp, &self.config).expect("rename config");
     }
 
+    /// Like [`Edge::write_config`], with other `[server]` keys than the edge started with.
+    pub fn write_config_server(&self, server_extra: &str, body: &str) {
+        let tmp = self.dir.path().join("edge.toml.tmp");
+        std::fs::write(&tmp, Edge::with_server(self.dir.path(), server_extra, body)).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
+    }
+
     /// Sends SIGHUP.
     pub fn hup(&self) {
         let ok = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().expect("kill").success();
