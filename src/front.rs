@@ -101,7 +101,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                 let held = Held { inner: into_l4(stream)?, _admitted: admitted };
                 let started = Instant::now();
                 let limit = Duration::from_millis(t.handshake_timeout_ms.load(std::sync::atomic::Ordering::Relaxed));
-                match tokio::time::timeout(limit, t.acceptor.tls_handshake(held)).await {
+                // The handshake (which owns the connection) outlives the timeout, so a
+                // stalled one is counted before its connection is closed: a client that
+                // sees the close finds it in the metrics.
+                let handshake = t.acceptor.tls_handshake(held);
+                tokio::pin!(handshake);
+                match tokio::time::timeout(limit, &mut handshake).await {
                     Ok(Ok(s)) => {
                         let version = s.get_ssl_digest().map(|d| d.version.to_string()).unwrap_or_default();
                         self.metrics.tls_handshake(&version, started.elapsed().as_secs_f64());
@@ -180,6 +185,85 @@ pub(crate) fn handshake_failure(e: &pingora::Error) -> HandshakeFailure {
     }
 }
 
+/// The traits a stream wrapper of this module passes straight to its `inner` stream
+/// (writes, shutdown, ids, digests, peeking); each wrapper writes its own reads and
+/// `Ssl`.
+macro_rules! forward_io {
+    ($t:ty) => {
+        impl AsyncWrite for $t {
+            fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+                Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.inner).poll_flush(cx)
+            }
+            fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> Poll<std::io::Result<usize>> {
+                Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+        }
+
+        #[async_trait]
+        impl Shutdown for $t {
+            async fn shutdown(&mut self) {
+                Shutdown::shutdown(&mut self.inner).await
+            }
+        }
+
+        impl UniqueID for $t {
+            fn id(&self) -> UniqueIDType {
+                self.inner.id()
+            }
+        }
+
+        impl GetTimingDigest for $t {
+            fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+                self.inner.get_timing_digest()
+            }
+            fn get_read_pending_time(&self) -> Duration {
+                self.inner.get_read_pending_time()
+            }
+            fn get_write_pending_time(&self) -> Duration {
+                self.inner.get_write_pending_time()
+            }
+        }
+
+        impl GetProxyDigest for $t {
+            fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+                self.inner.get_proxy_digest()
+            }
+            fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+                self.inner.set_proxy_digest(digest)
+            }
+        }
+
+        impl GetSocketDigest for $t {
+            fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+                self.inner.get_socket_digest()
+            }
+            fn set_socket_digest(&mut self, digest: SocketDigest) {
+                self.inner.set_socket_digest(digest)
+            }
+        }
+
+        #[async_trait]
+        impl Peek for $t {
+            async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+                self.inner.try_peek(buf).await
+            }
+        }
+    };
+}
+
 /// An accepted stream holding its place under the per-IP cap until it is dropped.
 /// Everything else is the inner stream's.
 #[derive(Debug)]
@@ -194,87 +278,21 @@ impl AsyncRead for Held {
     }
 }
 
-impl AsyncWrite for Held {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-#[async_trait]
-impl Shutdown for Held {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut self.inner).await
-    }
-}
-
-impl UniqueID for Held {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
+forward_io!(Held);
 
 impl Ssl for Held {}
 
-impl GetTimingDigest for Held {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for Held {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
-    }
-}
-
-impl GetSocketDigest for Held {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-    fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.set_socket_digest(digest)
-    }
-}
-
-#[async_trait]
-impl Peek for Held {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.inner.try_peek(buf).await
-    }
-}
-
 /// An HTTP/2 connection whose client is held to a budget of PING and SETTINGS frames
 /// ([`H2Flood`]): past it, reading fails and pingora closes the connection. Everything
-/// else is the inner stream's.
+/// else is the TLS stream's.
 #[derive(Debug)]
-struct H2Guard<S> {
-    inner: S,
+struct H2Guard {
+    inner: pingora::protocols::tls::TlsStream<Held>,
     flood: H2Flood,
     metrics: Arc<Metrics>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for H2Guard<S> {
+impl AsyncRead for H2Guard {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -290,38 +308,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2Guard<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for H2Guard<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+forward_io!(H2Guard);
 
-#[async_trait]
-impl<S: Shutdown + Send> Shutdown for H2Guard<S> {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut self.inner).await
-    }
-}
-
-impl<S: UniqueID> UniqueID for H2Guard<S> {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl<S: Ssl> Ssl for H2Guard<S> {
+impl Ssl for H2Guard {
     fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
         self.inner.get_ssl()
     }
@@ -330,43 +319,6 @@ impl<S: Ssl> Ssl for H2Guard<S> {
     }
     fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
         self.inner.selected_alpn_proto()
-    }
-}
-
-impl<S: GetTimingDigest> GetTimingDigest for H2Guard<S> {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl<S: GetProxyDigest> GetProxyDigest for H2Guard<S> {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
-    }
-}
-
-impl<S: GetSocketDigest> GetSocketDigest for H2Guard<S> {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-    fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.set_socket_digest(digest)
-    }
-}
-
-#[async_trait]
-impl<S: Peek + Send> Peek for H2Guard<S> {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.inner.try_peek(buf).await
     }
 }
 
