@@ -525,17 +525,13 @@ impl Manager {
             Ok((chain, key)) => {
                 let entry = entry_name(&s.name);
                 let watcher = self.watcher.clone();
-                let saved = fleet::blocking(move || {
+                let saved = fleet::try_blocking(move || {
                     watcher.store().save(&entry, chain.as_bytes(), key.as_bytes())?;
                     watcher.scan();
                     Ok::<_, std::io::Error>(())
                 })
                 .await;
-                match saved {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(OrderError::other(format!("cannot save the certificate: {e}"))),
-                    Err(e) => Err(OrderError::other(format!("cannot save the certificate: {e}"))),
-                }
+                saved.map_err(|e| OrderError::other(format!("cannot save the certificate: {e}")))
             }
             Err(e) => Err(e),
         };
@@ -630,9 +626,8 @@ impl Manager {
     /// The fleet's account when it has one for this directory (`None`: register one).
     async fn fleet_stored_account(&self, fleet: &Arc<CertFleet>) -> Result<Option<SavedAccount>, OrderError> {
         let f = fleet.clone();
-        let raw = fleet::blocking(move || f.get(fleet::ACCOUNT))
+        let raw = fleet::try_blocking(move || f.get(fleet::ACCOUNT))
             .await
-            .map_err(OrderError::other)?
             .map_err(|e| OrderError::other(format!("the fleet's ACME account: redis: {e}")))?;
         let Some(raw) = raw else { return Ok(None) };
         let plain = fleet.open(fleet::ACCOUNT, &raw).map_err(|e| {
@@ -665,9 +660,8 @@ impl Manager {
                     .map_err(OrderError::other);
             }
             let f = fleet.clone();
-            let held = fleet::blocking(move || f.lock(fleet::ACCOUNT))
+            let held = fleet::try_blocking(move || f.lock(fleet::ACCOUNT))
                 .await
-                .map_err(OrderError::other)?
                 .map_err(|e| OrderError::other(format!("the fleet's ACME account: redis: {e}")))?;
             let Some(held) = held.map(Arc::new) else {
                 if tokio::time::Instant::now() >= deadline {
@@ -698,9 +692,8 @@ impl Manager {
                 let json = serde_json::to_vec(&saved).map_err(OrderError::other)?;
                 let sealed = fleet.seal(fleet::ACCOUNT, &json).map_err(OrderError::other)?;
                 let f = fleet.clone();
-                match fleet::blocking(move || f.set(fleet::ACCOUNT, &sealed, false)).await {
-                    Ok(Ok(_)) => tracing::info!(id = account.id(), "registered the fleet's ACME account"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "cannot keep the fleet's ACME account in Redis; another will be registered"),
+                match fleet::try_blocking(move || f.set(fleet::ACCOUNT, &sealed, false)).await {
+                    Ok(_) => tracing::info!(id = account.id(), "registered the fleet's ACME account"),
                     Err(e) => tracing::error!(error = %e, "cannot keep the fleet's ACME account in Redis; another will be registered"),
                 }
                 Ok(account)
@@ -719,35 +712,27 @@ impl Manager {
         // A node sealing with another key than the fleet's would replace certificates
         // the others cannot open, and they it (each ordering again): it orders nothing.
         let f = fleet.clone();
-        match fleet::blocking(move || f.seal_key_matches()).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
+        match fleet::try_blocking(move || f.seal_key_matches()).await {
+            Ok(true) => {}
+            Ok(false) => {
                 tracing::error!(name = %s.name, "cluster: this node's seal key does not open the fleet's values; not ordering (is seal_key_env the same on every node?)");
                 return Claim::Wait(now + 60, "pending");
             }
-            Ok(Err(e)) => {
-                tracing::warn!(name = %s.name, error = %e, "cluster: Redis unreachable; not ordering");
-                return Claim::Wait(now + 30, "pending");
-            }
             Err(e) => {
-                tracing::warn!(name = %s.name, error = %e, "cluster: cannot check the seal key; not ordering");
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot check the seal key (Redis unreachable?); not ordering");
                 return Claim::Wait(now + 30, "pending");
             }
         }
         let what = format!("cert:{}", s.name);
         let f = fleet.clone();
-        let held = match fleet::blocking(move || f.lock(&what)).await {
-            Ok(Ok(Some(l))) => Arc::new(l),
-            Ok(Ok(None)) => {
+        let held = match fleet::try_blocking(move || f.lock(&what)).await {
+            Ok(Some(l)) => Arc::new(l),
+            Ok(None) => {
                 tracing::debug!(name = %s.name, "another node is ordering this name");
                 return Claim::Wait(now + 5, "ordering");
             }
-            Ok(Err(e)) => {
-                tracing::warn!(name = %s.name, error = %e, "cluster: Redis unreachable; not ordering");
-                return Claim::Wait(now + 30, "pending");
-            }
             Err(e) => {
-                tracing::warn!(name = %s.name, error = %e, "cluster: cannot take the order lock; not ordering");
+                tracing::warn!(name = %s.name, error = %e, "cluster: cannot take the order lock (Redis unreachable?); not ordering");
                 return Claim::Wait(now + 30, "pending");
             }
         };
@@ -755,9 +740,9 @@ impl Manager {
         // between this node's look and its lock?
         let entry = entry_name(&s.name);
         let store = RedisCertStore::new(fleet.clone());
-        let stored = fleet::blocking(move || store.read(&entry)).await;
+        let stored = fleet::try_blocking(move || store.read(&entry)).await;
         let fresh = match stored {
-            Ok(Ok((chain, key))) => {
+            Ok((chain, key)) => {
                 crate::tls::store::parse_pair(&entry_name(&s.name), &chain, &key).ok().filter(|c| renewed_elsewhere(c, &s.name, old, now))
             }
             _ => None,
@@ -772,7 +757,7 @@ impl Manager {
         // The fleet's budget and backoff, checked and counted in one transaction.
         let (name, registered, limits, renewal) = (s.name.clone(), registered.to_owned(), self.cfg.limits, old.is_some());
         let f = fleet.clone();
-        let counted = fleet::blocking(move || {
+        let counted = fleet::try_blocking(move || {
             f.update(fleet::LEDGER, |raw| {
                 let mut l = fleet::parse_ledger(&f, raw);
                 l.prune(now);
@@ -789,18 +774,13 @@ impl Manager {
         })
         .await;
         match counted {
-            Ok(Ok(Ok(l))) => {
+            Ok(Ok(l)) => {
                 *lock(&self.ledger) = l;
                 Claim::Go(held)
             }
-            Ok(Ok(Err((until, state)))) => {
+            Ok(Err((until, state))) => {
                 fleet::release(held).await;
                 Claim::Wait(until, state)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(name = %s.name, error = %e, "cluster: cannot count the order in the fleet's ledger; not ordering");
-                fleet::release(held).await;
-                Claim::Wait(now + 30, "pending")
             }
             Err(e) => {
                 tracing::warn!(name = %s.name, error = %e, "cluster: cannot count the order in the fleet's ledger; not ordering");
@@ -815,7 +795,7 @@ impl Manager {
     async fn record_in_fleet(&self, fleet: Arc<CertFleet>, apply: impl Fn(&mut Ledger) -> i64 + Send + Clone + 'static, now: i64) -> i64 {
         let f = fleet.clone();
         let local = apply.clone();
-        let r = fleet::blocking(move || {
+        let r = fleet::try_blocking(move || {
             f.update(fleet::LEDGER, |raw| {
                 let mut l = fleet::parse_ledger(&f, raw);
                 let next = apply(&mut l);
@@ -825,13 +805,9 @@ impl Manager {
         })
         .await;
         match r {
-            Ok(Ok((l, next))) => {
+            Ok((l, next)) => {
                 *lock(&self.ledger) = l;
                 next
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cluster: cannot record the order in the fleet's ledger; recorded in this node's copy");
-                local(&mut lock(&self.ledger))
             }
             Err(e) => {
                 tracing::error!(error = %e, "cluster: cannot record the order in the fleet's ledger; recorded in this node's copy");
@@ -852,7 +828,7 @@ impl Manager {
         let expired = match &self.fleet {
             Some(fleet) => {
                 let f = fleet.clone();
-                let r = fleet::blocking(move || {
+                let r = fleet::try_blocking(move || {
                     f.update(fleet::LEDGER, |raw| {
                         let mut l = fleet::parse_ledger(&f, raw);
                         let (expired, changed) = l.leftovers(|n| current.contains(n), now);
@@ -861,15 +837,14 @@ impl Manager {
                 })
                 .await;
                 match r {
-                    Ok(Ok((l, expired))) => {
+                    Ok((l, expired)) => {
                         *lock(&self.ledger) = l;
                         expired
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         tracing::debug!(error = %e, "cluster: cannot note the names that left the state in the fleet's ledger");
                         return;
                     }
-                    Err(_) => return,
                 }
             }
             None => {
@@ -905,13 +880,12 @@ impl Manager {
     /// names. A fleet without a ledger yet starts from this node's (its history counts).
     async fn refresh_ledger(&self, fleet: Arc<CertFleet>) {
         let f = fleet.clone();
-        let raw = match fleet::blocking(move || f.get(fleet::LEDGER)).await {
-            Ok(Ok(raw)) => raw,
-            Ok(Err(e)) => {
+        let raw = match fleet::try_blocking(move || f.get(fleet::LEDGER)).await {
+            Ok(raw) => raw,
+            Err(e) => {
                 tracing::debug!(error = %e, "cluster: cannot read the fleet's ACME ledger; using this node's copy");
                 return;
             }
-            Err(_) => return,
         };
         match raw {
             Some(raw) => {
@@ -971,9 +945,8 @@ impl Manager {
                             // The CA may ask any node: publish, and give every node
                             // time to read it before the CA is told to look.
                             let (token, ka) = (ch.token.clone(), ka.as_str().to_owned());
-                            fleet::blocking(move || fleet.put_token(&token, &ka))
+                            fleet::try_blocking(move || fleet.put_token(&token, &ka))
                                 .await
-                                .map_err(OrderError::other)?
                                 .map_err(|e| OrderError::other(format!("cannot publish the HTTP-01 challenge to the fleet: {e}")))?;
                             tokio::time::sleep(TOKEN_POLL * 2 + Duration::from_millis(100)).await;
                         }
@@ -999,10 +972,8 @@ impl Manager {
                 Cleanup::Token(t) => {
                     self.http01.remove(&t);
                     if let Some(fleet) = self.fleet.clone() {
-                        match fleet::blocking(move || fleet.remove_token(&t)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot withdraw an HTTP-01 challenge from the fleet; it expires"),
-                            Err(e) => tracing::warn!(error = %e, "cannot withdraw an HTTP-01 challenge from the fleet; it expires"),
+                        if let Err(e) = fleet::try_blocking(move || fleet.remove_token(&t)).await {
+                            tracing::warn!(error = %e, "cannot withdraw an HTTP-01 challenge from the fleet; it expires");
                         }
                     }
                 }

@@ -475,11 +475,7 @@ impl Service for Follower {
     }
 
     async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let me = self.clone();
-        let stop = shutdown.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || me.follow(&stop)).await {
-            tracing::error!(error = %e, "cluster follower failed");
-        }
+        crate::services::run_blocking(self.name(), shutdown, move |stop| self.follow(stop)).await
     }
 }
 
@@ -707,11 +703,7 @@ impl Service for Beats {
     }
 
     async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let me = self.clone();
-        let stop = shutdown.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || me.beat(&stop)).await {
-            tracing::error!(error = %e, "cluster heartbeat failed");
-        }
+        crate::services::run_blocking(self.name(), shutdown, move |stop| self.beat(stop)).await
     }
 }
 

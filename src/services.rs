@@ -66,6 +66,15 @@ impl Shutdown {
     }
 }
 
+/// Runs a service's blocking loop (one that waits on sockets or files, checking
+/// `shutdown` between rounds) on the runtime's blocking pool; a loop that panics is
+/// logged as `{name} failed`.
+pub async fn run_blocking(name: &'static str, shutdown: Shutdown, work: impl FnOnce(&Shutdown) + Send + 'static) {
+    if let Err(e) = tokio::task::spawn_blocking(move || work(&shutdown)).await {
+        tracing::error!(error = %e, "{name} failed");
+    }
+}
+
 /// The services of one process and the runtime they run on.
 pub struct Services {
     runtime: tokio::runtime::Runtime,

@@ -32,6 +32,12 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     tokio::task::spawn_blocking(f).await.map_err(|e| format!("blocking task: {e}"))
 }
 
+/// [`blocking`] for work that can fail itself (a Redis call, a file write): its error
+/// and a failed task are one error, so callers handle a failure once.
+pub async fn try_blocking<T: Send + 'static, E: std::fmt::Display>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, String> {
+    blocking(move || f().map_err(|e| e.to_string())).await?
+}
+
 /// The fleet's ledger from its stored bytes; one that does not parse is logged, counted
 /// and replaced by an empty one (as a corrupt `ledger.json` is).
 pub fn parse_ledger(fleet: &CertFleet, raw: Option<&[u8]>) -> Ledger {
@@ -50,10 +56,9 @@ pub async fn keep(lock: Arc<Lock>, name: String) {
     loop {
         tokio::time::sleep(LOCK_RENEW).await;
         let l = lock.clone();
-        match blocking(move || l.renew()).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => tracing::warn!(name = %name, "cluster: this node lost its order lock; another node may order the name too"),
-            Ok(Err(e)) => tracing::warn!(name = %name, error = %e, "cluster: cannot renew the order lock"),
+        match try_blocking(move || l.renew()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(name = %name, "cluster: this node lost its order lock; another node may order the name too"),
             Err(e) => tracing::warn!(name = %name, error = %e, "cluster: cannot renew the order lock"),
         }
     }
@@ -61,10 +66,8 @@ pub async fn keep(lock: Arc<Lock>, name: String) {
 
 /// Lets go of `lock` (logged when Redis cannot be told; it expires anyway).
 pub async fn release(lock: Arc<Lock>) {
-    match blocking(move || lock.release()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cluster: cannot release an order lock; it expires by itself"),
-        Err(e) => tracing::warn!(error = %e, "cluster: cannot release an order lock; it expires by itself"),
+    if let Err(e) = try_blocking(move || lock.release()).await {
+        tracing::warn!(error = %e, "cluster: cannot release an order lock; it expires by itself");
     }
 }
 
@@ -83,10 +86,7 @@ impl Service for TokenFollower {
     }
 
     async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let me = self.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || me.follow(&shutdown)).await {
-            tracing::error!(error = %e, "fleet HTTP-01 challenge follower failed");
-        }
+        crate::services::run_blocking(self.name(), shutdown, move |stop| self.follow(stop)).await
     }
 }
 
