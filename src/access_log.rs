@@ -117,11 +117,12 @@ pub struct Entry<'a> {
     pub host: Option<&'a str>,
     /// The request target as sent (`token` values are redacted in the line).
     pub target: &'a [u8],
-    /// The route kind (`preview`, `deployment`, `edge`).
+    /// The route kind (`preview`, `deployment`, `edge`, `storage`).
     pub route: &'a str,
     pub workspace: Option<&'a str>,
     pub deployment: Option<&'a str>,
     pub sandbox: Option<&'a str>,
+    pub bucket: Option<&'a str>,
     pub status: u16,
     /// Body bytes sent to the client.
     pub bytes: u64,
@@ -142,6 +143,7 @@ impl Entry<'_> {
             "workspace": self.workspace,
             "deployment": self.deployment,
             "sandbox": self.sandbox,
+            "bucket": self.bucket,
             "status": self.status,
             "bytes": self.bytes,
             "duration_ms": self.duration.as_secs_f64() * 1000.0,
@@ -151,16 +153,18 @@ impl Entry<'_> {
     }
 }
 
-/// `path` with the value of every `token` query parameter replaced by `REDACTED`.
+/// `path` with the value of every credential in its query — `token`, and a presigned
+/// URL's `X-Amz-Signature` — replaced by `REDACTED`.
 pub fn redact(path: &str) -> std::borrow::Cow<'_, str> {
+    let secret = |k: &str| k.eq_ignore_ascii_case("token") || k.eq_ignore_ascii_case("x-amz-signature");
     let Some((p, q)) = path.split_once('?') else { return path.into() };
-    if !q.split('&').any(|kv| kv.split('=').next().is_some_and(|k| k.eq_ignore_ascii_case("token"))) {
+    if !q.split('&').any(|kv| kv.split('=').next().is_some_and(secret)) {
         return path.into();
     }
     let q: Vec<String> = q
         .split('&')
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("token") => format!("{k}=REDACTED"),
+            Some((k, _)) if secret(k) => format!("{k}=REDACTED"),
             _ => kv.to_string(),
         })
         .collect();

@@ -32,12 +32,16 @@ pub enum ErrorCode {
     UpstreamTimeout,
     NoHealthyInstance,
     ReleaseUnavailable,
+    /// A storage object that is missing or private (the two are indistinguishable).
+    ObjectNotFound,
+    /// The store refused or failed a request for an object.
+    StorageUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
     /// All codes, for rendering and tests.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::InvalidHost,
         ErrorCode::BadRequest,
         ErrorCode::UriTooLong,
@@ -59,6 +63,8 @@ impl ErrorCode {
         ErrorCode::UpstreamTimeout,
         ErrorCode::NoHealthyInstance,
         ErrorCode::ReleaseUnavailable,
+        ErrorCode::ObjectNotFound,
+        ErrorCode::StorageUnavailable,
         ErrorCode::InternalError,
     ];
 
@@ -69,7 +75,7 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => 408,
             ErrorCode::UriTooLong => 414,
             ErrorCode::RequestHeaderTooLarge => 431,
-            ErrorCode::UnknownHost | ErrorCode::PreviewNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::UnknownHost | ErrorCode::PreviewNotFound | ErrorCode::NotFound | ErrorCode::ObjectNotFound => 404,
             ErrorCode::DomainNotVerified => 421,
             ErrorCode::PreviewAuthRequired
             | ErrorCode::PreviewTokenInvalid
@@ -78,7 +84,7 @@ impl ErrorCode {
             | ErrorCode::ShareTokenExpired
             | ErrorCode::SharePasswordRequired => 401,
             ErrorCode::TooManyAttempts => 429,
-            ErrorCode::SandboxUnavailable => 502,
+            ErrorCode::SandboxUnavailable | ErrorCode::StorageUnavailable => 502,
             ErrorCode::SandboxStarting | ErrorCode::NoHealthyInstance | ErrorCode::ReleaseUnavailable => 503,
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::InternalError => 500,
@@ -109,6 +115,8 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::NoHealthyInstance => "no_healthy_instance",
             ErrorCode::ReleaseUnavailable => "release_unavailable",
+            ErrorCode::ObjectNotFound => "object_not_found",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -147,6 +155,8 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "The server did not answer in time.",
             ErrorCode::NoHealthyInstance => "No healthy instance of this app is available right now.",
             ErrorCode::ReleaseUnavailable => "This version of the app cannot be served right now.",
+            ErrorCode::ObjectNotFound => "There is no public file at this address.",
+            ErrorCode::StorageUnavailable => "The file store cannot be reached right now.",
             ErrorCode::InternalError => "The edge could not handle this request.",
         }
     }

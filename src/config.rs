@@ -43,6 +43,9 @@ pub struct Config {
     pub acme: Option<tls::Acme>,
     /// `[cluster]`: fleet mode on Redis (absent = a single node).
     pub cluster: Option<Cluster>,
+    /// `[storage]`: the platform's S3-compatible store (absent = storage hosts answer
+    /// 404 `unknown_host`).
+    pub storage: Option<StorageSection>,
     /// The keys `[tokens]` names, loaded from the environment and key files.
     pub keys: std::sync::Arc<Keys>,
     /// The routing sections (`[[workspaces]]`, `[[sandboxes]]`, …).
@@ -199,6 +202,106 @@ fn default_wake_timeout_ms() -> u64 {
     15_000
 }
 
+/// `[storage]`: the store whose public objects and S3 endpoint the edge serves (CONTRACT §12).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// `http(s)://host[:port]` of the S3-compatible store (RustFS, MinIO, AWS, …).
+    pub endpoint: String,
+    /// The region requests are signed for.
+    #[serde(default = "default_storage_region")]
+    pub region: String,
+    /// The environment variable holding the edge's access key id.
+    #[serde(default = "default_storage_key_env")]
+    pub access_key_env: String,
+    /// The environment variable holding the edge's secret access key.
+    #[serde(default = "default_storage_secret_env")]
+    pub secret_key_env: String,
+    /// How long the store may take to answer a request's head, and between two chunks of
+    /// a body, before the client gets 504 `upstream_timeout` (or the stream is cut).
+    #[serde(default = "default_storage_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Read from `access_key_env` at load.
+    #[serde(skip)]
+    pub key_id: String,
+    /// Read from `secret_key_env` at load.
+    #[serde(skip)]
+    pub key_secret: String,
+}
+
+impl fmt::Debug for StorageSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The keys are secrets: never shown.
+        f.debug_struct("StorageSection").field("endpoint", &self.endpoint).field("region", &self.region).finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for StorageSection {
+    fn eq(&self, o: &StorageSection) -> bool {
+        (&self.endpoint, &self.region, &self.key_id, &self.key_secret, self.timeout_ms)
+            == (&o.endpoint, &o.region, &o.key_id, &o.key_secret, o.timeout_ms)
+    }
+}
+
+impl StorageSection {
+    /// The settings the storage client is built from.
+    pub fn settings(&self) -> crate::storage::StorageSettings {
+        let timeout = std::time::Duration::from_millis(self.timeout_ms);
+        crate::storage::StorageSettings {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            key_id: self.key_id.clone(),
+            key_secret: self.key_secret.clone(),
+            first_byte_timeout: timeout,
+            idle_timeout: timeout,
+        }
+    }
+}
+
+fn default_storage_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_storage_key_env() -> String {
+    "STORAGE_KEY_ID".into()
+}
+
+fn default_storage_secret_env() -> String {
+    "STORAGE_KEY_SECRET".into()
+}
+
+fn default_storage_timeout_ms() -> u64 {
+    15_000
+}
+
+/// Checks `[storage]` and reads the keys it names from the environment.
+fn check_storage(s: &mut StorageSection) -> Vec<StateError> {
+    let mut errs = Vec::new();
+    let err = |path: &str, message: String| StateError { path: format!("storage.{path}"), message };
+    if let Err(e) = crate::storage::Endpoint::parse(&s.endpoint) {
+        errs.push(err("endpoint", e));
+    }
+    if s.region.is_empty() || s.region.len() > 64 || !s.region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        errs.push(err("region", "must be 1 to 64 characters of A-Z, a-z, 0-9, '-'".into()));
+    }
+    if !(100..=600_000).contains(&s.timeout_ms) {
+        errs.push(err("timeout_ms", "must be between 100 and 600000".into()));
+    }
+    for (key, name, slot) in
+        [("access_key_env", &s.access_key_env, &mut s.key_id), ("secret_key_env", &s.secret_key_env, &mut s.key_secret)]
+    {
+        if !is_env_name(name) {
+            errs.push(err(key, "must be an environment variable name (A-Z, 0-9, _)".into()));
+            continue;
+        }
+        match std::env::var(name) {
+            Ok(v) if !v.is_empty() => *slot = v,
+            _ => errs.push(err(key, format!("${name} is not set"))),
+        }
+    }
+    errs
+}
+
 /// `[cluster]`: several nodes as one fleet, sharing state through Redis (CONTRACT §11).
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -317,12 +420,14 @@ struct RawConfig {
     sandboxes: Vec<schema::Sandbox>,
     share_tokens: Vec<schema::ShareToken>,
     deployments: Vec<schema::Deployment>,
+    buckets: Vec<schema::Bucket>,
     tokens: Tokens,
     tls: Option<tls::Tls>,
     acme: Option<tls::Acme>,
     static_: Static,
     wake: Option<Wake>,
     cluster: Option<Cluster>,
+    storage: Option<StorageSection>,
     /// The top-level keys whose value could not be read (their checks are skipped: the
     /// defaults in their place would report errors the file does not have).
     failed: Vec<String>,
@@ -340,12 +445,14 @@ const SECTIONS: &[&str] = &[
     "sandboxes",
     "share_tokens",
     "deployments",
+    "buckets",
     "tokens",
     "tls",
     "acme",
     "static",
     "wake",
     "cluster",
+    "storage",
 ];
 
 impl RawConfig {
@@ -362,12 +469,14 @@ impl RawConfig {
             sandboxes: Vec::new(),
             share_tokens: Vec::new(),
             deployments: Vec::new(),
+            buckets: Vec::new(),
             tokens: Tokens::default(),
             tls: None,
             acme: None,
             static_: Static::default(),
             wake: None,
             cluster: None,
+            storage: None,
             failed: Vec::new(),
         };
         for (key, value) in table {
@@ -385,10 +494,12 @@ impl RawConfig {
                 "static" => set(&mut raw.static_, section(&key, value, errors)),
                 "wake" => raw.wake = section(&key, value, errors),
                 "cluster" => raw.cluster = section(&key, value, errors),
+                "storage" => raw.storage = section(&key, value, errors),
                 "workspaces" => raw.workspaces = elements(&key, value, errors),
                 "sandboxes" => raw.sandboxes = elements(&key, value, errors),
                 "share_tokens" => raw.share_tokens = elements(&key, value, errors),
                 "deployments" => raw.deployments = elements(&key, value, errors),
+                "buckets" => raw.buckets = elements(&key, value, errors),
                 _ => errors.push(StateError {
                     path: key.clone(),
                     message: format!(
@@ -577,6 +688,9 @@ impl Config {
         if let Some(c) = &mut raw.cluster {
             errors.extend(check_cluster(c, https));
         }
+        if let Some(s) = &mut raw.storage {
+            errors.extend(check_storage(s));
+        }
         let keys = if !raw.read_ok(&["tokens"]) || errors.iter().any(|e| e.path.starts_with("tokens")) {
             crate::access::Keys::none()
         } else {
@@ -585,9 +699,14 @@ impl Config {
                 crate::access::Keys::none()
             })
         };
-        let objects_read = raw.read_ok(&["domains", "workspaces", "sandboxes", "share_tokens", "deployments"]);
-        let state =
-            State { workspaces: raw.workspaces, sandboxes: raw.sandboxes, share_tokens: raw.share_tokens, deployments: raw.deployments };
+        let objects_read = raw.read_ok(&["domains", "workspaces", "sandboxes", "share_tokens", "deployments", "buckets"]);
+        let state = State {
+            workspaces: raw.workspaces,
+            sandboxes: raw.sandboxes,
+            share_tokens: raw.share_tokens,
+            deployments: raw.deployments,
+            buckets: raw.buckets,
+        };
         // References between objects are checked only when every object could be read: a
         // left-out one would make its references look dangling.
         if objects_read {
@@ -622,6 +741,7 @@ impl Config {
             tls: raw.tls.unwrap_or_default(),
             acme: raw.acme,
             cluster: raw.cluster,
+            storage: raw.storage,
             keys: std::sync::Arc::new(keys),
             state,
             source: source.map(Path::to_owned),
@@ -678,7 +798,7 @@ fn check_wake(w: &Wake) -> Vec<StateError> {
 
 fn check_domains(d: &Domains) -> Vec<StateError> {
     let mut errs = Vec::new();
-    let named = [("sandbox", &d.sandbox), ("apps", &d.apps), ("edge_target", &d.edge_target), ("acme_zone", &d.acme_zone)];
+    let named = d.named();
     for (i, (ka, a)) in named.iter().enumerate() {
         for (kb, b) in &named[i + 1..] {
             if a == b {
@@ -686,10 +806,15 @@ fn check_domains(d: &Domains) -> Vec<StateError> {
             }
         }
     }
-    // The sandbox zone may sit under apps (sandbox.miosa.app under miosa.app) but not
-    // the other way round: then every app URL would look like a preview.
-    if state::is_under(d.apps.as_str(), d.sandbox.as_str()) && d.apps != d.sandbox {
-        errs.push(StateError { path: "domains.apps".into(), message: format!("`{}` must not be under domains.sandbox", d.apps) });
+    // The zones may sit under apps (sandbox.miosa.app, storage.miosa.app under miosa.app)
+    // but under no other zone: apps under sandbox would make every app URL look like a
+    // preview, a storage zone under sandbox would make bucket hosts look like previews.
+    for (ka, a) in &named {
+        for (kb, b) in &named {
+            if a != b && *kb != "apps" && state::is_under(a.as_str(), b.as_str()) {
+                errs.push(StateError { path: format!("domains.{ka}"), message: format!("`{a}` must not be under domains.{kb}") });
+            }
+        }
     }
     errs
 }

@@ -15,15 +15,17 @@ pub enum RouteKind {
     Deployment = 1,
     /// Answered by the edge itself before routing (unknown host, bad request).
     Edge = 2,
+    /// Storage: public objects and the S3 endpoint (CONTRACT §12).
+    Storage = 3,
 }
 
 impl RouteKind {
     pub fn as_str(self) -> &'static str {
-        ["preview", "deployment", "edge"][self as usize]
+        ["preview", "deployment", "edge", "storage"][self as usize]
     }
 }
 
-const KINDS: [RouteKind; 3] = [RouteKind::Preview, RouteKind::Deployment, RouteKind::Edge];
+const KINDS: [RouteKind; 4] = [RouteKind::Preview, RouteKind::Deployment, RouteKind::Edge, RouteKind::Storage];
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
 /// Why an upstream attempt failed, for the `reason` label.

@@ -39,6 +39,8 @@ fn title(code: ErrorCode) -> &'static str {
         ErrorCode::UpstreamTimeout => "The server took too long",
         ErrorCode::NoHealthyInstance => "Temporarily unavailable",
         ErrorCode::ReleaseUnavailable => "Temporarily unavailable",
+        ErrorCode::ObjectNotFound => "File not found",
+        ErrorCode::StorageUnavailable => "Temporarily unavailable",
         ErrorCode::InternalError => "Something went wrong",
     }
 }
@@ -110,6 +112,12 @@ fn explain(code: ErrorCode, d: Detail, out: &mut String) {
             ),
             ErrorCode::NoHealthyInstance => out.push_str("<p>Every instance of this app is failing its health checks. Try again in a moment.</p>"),
             ErrorCode::ReleaseUnavailable => out.push_str("<p>The files of this version of the app cannot be served right now. Try again in a moment.</p>"),
+            ErrorCode::ObjectNotFound => out.push_str(
+                "<p>There is no public file at this address. It may have been deleted, or it may be private: private files open only through a signed link.</p>",
+            ),
+            ErrorCode::StorageUnavailable => {
+                out.push_str("<p>The file store did not accept the request or failed while answering it. Try again in a moment.</p>")
+            }
             ErrorCode::InternalError => out.push_str("<p>The edge could not handle this request. Try again; if it persists, contact support with the request id below.</p>"),
         }
 }

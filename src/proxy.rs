@@ -76,6 +76,32 @@ pub struct Live {
     /// The access log (`[log] access`); `None`: off. A request logs to the one in force
     /// when it ends.
     pub access_log: Option<Arc<AccessLog>>,
+    /// `[storage]`: public objects and the S3 endpoint; `None`: storage hosts answer 404
+    /// `unknown_host`. A request keeps the one it started with.
+    pub storage: Option<Arc<StorageFront>>,
+}
+
+/// `[storage]` as the request path uses it (CONTRACT §12): the object reader, and the
+/// store's address for the S3 endpoint, resolved once when the section is loaded.
+#[derive(Debug)]
+pub struct StorageFront {
+    pub objects: crate::storage::Storage,
+    pub endpoint: crate::storage::Endpoint,
+    pub addr: std::net::SocketAddr,
+}
+
+impl StorageFront {
+    /// Builds the reader and resolves the endpoint (a blocking lookup: call it at start
+    /// or reload, never on a proxy thread). A host name is resolved again on reload only.
+    pub fn new(section: &crate::config::StorageSection) -> std::result::Result<StorageFront, String> {
+        let endpoint = crate::storage::Endpoint::parse(&section.endpoint)?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&endpoint.authority())
+            .map_err(|e| format!("[storage] endpoint {}: cannot resolve: {e}", section.endpoint))?
+            .next()
+            .ok_or_else(|| format!("[storage] endpoint {}: no address", section.endpoint))?;
+        let objects = crate::storage::Storage::new(section.settings())?;
+        Ok(StorageFront { objects, endpoint, addr })
+    }
 }
 
 /// Where a config reload publishes a new [`Live`].
@@ -170,6 +196,12 @@ impl EdgeProxy {
         self
     }
 
+    /// Serves storage hosts from `storage` (CONTRACT §12).
+    pub fn with_storage(self, storage: Arc<StorageFront>) -> Self {
+        self.live.rcu(|l| Live { storage: Some(storage.clone()), ..Live::clone(l) });
+        self
+    }
+
     /// Where a reload publishes the proxy's new [`Live`] settings.
     pub fn live(&self) -> SharedLive {
         self.live.clone()
@@ -213,6 +245,7 @@ impl ProxyHttp for EdgeProxy {
         match self.route(session, ctx).await? {
             Next::Upstream => Ok(false),
             Next::Answer(a) => self.answer(session, ctx, a).await.map(|()| true),
+            Next::Object(plan) => self.write_object(session, ctx, plan).await.map(|()| true),
         }
     }
 
@@ -239,10 +272,15 @@ impl ProxyHttp for EdgeProxy {
                 }
             }
             Some(Target::Deployment { addr, .. }) => addr,
+            Some(Target::Storage { addr }) => addr,
             None => return Error::e_explain(ErrorType::InternalError, "no upstream chosen for this request"),
         };
         let opts = self.live.load().opts;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = match (&ctx.target, &ctx.storage) {
+            // The store, with TLS (certificate checked for its host name) when its endpoint is https.
+            (Some(Target::Storage { .. }), Some(s)) => HttpPeer::new(addr, s.endpoint.tls, s.endpoint.host.clone()),
+            _ => HttpPeer::new(addr, false, String::new()),
+        };
         peer.options.connection_timeout = Some(opts.connect_timeout);
         peer.options.total_connection_timeout = Some(opts.connect_timeout);
         let idle = if session.is_upgrade_req() { None } else { Some(opts.read_timeout) };
@@ -255,7 +293,13 @@ impl ProxyHttp for EdgeProxy {
     /// The forwarding headers and the credential firewall ([`forward::upstream_request`]).
     async fn upstream_request_filter(&self, session: &mut Session, req: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        forward::upstream_request(req, client, ctx)
+        forward::upstream_request(req, client, ctx)?;
+        if matches!(ctx.target, Some(Target::Storage { .. })) {
+            // No cookie ever reaches the store (CONTRACT §12); the rest goes unchanged, so
+            // signed requests verify there.
+            req.remove_header(&header::COOKIE);
+        }
+        Ok(())
     }
 
     /// Marks the failing instance (passive health) and decides whether pingora may
@@ -294,7 +338,11 @@ impl ProxyHttp for EdgeProxy {
         if let Some(i) = &ctx.instance {
             i.health().passive_success();
         }
-        forward::downstream_response(resp, session.req_header().version, ctx)
+        forward::downstream_response(resp, session.req_header().version, ctx)?;
+        if matches!(ctx.target, Some(Target::Storage { .. })) {
+            forward::storage_response(resp)?;
+        }
+        Ok(())
     }
 
     /// Counts the failure; nothing reached the upstream yet, so any method may be
@@ -446,6 +494,7 @@ impl ProxyHttp for EdgeProxy {
                 workspace: id(0),
                 deployment: id(1),
                 sandbox: id(2),
+                bucket: id(3),
                 status,
                 bytes,
                 duration: elapsed,

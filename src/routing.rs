@@ -11,9 +11,10 @@
 //! sandboxes map *is* the state's (`state::Objects::sandboxes`): a million sandboxes are
 //! kept once.
 //!
-//! Precedence (first match wins): exact deployment host → `{port}-{sandbox}.{sandbox}`
-//! → `{name}.{slug}.{apps}` → `{port}-{sandbox}.{tenant preview domain}` →
-//! `{name}.{tenant deploy domain}` → unknown host.
+//! Precedence (first match wins): exact deployment or bucket host →
+//! `{port}-{sandbox}.{sandbox}` → `{name}.{slug}.{apps}` →
+//! `{port}-{sandbox}.{tenant preview domain}` → `{name}.{tenant deploy domain}` →
+//! `{alias}.{storage}` and the bare `{storage}` host → unknown host.
 
 use crate::access::{Credentials, Keys, ShareEntry};
 use crate::codes::ErrorCode;
@@ -108,6 +109,25 @@ impl DeploymentEntry {
     }
 }
 
+/// A storage bucket as the request path needs it (CONTRACT §12).
+#[derive(Debug)]
+pub struct BucketEntry {
+    pub id: Box<str>,
+    pub workspace: u32,
+    /// The store's name for it.
+    pub bucket: Box<str>,
+    /// Every object is public.
+    pub public: bool,
+}
+
+/// A bucket by its alias, or by one of its domains.
+#[derive(Debug, Clone)]
+struct BucketKey {
+    key: Key,
+    bucket: Arc<BucketEntry>,
+    verified: bool,
+}
+
 /// An exact host of a deployment.
 #[derive(Debug, Clone)]
 struct ExactHost {
@@ -150,7 +170,7 @@ macro_rules! keyed {
         }
     )*};
 }
-keyed!(ExactHost => host, TenantDomain => host, Named => key);
+keyed!(ExactHost => host, TenantDomain => host, Named => key, BucketKey => key);
 
 impl Keyed for ReleaseUse {
     fn key(&self) -> &[u8] {
@@ -183,6 +203,10 @@ pub enum Route<'t> {
     Preview { sandbox_id: &'t str, sandbox: &'t SandboxEntry, port: u16, access: Access, tenant_host: bool },
     /// A deployment's active version.
     Deployment { deployment: &'t DeploymentEntry, index: u32, tenant_host: bool },
+    /// Public objects of a bucket (`{alias}.{storage}` or one of its domains).
+    Bucket { bucket: &'t BucketEntry, tenant_host: bool },
+    /// The bare `{storage}` host: the S3 endpoint, proxied to the store.
+    StorageEndpoint,
     /// An edge-generated answer; `branding` indexes [`Pages`].
     Denied { code: ErrorCode, workspace: Option<u32>, branding: u32, preview: bool },
 }
@@ -204,6 +228,12 @@ pub struct RouteTable {
     shares: CowMap<ShareEntry>,
     /// Every static release named by a version, and how many active versions name it.
     releases: CowMap<ReleaseUse>,
+    /// Buckets by alias (`{alias}.{storage}`).
+    bucket_aliases: CowMap<BucketKey>,
+    /// Buckets by custom domain.
+    bucket_hosts: CowMap<BucketKey>,
+    /// Buckets by their name in the store (egress through the S3 endpoint).
+    bucket_names: CowMap<BucketKey>,
     /// Token and session keys in force with this table (one snapshot per request).
     pub access: Arc<Keys>,
 }
@@ -261,6 +291,9 @@ impl RouteTable {
             tenant_domains: CowMap::new(),
             shares: CowMap::new(),
             releases: CowMap::new(),
+            bucket_aliases: CowMap::new(),
+            bucket_hosts: CowMap::new(),
+            bucket_names: CowMap::new(),
             access: Arc::new(Keys::none()),
         };
         for w in objects.workspaces.iter() {
@@ -272,6 +305,10 @@ impl RouteTable {
         }
         for s in objects.share_tokens.iter() {
             t.put_share(None, Some(&s.obj));
+        }
+        for b in objects.buckets.iter() {
+            let ws = objects.workspaces.get(b.obj.workspace.as_str().as_bytes()).map(|w| w.slot).unwrap_or(u32::MAX);
+            t.put_bucket(ws, None, Some(&b.obj));
         }
         t
     }
@@ -290,6 +327,7 @@ impl RouteTable {
                 Applied::Deployment { slot, workspace_slot, old, new } => {
                     t.put_deployment(*slot, *workspace_slot, old.as_deref(), new.as_deref())
                 }
+                Applied::Bucket { workspace_slot, old, new } => t.put_bucket(*workspace_slot, old.as_deref(), new.as_deref()),
             }
         }
         t
@@ -379,6 +417,23 @@ impl RouteTable {
         }
     }
 
+    fn put_bucket(&mut self, workspace: u32, old: Option<&schema::Bucket>, new: Option<&schema::Bucket>) {
+        if let Some(b) = old {
+            self.bucket_aliases.remove(b.alias.as_str().as_bytes());
+            self.bucket_names.remove(b.bucket.as_str().as_bytes());
+            for d in &b.domains {
+                self.bucket_hosts.remove(d.host.as_str().as_bytes());
+            }
+        }
+        let Some(b) = new else { return };
+        let entry = Arc::new(BucketEntry { id: b.id.as_str().into(), workspace, bucket: b.bucket.as_str().into(), public: b.public });
+        self.bucket_aliases.insert(BucketKey { key: Key::from(b.alias.as_str()), bucket: entry.clone(), verified: true });
+        self.bucket_names.insert(BucketKey { key: Key::from(b.bucket.as_str()), bucket: entry.clone(), verified: true });
+        for d in &b.domains {
+            self.bucket_hosts.insert(BucketKey { key: Key::from(d.host.as_str()), bucket: entry.clone(), verified: d.verified });
+        }
+    }
+
     fn put_share(&mut self, old: Option<&schema::ShareToken>, new: Option<&schema::ShareToken>) {
         if let Some(t) = old {
             self.shares.remove(&t.token_sha256.0);
@@ -426,6 +481,16 @@ impl RouteTable {
         self.shares.get(sha256)
     }
 
+    /// The bucket whose store name is `name` (the first segment of an S3 endpoint path).
+    pub fn bucket_named(&self, name: &str) -> Option<&BucketEntry> {
+        self.bucket_names.get(name.as_bytes()).map(|b| &*b.bucket)
+    }
+
+    /// Number of buckets in the table.
+    pub fn bucket_count(&self) -> usize {
+        self.bucket_aliases.len()
+    }
+
     /// Number of sandboxes in the table.
     pub fn sandbox_count(&self) -> usize {
         self.sandboxes.len()
@@ -441,7 +506,18 @@ impl RouteTable {
                 return self.preview(id, port, None);
             }
         }
-        // 1. Exact deployment hosts.
+        // 6. `{alias}.{storage}` and the bare `{storage}` host: as with the sandbox zone,
+        // validation keeps every other route out of the storage zone.
+        if host == self.domains.storage.as_str() {
+            return Route::StorageEndpoint;
+        }
+        if let Some(alias) = first_label_under(host, &self.domains.storage) {
+            return match self.bucket_aliases.get(alias.as_bytes()) {
+                Some(b) => Route::Bucket { bucket: &b.bucket, tenant_host: false },
+                None => self.denied(ErrorCode::UnknownHost, None, Pages::PLATFORM, false),
+            };
+        }
+        // 1. Exact deployment and bucket hosts.
         if let Some(e) = self.exact.get(host.as_bytes()) {
             if let Some(dep) = self.deployment(e.deployment) {
                 if !e.verified {
@@ -449,6 +525,13 @@ impl RouteTable {
                 }
                 return Route::Deployment { deployment: dep, index: e.deployment, tenant_host: true };
             }
+        }
+        if let Some(b) = self.bucket_hosts.get(host.as_bytes()) {
+            if !b.verified {
+                let ws = b.bucket.workspace;
+                return self.denied(ErrorCode::DomainNotVerified, Some(ws), self.tenant_branding(ws), false);
+            }
+            return Route::Bucket { bucket: &b.bucket, tenant_host: true };
         }
         // 3. `{name}.{slug}.{apps}`.
         if let Some(rest) = strip_zone(host, &self.domains.apps) {
@@ -487,7 +570,7 @@ impl RouteTable {
                 tenant = Some(td.workspace);
             }
         }
-        // 6. Unknown: branded for the tenant whose domain it sits under, if any; a host
+        // 7. Unknown: branded for the tenant whose domain it sits under, if any; a host
         // that *is* a tenant domain also belongs to that tenant.
         let tenant = tenant.or_else(|| self.tenant_domains.get(host.as_bytes()).map(|td| td.workspace));
         match tenant {

@@ -37,6 +37,9 @@ pub struct State {
     /// Deployments and their versions.
     #[serde(default)]
     pub deployments: Vec<Deployment>,
+    /// Storage buckets whose public objects the edge serves (CONTRACT §12).
+    #[serde(default)]
+    pub buckets: Vec<Bucket>,
 }
 
 /// A tenant workspace.
@@ -173,6 +176,27 @@ pub struct Deployment {
     pub active_version: Id,
     /// Every version that may be activated; their static releases are fetched ahead.
     pub versions: Vec<Version>,
+}
+
+/// A project's bucket in the platform's store, served on `{alias}.{storage}` and its
+/// verified domains (CONTRACT §12).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    /// Unique among buckets.
+    pub id: Id,
+    /// The workspace it belongs to (must exist).
+    pub workspace: WorkspaceId,
+    /// The store's name for it (it may hold characters no host name can).
+    pub bucket: BucketName,
+    /// One DNS label, unique among buckets: `{alias}.{storage}`.
+    pub alias: Label,
+    /// Every object is public (else only those with `miosa-public: true` metadata).
+    #[serde(default)]
+    pub public: bool,
+    /// Custom domains serving its public objects (`assets.customer.com`).
+    #[serde(default)]
+    pub domains: Vec<DomainEntry>,
 }
 
 /// One immutable version of a deployment.
@@ -352,7 +376,7 @@ macro_rules! identified {
         }
     )*};
 }
-identified!(Workspace, Sandbox, ShareToken, Deployment);
+identified!(Workspace, Sandbox, ShareToken, Deployment, Bucket);
 
 impl State {
     /// Appends `other`'s objects to this state (used to merge TOML and API state; the
@@ -363,6 +387,7 @@ impl State {
         s.sandboxes.extend(other.sandboxes.iter().cloned());
         s.share_tokens.extend(other.share_tokens.iter().cloned());
         s.deployments.extend(other.deployments.iter().cloned());
+        s.buckets.extend(other.buckets.iter().cloned());
         s
     }
 }
@@ -383,6 +408,9 @@ pub struct Domains {
     /// Where tenants delegate `_acme-challenge` (`{workspace}.{acme_zone}`).
     #[serde(default = "d_acme")]
     pub acme_zone: Host,
+    /// Public storage objects (`{alias}.{storage}`) and the S3 endpoint (the bare host).
+    #[serde(default = "d_storage")]
+    pub storage: Host,
 }
 
 fn host(s: &str) -> Host {
@@ -400,22 +428,38 @@ fn d_edge() -> Host {
 fn d_acme() -> Host {
     host("acme.localhost")
 }
+fn d_storage() -> Host {
+    host("storage.localhost")
+}
 
 impl Domains {
-    /// Domains from their four names (validated as hosts).
+    /// Domains from their first four names (validated as hosts); the storage zone is
+    /// `storage.{apps}`, as in production (`storage.miosa.app`).
     pub fn from_names(sandbox: &str, apps: &str, edge_target: &str, acme_zone: &str) -> Result<Domains, String> {
         Ok(Domains {
             sandbox: Host::try_from(sandbox)?,
             apps: Host::try_from(apps)?,
             edge_target: Host::try_from(edge_target)?,
             acme_zone: Host::try_from(acme_zone)?,
+            storage: Host::try_from(format!("storage.{apps}"))?,
         })
+    }
+
+    /// The platform's zones with their `[domains]` keys, in CONTRACT §1's order.
+    pub fn named(&self) -> [(&'static str, &Host); 5] {
+        [
+            ("sandbox", &self.sandbox),
+            ("apps", &self.apps),
+            ("edge_target", &self.edge_target),
+            ("acme_zone", &self.acme_zone),
+            ("storage", &self.storage),
+        ]
     }
 }
 
 impl Default for Domains {
     fn default() -> Self {
-        Domains { sandbox: d_sandbox(), apps: d_apps(), edge_target: d_edge(), acme_zone: d_acme() }
+        Domains { sandbox: d_sandbox(), apps: d_apps(), edge_target: d_edge(), acme_zone: d_acme(), storage: d_storage() }
     }
 }
 

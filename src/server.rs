@@ -50,6 +50,8 @@ pub enum StartError {
     Services(#[source] std::io::Error),
     #[error("static.store: {0}")]
     ReleaseStore(String),
+    #[error("storage: {0}")]
+    Storage(String),
     #[error("cannot start the static release cache: {0}")]
     Releases(#[source] std::io::Error),
     #[error("wake.url: {0}")]
@@ -243,6 +245,11 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
             store.subscribe_to(Kind::Sandbox),
             metrics.clone(),
         )?)),
+        None => proxy,
+    };
+    // [storage]: public objects and the S3 endpoint.
+    let proxy = match &cfg.storage {
+        Some(s) => proxy.with_storage(Arc::new(crate::proxy::StorageFront::new(s).map_err(StartError::Storage)?)),
         None => proxy,
     };
     let live = proxy.live();
@@ -502,6 +509,13 @@ impl Apply for Pieces {
             opts: proxy_options(&new.server),
             limits: crate::hostile::Limits::from_config(&new.server),
             access_log: None,
+            // [storage]: a new reader and endpoint, built (and resolved) now.
+            storage: match new.storage == old.storage {
+                true => self.live.load().storage.clone(),
+                false => {
+                    new.storage.as_ref().map(crate::proxy::StorageFront::new).transpose().map_err(|e| issue("storage", e))?.map(Arc::new)
+                }
+            },
         };
         // [log] access: the new target opened now (a file that cannot be opened refuses
         // the file), its writer started when committed. The old writer ends once the

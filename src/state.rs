@@ -128,6 +128,46 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
         }
     }
 
+    let mut bucket_ids = HashSet::default();
+    let mut aliases: HashMap<&str, usize> = HashMap::default();
+    let mut store_names: HashMap<&str, usize> = HashMap::default();
+    for (i, b) in state.buckets.iter().enumerate() {
+        let p = format!("buckets[{i}]");
+        if !bucket_ids.insert(b.id.as_str()) {
+            err(format!("{p}.id"), format!("bucket id `{}` is used twice", b.id));
+        }
+        if !ws_ids.contains_key(b.workspace.as_str()) {
+            err(format!("{p}.workspace"), format!("workspace `{}` does not exist", b.workspace));
+        }
+        if let Some(prev) = aliases.insert(b.alias.as_str(), i) {
+            err(format!("{p}.alias"), format!("alias `{}` is already used by buckets[{prev}]", b.alias));
+        }
+        if let Some(prev) = store_names.insert(b.bucket.as_str(), i) {
+            err(format!("{p}.bucket"), format!("store bucket `{}` is already served by buckets[{prev}]", b.bucket));
+        }
+        rules::bucket(b, domains, &mut |f, m| err(format!("{p}.{f}"), m));
+        for (j, dom) in b.domains.iter().enumerate() {
+            let path = format!("{p}.domains[{j}].host");
+            let h = dom.host.as_str();
+            if rules::deployment_host_conflict(h, domains).is_some() {
+                continue;
+            }
+            if let Some((_, parent)) = h.split_once('.') {
+                if let Some(owner) = tenant_domains.get(parent) {
+                    if *owner != b.workspace.as_str() {
+                        err(path.clone(), format!("`{h}` is under workspace `{owner}`'s domain `{parent}`"));
+                    }
+                }
+            }
+            match hosts.get(h) {
+                Some(prev) => err(path, format!("host `{h}` is already claimed by {prev}")),
+                None => {
+                    hosts.insert(h, path);
+                }
+            }
+        }
+    }
+
     if errs.is_empty() {
         Ok(())
     } else {

@@ -285,6 +285,7 @@ impl Store {
         let rest = State {
             share_tokens: std::mem::take(&mut snap.share_tokens),
             deployments: std::mem::take(&mut snap.deployments),
+            buckets: std::mem::take(&mut snap.buckets),
             ..State::default()
         };
         crate::state::index::push_state_owned(&mut ops, rest, Origin::Api, "");
@@ -828,6 +829,7 @@ fn diff(objects: &Objects, doc: State, origin: Origin, prefix: &str) -> Vec<Batc
             Kind::Sandbox => objects.sandboxes.iter().filter(|r| r.origin == origin).map(|r| r.id().to_string()).collect(),
             Kind::ShareToken => objects.share_tokens.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
             Kind::Deployment => objects.deployments.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
+            Kind::Bucket => objects.buckets.iter().filter(|r| r.origin == origin).map(|r| r.obj.id.to_string()).collect(),
         };
         deletes.extend(gone.into_iter().filter(|id| !keep.contains(id.as_str())).map(|id| BatchOp {
             path: String::new(),

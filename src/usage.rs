@@ -1,5 +1,7 @@
 //! Usage attribution for chargeback: requests and bytes served per workspace,
-//! deployment and sandbox, keyed by the ids of the routing state (never the raw Host).
+//! deployment, sandbox and storage bucket, keyed by the ids of the routing state (never
+//! the raw Host). Bytes are the body bytes sent to clients: egress, what the platform
+//! bills (CONTRACT §12), for proxied responses, static releases and storage alike.
 //!
 //! Counters live outside the route table, so a table swap loses nothing; each is an
 //! `Arc<UsageCell>` found once per request and bumped with two relaxed atomic adds at
@@ -58,7 +60,12 @@ pub enum Kind {
     Workspace,
     Deployment,
     Sandbox,
+    Bucket,
 }
+
+/// How a bucket's id is told apart from workspaces' in the billing totals, the saved
+/// cursor and the fleet's batches (workspace and bucket ids never hold a `:`).
+const BUCKET_PREFIX: &str = "bucket:";
 
 /// Totals per id: (requests, bytes).
 type Totals = HashMap<Box<str>, (u64, u64)>;
@@ -104,6 +111,7 @@ pub struct Usage {
     workspaces: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
     deployments: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
     sandboxes: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
+    buckets: DashMap<Box<str>, Arc<UsageCell>, ahash::RandomState>,
     cursor: Mutex<Cursor>,
     /// Where the billing counts are saved (`None`: kept in memory only).
     file: Option<PathBuf>,
@@ -121,6 +129,8 @@ struct Saved {
     workspaces: BTreeMap<String, (u64, u64)>,
     #[serde(default)]
     deployments: BTreeMap<String, (u64, u64)>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    buckets: BTreeMap<String, (u64, u64)>,
     #[serde(default)]
     next: u64,
     #[serde(default)]
@@ -138,7 +148,7 @@ impl std::fmt::Debug for Usage {
     }
 }
 
-/// One workspace's usage in a report.
+/// One workspace's or bucket's usage in a report.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Entry {
     pub id: String,
@@ -151,8 +161,24 @@ pub struct Entry {
 pub struct Report {
     /// Pass it back (`?cursor=`) to acknowledge this report.
     pub cursor: u64,
-    /// Counts since the last acknowledged report.
+    /// Counts since the last acknowledged report, per workspace.
     pub workspaces: Vec<Entry>,
+    /// The same, per storage bucket (its objects served on storage hosts).
+    pub buckets: Vec<Entry>,
+}
+
+impl Report {
+    /// A report of `entries` (workspaces, and buckets under their billing key), each list
+    /// sorted by id.
+    pub fn new(cursor: u64, entries: impl IntoIterator<Item = Entry>) -> Report {
+        let (mut buckets, mut workspaces): (Vec<Entry>, Vec<Entry>) = entries.into_iter().partition(|e| e.id.starts_with(BUCKET_PREFIX));
+        for b in &mut buckets {
+            b.id.drain(..BUCKET_PREFIX.len());
+        }
+        workspaces.sort_by(|a, b| a.id.cmp(&b.id));
+        buckets.sort_by(|a, b| a.id.cmp(&b.id));
+        Report { cursor, workspaces, buckets }
+    }
 }
 
 impl Usage {
@@ -167,7 +193,8 @@ impl Usage {
             Err(_) => Saved::default(),
         };
         let u = Usage { file: Some(file), ..Usage::default() };
-        for (kind, counts) in [(Kind::Workspace, &saved.workspaces), (Kind::Deployment, &saved.deployments)] {
+        for (kind, counts) in [(Kind::Workspace, &saved.workspaces), (Kind::Deployment, &saved.deployments), (Kind::Bucket, &saved.buckets)]
+        {
             for (id, (r, b)) in counts {
                 let c = u.cell(kind, id);
                 c.requests.store(*r, Ordering::Relaxed);
@@ -187,7 +214,7 @@ impl Usage {
     }
 
     fn total_requests(&self) -> u64 {
-        self.workspaces.iter().chain(self.deployments.iter()).map(|e| e.value().get().0).sum()
+        self.workspaces.iter().chain(self.deployments.iter()).chain(self.buckets.iter()).map(|e| e.value().get().0).sum()
     }
 
     /// Saves the billing counts and the cursor (`c`, held by the caller) durably.
@@ -201,6 +228,7 @@ impl Usage {
         let saved = Saved {
             workspaces: counts(&self.workspaces),
             deployments: counts(&self.deployments),
+            buckets: counts(&self.buckets),
             next: c.next,
             issued: c.issued.as_ref().map(|(n, t)| (*n, plain(t))),
             acked: plain(&c.acked),
@@ -226,7 +254,15 @@ impl Usage {
             Kind::Workspace => &self.workspaces,
             Kind::Deployment => &self.deployments,
             Kind::Sandbox => &self.sandboxes,
+            Kind::Bucket => &self.buckets,
         }
+    }
+
+    /// The billed totals: every workspace's, and every bucket's under its billing key.
+    fn billed(&self) -> impl Iterator<Item = (Box<str>, (u64, u64))> + '_ {
+        let ws = self.workspaces.iter().map(|e| (e.key().clone(), e.value().get()));
+        let buckets = self.buckets.iter().map(|e| (format!("{BUCKET_PREFIX}{}", e.key()).into_boxed_str(), e.value().get()));
+        ws.chain(buckets)
     }
 
     /// The counters of `id` (created on first use).
@@ -254,8 +290,8 @@ impl Usage {
                 }
             }
         }
-        let totals: Totals = self.workspaces.iter().map(|e| (e.key().clone(), e.value().get())).collect();
-        let mut workspaces: Vec<Entry> = totals
+        let totals: Totals = self.billed().collect();
+        let entries: Vec<Entry> = totals
             .iter()
             .filter_map(|(id, (r, b))| {
                 let (ar, ab) = c.acked.get(id).copied().unwrap_or((0, 0));
@@ -263,7 +299,6 @@ impl Usage {
                 (r > 0 || b > 0).then(|| Entry { id: id.to_string(), requests: r, bytes: b })
             })
             .collect();
-        workspaces.sort_by(|a, b| a.id.cmp(&b.id));
         c.next += 1;
         let cursor = c.next;
         c.issued = Some((cursor, totals));
@@ -272,7 +307,7 @@ impl Usage {
         if let Err(e) = self.save_locked(&c) {
             tracing::error!(error = %e, "cannot save the usage counters");
         }
-        Report { cursor, workspaces }
+        Report::new(cursor, entries)
     }
 
     /// Fleet mode: the workspace counts to send to the fleet. The batch sent before and
@@ -298,13 +333,11 @@ impl Usage {
             return Some(b.clone());
         }
         let deltas: BTreeMap<String, (u64, u64)> = self
-            .workspaces
-            .iter()
-            .filter_map(|e| {
-                let (r, b) = e.value().get();
-                let (fr, fb) = fleet.flushed.get(&**e.key()).copied().unwrap_or((0, 0));
+            .billed()
+            .filter_map(|(id, (r, b))| {
+                let (fr, fb) = fleet.flushed.get(&*id).copied().unwrap_or((0, 0));
                 let (dr, db) = (r.saturating_sub(fr), b.saturating_sub(fb));
-                (dr > 0 || db > 0).then(|| (e.key().to_string(), (dr, db)))
+                (dr > 0 || db > 0).then(|| (id.into_string(), (dr, db)))
             })
             .collect();
         if deltas.is_empty() {
@@ -344,7 +377,9 @@ impl Usage {
 
     /// Prometheus text for the top-N ids of each kind, the rest summed as `_other`.
     pub fn render_metrics(&self, out: &mut String) {
-        for (kind, label) in [(Kind::Workspace, "workspace"), (Kind::Deployment, "deployment"), (Kind::Sandbox, "sandbox")] {
+        for (kind, label) in
+            [(Kind::Workspace, "workspace"), (Kind::Deployment, "deployment"), (Kind::Sandbox, "sandbox"), (Kind::Bucket, "bucket")]
+        {
             let mut all: Vec<(Box<str>, (u64, u64))> = self.map(kind).iter().map(|e| (e.key().clone(), e.value().get())).collect();
             all.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
             let other = all.iter().skip(METRICS_TOP_N).fold((0u64, 0u64), |acc, (_, (r, b))| (acc.0 + r, acc.1 + b));

@@ -230,9 +230,8 @@ pub fn report_from_rows(cursor: u64, rows: Vec<Row>, mut bad: impl FnMut(&str)) 
             e.1 = d;
         }
     }
-    let workspaces =
-        per.into_iter().filter(|(_, (r, b))| *r > 0 || *b > 0).map(|(id, (requests, bytes))| Entry { id, requests, bytes }).collect();
-    Report { cursor, workspaces }
+    let entries = per.into_iter().filter(|(_, (r, b))| *r > 0 || *b > 0).map(|(id, (requests, bytes))| Entry { id, requests, bytes });
+    Report::new(cursor, entries)
 }
 
 /// The fleet's usage counts as one node takes part in them.

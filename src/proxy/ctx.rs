@@ -17,15 +17,24 @@ use std::time::Instant;
 /// Where a request is going.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
-    Sandbox { addr: SocketAddr },
-    Deployment { index: u32, addr: SocketAddr },
+    Sandbox {
+        addr: SocketAddr,
+    },
+    Deployment {
+        index: u32,
+        addr: SocketAddr,
+    },
+    /// The store behind the S3 endpoint (`[storage] endpoint`, resolved at load).
+    Storage {
+        addr: SocketAddr,
+    },
 }
 
 impl Target {
     /// The upstream address.
     pub fn addr(self) -> SocketAddr {
         match self {
-            Target::Sandbox { addr } | Target::Deployment { addr, .. } => addr,
+            Target::Sandbox { addr } | Target::Deployment { addr, .. } | Target::Storage { addr } => addr,
         }
     }
 }
@@ -47,8 +56,8 @@ pub struct RequestCtx {
     pub retries: u8,
     /// Status of an edge-generated answer (for logging).
     pub edge_status: Option<u16>,
-    /// Usage counters of the workspace, deployment and sandbox this request is for.
-    pub usage: [Option<Arc<UsageCell>>; 3],
+    /// Usage counters of the workspace, deployment, sandbox and bucket this request is for.
+    pub usage: [Option<Arc<UsageCell>>; 4],
     /// What a private preview was opened with (a share, an `mp_` token's `exp`),
     /// watched while the exchange lives.
     pub watch: Option<CredentialWatch>,
@@ -59,6 +68,8 @@ pub struct RequestCtx {
     pub tls: bool,
     /// The instance this request is using (outstanding-request count).
     pub instance: Option<InFlight>,
+    /// `[storage]` as this request found it (the S3 endpoint's peer).
+    pub storage: Option<Arc<crate::proxy::StorageFront>>,
     /// The static releases a file answer may stream from (the active one, and the
     /// previous one under skew protection): held until the request ends, so the cache
     /// never evicts them mid-body.
@@ -79,11 +90,12 @@ impl RequestCtx {
             port: None,
             retries: 0,
             edge_status: None,
-            usage: [None, None, None],
+            usage: [None, None, None, None],
             watch: None,
             upstream_target: None,
             tls: false,
             instance: None,
+            storage: None,
             releases: [None, None],
         }
     }

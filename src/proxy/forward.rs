@@ -74,6 +74,19 @@ pub fn downstream_response(resp: &mut ResponseHeader, client: http::Version, ctx
     Ok(())
 }
 
+/// What every response from the store carries, through the S3 endpoint too (a presigned
+/// `GET` is opened by browsers on the storage origin): `nosniff`, `Content-Security-Policy:
+/// sandbox` for types that can run script, and no cookie (CONTRACT §12).
+pub fn storage_response(resp: &mut ResponseHeader) -> Result<()> {
+    resp.insert_header("x-content-type-options", "nosniff")?;
+    let scriptable = resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| crate::storage::runs_script(v.as_bytes()));
+    if scriptable {
+        resp.insert_header(header::CONTENT_SECURITY_POLICY, "sandbox")?;
+    }
+    resp.remove_header(&header::SET_COOKIE);
+    Ok(())
+}
+
 /// Removes the edge's own cookies from the `Cookie` headers, keeping the app's.
 fn strip_edge_cookies(req: &mut RequestHeader) -> Result<()> {
     if !req.headers.get_all(header::COOKIE).iter().any(|v| cookie::mentions_edge_cookie(v.as_bytes())) {

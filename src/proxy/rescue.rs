@@ -89,6 +89,26 @@ impl EdgeProxy {
         }
     }
 
+    /// A storage object: the head decided by [`crate::storage`], the request id, then its
+    /// body streamed from the store with the client's pace (nothing for `HEAD` or 304).
+    pub(super) async fn write_object(&self, session: &mut Session, ctx: &mut RequestCtx, plan: crate::storage::ObjectPlan) -> Result<()> {
+        let mut resp = ResponseHeader::build(plan.status, Some(plan.headers.len() + 2))?;
+        for (name, value) in plan.headers {
+            resp.append_header(name, value)?;
+        }
+        if let Some(n) = plan.content_length {
+            resp.insert_header(header::CONTENT_LENGTH, n)?;
+        }
+        resp.insert_static(&XRID, ctx.request_id.clone())?;
+        ctx.edge_status = Some(plan.status);
+        let body = plan.body.filter(|_| session.req_header().method != http::Method::HEAD);
+        session.write_response_header(Box::new(resp), body.is_none()).await?;
+        match body {
+            Some(b) => crate::storage::stream_object(session, b).await,
+            None => Ok(()),
+        }
+    }
+
     /// The page (HTML clients) or JSON error of `code`; `html` replaces the code's page
     /// (the password form).
     async fn page(

@@ -42,6 +42,8 @@ pub(super) enum Next {
     Upstream,
     /// Answer by the edge.
     Answer(Answer),
+    /// A storage object (its head decided, its body streaming from the store).
+    Object(crate::storage::ObjectPlan),
 }
 
 impl From<Answer> for Next {
@@ -110,6 +112,32 @@ impl EdgeProxy {
                     return self.wake(session, ctx, &p).await;
                 }
                 ctx.target = Some(Target::Sandbox { addr: SocketAddr::new(sandbox.address, port) });
+                Ok(Next::Upstream)
+            }
+            Route::Bucket { bucket, tenant_host } => {
+                ctx.kind = RouteKind::Storage;
+                let Some(storage) = self.live.load().storage.clone() else {
+                    return Ok(ErrorCode::UnknownHost.into());
+                };
+                self.attribute(ctx, &table, Some(bucket.workspace));
+                ctx.usage[3] = Some(self.usage.cell(UsageKind::Bucket, &bucket.id));
+                ctx.branding = branding_of(&table, bucket.workspace, tenant_host);
+                Ok(self.serve_object(session, &storage, bucket).await)
+            }
+            Route::StorageEndpoint => {
+                ctx.kind = RouteKind::Storage;
+                let Some(storage) = self.live.load().storage.clone() else {
+                    return Ok(ErrorCode::UnknownHost.into());
+                };
+                // Egress of path-style requests (`/{bucket}/{key}`) goes to the bucket's owner.
+                let path = session.req_header().uri.path();
+                let name = path.trim_start_matches('/').split('/').next().unwrap_or("");
+                if let Some(b) = table.bucket_named(name) {
+                    self.attribute(ctx, &table, Some(b.workspace));
+                    ctx.usage[3] = Some(self.usage.cell(UsageKind::Bucket, &b.id));
+                }
+                ctx.target = Some(Target::Storage { addr: storage.addr });
+                ctx.storage = Some(storage);
                 Ok(Next::Upstream)
             }
             Route::Deployment { deployment, index, tenant_host } => {
@@ -236,6 +264,30 @@ impl EdgeProxy {
         let plan = serve::plan(req, &found);
         ctx.releases = [Some(release), previous];
         Answer::File(plan)
+    }
+
+    /// A public object of `bucket` (CONTRACT §12): read from the store with the edge's
+    /// own credentials; private and missing are one 404.
+    async fn serve_object(&self, session: &Session, storage: &super::StorageFront, bucket: &crate::routing::BucketEntry) -> Next {
+        let req = session.req_header();
+        if req.method != http::Method::HEAD && req.method != http::Method::GET {
+            return Answer::MethodNotAllowed { allow: "GET, HEAD" }.into();
+        }
+        let Some(key) = crate::storage::key_of(req.uri.path().as_bytes()) else {
+            return ErrorCode::ObjectNotFound.into();
+        };
+        match storage.objects.object(&bucket.bucket, bucket.public, &key, req).await {
+            Ok(plan) => Next::Object(plan),
+            Err(crate::storage::StorageError::NotFound) => ErrorCode::ObjectNotFound.into(),
+            Err(crate::storage::StorageError::Timeout) => {
+                tracing::warn!(bucket = &*bucket.id, "the store did not answer in time");
+                ErrorCode::UpstreamTimeout.into()
+            }
+            Err(crate::storage::StorageError::Unavailable(e)) => {
+                tracing::warn!(bucket = &*bucket.id, error = %e, "the store failed");
+                ErrorCode::StorageUnavailable.into()
+            }
+        }
     }
 
     /// Counts the request's usage for `workspace`.

@@ -39,6 +39,13 @@ name = "my-app"
 domains = [{ host = "app.customer.com", verified = true }, { host = "new.customer.com" }]
 active_version = "v17"
 versions = [{ id = "v17", release = { kind = "dynamic", instances = ["10.0.4.1:8080", "10.0.4.2:8080"] } }]
+
+[[buckets]]
+id = "bk_1"
+workspace = "ws_1"
+bucket = "miosa-proj_xxx-uploads"
+alias = "proj-xxx"
+domains = [{ host = "assets.customer.com", verified = true }, { host = "cdn.customer.com" }]
 "##,
     )
     .unwrap();
@@ -272,5 +279,70 @@ mod instances {
         assert!(d.pick_instance(None, 0).is_some());
         // a recovered response ends the failure run (ejection itself expires with time)
         instances[1].health.passive_success();
+    }
+}
+
+#[test]
+fn storage_hosts_route_to_buckets_and_the_endpoint() {
+    let t = table();
+    for (host, tenant) in [("proj-xxx.storage.miosa.app", false), ("assets.customer.com", true)] {
+        match t.lookup(host) {
+            Route::Bucket { bucket, tenant_host } => {
+                assert_eq!((&*bucket.id, &*bucket.bucket, bucket.public, tenant_host), ("bk_1", "miosa-proj_xxx-uploads", false, tenant))
+            }
+            other => panic!("{host}: {other:?}"),
+        }
+    }
+    assert!(matches!(t.lookup("storage.miosa.app"), Route::StorageEndpoint));
+    assert_eq!(denied(&t, "nope.storage.miosa.app"), Some(ErrorCode::UnknownHost));
+    assert_eq!(denied(&t, "a.proj-xxx.storage.miosa.app"), Some(ErrorCode::UnknownHost));
+    assert_eq!(denied(&t, "cdn.customer.com"), Some(ErrorCode::DomainNotVerified));
+    assert_eq!(t.bucket_named("miosa-proj_xxx-uploads").map(|b| &*b.id), Some("bk_1"));
+    assert!(t.bucket_named("proj-xxx").is_none(), "the store's name, not the alias");
+    assert_eq!(t.bucket_count(), 1);
+}
+
+#[test]
+fn bucket_writes_move_aliases_and_domains() {
+    let t = table();
+    let mut index = Index::build(domains(), &State::default(), &State::default()).unwrap();
+    let s: State = toml::from_str(
+        r#"
+[[workspaces]]
+id = "ws_1"
+slug = "a"
+[[buckets]]
+id = "bk_1"
+workspace = "ws_1"
+bucket = "b1"
+alias = "one"
+domains = [{ host = "files.example.com", verified = true }]
+"#,
+    )
+    .unwrap();
+    let mut ops = Vec::new();
+    crate::state::index::push_state(&mut ops, &s, crate::state::Origin::Api, "");
+    let plan = index.check(ops).unwrap();
+    let applied = index.commit(plan);
+    let t1 = t.apply(&applied, index.objects(), 8);
+    assert!(matches!(t1.lookup("one.storage.miosa.app"), Route::Bucket { .. }));
+    assert!(matches!(t1.lookup("files.example.com"), Route::Bucket { .. }));
+    // Renamed alias, domain dropped, made public: the old names stop routing.
+    let mut b = s.buckets[0].clone();
+    b.alias = "two".try_into().unwrap();
+    b.domains.clear();
+    b.public = true;
+    let op = crate::state::BatchOp {
+        path: String::new(),
+        origin: crate::state::Origin::Api,
+        op: crate::state::Op::Upsert(crate::schema::Object::Bucket(b)),
+    };
+    let applied = index.commit(index.check(vec![op]).unwrap());
+    let t2 = t1.apply(&applied, index.objects(), 9);
+    assert_eq!(denied(&t2, "one.storage.miosa.app"), Some(ErrorCode::UnknownHost));
+    assert_eq!(denied(&t2, "files.example.com"), Some(ErrorCode::UnknownHost));
+    match t2.lookup("two.storage.miosa.app") {
+        Route::Bucket { bucket, .. } => assert!(bucket.public),
+        other => panic!("{other:?}"),
     }
 }

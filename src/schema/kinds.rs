@@ -2,7 +2,7 @@
 //! (`share_tokens`), in ops (`share_token`), in API paths (`share-tokens`) and in
 //! messages (`share token`); one typed object of any kind; a whole-state document.
 
-use super::{Deployment, Identified, Sandbox, ShareToken, State, Workspace};
+use super::{Bucket, Deployment, Identified, Sandbox, ShareToken, State, Workspace};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -18,11 +18,13 @@ pub enum Kind {
     ShareToken,
     /// `deployments`
     Deployment,
+    /// `buckets`
+    Bucket,
 }
 
 impl Kind {
     /// Every kind, in document order (references point to earlier kinds).
-    pub const ALL: [Kind; 4] = [Kind::Workspace, Kind::Sandbox, Kind::ShareToken, Kind::Deployment];
+    pub const ALL: [Kind; 5] = [Kind::Workspace, Kind::Sandbox, Kind::ShareToken, Kind::Deployment, Kind::Bucket];
 
     /// The key of its list in a state document (`share_tokens`).
     pub fn field(self) -> &'static str {
@@ -31,6 +33,7 @@ impl Kind {
             Kind::Sandbox => "sandboxes",
             Kind::ShareToken => "share_tokens",
             Kind::Deployment => "deployments",
+            Kind::Bucket => "buckets",
         }
     }
 
@@ -41,6 +44,7 @@ impl Kind {
             Kind::Sandbox => "sandbox",
             Kind::ShareToken => "share_token",
             Kind::Deployment => "deployment",
+            Kind::Bucket => "bucket",
         }
     }
 
@@ -51,6 +55,7 @@ impl Kind {
             Kind::Sandbox => "sandboxes",
             Kind::ShareToken => "share-tokens",
             Kind::Deployment => "deployments",
+            Kind::Bucket => "buckets",
         }
     }
 
@@ -61,6 +66,7 @@ impl Kind {
             Kind::Sandbox => "sandbox",
             Kind::ShareToken => "share token",
             Kind::Deployment => "deployment",
+            Kind::Bucket => "bucket",
         }
     }
 
@@ -84,7 +90,7 @@ impl<'de> Deserialize<'de> for Kind {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Kind, D::Error> {
         let s = String::deserialize(d)?;
         Kind::from_name(&s)
-            .ok_or_else(|| de::Error::custom(format!("unknown kind `{s}`, expected workspace, sandbox, share_token or deployment")))
+            .ok_or_else(|| de::Error::custom(format!("unknown kind `{s}`, expected workspace, sandbox, share_token, deployment or bucket")))
     }
 }
 
@@ -99,6 +105,8 @@ pub enum Object {
     ShareToken(ShareToken),
     /// A deployment.
     Deployment(Deployment),
+    /// A storage bucket.
+    Bucket(Bucket),
 }
 
 impl Object {
@@ -111,6 +119,7 @@ impl Object {
             Kind::Sandbox => Object::Sandbox(serde_path_to_error::deserialize(v)?),
             Kind::ShareToken => Object::ShareToken(serde_path_to_error::deserialize(v)?),
             Kind::Deployment => Object::Deployment(serde_path_to_error::deserialize(v)?),
+            Kind::Bucket => Object::Bucket(serde_path_to_error::deserialize(v)?),
         })
     }
 
@@ -121,6 +130,7 @@ impl Object {
             Object::Sandbox(_) => Kind::Sandbox,
             Object::ShareToken(_) => Kind::ShareToken,
             Object::Deployment(_) => Kind::Deployment,
+            Object::Bucket(_) => Kind::Bucket,
         }
     }
 
@@ -131,6 +141,7 @@ impl Object {
             Object::Sandbox(o) => o.id_str(),
             Object::ShareToken(o) => o.id_str(),
             Object::Deployment(o) => o.id_str(),
+            Object::Bucket(o) => o.id_str(),
         }
     }
 
@@ -141,6 +152,7 @@ impl Object {
             Object::Sandbox(o) => serde_json::to_value(o),
             Object::ShareToken(o) => serde_json::to_value(o),
             Object::Deployment(o) => serde_json::to_value(o),
+            Object::Bucket(o) => serde_json::to_value(o),
         };
         v.unwrap_or_default()
     }
@@ -157,6 +169,7 @@ impl State {
             Kind::Sandbox => find(&self.sandboxes, id).map(Object::Sandbox),
             Kind::ShareToken => find(&self.share_tokens, id).map(Object::ShareToken),
             Kind::Deployment => find(&self.deployments, id).map(Object::Deployment),
+            Kind::Bucket => find(&self.buckets, id).map(Object::Bucket),
         }
     }
 
@@ -172,6 +185,7 @@ impl State {
             Kind::Sandbox => Box::new(self.sandboxes.iter().map(Identified::id_str)),
             Kind::ShareToken => Box::new(self.share_tokens.iter().map(Identified::id_str)),
             Kind::Deployment => Box::new(self.deployments.iter().map(Identified::id_str)),
+            Kind::Bucket => Box::new(self.buckets.iter().map(Identified::id_str)),
         }
     }
 
@@ -182,6 +196,7 @@ impl State {
             Kind::Sandbox => self.sandboxes.len(),
             Kind::ShareToken => self.share_tokens.len(),
             Kind::Deployment => self.deployments.len(),
+            Kind::Bucket => self.buckets.len(),
         }
     }
 
@@ -197,6 +212,7 @@ impl State {
             Kind::Sandbox => remove(&mut self.sandboxes, id),
             Kind::ShareToken => remove(&mut self.share_tokens, id),
             Kind::Deployment => remove(&mut self.deployments, id),
+            Kind::Bucket => remove(&mut self.buckets, id),
         }
     }
 
@@ -213,6 +229,7 @@ impl State {
             Object::Sandbox(o) => upsert(&mut self.sandboxes, o),
             Object::ShareToken(o) => upsert(&mut self.share_tokens, o),
             Object::Deployment(o) => upsert(&mut self.deployments, o),
+            Object::Bucket(o) => upsert(&mut self.buckets, o),
         }
     }
 }
@@ -230,7 +247,7 @@ pub struct StateDoc {
 
 impl<'de> Deserialize<'de> for StateDoc {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<StateDoc, D::Error> {
-        const FIELDS: &[&str] = &["generation", "workspaces", "sandboxes", "share_tokens", "deployments"];
+        const FIELDS: &[&str] = &["generation", "workspaces", "sandboxes", "share_tokens", "deployments", "buckets"];
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = StateDoc;
@@ -239,7 +256,7 @@ impl<'de> Deserialize<'de> for StateDoc {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StateDoc, A::Error> {
                 let mut doc = StateDoc::default();
-                let mut seen = [false; 5];
+                let mut seen = [false; 6];
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     let slot = FIELDS.iter().position(|f| *f == key).ok_or_else(|| de::Error::unknown_field(&key, FIELDS))?;
                     if std::mem::replace(&mut seen[slot], true) {
@@ -251,6 +268,7 @@ impl<'de> Deserialize<'de> for StateDoc {
                         Some(Kind::Sandbox) => doc.state.sandboxes = map.next_value()?,
                         Some(Kind::ShareToken) => doc.state.share_tokens = map.next_value()?,
                         Some(Kind::Deployment) => doc.state.deployments = map.next_value()?,
+                        Some(Kind::Bucket) => doc.state.buckets = map.next_value()?,
                     }
                 }
                 Ok(doc)

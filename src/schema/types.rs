@@ -78,6 +78,12 @@ string_newtype!(
     check_workspace_id
 );
 string_newtype!(
+    /// A bucket's name in the store: 1 to 255 of `A-Z a-z 0-9 . _ -`, not `.` or `..`
+    /// (S3-compatible stores differ on the finer rules; the store has the last word).
+    BucketName,
+    check_bucket_name
+);
+string_newtype!(
     /// One lower-case DNS label (workspace slugs, deployment names).
     Label,
     check_label
@@ -102,6 +108,19 @@ string_newtype!(
     PasswordHash,
     check_password_hash
 );
+
+fn check_bucket_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 255 {
+        return Err("must be 1 to 255 characters".into());
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("`{c}` is not allowed in a bucket name (only `A-Z a-z 0-9 . _ -`)"));
+    }
+    if s == "." || s == ".." {
+        return Err(format!("`{s}` is not a bucket name"));
+    }
+    Ok(())
+}
 
 fn check_label(s: &str) -> Result<(), String> {
     if s.is_empty() {

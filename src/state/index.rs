@@ -21,9 +21,9 @@
 //! op: moving a host from one deployment to another in one batch is fine in any order.
 //! The whole-document check ([`super::validate`]) applies the same object rules.
 
-use super::records::{DeploymentRec, Objects, Origin, SandboxRecord, ShareRec, WorkspaceRec};
+use super::records::{BucketRec, DeploymentRec, Objects, Origin, SandboxRecord, ShareRec, WorkspaceRec};
 use super::rules;
-use crate::schema::{Deployment, Domains, Kind, Object, ShareToken, State, StateError, Workspace, WorkspaceId};
+use crate::schema::{Bucket, Deployment, DomainEntry, Domains, Kind, Object, ShareToken, State, StateError, Workspace, WorkspaceId};
 use std::sync::Arc;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
@@ -141,6 +141,11 @@ pub enum Applied {
         old: Option<Arc<Deployment>>,
         new: Option<Arc<Deployment>>,
     },
+    Bucket {
+        workspace_slot: u32,
+        old: Option<Arc<Bucket>>,
+        new: Option<Arc<Bucket>>,
+    },
 }
 
 impl Applied {
@@ -151,11 +156,12 @@ impl Applied {
             Applied::Sandbox => Kind::Sandbox,
             Applied::ShareToken { .. } => Kind::ShareToken,
             Applied::Deployment { .. } => Kind::Deployment,
+            Applied::Bucket { .. } => Kind::Bucket,
         }
     }
 }
 
-/// Who claims a host: a workspace's tenant domain or a deployment's custom domain.
+/// Who claims a host: a workspace's tenant domain, a deployment's or a bucket's custom domain.
 #[derive(Clone, Debug)]
 struct Claim {
     kind: Kind,
@@ -167,11 +173,21 @@ struct Claim {
 
 impl Claim {
     fn describe(&self) -> String {
-        match self.kind {
-            Kind::Workspace => format!("workspace `{}` ({})", self.id, self.field),
-            _ => format!("deployment `{}`", self.id),
-        }
+        claimant(self.kind, &self.id, self.field)
     }
+}
+
+/// How a claimant of a host is named in messages.
+fn claimant(kind: Kind, id: &str, field: &str) -> String {
+    match kind {
+        Kind::Workspace => format!("workspace `{id}` ({field})"),
+        other => format!("{} `{id}`", other.singular()),
+    }
+}
+
+/// A custom domain is "one label under" its parent (the tenant-domain rule).
+fn parent_of(host: &str) -> Option<&str> {
+    host.split_once('.').map(|(_, parent)| parent)
 }
 
 /// How many objects use a workspace.
@@ -179,6 +195,7 @@ impl Claim {
 struct Refs {
     sandboxes: u64,
     deployments: u64,
+    buckets: u64,
 }
 
 /// The validated state and its indexes (see the module head).
@@ -195,8 +212,13 @@ pub struct Index {
     ws_refs: Vec<Refs>,
     /// Sandbox id → the share tokens that name it (only sandboxes that have some).
     shares_of: HashMap<Box<str>, Vec<Box<str>>>,
-    /// A domain → the deployment hosts one label under it (the tenant-domain rule).
+    /// A domain → the deployment and bucket hosts one label under it (the tenant-domain rule).
     hosts_under: HashMap<Box<str>, Vec<Box<str>>>,
+    /// Bucket alias → bucket id.
+    aliases: HashMap<Box<str>, Box<str>>,
+    /// Store bucket name → bucket id (one object per store bucket: egress through the S3
+    /// endpoint is attributed by it).
+    store_names: HashMap<Box<str>, Box<str>>,
     ws_free: Vec<u32>,
     ws_next: u32,
     dep_free: Vec<u32>,
@@ -216,6 +238,8 @@ impl Index {
             ws_refs: Vec::new(),
             shares_of: HashMap::default(),
             hosts_under: HashMap::default(),
+            aliases: HashMap::default(),
+            store_names: HashMap::default(),
             ws_free: Vec::new(),
             ws_next: 0,
             dep_free: Vec::new(),
@@ -380,6 +404,7 @@ impl Index {
             }),
             Some(Object::ShareToken(t)) => self.objects.share_tokens.get(k).is_some_and(|r| *r.obj == *t),
             Some(Object::Deployment(d)) => self.objects.deployments.get(k).is_some_and(|r| *r.obj == *d),
+            Some(Object::Bucket(b)) => self.objects.buckets.get(k).is_some_and(|r| *r.obj == *b),
         }
     }
 
@@ -454,18 +479,45 @@ impl Index {
                     if let Some(slot) = self.workspace_slot(d.workspace.as_str()) {
                         self.refs(slot, |r| r.deployments -= 1);
                     }
-                    for dom in &d.domains {
-                        self.hosts.remove(dom.host.as_str());
-                        if let Some((_, parent)) = dom.host.as_str().split_once('.') {
-                            if let Some(list) = self.hosts_under.get_mut(parent) {
-                                list.retain(|h| **h != *dom.host.as_str());
-                                if list.is_empty() {
-                                    self.hosts_under.remove(parent);
-                                }
-                            }
-                        }
+                    self.release_domains(&d.domains);
+                }
+            }
+            Kind::Bucket => {
+                if let Some(r) = self.objects.buckets.get(k) {
+                    let b = r.obj.clone();
+                    self.aliases.remove(b.alias.as_str());
+                    self.store_names.remove(b.bucket.as_str());
+                    if let Some(slot) = self.workspace_slot(b.workspace.as_str()) {
+                        self.refs(slot, |r| r.buckets -= 1);
+                    }
+                    self.release_domains(&b.domains);
+                }
+            }
+        }
+    }
+
+    /// Lets go of the custom domains of a deployment or bucket.
+    fn release_domains(&mut self, domains: &[DomainEntry]) {
+        for dom in domains {
+            self.hosts.remove(dom.host.as_str());
+            if let Some(parent) = parent_of(dom.host.as_str()) {
+                if let Some(list) = self.hosts_under.get_mut(parent) {
+                    list.retain(|h| **h != *dom.host.as_str());
+                    if list.is_empty() {
+                        self.hosts_under.remove(parent);
                     }
                 }
+            }
+        }
+    }
+
+    /// Claims the custom domains of a deployment or bucket.
+    fn claim_domains(&mut self, kind: Kind, id: &str, origin: Origin, domains: &[DomainEntry]) {
+        for dom in domains {
+            let claim = Claim { kind, id: id.into(), field: "domains", origin };
+            self.hosts.insert(dom.host.as_str().into(), claim);
+            if let Some(parent) = parent_of(dom.host.as_str()) {
+                self.hosts_under.entry(parent.into()).or_default().push(dom.host.as_str().into());
             }
         }
     }
@@ -556,13 +608,7 @@ impl Index {
                         let ws_slot = o.workspaces.get(d.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
                         self.dep_names.entry(d.workspace.as_str().into()).or_default().insert(d.name.as_str().into(), id.clone());
                         self.refs(ws_slot, |r| r.deployments += 1);
-                        for dom in &d.domains {
-                            let claim = Claim { kind: Kind::Deployment, id: id.clone(), field: "domains", origin: p.origin };
-                            self.hosts.insert(dom.host.as_str().into(), claim);
-                            if let Some((_, parent)) = dom.host.as_str().split_once('.') {
-                                self.hosts_under.entry(parent.into()).or_default().push(dom.host.as_str().into());
-                            }
-                        }
+                        self.claim_domains(Kind::Deployment, &id, p.origin, &d.domains);
                         self.objects.deployments.insert(DeploymentRec { obj: d.clone(), origin: p.origin, slot });
                         (Some(d), ws_slot)
                     }
@@ -573,6 +619,26 @@ impl Index {
                     }
                 };
                 Applied::Deployment { slot, workspace_slot: ws_slot, old: old.map(|x| x.1), new }
+            }
+            (Kind::Bucket, new) => {
+                let old = o.buckets.get(k).map(|r| r.obj.clone());
+                let (new, ws_slot) = match new {
+                    Some(Object::Bucket(b)) => {
+                        let b = Arc::new(b);
+                        let ws_slot = o.workspaces.get(b.workspace.as_str().as_bytes()).map(|r| r.slot).unwrap_or(u32::MAX);
+                        self.aliases.insert(b.alias.as_str().into(), id.clone());
+                        self.store_names.insert(b.bucket.as_str().into(), id.clone());
+                        self.refs(ws_slot, |r| r.buckets += 1);
+                        self.claim_domains(Kind::Bucket, &id, p.origin, &b.domains);
+                        self.objects.buckets.insert(BucketRec { obj: b.clone(), origin: p.origin });
+                        (Some(b), ws_slot)
+                    }
+                    _ => {
+                        self.objects.buckets.remove(k);
+                        (None, u32::MAX)
+                    }
+                };
+                Applied::Bucket { workspace_slot: ws_slot, old, new }
             }
             // Put in place above.
             (Kind::Sandbox, _) => return None,
@@ -607,6 +673,9 @@ pub fn push_state(ops: &mut Vec<BatchOp>, state: &State, origin: Origin, prefix:
     for (i, o) in state.deployments.iter().enumerate() {
         push(Kind::Deployment, i, Object::Deployment(o.clone()));
     }
+    for (i, o) in state.buckets.iter().enumerate() {
+        push(Kind::Bucket, i, Object::Bucket(o.clone()));
+    }
 }
 
 /// [`push_state`] taking the objects out of `state` instead of copying them (large states
@@ -625,6 +694,9 @@ pub fn push_state_owned(ops: &mut Vec<BatchOp>, state: State, origin: Origin, pr
     }
     for (i, o) in state.deployments.into_iter().enumerate() {
         push(Kind::Deployment, i, Object::Deployment(o));
+    }
+    for (i, o) in state.buckets.into_iter().enumerate() {
+        push(Kind::Bucket, i, Object::Bucket(o));
     }
 }
 
@@ -687,6 +759,7 @@ impl<'a> View<'a> {
                 Some(Object::Workspace(w)) => rules::workspace(w, domains, &mut err),
                 Some(Object::Sandbox(s)) => rules::sandbox(s, &mut err),
                 Some(Object::Deployment(d)) => rules::deployment(d, domains, &mut err),
+                Some(Object::Bucket(b)) => rules::bucket(b, domains, &mut err),
                 Some(Object::ShareToken(_)) | None => {}
             }
         }
@@ -700,6 +773,8 @@ impl<'a> View<'a> {
         let mut slugs: HashMap<&str, &Pending> = HashMap::default();
         let mut hashes: HashMap<[u8; 32], &Pending> = HashMap::default();
         let mut names: HashMap<(&str, &str), &Pending> = HashMap::default();
+        let mut aliases: HashMap<&str, &Pending> = HashMap::default();
+        let mut store_names: HashMap<&str, &Pending> = HashMap::default();
         let mut hosts: HashMap<&str, (&Pending, &'static str)> = HashMap::default();
         let mut ordered: Vec<&Pending> = self.pending.iter().collect();
         ordered.sort_by_key(|p| p.op_index);
@@ -753,6 +828,31 @@ impl<'a> View<'a> {
                         self.claim_host(p, dom.host.as_str(), "domains", &path, &mut hosts, errors, conflict);
                     }
                 }
+                Some(Object::Bucket(b)) => {
+                    let alias = b.alias.as_str();
+                    if let Some(prev) = aliases.get(alias) {
+                        err("alias".into(), format!("alias `{alias}` is already used by bucket `{}`", prev.id()));
+                    } else if let Some(owner) = idx.aliases.get(alias).filter(|o| self.pending(Kind::Bucket, o).is_none()) {
+                        err("alias".into(), format!("alias `{alias}` is already used by bucket `{owner}`"));
+                    } else {
+                        aliases.insert(alias, p);
+                    }
+                    let name = b.bucket.as_str();
+                    if let Some(prev) = store_names.get(name) {
+                        err("bucket".into(), format!("store bucket `{name}` is already served by bucket `{}`", prev.id()));
+                    } else if let Some(owner) = idx.store_names.get(name).filter(|o| self.pending(Kind::Bucket, o).is_none()) {
+                        err("bucket".into(), format!("store bucket `{name}` is already served by bucket `{owner}`"));
+                    } else {
+                        store_names.insert(name, p);
+                    }
+                    for (j, dom) in b.domains.iter().enumerate() {
+                        if rules::deployment_host_conflict(dom.host.as_str(), &idx.domains).is_some() {
+                            continue; // reported by the object's own rules
+                        }
+                        let path = format!("domains[{j}].host");
+                        self.claim_host(p, dom.host.as_str(), "domains", &path, &mut hosts, errors, conflict);
+                    }
+                }
                 Some(Object::Sandbox(_)) | None => {}
             }
         }
@@ -771,10 +871,7 @@ impl<'a> View<'a> {
     ) {
         let error = |m: String| StateError { path: join(&p.path, path), message: m };
         if let Some((prev, f)) = hosts.get(host) {
-            let who = match prev.kind {
-                Kind::Workspace => format!("workspace `{}` ({f})", prev.id()),
-                _ => format!("deployment `{}`", prev.id()),
-            };
+            let who = claimant(prev.kind, prev.id(), f);
             errors.push((p.op_index, error(format!("host `{host}` is already claimed by {who}"))));
             return;
         }
@@ -803,6 +900,7 @@ impl<'a> View<'a> {
                     idx.objects.sandboxes.get(k).and_then(|r| idx.objects.workspace_ids.get(r.workspace)).map(WorkspaceId::as_str)
                 }
                 Kind::Deployment => idx.objects.deployments.get(k).map(|r| r.obj.workspace.as_str()),
+                Kind::Bucket => idx.objects.buckets.get(k).map(|r| r.obj.workspace.as_str()),
                 _ => None,
             };
             if let Some(w) = old_ws {
@@ -815,16 +913,16 @@ impl<'a> View<'a> {
                         err("workspace", format!("workspace `{}` does not exist", s.workspace));
                     }
                 }
-                Some(Object::Deployment(d)) => {
-                    *refs_delta.entry(d.workspace.as_str()).or_default() += 1;
-                    if !self.workspace_exists(d.workspace.as_str()) {
-                        err("workspace", format!("workspace `{}` does not exist", d.workspace));
+                Some(Object::Deployment(Deployment { workspace, domains, .. }) | Object::Bucket(Bucket { workspace, domains, .. })) => {
+                    *refs_delta.entry(workspace.as_str()).or_default() += 1;
+                    if !self.workspace_exists(workspace.as_str()) {
+                        err("workspace", format!("workspace `{workspace}` does not exist"));
                     }
-                    for (j, dom) in d.domains.iter().enumerate() {
+                    for (j, dom) in domains.iter().enumerate() {
                         let h = dom.host.as_str();
-                        let Some((_, parent)) = h.split_once('.') else { continue };
+                        let Some(parent) = parent_of(h) else { continue };
                         if let Some(owner) = self.tenant_owner(parent) {
-                            if owner != d.workspace.as_str() {
+                            if owner != workspace.as_str() {
                                 err(&format!("domains[{j}].host"), format!("`{h}` is under workspace `{owner}`'s domain `{parent}`"));
                             }
                         }
@@ -839,17 +937,21 @@ impl<'a> View<'a> {
                     }
                 },
                 Some(Object::Workspace(w)) => {
-                    // A new tenant domain may hold only this workspace's deployment hosts.
+                    // A new tenant domain may hold only this workspace's deployment and bucket hosts.
                     for (field, d) in [("preview_domain", &w.preview_domain), ("deploy_domain", &w.deploy_domain)] {
                         let Some(d) = d else { continue };
                         for h in idx.hosts_under.get(d.host.as_str()).into_iter().flatten() {
-                            let Some(c) = idx.hosts.get(h).filter(|c| c.kind == Kind::Deployment) else { continue };
-                            if self.pending(Kind::Deployment, &c.id).is_some() {
-                                continue; // checked with the deployment's new version
+                            let Some(c) = idx.hosts.get(h).filter(|c| matches!(c.kind, Kind::Deployment | Kind::Bucket)) else { continue };
+                            if self.pending(c.kind, &c.id).is_some() {
+                                continue; // checked with the object's new version
                             }
-                            let owner = idx.objects.deployments.get(c.id.as_bytes()).map(|r| r.obj.workspace.clone());
+                            let owner = match c.kind {
+                                Kind::Bucket => idx.objects.buckets.get(c.id.as_bytes()).map(|r| r.obj.workspace.clone()),
+                                _ => idx.objects.deployments.get(c.id.as_bytes()).map(|r| r.obj.workspace.clone()),
+                            };
                             if owner.is_some_and(|o| o.as_str() != w.id.as_str()) {
-                                err(&format!("{field}.host"), format!("`{h}` of deployment `{}` is under this domain `{}`", c.id, d.host));
+                                let who = claimant(c.kind, &c.id, c.field);
+                                err(&format!("{field}.host"), format!("`{h}` of {who} is under this domain `{}`", d.host));
                             }
                         }
                     }
@@ -877,9 +979,9 @@ impl<'a> View<'a> {
         // A workspace that goes must be unused.
         for p in self.pending.iter().filter(|p| p.kind == Kind::Workspace && p.new.is_none()) {
             let r = idx.workspace_slot(p.id()).and_then(|s| idx.ws_refs.get(s as usize)).copied().unwrap_or_default();
-            let left = r.sandboxes as i64 + r.deployments as i64 + refs_delta.get(p.id()).copied().unwrap_or(0);
+            let left = (r.sandboxes + r.deployments + r.buckets) as i64 + refs_delta.get(p.id()).copied().unwrap_or(0);
             if left > 0 {
-                let message = format!("workspace `{}` is still used by {left} sandbox(es) or deployment(s)", p.id());
+                let message = format!("workspace `{}` is still used by {left} sandbox(es), deployment(s) or bucket(s)", p.id());
                 errors.push((p.op_index, StateError { path: p.path.clone(), message }));
             }
         }

@@ -9,7 +9,8 @@
 
 use crate::cow::{CowMap, CowSlab, Key, Keyed};
 use crate::schema::{
-    Access, Address, Deployment, Kind, Object, Port, Preview, Sandbox, SandboxId, SandboxState, ShareToken, State, Workspace, WorkspaceId,
+    Access, Address, Bucket, Deployment, Kind, Object, Port, Preview, Sandbox, SandboxId, SandboxState, ShareToken, State, Workspace,
+    WorkspaceId,
 };
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -174,6 +175,10 @@ record!(
     /// A deployment and its slot.
     DeploymentRec, Deployment, slot
 );
+record!(
+    /// A storage bucket.
+    BucketRec, Bucket
+);
 
 /// Every object of the validated state. Cloning is a few reference counts.
 #[derive(Clone, Default, Debug)]
@@ -182,6 +187,7 @@ pub struct Objects {
     pub sandboxes: CowMap<SandboxRecord>,
     pub share_tokens: CowMap<ShareRec>,
     pub deployments: CowMap<DeploymentRec>,
+    pub buckets: CowMap<BucketRec>,
     /// Workspace ids by slot: sandboxes name their workspace by slot.
     pub workspace_ids: CowSlab<WorkspaceId>,
 }
@@ -195,6 +201,7 @@ impl Objects {
             Kind::Sandbox => self.sandboxes.get(k).and_then(|r| Some((r.origin, Object::Sandbox(self.sandbox(r)?)))),
             Kind::ShareToken => self.share_tokens.get(k).map(|r| (r.origin, Object::ShareToken((*r.obj).clone()))),
             Kind::Deployment => self.deployments.get(k).map(|r| (r.origin, Object::Deployment((*r.obj).clone()))),
+            Kind::Bucket => self.buckets.get(k).map(|r| (r.origin, Object::Bucket((*r.obj).clone()))),
         }
     }
 
@@ -206,6 +213,7 @@ impl Objects {
             Kind::Sandbox => self.sandboxes.get(k).map(|r| r.origin),
             Kind::ShareToken => self.share_tokens.get(k).map(|r| r.origin),
             Kind::Deployment => self.deployments.get(k).map(|r| r.origin),
+            Kind::Bucket => self.buckets.get(k).map(|r| r.origin),
         }
     }
 
@@ -231,6 +239,7 @@ impl Objects {
             sandboxes,
             share_tokens: of(&self.share_tokens, origin, |r| (r.origin, &r.obj), |t| t.id.as_str()),
             deployments: of(&self.deployments, origin, |r| (r.origin, &r.obj), |d| d.id.as_str()),
+            buckets: of(&self.buckets, origin, |r| (r.origin, &r.obj), |b| b.id.as_str()),
         }
     }
 
@@ -241,6 +250,7 @@ impl Objects {
             Kind::Sandbox => self.sandboxes.len(),
             Kind::ShareToken => self.share_tokens.len(),
             Kind::Deployment => self.deployments.len(),
+            Kind::Bucket => self.buckets.len(),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! Each rule reports through `err(field, message)`, `field` relative to the object
 //! (`previews[1].port`); the caller prefixes the object's own path.
 
-use crate::schema::{Deployment, Domains, Preview, Release, Sandbox, Workspace};
+use crate::schema::{Bucket, Deployment, Domains, Preview, Release, Sandbox, Workspace};
 use std::collections::HashSet;
 
 /// A sink for errors: the field's path inside the object, and the message.
@@ -90,6 +90,16 @@ pub fn deployment(d: &Deployment, domains: &Domains, err: &mut Err<'_>) {
     }
 }
 
+/// A bucket's own rules: its domains would shadow no platform route (a host listed twice
+/// is a claim made twice, reported with the other claims).
+pub fn bucket(b: &Bucket, domains: &Domains, err: &mut Err<'_>) {
+    for (j, dom) in b.domains.iter().enumerate() {
+        if let Some(reason) = deployment_host_conflict(dom.host.as_str(), domains) {
+            err(format!("domains[{j}].host"), reason);
+        }
+    }
+}
+
 /// True when `host` is `suffix` or a name under it.
 pub fn is_under(host: &str, suffix: &str) -> bool {
     host == suffix || (host.len() > suffix.len() && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.')
@@ -98,7 +108,7 @@ pub fn is_under(host: &str, suffix: &str) -> bool {
 /// Slugs that would be shadowed by the platform's own names under the apps domain
 /// (with apps = miosa.app and sandbox = sandbox.miosa.app, slug `sandbox` can never route).
 pub fn reserved_slug(slug: &str, domains: &Domains) -> bool {
-    [&domains.sandbox, &domains.edge_target, &domains.acme_zone].into_iter().any(|d| {
+    [&domains.sandbox, &domains.edge_target, &domains.acme_zone, &domains.storage].into_iter().any(|d| {
         d.as_str()
             .strip_suffix(domains.apps.as_str())
             .and_then(|r| r.strip_suffix('.'))
@@ -108,12 +118,12 @@ pub fn reserved_slug(slug: &str, domains: &Domains) -> bool {
 
 /// The platform domain `host` is (or is under), if any.
 pub fn platform_suffix_of<'d>(host: &str, domains: &'d Domains) -> Option<&'d str> {
-    [&domains.sandbox, &domains.apps, &domains.edge_target, &domains.acme_zone].into_iter().map(|d| d.as_str()).find(|d| is_under(host, d))
+    domains.named().into_iter().map(|(_, d)| d.as_str()).find(|d| is_under(host, d))
 }
 
 /// Why an exact deployment host would shadow a platform route, if it would.
 pub fn deployment_host_conflict(h: &str, d: &Domains) -> Option<String> {
-    for zone in [&d.sandbox, &d.edge_target, &d.acme_zone] {
+    for zone in [&d.sandbox, &d.edge_target, &d.acme_zone, &d.storage] {
         if is_under(h, zone.as_str()) {
             return Some(format!("`{h}` is under the platform's domain `{zone}`"));
         }

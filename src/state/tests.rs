@@ -122,3 +122,32 @@ fn toml_datetime_is_accepted_for_expires_at() {
     .unwrap();
     assert_eq!(t.expires_at, Some(Timestamp(1_796_083_200)));
 }
+
+#[test]
+fn buckets_claim_aliases_store_names_and_hosts_once() {
+    let mut s = sample();
+    let bucket = |id: &str, name: &str, alias: &str, host: &str| -> Bucket {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "workspace": "ws_1", "bucket": name, "alias": alias,
+            "domains": [{"host": host, "verified": true}]
+        }))
+        .unwrap()
+    };
+    s.buckets.push(bucket("bk_1", "miosa-proj_xxx-uploads", "proj-xxx", "assets.customer.com"));
+    validate(&s, &domains()).unwrap();
+    // Same alias, same store bucket, a host a deployment claims, a host in the storage zone.
+    s.buckets.push(bucket("bk_2", "miosa-proj_xxx-uploads", "proj-xxx", "app.customer.com"));
+    s.buckets.push(bucket("bk_3", "other", "other", "x.storage.miosa.app"));
+    let p = paths(validate(&s, &domains()));
+    assert_eq!(p, vec!["buckets[1].alias", "buckets[1].bucket", "buckets[1].domains[0].host", "buckets[2].domains[0].host"]);
+    // A dangling workspace; a bucket name no store allows.
+    let mut s = sample();
+    let mut b = bucket("bk_1", "n", "a", "f.example.com");
+    b.workspace = WorkspaceId::try_from("ws_9").unwrap();
+    s.buckets.push(b);
+    assert_eq!(paths(validate(&s, &domains())), vec!["buckets[0].workspace"]);
+    let e = serde_json::from_str::<Bucket>(r#"{"id":"b","workspace":"w","bucket":"a/b","alias":"a"}"#).unwrap_err();
+    assert!(e.to_string().contains("not allowed in a bucket name"), "{e}");
+    let e = serde_json::from_str::<Bucket>(r#"{"id":"b","workspace":"w","bucket":"ok","alias":"Not_A_Label"}"#).unwrap_err();
+    assert!(e.to_string().contains("only lower-case letters"), "{e}");
+}

@@ -51,6 +51,7 @@ enum ValueRef<'a> {
     Sandbox(&'a crate::schema::Sandbox),
     ShareToken(&'a crate::schema::ShareToken),
     Deployment(&'a crate::schema::Deployment),
+    Bucket(&'a crate::schema::Bucket),
 }
 
 #[derive(Serialize)]
@@ -78,12 +79,13 @@ struct ObjectOf(Kind);
 impl<'de> serde::de::DeserializeSeed<'de> for ObjectOf {
     type Value = Object;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Object, D::Error> {
-        use crate::schema::{Deployment, Sandbox, ShareToken, Workspace};
+        use crate::schema::{Bucket, Deployment, Sandbox, ShareToken, Workspace};
         Ok(match self.0 {
             Kind::Workspace => Object::Workspace(Workspace::deserialize(d)?),
             Kind::Sandbox => Object::Sandbox(Sandbox::deserialize(d)?),
             Kind::ShareToken => Object::ShareToken(ShareToken::deserialize(d)?),
             Kind::Deployment => Object::Deployment(Deployment::deserialize(d)?),
+            Kind::Bucket => Object::Bucket(Bucket::deserialize(d)?),
         })
     }
 }
@@ -162,6 +164,7 @@ pub fn frame<'a>(g: u64, ops: impl Iterator<Item = (Kind, &'a str, Option<&'a Ob
                     Object::Sandbox(s) => ValueRef::Sandbox(s),
                     Object::ShareToken(t) => ValueRef::ShareToken(t),
                     Object::Deployment(d) => ValueRef::Deployment(d),
+                    Object::Bucket(b) => ValueRef::Bucket(b),
                 },
             },
             None => WireOp::Delete { kind: KindName(kind), id },

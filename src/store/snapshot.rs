@@ -20,7 +20,7 @@
 //! Earlier versions kept the whole API state as `state.json` (`GET /v1/state`'s shape):
 //! read when there is no `state.snap` yet, and replaced by one at the first fold.
 
-use crate::schema::{Access, Deployment, Port, Preview, SandboxState, ShareToken, StateDoc, Workspace};
+use crate::schema::{Access, Bucket, Deployment, Port, Preview, SandboxState, ShareToken, StateDoc, Workspace};
 use crate::state::{Objects, Origin};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -45,6 +45,8 @@ struct Head {
     share_tokens: Vec<ShareToken>,
     #[serde(default)]
     deployments: Vec<Deployment>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    buckets: Vec<Bucket>,
     /// The workspace ids the sandboxes name (by index).
     #[serde(default)]
     names: Vec<String>,
@@ -57,6 +59,7 @@ pub struct Snapshot {
     pub workspaces: Vec<Workspace>,
     pub share_tokens: Vec<ShareToken>,
     pub deployments: Vec<Deployment>,
+    pub buckets: Vec<Bucket>,
     /// The workspace ids sandboxes name, by index.
     pub names: Vec<String>,
     /// Sandboxes, still encoded (see [`Snapshot::sandboxes`]).
@@ -115,6 +118,7 @@ impl Snapshot {
                     workspaces: s.workspaces,
                     share_tokens: s.share_tokens,
                     deployments: s.deployments,
+                    buckets: s.buckets,
                     legacy: s.sandboxes,
                     ..Snapshot::default()
                 })
@@ -146,7 +150,13 @@ impl Snapshot {
             },
             |e| e,
         )?;
-        Ok(crate::schema::State { workspaces: self.workspaces, sandboxes, share_tokens: self.share_tokens, deployments: self.deployments })
+        Ok(crate::schema::State {
+            workspaces: self.workspaces,
+            sandboxes,
+            share_tokens: self.share_tokens,
+            deployments: self.deployments,
+            buckets: self.buckets,
+        })
     }
 
     fn parse(bytes: Vec<u8>) -> Result<Snapshot, String> {
@@ -170,6 +180,7 @@ impl Snapshot {
             workspaces: head.workspaces,
             share_tokens: head.share_tokens,
             deployments: head.deployments,
+            buckets: head.buckets,
             names: head.names,
             frames,
             legacy: Vec::new(),
@@ -283,6 +294,7 @@ pub fn encode(generation: u64, objects: &Objects) -> std::io::Result<Vec<u8>> {
         workspaces: objects.workspaces.iter().filter(|r| api(r.origin)).map(|r| (*r.obj).clone()).collect(),
         share_tokens: objects.share_tokens.iter().filter(|r| api(r.origin)).map(|r| (*r.obj).clone()).collect(),
         deployments: objects.deployments.iter().filter(|r| api(r.origin)).map(|r| (*r.obj).clone()).collect(),
+        buckets: objects.buckets.iter().filter(|r| api(r.origin)).map(|r| (*r.obj).clone()).collect(),
         names: Vec::new(),
     };
     let mut body = Vec::with_capacity(objects.sandboxes.len() * 32 + 64);

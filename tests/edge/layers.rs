@@ -26,7 +26,7 @@ const ORDER: &[&str] = &[
     "routing",
     // static releases (files a snapshot names), the operators' file (assembling
     // sections owned by the modules below it), the writers
-    "releases", "config", "store", "reload",
+    "releases", "storage", "config", "store", "reload",
     // behaviour around the request path and the background services
     "hostile", "front", "tls", "upstream", "cluster", "acme", "control",
     // the request path, then start-up

@@ -37,7 +37,21 @@ fn domain(g: &mut Gen) -> Option<DomainEntry> {
 /// A random object from a small universe of ids, names and hosts, so that batches
 /// collide on every rule.
 fn object(g: &mut Gen) -> Object {
-    match g.below(4) {
+    match g.below(5) {
+        4 => Object::Bucket(Bucket {
+            id: Id::try_from(g.pick(&["b0", "b1", "b2"])).unwrap(),
+            workspace: WorkspaceId::try_from(g.pick(&["w0", "w1", "w2", "w9"])).unwrap(),
+            bucket: BucketName::try_from(g.pick(&["proj_1-uploads", "proj_2", "Proj.3"])).unwrap(),
+            alias: Label::try_from(g.pick(&["p1", "p2", "p3"])).unwrap(),
+            public: g.chance(50),
+            domains: (0..g.below(3))
+                .map(|_| DomainEntry {
+                    host: Host::try_from(g.pick(&["cdn.t1.test", "app.t1.test", "www.c.test", "x.storage.miosa.app", "assets.b.test"]))
+                        .unwrap(),
+                    verified: g.chance(50),
+                })
+                .collect(),
+        }),
         0 => Object::Workspace(Workspace {
             id: WorkspaceId::try_from(g.pick(&["w0", "w1", "w2", "w3"])).unwrap(),
             slug: Label::try_from(g.pick(&["a", "b", "c", "sandbox"])).unwrap(),
@@ -117,6 +131,7 @@ fn sorted(mut s: State) -> State {
     s.sandboxes.sort_by(|a, b| a.id.cmp(&b.id));
     s.share_tokens.sort_by(|a, b| a.id.cmp(&b.id));
     s.deployments.sort_by(|a, b| a.id.cmp(&b.id));
+    s.buckets.sort_by(|a, b| a.id.cmp(&b.id));
     s
 }
 
