@@ -139,12 +139,16 @@ pub fn subjects(objects: &Objects, d: &Domains) -> Vec<Subject> {
             }
         }
     }
-    for dep in objects.deployments.iter().map(|r| &*r.obj) {
-        for dom in &dep.domains {
-            if dom.verified {
-                out.push(Subject { name: dom.host.as_str().to_owned(), challenge: Challenge::Http01, txt_at: None });
-            }
-        }
+    // Storage (CONTRACT §12): `{alias}.{storage}` under one wildcard, the bare host (the
+    // S3 endpoint) by HTTP-01, once there is a bucket to serve.
+    if !objects.buckets.is_empty() {
+        out.push(wild(d.storage.as_str(), format!("_acme-challenge.{}.", d.storage.as_str())));
+        out.push(Subject { name: d.storage.as_str().to_owned(), challenge: Challenge::Http01, txt_at: None });
+    }
+    let custom =
+        objects.deployments.iter().flat_map(|r| r.obj.domains.clone()).chain(objects.buckets.iter().flat_map(|r| r.obj.domains.clone()));
+    for dom in custom.filter(|d| d.verified) {
+        out.push(Subject { name: dom.host.as_str().to_owned(), challenge: Challenge::Http01, txt_at: None });
     }
     // A wildcard the edge holds anyway covers exact names one label under it: no
     // per-host certificate (and order) for those.
@@ -1122,6 +1126,7 @@ sandbox = "sandbox.example.com"
 apps = "example.com"
 edge_target = "edge.example.com"
 acme_zone = "acme.example.com"
+storage = "storage.example.com"
 
 [[workspaces]]
 id = "ws_1"
@@ -1148,6 +1153,27 @@ release = { kind = "dynamic", instances = ["127.0.0.1:1"] }
         .expect("config");
         let index = crate::state::Index::build(cfg.domains.clone(), &cfg.state, &Default::default()).unwrap();
         let got = subjects(index.objects(), &cfg.domains);
+        assert!(!got.iter().any(|s| s.name.contains("storage")), "no bucket, no storage names: {got:?}");
+        let mut state = cfg.state.clone();
+        state.buckets = serde_json::from_str(
+            r#"[{"id":"bk_1","workspace":"ws_2","bucket":"b1","alias":"files",
+                 "domains":[{"host":"assets.customer.test","verified":true},{"host":"cdn.customer.test"}]}]"#,
+        )
+        .unwrap();
+        let index = crate::state::Index::build(cfg.domains.clone(), &state, &Default::default()).unwrap();
+        let storage: Vec<(String, Challenge)> = subjects(index.objects(), &cfg.domains)
+            .into_iter()
+            .filter(|s| s.name.contains("storage") || s.name.contains("assets") || s.name.contains("cdn"))
+            .map(|s| (s.name, s.challenge))
+            .collect();
+        assert_eq!(
+            storage,
+            vec![
+                ("*.storage.example.com".to_string(), Challenge::Dns01),
+                ("assets.customer.test".to_string(), Challenge::Http01),
+                ("storage.example.com".to_string(), Challenge::Http01),
+            ]
+        );
         let names: Vec<(&str, Challenge, Option<&str>)> = got.iter().map(|s| (s.name.as_str(), s.challenge, s.txt_at.as_deref())).collect();
         assert_eq!(
             names,

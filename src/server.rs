@@ -379,7 +379,7 @@ fn watch_interval_ms(cfg: &Config, fleet: bool) -> u64 {
 
 /// The default certificate, and the certificates of `store`, loaded once.
 fn certificates(cfg: &Config, metrics: &Arc<Metrics>, store: Arc<dyn CertStore>) -> Result<Arc<Watcher>, StartError> {
-    let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str());
+    let names = default_cert::names(cfg.domains.sandbox.as_str(), cfg.domains.apps.as_str(), cfg.domains.storage.as_str());
     let default = default_cert::load_or_generate(&cfg.server.state_dir, &names).map_err(StartError::Tls)?;
     let watcher = Arc::new(Watcher::new(store, Arc::new(default), metrics.clone()));
     watcher.scan();

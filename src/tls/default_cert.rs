@@ -10,11 +10,12 @@ use std::path::Path;
 pub const DIR: &str = "default-cert";
 const ENTRY: &str = "current";
 
-/// The names the default certificate carries, from `[domains]`: `localhost`, and the
-/// wildcards of the sandbox and apps zones, so the embedded dev default works over
-/// `https://3000-demo.sandbox.localhost:8443` once the certificate is trusted.
-pub fn names(sandbox: &str, apps: &str) -> Vec<String> {
-    vec!["localhost".into(), format!("*.{sandbox}"), format!("*.{apps}")]
+/// The names the default certificate carries, from `[domains]`: `localhost`, the
+/// wildcards of the sandbox and apps zones, and the storage host and its wildcard, so the
+/// embedded dev default works over `https://3000-demo.sandbox.localhost:8443` once the
+/// certificate is trusted.
+pub fn names(sandbox: &str, apps: &str, storage: &str) -> Vec<String> {
+    vec!["localhost".into(), format!("*.{sandbox}"), format!("*.{apps}"), storage.into(), format!("*.{storage}")]
 }
 
 /// Loads the default certificate from `<state_dir>/default-cert`, generating a new one

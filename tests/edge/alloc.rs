@@ -51,11 +51,17 @@ name = "app"
 domains = [{ host = "app.customer.test", verified = true }]
 active_version = "v"
 versions = [{ id = "v", release = { kind = "dynamic", instances = ["10.0.0.2:80"] } }]
+[[buckets]]
+id = "b"
+workspace = "ws_1"
+bucket = "proj_1-uploads"
+alias = "proj"
+domains = [{ host = "files.customer.test", verified = true }]
 "#,
     )
     .expect("state");
     let t = RouteTable::build(&Domains::default(), &PlatformBranding::default(), &state, 1).expect("table");
-    let hosts: [&[u8]; 8] = [
+    let hosts: [&[u8]; 11] = [
         b"5173-abc12345.sandbox.localhost:8080",
         b"5173-ABC12345.sandbox.localhost.",
         b"app.one.apps.localhost",
@@ -64,6 +70,9 @@ versions = [{ id = "v", release = { kind = "dynamic", instances = ["10.0.0.2:80"
         b"app.apps.tenant.test",
         b"nothing.example",
         b"9-nobody.sandbox.localhost",
+        b"proj.storage.localhost",
+        b"files.customer.test",
+        b"storage.localhost",
     ];
     let mut kinds = 0usize;
     let before = ALLOCS.with(|c| c.get());
@@ -74,9 +83,11 @@ versions = [{ id = "v", release = { kind = "dynamic", instances = ["10.0.0.2:80"
             Route::Preview { .. } => 1,
             Route::Deployment { .. } => 10,
             Route::Denied { .. } => 100,
+            Route::Bucket { .. } => 1000,
+            Route::StorageEndpoint => 10000,
         };
     }
     let after = ALLOCS.with(|c| c.get());
-    assert_eq!(kinds, 3 + 30 + 200, "each host classified as expected");
+    assert_eq!(kinds, 3 + 30 + 200 + 2000 + 10000, "each host classified as expected");
     assert_eq!(after - before, 0, "host lookup allocated");
 }

@@ -60,6 +60,12 @@ impl S3Server {
     /// Panics, pointing at scripts/deps, when `moto_server` is not installed: CI
     /// installs it, so a missing server is a failure, not a skip.
     pub async fn start() -> S3Server {
+        S3Server::start_env(&[]).await
+    }
+
+    /// Like [`S3Server::start`], with extra environment for `moto_server` (e.g.
+    /// `INITIAL_NO_AUTH_ACTION_COUNT`, after which it checks every request's signature).
+    pub async fn start_env(env: &[(&str, &str)]) -> S3Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("moto.log");
         // The port was free a moment ago; if moto loses a race for it, it exits and
@@ -70,6 +76,10 @@ impl S3Server {
             let err = out.try_clone().expect("moto log");
             let child = match Command::new("moto_server")
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                // Path-style whatever the Host (the storage host `storage.localhost` would
+                // otherwise read as bucket `storage`), as a store behind the edge is set up.
+                .env("S3_IGNORE_SUBDOMAIN_BUCKETNAME", "true")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err)

@@ -1,0 +1,336 @@
+//! The storage front door end to end (CONTRACT §12): buckets in the routing state, the
+//! S3 endpoint proxied unchanged to a real store, and egress per bucket.
+//!
+//! The store is `moto_server` ([`crate::s3::S3Server`]); with its signature checks on,
+//! a real SDK (boto3, installed with moto) signs requests for the edge's storage host and
+//! the store verifies them, so anything the edge changed on the way would fail there.
+//! Where a test must see exactly what reached the store, the endpoint is a recording
+//! origin ([`crate::support::Origin`]) instead.
+
+use crate::s3::{S3Server, KEY_ID, KEY_SECRET};
+use crate::support::{eventually, raw_request, Edge, Origin};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The routing state of these tests: workspace `ws_1`, bucket `bk_1` = store bucket
+/// `proj-uploads`, alias `proj`.
+const STATE: &str = r#"
+[[workspaces]]
+id = "ws_1"
+slug = "acme"
+
+[[buckets]]
+id = "bk_1"
+workspace = "ws_1"
+bucket = "proj-uploads"
+alias = "proj"
+"#;
+
+fn storage_section(endpoint: &str) -> String {
+    format!("[storage]\nendpoint = \"{endpoint}\"\n")
+}
+
+fn storage_env() -> Vec<(&'static str, String)> {
+    vec![("STORAGE_KEY_ID", KEY_ID.into()), ("STORAGE_KEY_SECRET", KEY_SECRET.into())]
+}
+
+/// Runs a Python script with boto3 (moto's dependency); `*.localhost` resolves to the
+/// loopback inside it, as browsers resolve it. Returns stdout; panics with stderr.
+fn python(script: &str, env: &[(&str, String)]) -> String {
+    let prelude = r#"
+import socket, sys, json
+_gai = socket.getaddrinfo
+def _loopback(host, *a, **k):
+    if isinstance(host, str) and (host == "localhost" or host.endswith(".localhost")):
+        host = "127.0.0.1"
+    return _gai(host, *a, **k)
+socket.getaddrinfo = _loopback
+import boto3
+from botocore.config import Config
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("{prelude}\n{script}"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("python3 (scripts/deps installs boto3 with moto)");
+    assert!(out.status.success(), "python failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The edge's storage endpoint for an SDK: `http://storage.localhost:PORT`.
+fn endpoint_of(edge: &Edge) -> String {
+    format!("http://storage.localhost:{}", edge.addr.port())
+}
+
+#[tokio::test]
+async fn the_s3_endpoint_passes_requests_unchanged_and_no_cookie_reaches_the_store() {
+    let store = Origin::start("store", "127.0.0.1").await;
+    let log = tempfile::tempdir().expect("tempdir");
+    let access = log.path().join("access.log");
+    let body = format!("[log]\naccess = \"{}\"\n{}{STATE}", access.display(), storage_section(&format!("http://{}", store.addr)));
+    let edge = Edge::start_env(&storage_env(), &body).await;
+    let host = format!("storage.localhost:{}", edge.addr.port());
+    let target = "/proj-uploads/a%20b/..%2F%2e%2E/c.txt?partNumber=2&uploadId=x%2By&X-Amz-Signature=c0ffee";
+    let r = raw_request(
+        edge.addr,
+        &format!(
+            "PUT {target} HTTP/1.1\r\nHost: {host}\r\nCookie: miosa_session=secret; app=1\r\nX-Miosa-Token: t\r\n\
+             x-amz-content-sha256: UNSIGNED-PAYLOAD\r\nAuthorization: AWS4-HMAC-SHA256 Credential=k/20260101/us-east-1/s3/aws4_request\r\n\
+             Content-Length: 5\r\nConnection: close\r\n\r\nhello"
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), edge.log());
+    assert_eq!(r.header("x-origin"), Some("store"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "every storage response");
+    let seen = r.json();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["path"], target, "path and query byte for byte");
+    assert_eq!(seen["body_len"], 5);
+    let headers = &seen["headers"];
+    assert_eq!(headers["host"][0], host, "Host unchanged: signatures cover it");
+    assert_eq!(headers["x-amz-content-sha256"][0], "UNSIGNED-PAYLOAD");
+    assert!(headers["authorization"][0].as_str().is_some_and(|a| a.starts_with("AWS4-HMAC-SHA256")), "{headers}");
+    assert!(headers.get("cookie").is_none(), "no cookie reaches the store: {headers}");
+    assert!(headers.get("x-miosa-token").is_none(), "credential firewall: {headers}");
+
+    // Egress of a path-style request is the bucket's and its workspace's.
+    let usage = eventually(Duration::from_secs(10), || async {
+        let u = edge.api("GET", "/v1/usage", None).await.json();
+        let bucket = u["buckets"].as_array()?.iter().find(|e| e["id"] == "bk_1")?.clone();
+        let ws = u["workspaces"].as_array()?.iter().find(|e| e["id"] == "ws_1")?.clone();
+        Some((bucket, ws))
+    })
+    .await
+    .expect("bk_1 and ws_1 in /v1/usage");
+    assert_eq!(usage.0["requests"], 1);
+    assert_eq!(usage.0["bytes"].as_u64(), Some(r.body.len() as u64), "egress: the body bytes sent");
+    assert_eq!(usage.1["bytes"], usage.0["bytes"]);
+
+    // The access log names the bucket and never the presigned signature.
+    let line =
+        eventually(Duration::from_secs(10), || async { std::fs::read_to_string(&access).ok().filter(|l| l.contains("proj-uploads")) })
+            .await
+            .expect("an access-log line");
+    assert!(line.contains("X-Amz-Signature=REDACTED") && !line.contains("c0ffee"), "{line}");
+    assert!(line.contains(r#""bucket":"bk_1""#) && line.contains(r#""route":"storage""#), "{line}");
+}
+
+#[tokio::test]
+async fn without_storage_the_storage_hosts_are_unknown_and_buckets_are_still_state() {
+    let edge = Edge::start(STATE).await;
+    for host in ["storage.localhost", "proj.storage.localhost"] {
+        let r = edge.get(host, "/x").await;
+        assert_eq!((r.status, r.code()), (404, "unknown_host".into()), "{host}");
+    }
+    // Buckets through the control API, validated like the other kinds.
+    let r = edge.api("PUT", "/v1/workspaces/ws_2", Some(r#"{"id":"ws_2","slug":"second"}"#)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = r#"{"id":"bk_2","workspace":"ws_2","bucket":"miosa-proj_2","alias":"two","public":true,
+                "domains":[{"host":"assets.customer.com","verified":true}]}"#;
+    let r = edge.api("PUT", "/v1/buckets/bk_2", Some(b)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = edge.api("GET", "/v1/buckets/bk_2", None).await.json();
+    assert_eq!(got["bucket"], "miosa-proj_2");
+    assert_eq!(got["public"], true);
+    let state = edge.api("GET", "/v1/state", None).await.json();
+    assert_eq!(state["buckets"].as_array().map(Vec::len), Some(1), "the API part: {state}");
+    let dup = r#"{"id":"bk_3","workspace":"ws_1","bucket":"other","alias":"two"}"#;
+    let r = edge.api("PUT", "/v1/buckets/bk_3", Some(dup)).await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("alias")), "{}", r.text());
+    let pinned = r#"{"id":"bk_3","workspace":"ws_1","bucket":"proj-uploads","alias":"three"}"#;
+    let r = edge.api("PUT", "/v1/buckets/bk_3", Some(pinned)).await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("bucket")), "{}", r.text());
+    let in_zone = r#"{"id":"bk_3","workspace":"ws_1","bucket":"b3","alias":"three","domains":[{"host":"x.storage.localhost"}]}"#;
+    let r = edge.api("PUT", "/v1/buckets/bk_3", Some(in_zone)).await;
+    assert_eq!((r.status, r.json()["error"]["path"].as_str()), (400, Some("domains[0].host")), "{}", r.text());
+    let r = edge.api("DELETE", "/v1/workspaces/ws_2", None).await;
+    assert_eq!(r.status, 400, "a workspace in use by a bucket stays: {}", r.text());
+    let r = edge.api("DELETE", "/v1/buckets/bk_2", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = edge.api("DELETE", "/v1/workspaces/ws_2", None).await;
+    assert_eq!(r.status, 200, "then it goes: {}", r.text());
+    let r = edge.api("DELETE", "/v1/buckets/bk_1", None).await;
+    assert_eq!(r.status, 409, "a TOML bucket is the operator's: {}", r.text());
+}
+
+#[tokio::test]
+async fn a_config_with_a_bad_storage_section_is_refused_with_every_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("edge.toml");
+    std::fs::write(
+        &file,
+        "[storage]\nendpoint = \"ftp://store\"\nregion = \"us east\"\naccess_key_env = \"NOT_SET_ANYWHERE_1\"\n\n\
+         [[buckets]]\nid = \"b\"\nworkspace = \"nope\"\nbucket = \"a/b\"\nalias = \"x\"\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_miosa-edge")).args(["check", "--config"]).arg(&file).output().expect("run check");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for needle in ["storage.endpoint", "storage.region", "storage.access_key_env", "$NOT_SET_ANYWHERE_1 is not set", "buckets[0].bucket"] {
+        assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+    }
+}
+
+/// moto with signature checks on after the set-up's unsigned calls: `GET /` (readiness)
+/// and three IAM calls making a user with S3 rights; returns the server and its keys.
+async fn verifying_store() -> (S3Server, String, String) {
+    let s3 = S3Server::start_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]).await;
+    let out = python(
+        r#"
+import os
+iam = boto3.client("iam", endpoint_url=os.environ["S3"], region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+iam.create_user(UserName="edge")
+k = iam.create_access_key(UserName="edge")["AccessKey"]
+iam.put_user_policy(UserName="edge", PolicyName="s3", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#,
+        &[("S3", s3.endpoint())],
+    );
+    let mut it = out.split_whitespace();
+    let (id, secret) = (it.next().expect("key id").to_string(), it.next().expect("secret").to_string());
+    (s3, id, secret)
+}
+
+#[tokio::test]
+async fn sdk_requests_through_the_edge_verify_at_the_store() {
+    let (s3, id, secret) = verifying_store().await;
+    let env = vec![("STORAGE_KEY_ID", id.clone()), ("STORAGE_KEY_SECRET", secret.clone())];
+    let edge = Edge::start_env(&env, &format!("{}{STATE}", storage_section(&s3.endpoint()))).await;
+    let out = python(
+        r#"
+import os, io, hashlib
+cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1})
+s3 = boto3.client("s3", endpoint_url=os.environ["EP"], region_name="us-east-1",
+                  aws_access_key_id=os.environ["ID"], aws_secret_access_key=os.environ["SECRET"], config=cfg)
+s3.create_bucket(Bucket="proj-uploads")
+s3.put_object(Bucket="proj-uploads", Key="docs/hello world.txt", Body=b"hello", ContentType="text/plain")
+# A multipart upload (3 parts of 5 MiB + a tail) streamed through the edge.
+data = bytes((i * 2654435761 >> 24) & 0xff for i in range(16 * 1024 * 1024 + 123))
+from boto3.s3.transfer import TransferConfig
+s3.upload_fileobj(io.BytesIO(data), "proj-uploads", "big.bin", Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20))
+got = s3.get_object(Bucket="proj-uploads", Key="big.bin")["Body"].read()
+print("big", hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest(), len(got))
+print("hello", s3.get_object(Bucket="proj-uploads", Key="docs/hello world.txt")["Body"].read().decode())
+print("keys", sorted(o["Key"] for o in s3.list_objects_v2(Bucket="proj-uploads")["Contents"]))
+bad = boto3.client("s3", endpoint_url=os.environ["EP"], region_name="us-east-1",
+                   aws_access_key_id=os.environ["ID"], aws_secret_access_key="wrong", config=cfg)
+try:
+    bad.get_object(Bucket="proj-uploads", Key="big.bin")
+    print("refused", False)
+except Exception as e:
+    print("refused", "SignatureDoesNotMatch" in str(e))
+"#,
+        &[("EP", endpoint_of(&edge)), ("ID", id), ("SECRET", secret)],
+    );
+    assert!(out.contains(&format!("big True {}", 16 * 1024 * 1024 + 123)), "{out}\n{}", edge.log());
+    assert!(out.contains("hello hello"), "{out}");
+    assert!(out.contains("keys ['big.bin', 'docs/hello world.txt']"), "{out}");
+    assert!(out.contains("refused True"), "a wrong signature is the store's to refuse: {out}");
+    drop(s3);
+}
+
+#[tokio::test]
+async fn presigned_urls_made_for_the_edge_work_through_it() {
+    let s3 = S3Server::start().await;
+    s3.create_bucket("proj-uploads").await;
+    let edge = Edge::start_env(&storage_env(), &format!("{}{STATE}", storage_section(&s3.endpoint()))).await;
+    let out = python(
+        r#"
+import os
+cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"})
+s3 = boto3.client("s3", endpoint_url=os.environ["EP"], region_name="us-east-1",
+                  aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret", config=cfg)
+print(s3.generate_presigned_url("put_object", Params={"Bucket": "proj-uploads", "Key": "up/page.html", "ContentType": "text/html"}, ExpiresIn=600))
+print(s3.generate_presigned_url("get_object", Params={"Bucket": "proj-uploads", "Key": "up/page.html"}, ExpiresIn=600))
+"#,
+        &[("EP", endpoint_of(&edge))],
+    );
+    let mut urls = out.lines();
+    let (put, get) = (urls.next().expect("put url"), urls.next().expect("get url"));
+    let path_of = |u: &str| u.split_once(&format!(":{}", edge.addr.port())).expect("edge url").1.to_string();
+    let host = format!("storage.localhost:{}", edge.addr.port());
+    let page = b"<script>alert(1)</script>";
+    let r = raw_request(
+        edge.addr,
+        &format!(
+            "PUT {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            path_of(put),
+            page.len(),
+            String::from_utf8_lossy(page)
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), s3.log());
+    let r = raw_request(edge.addr, &format!("GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n", path_of(get))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, page);
+    assert_eq!(r.header("content-security-policy"), Some("sandbox"), "an uploaded page never runs script on the storage origin");
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+}
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmHWM")
+}
+
+#[tokio::test]
+async fn uploads_stream_through_the_s3_endpoint_with_bounded_memory() {
+    // A sink that reads the whole body at its own pace and answers its length.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sink_addr: SocketAddr = sink.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut head = Vec::new();
+                let mut total = 0u64;
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    if head.len() < 4096 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        head.extend_from_slice(&buf[..n]);
+                        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            total += (head.len() - end - 4) as u64;
+                        }
+                    } else {
+                        total += n as u64;
+                    }
+                    if total >= 256 << 20 {
+                        let body = total.to_string();
+                        let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let edge = Edge::start_env(&storage_env(), &format!("{}{STATE}", storage_section(&format!("http://{sink_addr}")))).await;
+    let before = peak_rss_kib(edge.child.id());
+    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    let len: u64 = 256 << 20;
+    let head = format!(
+        "PUT /proj-uploads/huge.bin HTTP/1.1\r\nHost: storage.localhost:{}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+        edge.addr.port()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..256 {
+        s.write_all(&chunk).await.expect("body");
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut answer)).await.expect("answer in time").expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with(&len.to_string()), "{text}\n{}", edge.log());
+    let grew = peak_rss_kib(edge.child.id()).saturating_sub(before);
+    assert!(grew < 32 * 1024, "a 256 MiB upload grew the edge's peak RSS by {grew} KiB");
+}
