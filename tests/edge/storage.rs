@@ -334,3 +334,212 @@ async fn uploads_stream_through_the_s3_endpoint_with_bounded_memory() {
     let grew = peak_rss_kib(edge.child.id()).saturating_sub(before);
     assert!(grew < 32 * 1024, "a 256 MiB upload grew the edge's peak RSS by {grew} KiB");
 }
+
+/// Uploads `body` as `bucket/key` straight to moto (unsigned, as its set-up allows),
+/// with extra header lines (`x-amz-meta-miosa-public: true`, `Content-Type: …`).
+async fn put_object(s3: &S3Server, bucket: &str, key: &str, body: &[u8], headers: &[&str]) {
+    let mut s = TcpStream::connect(s3.addr).await.expect("connect moto");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let head =
+        format!("PUT /{bucket}/{key} HTTP/1.1\r\nHost: {}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n", s3.addr, body.len());
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(body).await.expect("body");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer)).await.expect("moto answers").expect("read");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "put {bucket}/{key}: {}", String::from_utf8_lossy(&answer));
+}
+
+/// Two buckets: `proj` (private: only objects marked public are served) and `pub`
+/// (public), with a verified and an unverified domain.
+const OBJECT_STATE: &str = r##"
+[[workspaces]]
+id = "ws_1"
+slug = "acme"
+branding = { accent_color = "#123456" }
+
+[[buckets]]
+id = "bk_1"
+workspace = "ws_1"
+bucket = "proj-uploads"
+alias = "proj"
+
+[[buckets]]
+id = "bk_pub"
+workspace = "ws_1"
+bucket = "pub-assets"
+alias = "pub"
+public = true
+domains = [{ host = "files.customer.test", verified = true }, { host = "cdn.customer.test" }]
+"##;
+
+const PAGE: &[u8] = b"<script>alert(1)</script>";
+const SVG: &[u8] = b"<svg xmlns='http://www.w3.org/2000/svg'/>";
+const PNG: &[u8] = b"\x89PNG....";
+
+async fn object_store_with_objects() -> S3Server {
+    let s3 = S3Server::start().await;
+    s3.create_bucket("proj-uploads").await;
+    s3.create_bucket("pub-assets").await;
+    put_object(
+        &s3,
+        "proj-uploads",
+        "docs/public.txt",
+        b"hello public world",
+        &["x-amz-meta-miosa-public: true", "Content-Type: text/plain"],
+    )
+    .await;
+    put_object(&s3, "proj-uploads", "docs/hello%20world.txt", b"spaced", &["x-amz-meta-miosa-public: TRUE"]).await;
+    put_object(&s3, "proj-uploads", "private.txt", b"secret", &["Content-Type: text/plain"]).await;
+    put_object(&s3, "pub-assets", "page.html", PAGE, &["Content-Type: text/html", "Cache-Control: max-age=3600"]).await;
+    put_object(&s3, "pub-assets", "logo.svg", SVG, &["Content-Type: image/svg+xml"]).await;
+    put_object(&s3, "pub-assets", "pixel.png", PNG, &["Content-Type: image/png"]).await;
+    s3
+}
+
+#[tokio::test]
+async fn public_objects_are_served_private_and_missing_ones_are_one_404() {
+    let s3 = object_store_with_objects().await;
+    let edge = Edge::start_env(&storage_env(), &format!("{}{OBJECT_STATE}", storage_section(&s3.endpoint()))).await;
+    let r = edge.get("proj.storage.localhost", "/docs/public.txt").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello public world"), "{}\n{}", edge.log(), s3.log());
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    assert_eq!(r.header("content-length"), Some("18"));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"), "the default for objects without their own");
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert!(r.header("etag").is_some_and(|e| e.starts_with('"')), "{:?}", r.headers);
+    assert!(r.header("last-modified").is_some_and(|l| l.ends_with(" GMT")), "{:?}", r.headers);
+    assert!(r.header("content-security-policy").is_none(), "plain text runs nothing");
+    assert!(r.header("set-cookie").is_none() && r.header("x-request-id").is_some());
+    let etag = r.header("etag").expect("etag").to_string();
+
+    // Percent-decoded once: `%2520` names the key `hello%20world.txt`.
+    let r = edge.get("proj.storage.localhost", "/docs/hello%2520world.txt").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "spaced"), "metadata compares case-insensitively");
+
+    // Private and missing: the same answer.
+    let private = edge.get("proj.storage.localhost", "/private.txt").await;
+    let missing = edge.get("proj.storage.localhost", "/missing.txt").await;
+    assert_eq!((private.status, private.code()), (404, "object_not_found".into()));
+    assert_eq!((missing.status, missing.body.clone()), (private.status, private.body.clone()), "indistinguishable");
+    for path in ["/", "/docs/../private.txt", "/a//b", "/%ff"] {
+        let r = edge.get("proj.storage.localhost", path).await;
+        assert_eq!((r.status, r.code()), (404, "object_not_found".into()), "{path}: {}", r.text());
+    }
+    let page = edge.request("GET /private.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nAccept: text/html\r\n").await;
+    assert_eq!(page.status, 404);
+    assert!(page.text().contains("#123456"), "the workspace's branded page");
+
+    // HEAD, Range, conditionals, methods.
+    let r = edge.request("HEAD /docs/public.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\n").await;
+    assert_eq!((r.status, r.header("content-length"), r.body.len()), (200, Some("18"), 0));
+    let r = edge.request("GET /docs/public.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nRange: bytes=6-11\r\n").await;
+    assert_eq!((r.status, r.text().as_str(), r.header("content-range")), (206, "public", Some("bytes 6-11/18")));
+    let r = edge.request("GET /docs/public.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nRange: bytes=-5\r\n").await;
+    assert_eq!((r.status, r.text().as_str()), (206, "world"));
+    let r = edge.request("GET /docs/public.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nRange: bytes=100-200\r\n").await;
+    assert_eq!((r.status, r.header("content-range")), (416, Some("bytes */18")), "{}", r.text());
+    let r = edge.request("GET /private.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nRange: bytes=100-200\r\n").await;
+    assert_eq!(r.status, 404, "a private object's size is not told either");
+    let r = edge.request(&format!("GET /docs/public.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nIf-None-Match: {etag}\r\n")).await;
+    assert_eq!((r.status, r.body.len(), r.header("etag")), (304, 0, Some(etag.as_str())));
+    let r = edge.request("GET /private.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nIf-None-Match: *\r\n").await;
+    assert_eq!(r.status, 404, "a condition does not reveal a private object");
+    let r = edge.request("POST /docs/public.txt HTTP/1.1\r\nHost: proj.storage.localhost\r\nContent-Length: 0\r\n").await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
+
+    // A public bucket: every object; the object's own Cache-Control; CSP sandbox on
+    // HTML and SVG, not on images; its verified domain, and 421 on the unverified one.
+    let r = edge.get("pub.storage.localhost", "/page.html").await;
+    assert_eq!((r.status, r.header("content-security-policy"), r.header("cache-control")), (200, Some("sandbox"), Some("max-age=3600")));
+    let r = edge.get("files.customer.test", "/logo.svg").await;
+    assert_eq!((r.status, r.header("content-security-policy")), (200, Some("sandbox")));
+    let r = edge.get("files.customer.test", "/pixel.png").await;
+    assert_eq!((r.status, r.header("content-security-policy"), r.header("content-type")), (200, None, Some("image/png")));
+    let r = edge.get("cdn.customer.test", "/pixel.png").await;
+    assert_eq!((r.status, r.code()), (421, "domain_not_verified".into()));
+    let r = edge.get("nope.storage.localhost", "/pixel.png").await;
+    assert_eq!((r.status, r.code()), (404, "unknown_host".into()));
+
+    // Egress per bucket: the body bytes of what was sent.
+    let u = edge.api("GET", "/v1/usage", None).await.json();
+    let pub_bytes = u["buckets"].as_array().and_then(|b| b.iter().find(|e| e["id"] == "bk_pub")).map(|e| e["bytes"].clone());
+    let expected = PAGE.len() + SVG.len() + PNG.len();
+    assert_eq!(pub_bytes, Some(serde_json::json!(expected)), "{u}");
+}
+
+#[tokio::test]
+async fn a_store_that_refuses_or_stalls_is_502_or_504() {
+    let refused = crate::support::closed_port("127.0.0.1");
+    let edge = Edge::start_env(
+        &storage_env(),
+        &format!("{}timeout_ms = 500\n{OBJECT_STATE}", storage_section(&format!("http://127.0.0.1:{refused}"))),
+    )
+    .await;
+    let r = edge.get("pub.storage.localhost", "/x").await;
+    assert_eq!((r.status, r.code()), (502, "storage_unavailable".into()), "{}", r.text());
+    let page = edge.request("GET /x HTTP/1.1\r\nHost: pub.storage.localhost\r\nAccept: text/html\r\n").await;
+    assert!(page.text().contains("#123456") && page.status == 502, "the tenant's page");
+    // A store that takes the connection and never answers.
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stall_addr = stall.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = stall.accept().await {
+            socks.push(s);
+        }
+    });
+    edge.write_config(&format!("{}timeout_ms = 500\n{OBJECT_STATE}", storage_section(&format!("http://{stall_addr}"))));
+    let r = eventually(Duration::from_secs(10), || async {
+        let r = edge.get("pub.storage.localhost", "/x").await;
+        (r.status != 502).then_some(r)
+    })
+    .await
+    .expect("the reload takes the new endpoint");
+    assert_eq!((r.status, r.code()), (504, "upstream_timeout".into()), "{}", r.text());
+    held.abort();
+}
+
+#[tokio::test]
+async fn storage_reloads_live() {
+    let s3 = object_store_with_objects().await;
+    let edge = Edge::start_env(&storage_env(), OBJECT_STATE).await;
+    let r = edge.get("pub.storage.localhost", "/pixel.png").await;
+    assert_eq!((r.status, r.code()), (404, "unknown_host".into()), "no [storage] yet");
+    edge.write_config(&format!("{}{OBJECT_STATE}", storage_section(&s3.endpoint())));
+    let served = eventually(Duration::from_secs(10), || async {
+        let r = edge.get("pub.storage.localhost", "/pixel.png").await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert!(served.is_some(), "[storage] added by a reload serves objects: {}", edge.log());
+}
+
+#[tokio::test]
+async fn a_large_object_streams_to_a_slow_client_with_flat_memory() {
+    let s3 = S3Server::start().await;
+    s3.create_bucket("pub-assets").await;
+    let len = 48usize << 20;
+    let big: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0]).collect();
+    put_object(&s3, "pub-assets", "big.bin", &big, &["Content-Type: application/octet-stream"]).await;
+    let edge = Edge::start_env(&storage_env(), &format!("{}{OBJECT_STATE}", storage_section(&s3.endpoint()))).await;
+    let before = peak_rss_kib(edge.child.id());
+    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: pub.storage.localhost\r\nConnection: close\r\n\r\n").await.expect("request");
+    // About 24 MB/s: 64 KiB, then a pause.
+    let mut got = Vec::with_capacity(len + 4096);
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf)).await.expect("in time").expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_micros(2500)).await;
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..end]));
+    assert!(got[end..] == big[..], "the object, byte for byte ({} of {len} bytes)", got.len() - end);
+    let grew = peak_rss_kib(edge.child.id()).saturating_sub(before);
+    assert!(grew < 16 * 1024, "a 48 MiB object to a slow client grew the edge's peak RSS by {grew} KiB");
+}
