@@ -57,6 +57,7 @@ pub mod schema;
 pub mod server;
 pub mod services;
 pub mod state;
+pub mod storage;
 pub mod store;
 pub mod tls;
 pub mod upstream;
