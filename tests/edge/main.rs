@@ -21,6 +21,7 @@ mod releases;
 mod reload;
 mod routes;
 mod s3;
+mod storage_objects;
 mod tls;
 mod upstreams;
 mod wake;
