@@ -322,7 +322,8 @@ impl Storage {
 
     /// GET or HEAD of object `key` (from [`key_of`]) of store bucket `bucket` for
     /// `req`, `public_bucket` when the bucket makes every object public. See the module
-    /// head for how conditionals and ranges are decided.
+    /// head for how conditionals and ranges are decided. Any method but `HEAD` is
+    /// served as a `GET`: the caller answers other methods 405 before asking.
     pub async fn object(&self, bucket: &str, public_bucket: bool, key: &str, req: &RequestHeader) -> Result<ObjectPlan, StorageError> {
         let store = self.store(bucket)?;
         // Anything `key_of` returns parses to itself; anything else names no object.

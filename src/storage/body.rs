@@ -9,14 +9,16 @@
 
 use super::{Redactor, StorageError};
 use bytes::Bytes;
-use futures_util::stream::BoxStream;
+use futures_util::stream::{BoxStream, Fuse};
+use futures_util::StreamExt;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// The bytes of one GET (the whole object or its range), read chunk by chunk.
 pub struct ObjectBody {
-    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    /// Fused: once it has ended (or failed), it stays ended, however often it is asked.
+    stream: Fuse<BoxStream<'static, object_store::Result<Bytes>>>,
     /// Bytes still to come (of those announced).
     left: u64,
     idle: Duration,
@@ -36,7 +38,7 @@ impl ObjectBody {
         idle: Duration,
         redactor: Arc<Redactor>,
     ) -> ObjectBody {
-        ObjectBody { stream, left: len, idle, redactor }
+        ObjectBody { stream: stream.fuse(), left: len, idle, redactor }
     }
 
     /// Bytes not yet returned by [`ObjectBody::next`].
@@ -44,9 +46,10 @@ impl ObjectBody {
         self.left
     }
 
-    /// The next non-empty chunk, `Ok(None)` at the end. Errors: `Timeout` when the
-    /// store sends nothing for the idle timeout; `Unavailable` when it fails, ends
-    /// before the announced length or sends more than it.
+    /// The next non-empty chunk, `Ok(None)` at the end (and on every later call).
+    /// Errors: `Timeout` when the store sends nothing for the idle timeout;
+    /// `Unavailable` when it fails, ends before the announced length (also on every
+    /// call after a failure) or sends more than it.
     pub async fn next(&mut self) -> Result<Option<Bytes>, StorageError> {
         let idle = self.idle;
         let polled = tokio::time::timeout(idle, self.next_chunk()).await.map_err(|_| StorageError::Timeout)?;
@@ -67,8 +70,7 @@ impl ObjectBody {
     /// The stream's next item, skipping empty chunks.
     async fn next_chunk(&mut self) -> Option<object_store::Result<Bytes>> {
         loop {
-            // `poll_next` is callable on the boxed `dyn Stream` without naming the trait.
-            match std::future::poll_fn(|cx| self.stream.as_mut().poll_next(cx)).await {
+            match self.stream.next().await {
                 Some(Ok(chunk)) if chunk.is_empty() => continue,
                 other => return other,
             }

@@ -244,6 +244,7 @@ async fn storage_objects_conditionals_and_a_large_body() {
         chunks += 1;
     }
     assert_eq!(body.remaining(), 0);
+    assert!(body.next().await.expect("still the end").is_none(), "asking again after the end is harmless");
     assert!(got == big, "the 5 MiB object, byte for byte ({} bytes read)", got.len());
     assert!(chunks > 1, "streamed, not one buffer");
 }
