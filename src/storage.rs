@@ -343,7 +343,11 @@ impl Storage {
         let Some(range) = ask.range else { return fetch.whole().await };
         match fetch.get(false, Some(range)).await {
             Ok(found) if ask.if_range_holds(&found.meta) => Ok(found.into_plan(false, true, self)),
-            Ok(_stale) => fetch.whole().await,
+            Ok(stale) => {
+                // Release its connection before asking for the whole object.
+                drop(stale);
+                fetch.whole().await
+            }
             Err(Failure::Store(e)) if !matches!(e, object_store::Error::NotFound { .. }) => fetch.refused_range(&ask, range).await,
             Err(f) => Err(f.into_error(&self.redactor)),
         }
