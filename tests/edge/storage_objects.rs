@@ -8,6 +8,8 @@ use crate::support::closed_port;
 use miosa_edge::storage::{ObjectPlan, Storage, StorageError, StorageSettings, DEFAULT_CACHE_CONTROL};
 use pingora::http::RequestHeader;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -329,4 +331,44 @@ async fn storage_objects_store_down_silent_or_failing() {
     let started = Instant::now();
     assert!(matches!(body.next().await, Err(StorageError::Timeout)));
     assert!(started.elapsed() >= short && started.elapsed() < short + Duration::from_millis(500), "{:?}", started.elapsed());
+}
+
+/// A keep-alive loopback "store" answering every request with a 2-byte object; counts
+/// the connections it accepts.
+async fn counting_store() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\netag: \"k\"\r\n\r\nok";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn storage_objects_buckets_share_one_connection_pool() {
+    let (addr, accepted) = counting_store().await;
+    let storage = Storage::new(settings(format!("http://{addr}"), Duration::from_secs(5), Duration::from_secs(5))).expect("storage");
+    for bucket in ["bucket-a", "bucket-b", "bucket-a", "bucket-c"] {
+        let (plan, bytes) = fetch(&storage, bucket, true, "k", "GET", &[]).await.expect("object");
+        assert_eq!((plan.status, bytes.as_slice()), (200, &b"ok"[..]));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection for every bucket");
 }
