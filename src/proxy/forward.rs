@@ -79,7 +79,7 @@ pub fn downstream_response(resp: &mut ResponseHeader, client: http::Version, ctx
 /// sandbox` for types that can run script, and no cookie (CONTRACT §12).
 pub fn storage_response(resp: &mut ResponseHeader) -> Result<()> {
     resp.insert_header("x-content-type-options", "nosniff")?;
-    let scriptable = resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| crate::storage::runs_script(v.as_bytes()));
+    let scriptable = resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| crate::storage::scriptable(v.as_bytes()));
     if scriptable {
         resp.insert_header(header::CONTENT_SECURITY_POLICY, "sandbox")?;
     }

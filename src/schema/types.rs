@@ -78,8 +78,9 @@ string_newtype!(
     check_workspace_id
 );
 string_newtype!(
-    /// A bucket's name in the store: 1 to 255 of `A-Z a-z 0-9 . _ -`, not `.` or `..`
-    /// (S3-compatible stores differ on the finer rules; the store has the last word).
+    /// A bucket's name in the store: 1 to 255 of `A-Z a-z 0-9 . _ -`, starting with a
+    /// letter or a digit (S3-compatible stores differ on the finer rules; the store has
+    /// the last word).
     BucketName,
     check_bucket_name
 );
@@ -116,8 +117,8 @@ fn check_bucket_name(s: &str) -> Result<(), String> {
     if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(format!("`{c}` is not allowed in a bucket name (only `A-Z a-z 0-9 . _ -`)"));
     }
-    if s == "." || s == ".." {
-        return Err(format!("`{s}` is not a bucket name"));
+    if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("`{s}` must start with a letter or a digit"));
     }
     Ok(())
 }

@@ -24,8 +24,8 @@ const ORDER: &[&str] = &[
     "access", "pages", "access_log",
     // the published snapshot
     "routing",
-    // static releases (files a snapshot names), the operators' file (assembling
-    // sections owned by the modules below it), the writers
+    // static releases (files a snapshot names), public storage objects, the operators'
+    // file (assembling sections owned by the modules below it), the writers
     "releases", "storage", "config", "store", "reload",
     // behaviour around the request path and the background services
     "hostile", "front", "tls", "upstream", "cluster", "acme", "control",

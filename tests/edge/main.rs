@@ -22,6 +22,7 @@ mod reload;
 mod routes;
 mod s3;
 mod storage;
+mod storage_objects;
 mod tls;
 mod upstreams;
 mod wake;

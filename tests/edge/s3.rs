@@ -44,8 +44,14 @@ impl Drop for S3Server {
 /// the connection fails. Requests are unsigned: moto accepts them for bucket creation
 /// and uploads, so setting up never goes through the code under test.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// [`http`] with extra request headers.
+async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr).await.ok()?;
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let extra: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     s.write_all(head.as_bytes()).await.ok()?;
     s.write_all(body).await.ok()?;
     let mut buf = Vec::new();
@@ -141,6 +147,14 @@ impl S3Server {
         assert!(matches!(answer, Some((200, _))), "put {bucket}/{key}: {answer:?}\n{}", self.log());
     }
 
+    /// Uploads `bytes` as object `key` of `bucket` with request `headers` (moto keeps
+    /// `Content-Type`, `Cache-Control`, `Content-Disposition`, `x-amz-meta-*`…). `key` is
+    /// percent-encoded here, so it may hold spaces or any Unicode.
+    pub async fn put_with_headers(&self, bucket: &str, key: &str, headers: &[(&str, &str)], bytes: &[u8]) {
+        let answer = http_with(self.addr, "PUT", &format!("/{bucket}/{}", encode_key(key)), headers, bytes).await;
+        assert!(matches!(answer, Some((200, _))), "put {bucket}/{key}: {answer:?}\n{}", self.log());
+    }
+
     /// Store settings for this server, as the edge builds them from its environment
     /// ([`S3Server::edge_env`]) with `STORAGE_BUCKET` = `bucket`.
     pub fn settings(&self, bucket: Option<&str>) -> S3Settings {
@@ -166,6 +180,13 @@ impl S3Server {
             ("AWS_REGION", "us-east-1".into()),
         ]
     }
+}
+
+/// `key` percent-encoded for a request path: every byte but unreserved ones and `/`.
+pub fn encode_key(key: &str) -> String {
+    key.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

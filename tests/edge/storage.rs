@@ -335,20 +335,6 @@ async fn uploads_stream_through_the_s3_endpoint_with_bounded_memory() {
     assert!(grew < 32 * 1024, "a 256 MiB upload grew the edge's peak RSS by {grew} KiB");
 }
 
-/// Uploads `body` as `bucket/key` straight to moto (unsigned, as its set-up allows),
-/// with extra header lines (`x-amz-meta-miosa-public: true`, `Content-Type: …`).
-async fn put_object(s3: &S3Server, bucket: &str, key: &str, body: &[u8], headers: &[&str]) {
-    let mut s = TcpStream::connect(s3.addr).await.expect("connect moto");
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let head =
-        format!("PUT /{bucket}/{key} HTTP/1.1\r\nHost: {}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n", s3.addr, body.len());
-    s.write_all(head.as_bytes()).await.expect("head");
-    s.write_all(body).await.expect("body");
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer)).await.expect("moto answers").expect("read");
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "put {bucket}/{key}: {}", String::from_utf8_lossy(&answer));
-}
-
 /// Two buckets: `proj` (private: only objects marked public are served) and `pub`
 /// (public), with a verified and an unverified domain.
 const OBJECT_STATE: &str = r##"
@@ -380,19 +366,14 @@ async fn object_store_with_objects() -> S3Server {
     let s3 = S3Server::start().await;
     s3.create_bucket("proj-uploads").await;
     s3.create_bucket("pub-assets").await;
-    put_object(
-        &s3,
-        "proj-uploads",
-        "docs/public.txt",
-        b"hello public world",
-        &["x-amz-meta-miosa-public: true", "Content-Type: text/plain"],
-    )
-    .await;
-    put_object(&s3, "proj-uploads", "docs/hello%20world.txt", b"spaced", &["x-amz-meta-miosa-public: TRUE"]).await;
-    put_object(&s3, "proj-uploads", "private.txt", b"secret", &["Content-Type: text/plain"]).await;
-    put_object(&s3, "pub-assets", "page.html", PAGE, &["Content-Type: text/html", "Cache-Control: max-age=3600"]).await;
-    put_object(&s3, "pub-assets", "logo.svg", SVG, &["Content-Type: image/svg+xml"]).await;
-    put_object(&s3, "pub-assets", "pixel.png", PNG, &["Content-Type: image/png"]).await;
+    let public = [("x-amz-meta-miosa-public", "true"), ("Content-Type", "text/plain")];
+    s3.put_with_headers("proj-uploads", "docs/public.txt", &public, b"hello public world").await;
+    s3.put_with_headers("proj-uploads", "docs/hello world.txt", &[("x-amz-meta-miosa-public", "TRUE")], b"spaced").await;
+    s3.put_with_headers("proj-uploads", "docs/100%25.txt", &[("x-amz-meta-miosa-public", "true")], b"percent").await;
+    s3.put_with_headers("proj-uploads", "private.txt", &[("Content-Type", "text/plain")], b"secret").await;
+    s3.put_with_headers("pub-assets", "page.html", &[("Content-Type", "text/html"), ("Cache-Control", "max-age=3600")], PAGE).await;
+    s3.put_with_headers("pub-assets", "logo.svg", &[("Content-Type", "image/svg+xml")], SVG).await;
+    s3.put_with_headers("pub-assets", "pixel.png", &[("Content-Type", "image/png")], PNG).await;
     s3
 }
 
@@ -412,9 +393,11 @@ async fn public_objects_are_served_private_and_missing_ones_are_one_404() {
     assert!(r.header("set-cookie").is_none() && r.header("x-request-id").is_some());
     let etag = r.header("etag").expect("etag").to_string();
 
-    // Percent-decoded once: `%2520` names the key `hello%20world.txt`.
-    let r = edge.get("proj.storage.localhost", "/docs/hello%2520world.txt").await;
+    // The key is the path percent-decoded exactly once.
+    let r = edge.get("proj.storage.localhost", "/docs/hello%20world.txt").await;
     assert_eq!((r.status, r.text().as_str()), (200, "spaced"), "metadata compares case-insensitively");
+    let r = edge.get("proj.storage.localhost", "/docs/100%2525.txt").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "percent"), "`%2525` names `%25`, not `%`");
 
     // Private and missing: the same answer.
     let private = edge.get("proj.storage.localhost", "/private.txt").await;
@@ -520,7 +503,7 @@ async fn a_large_object_streams_to_a_slow_client_with_flat_memory() {
     s3.create_bucket("pub-assets").await;
     let len = 48usize << 20;
     let big: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0]).collect();
-    put_object(&s3, "pub-assets", "big.bin", &big, &["Content-Type: application/octet-stream"]).await;
+    s3.put_with_headers("pub-assets", "big.bin", &[("Content-Type", "application/octet-stream")], &big).await;
     let edge = Edge::start_env(&storage_env(), &format!("{}{OBJECT_STATE}", storage_section(&s3.endpoint()))).await;
     let before = peak_rss_kib(edge.child.id());
     let mut s = TcpStream::connect(edge.addr).await.expect("connect");
