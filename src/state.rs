@@ -106,26 +106,7 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
             err(format!("{p}.name"), format!("workspace `{}` already has a deployment named `{}`", d.workspace, d.name));
         }
         rules::deployment(d, domains, &mut |f, m| err(format!("{p}.{f}"), m));
-        for (j, dom) in d.domains.iter().enumerate() {
-            let path = format!("{p}.domains[{j}].host");
-            let h = dom.host.as_str();
-            if rules::deployment_host_conflict(h, domains).is_some() {
-                continue;
-            }
-            if let Some((_, parent)) = h.split_once('.') {
-                if let Some(owner) = tenant_domains.get(parent) {
-                    if *owner != d.workspace.as_str() {
-                        err(path.clone(), format!("`{h}` is under workspace `{owner}`'s domain `{parent}`"));
-                    }
-                }
-            }
-            match hosts.get(h) {
-                Some(prev) => err(path, format!("host `{h}` is already claimed by {prev}")),
-                None => {
-                    hosts.insert(h, path);
-                }
-            }
-        }
+        claim_custom_domains(&p, &d.workspace, &d.domains, domains, &tenant_domains, &mut hosts, &mut err);
     }
 
     let mut bucket_ids = HashSet::default();
@@ -146,32 +127,47 @@ pub fn validate(state: &State, domains: &Domains) -> Result<(), Vec<StateError>>
             err(format!("{p}.bucket"), format!("store bucket `{}` is already served by buckets[{prev}]", b.bucket));
         }
         rules::bucket(b, domains, &mut |f, m| err(format!("{p}.{f}"), m));
-        for (j, dom) in b.domains.iter().enumerate() {
-            let path = format!("{p}.domains[{j}].host");
-            let h = dom.host.as_str();
-            if rules::deployment_host_conflict(h, domains).is_some() {
-                continue;
-            }
-            if let Some((_, parent)) = h.split_once('.') {
-                if let Some(owner) = tenant_domains.get(parent) {
-                    if *owner != b.workspace.as_str() {
-                        err(path.clone(), format!("`{h}` is under workspace `{owner}`'s domain `{parent}`"));
-                    }
-                }
-            }
-            match hosts.get(h) {
-                Some(prev) => err(path, format!("host `{h}` is already claimed by {prev}")),
-                None => {
-                    hosts.insert(h, path);
-                }
-            }
-        }
+        claim_custom_domains(&p, &b.workspace, &b.domains, domains, &tenant_domains, &mut hosts, &mut err);
     }
 
     if errs.is_empty() {
         Ok(())
     } else {
         Err(errs)
+    }
+}
+
+/// The custom domains of the deployment or bucket at `p` (of `workspace`): each claimed
+/// once across the state, and none under another workspace's tenant domain. A host in a
+/// platform zone is left to the object's own rules.
+fn claim_custom_domains<'s>(
+    p: &str,
+    workspace: &WorkspaceId,
+    entries: &'s [DomainEntry],
+    domains: &Domains,
+    tenant_domains: &HashMap<&str, &str>,
+    hosts: &mut HashMap<&'s str, String>,
+    err: &mut impl FnMut(String, String),
+) {
+    for (j, dom) in entries.iter().enumerate() {
+        let path = format!("{p}.domains[{j}].host");
+        let h = dom.host.as_str();
+        if rules::deployment_host_conflict(h, domains).is_some() {
+            continue;
+        }
+        if let Some((_, parent)) = h.split_once('.') {
+            if let Some(owner) = tenant_domains.get(parent) {
+                if *owner != workspace.as_str() {
+                    err(path.clone(), format!("`{h}` is under workspace `{owner}`'s domain `{parent}`"));
+                }
+            }
+        }
+        match hosts.get(h) {
+            Some(prev) => err(path, format!("host `{h}` is already claimed by {prev}")),
+            None => {
+                hosts.insert(h, path);
+            }
+        }
     }
 }
 

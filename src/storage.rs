@@ -145,7 +145,7 @@ pub(crate) struct Redactor {
 impl Redactor {
     /// `e` and its causes as one message, without secrets, at most [`MAX_MESSAGE`] bytes.
     fn message(&self, e: &dyn std::error::Error) -> String {
-        let mut text = chain(e);
+        let mut text = crate::releases::store::chain(e);
         for s in self.secrets.iter().filter(|s| !s.is_empty()) {
             text = text.replace(s.as_str(), "<redacted>");
         }
@@ -159,21 +159,6 @@ impl Redactor {
         }
         text
     }
-}
-
-/// `e` and its causes (reqwest hides the useful part in the sources).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Hands every bucket's client the one HTTP client, so connections pool across

@@ -94,7 +94,8 @@ def main():
         wait_port(s_port)
         store_host = f"127.0.0.1:{s_port}"
         assert http_do(s_port, "PUT", "/bench-public", store_host)[0] == 200
-        assert http_do(s_port, "PUT", "/bench-public/1k", store_host, b"x" * 1024, {"Content-Type": "text/plain"})[0] == 200
+        assert http_do(s_port, "PUT", "/bench-public/1k", store_host, b"x" * 1024,
+                       {"Content-Type": "text/plain", "x-amz-acl": "public-read"})[0] == 200  # readable unsigned: the origin case
         big = os.urandom(1 << 20) * a.big_mib
         assert http_do(s_port, "PUT", "/bench-public/big", store_host, big, {"Content-Type": "application/octet-stream"})[0] == 200
 

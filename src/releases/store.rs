@@ -414,7 +414,7 @@ fn builder(bucket: Option<&str>, settings: &S3Settings) -> Result<AmazonS3Builde
 }
 
 /// `e` and its causes, for a message (reqwest hides the useful part in the sources).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
