@@ -4,23 +4,29 @@ store, against proxying the same bytes from the same store as an origin.
 
 Run through benches/load/run.sh storage (it installs nginx and wrk and builds the release
 binary); moto_server comes from scripts/deps. Starts, all on loopback:
-  - store:  moto_server, holding bucket `bench-public` (public) with objects of 1 KiB,
-            and one of --big-mib MiB;
-  - edge:   miosa-edge, 1 worker thread, pinned to CPU 0, with [storage] on the store,
-            bucket alias `bench`, and a deployment `raw` whose instance is the store
-            itself (so `raw.bench.apps.localhost/bench-public/1k` is the same object
-            through the same store, proxied: one upstream exchange either way);
-  - nginx:  one process on CPU 0 proxying that same path to the store (keep-alive).
+  - stores: moto_server, holding bucket `bench-public` (public) with objects of 1 KiB,
+            and one of --big-mib MiB; and nginx serving the same 1 KiB at the same path
+            (sendfile, tcp_nopush, keep-alive: a fast store that ignores signatures, so
+            the figures isolate the edge's own cost from moto's, which closes every
+            connection);
+  - edges:  two miosa-edge processes (one per store), 1 worker thread each, on CPU 0,
+            with [storage] on their store, bucket alias `bench`, and a deployment `raw`
+            whose instance is the store itself (so `raw.bench.apps.localhost/bench-public/1k`
+            is the same object through the same store, proxied: one upstream exchange
+            either way), and the same 1 KiB as a static release;
+  - nginx:  one process on CPU 0 proxying that same path to each store (keep-alive).
 wrk and the store share CPU 1. Scenarios, each bounded (--seconds), alternately:
   S1. GET of the 1 KiB public object: edge (object read, SigV4-signed, streamed) vs the
-      edge proxying the same object vs nginx proxying it. The figure is each proxy's own
-      CPU time per request (utime+stime from /proc over requests served).
+      edge proxying the same object vs nginx proxying it, and the same 1 KiB served by the
+      edge from memory (a static release file: what a small in-memory object cache would
+      cost per hit). The figure is each proxy's own CPU time per request (utime+stime
+      from /proc over requests served).
   S2. The --big-mib object to a client reading at --slow-mbps MB/s: the edge's peak RSS
       growth (VmHWM) while it streams, and the bytes received.
 moto is a Python server: its throughput bounds req/s (not the edge's CPU per request,
 which is what is compared). Every process is stopped at the end, also on failure.
 """
-import argparse, http.client, os, shutil, socket, subprocess, sys, tempfile, time
+import argparse, hashlib, http.client, os, shutil, socket, subprocess, sys, tarfile, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import CLK, ROOT, Procs, cpu_ticks, free_port, nginx_conf, wait_port, wrk  # noqa: E402
@@ -88,28 +94,53 @@ def main():
     d = tempfile.mkdtemp(prefix="miosa-storage-bench-")
     procs = Procs()
     try:
-        s_port, e_port, c_port, n_port = (free_port() for _ in range(4))
+        s_port, g_port, n_port, ng_port = (free_port() for _ in range(4))
         env = dict(os.environ, S3_IGNORE_SUBDOMAIN_BUCKETNAME="true")
-        procs.start("store", ["moto_server", "-H", "127.0.0.1", "-p", str(s_port)], 1, env=env)
+        procs.start("moto", ["moto_server", "-H", "127.0.0.1", "-p", str(s_port)], 1, env=env)
+        # A second store: nginx serving the same object at the same path, as a fast
+        # keep-alive origin (sendfile, tcp_nopush) that ignores the signature: it isolates
+        # the edge's own cost per request from moto's (moto closes every connection).
+        www = os.path.join(d, "www", "bench-public")
+        os.makedirs(www)
+        with open(os.path.join(www, "1k"), "wb") as f:
+            f.write(b"x" * 1024)
+        conf = nginx_conf(d, "store", f"server {{ listen 127.0.0.1:{g_port}; root {os.path.dirname(www)}; sendfile on; tcp_nopush on; }}")
+        procs.start("nginx-store", ["nginx", "-c", conf, "-p", d], 1)
         wait_port(s_port)
-        store_host = f"127.0.0.1:{s_port}"
-        assert http_do(s_port, "PUT", "/bench-public", store_host)[0] == 200
-        assert http_do(s_port, "PUT", "/bench-public/1k", store_host, b"x" * 1024,
+        wait_port(g_port)
+        moto_host, nginx_store = f"127.0.0.1:{s_port}", f"127.0.0.1:{g_port}"
+        assert http_do(s_port, "PUT", "/bench-public", moto_host)[0] == 200
+        assert http_do(s_port, "PUT", "/bench-public/1k", moto_host, b"x" * 1024,
                        {"Content-Type": "text/plain", "x-amz-acl": "public-read"})[0] == 200  # readable unsigned: the origin case
         big = os.urandom(1 << 20) * a.big_mib
-        assert http_do(s_port, "PUT", "/bench-public/big", store_host, big, {"Content-Type": "application/octet-stream"})[0] == 200
+        assert http_do(s_port, "PUT", "/bench-public/big", moto_host, big, {"Content-Type": "application/octet-stream"})[0] == 200
 
-        edge_conf = os.path.join(d, "edge.toml")
-        with open(edge_conf, "w") as f:
-            f.write(f"""[server]
+        # The same 1 KiB as a static release (served from the edge's memory).
+        releases = os.path.join(d, "releases")
+        os.makedirs(releases)
+        tgz = os.path.join(d, "r.tar.gz")
+        with tarfile.open(tgz, "w:gz") as t:
+            t.add(os.path.join(www, "1k"), arcname="1k")
+        with open(tgz, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        shutil.move(tgz, os.path.join(releases, f"{sha}.tar.gz"))
+
+        def start_edge(name, store_host):
+            """An edge on CPU 0 whose [storage] and deployment `raw` are `store_host`."""
+            e_port, c_port = free_port(), free_port()
+            path = os.path.join(d, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(f"""[server]
 http = "127.0.0.1:{e_port}"
-state_dir = "{d}/var"
+state_dir = "{d}/{name}-var"
 threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
 [storage]
 endpoint = "http://{store_host}"
+[static]
+store = "{releases}"
 [[workspaces]]
 id = "ws_bench"
 slug = "bench"
@@ -127,72 +158,95 @@ active_version = "v1"
 [[deployments.versions]]
 id = "v1"
 release = {{ kind = "dynamic", instances = ["{store_host}"] }}
+[[deployments]]
+id = "dep_site"
+workspace = "ws_bench"
+name = "site"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "static", sha256 = "{sha}" }}
 """)
-        env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn",
-                   STORAGE_KEY_ID="bench-key-id", STORAGE_KEY_SECRET="bench-key-secret")
-        edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
+            env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn",
+                       STORAGE_KEY_ID="bench-key-id", STORAGE_KEY_SECRET="bench-key-secret")
+            proc = procs.start(name, [a.edge, "run", "--config", path], 0, env=env)
+            wait_port(e_port)
+            return proc, e_port
+
+        edge_m, em_port = start_edge("edge-moto", moto_host)
+        edge_g, eg_port = start_edge("edge-nginx-store", nginx_store)
         conf = nginx_conf(d, "proxy", f"""
-  upstream store {{ server {store_host}; keepalive 64; }}
+  upstream moto {{ server {moto_host}; keepalive 64; }}
+  upstream store {{ server {nginx_store}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{n_port};
-    location / {{
-      proxy_pass http://store;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $http_host;
-      proxy_set_header X-Forwarded-For $remote_addr;
-    }}
+    location / {{ proxy_pass http://moto; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $http_host; }}
+  }}
+  server {{
+    listen 127.0.0.1:{ng_port};
+    location / {{ proxy_pass http://store; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $http_host; }}
   }}""")
         nginx = procs.start("nginx", ["nginx", "-c", conf, "-p", d], 0)
-        for p in [e_port, c_port, n_port]:
-            wait_port(p)
-        obj_host, raw_host = "bench.storage.localhost", "raw.bench.apps.localhost"
-        for port, host, path in [(e_port, obj_host, "/1k"), (e_port, raw_host, "/bench-public/1k"), (n_port, store_host, "/bench-public/1k")]:
+        wait_port(n_port)
+        wait_port(ng_port)
+        obj_host, raw_host, site_host = "bench.storage.localhost", "raw.bench.apps.localhost", "site.bench.apps.localhost"
+        for _ in range(100):  # the release is fetched and unpacked at start
+            if http_do(em_port, "GET", "/1k", site_host)[0] == 200:
+                break
+            time.sleep(0.1)
+        checks = [(em_port, obj_host, "/1k"), (em_port, raw_host, "/bench-public/1k"), (n_port, moto_host, "/bench-public/1k"),
+                  (eg_port, obj_host, "/1k"), (eg_port, raw_host, "/bench-public/1k"), (ng_port, nginx_store, "/bench-public/1k"),
+                  (em_port, site_host, "/1k")]
+        for port, host, path in checks:
             status, body = http_do(port, "GET", path, host)
             if status != 200 or len(body) != 1024:
-                sys.exit(f"{host}{path} answered {status} with {len(body)} bytes")
+                sys.exit(f"{host}{path} on {port} answered {status} with {len(body)} bytes")
 
         rows = []
 
-        def run(label, port, proc, path, host):
+        def run(store, label, port, proc, path, host):
             wrk(port, host, path, 1, a.connections)  # warm-up
             before = cpu_ticks(proc.pid)
             r = wrk(port, host, path, a.seconds, a.connections)
             after = cpu_ticks(proc.pid)
             r["cpu_us"] = (after - before) / CLK * 1e6 / r["requests"] if r["requests"] else None
-            r["target"] = label
+            r["target"], r["store"] = label, store
             rows.append(r)
-            print(f"  S1 1 KiB object  {label:<24} {r['rps']:>7.0f} req/s  p50 {r['p50']:>7.0f} us  p99 {r['p99']:>7.0f} us  "
+            print(f"  S1 1 KiB from {store:<6} {label:<26} {r['rps']:>7.0f} req/s  p50 {r['p50']:>7.0f} us  p99 {r['p99']:>7.0f} us  "
                   f"cpu {r['cpu_us'] or 0:>6.1f} us/req  errors {r['errors']}", flush=True)
 
         for _ in range(a.rounds):
-            run("edge: public object", e_port, edge, "/1k", obj_host)
-            run("edge: proxied from store", e_port, edge, "/bench-public/1k", raw_host)
-            run("nginx: proxied from store", n_port, nginx, "/bench-public/1k", store_host)
+            for store, port, ng, ng_host in [("nginx", eg_port, ng_port, nginx_store), ("moto", em_port, n_port, moto_host)]:
+                proc = edge_g if store == "nginx" else edge_m
+                run(store, "edge: public object", port, proc, "/1k", obj_host)
+                run(store, "edge: proxied from store", port, proc, "/bench-public/1k", raw_host)
+                run(store, "nginx: proxied from store", ng, nginx, "/bench-public/1k", ng_host)
+            run("-", "edge: from memory", em_port, edge_m, "/1k", site_host)
 
         # S2: a big object to a slow client.
-        rss0, hwm0 = vm(edge.pid, "VmRSS"), vm(edge.pid, "VmHWM")
+        rss0, hwm0 = vm(edge_m.pid, "VmRSS"), vm(edge_m.pid, "VmHWM")
         limit = a.big_mib / a.slow_mbps * 1.5 + 10
-        status, got = slow_get(e_port, obj_host, "/big", a.slow_mbps, limit)
-        hwm1 = vm(edge.pid, "VmHWM")
+        status, got = slow_get(em_port, obj_host, "/big", a.slow_mbps, limit)
+        hwm1 = vm(edge_m.pid, "VmHWM")
         print(f"  S2 {a.big_mib} MiB object at {a.slow_mbps} MB/s: {status}, {got} bytes received; "
               f"edge RSS before {rss0 // 1024} MiB, peak growth {(hwm1 - hwm0) / 1024:.1f} MiB", flush=True)
 
         print()
-        print("| S1: 1 KiB, same store | req/s | p50 µs | p99 µs | proxy CPU µs/req | vs edge proxying | vs nginx |")
-        print("|---|---|---|---|---|---|---|")
+        print("| S1: 1 KiB | store | req/s | p50 µs | p99 µs | proxy CPU µs/req | vs edge proxying | vs nginx |")
+        print("|---|---|---|---|---|---|---|---|")
         by = {}
         for r in rows:
-            by.setdefault(r["target"], []).append(r)
+            by.setdefault((r["store"], r["target"]), []).append(r)
 
         def mean(rs, k):
             vals = [x[k] for x in rs if x[k] is not None and x[k] == x[k]]
             return sum(vals) / len(vals) if vals else float("nan")
-        proxied = mean(by["edge: proxied from store"], "cpu_us")
-        ng = mean(by["nginx: proxied from store"], "cpu_us")
-        for label, rs in by.items():
+        for (store, label), rs in by.items():
             cpu = mean(rs, "cpu_us")
-            print(f"| {label} | {mean(rs, 'rps'):.0f} | {mean(rs, 'p50'):.0f} | {mean(rs, 'p99'):.0f} | {cpu:.1f} | "
+            ref = "nginx" if store == "-" else store
+            proxied = mean(by[(ref, "edge: proxied from store")], "cpu_us")
+            ng = mean(by[(ref, "nginx: proxied from store")], "cpu_us")
+            print(f"| {label} | {store} | {mean(rs, 'rps'):.0f} | {mean(rs, 'p50'):.0f} | {mean(rs, 'p99'):.0f} | {cpu:.1f} | "
                   f"{cpu / proxied:.2f}× | {cpu / ng:.2f}× |")
         print(f"\nS2: {a.big_mib} MiB at {a.slow_mbps} MB/s: {got} of {len(big)} bytes in the time limit; "
               f"peak RSS growth {(hwm1 - hwm0) / 1024:.1f} MiB (target < 32 MiB)")

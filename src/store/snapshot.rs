@@ -374,6 +374,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let doc: State = serde_json::from_str(
             r#"{"workspaces":[{"id":"w","slug":"w"}],
+                "buckets":[{"id":"bk","workspace":"w","bucket":"proj_1-up","alias":"p","public":true,
+                            "domains":[{"host":"files.example.com","verified":true}]}],
                 "sandboxes":[{"id":"a","workspace":"w","address":"10.0.0.1","previews":[{"port":3000,"access":"public"},{"port":5173}]},
                              {"id":"b","workspace":"w","address":"::1","state":"suspended"}]}"#,
         )
@@ -382,6 +384,7 @@ mod tests {
         write(&dir.path().join(FILE), 42, index.objects()).unwrap();
         let snap = Snapshot::read(dir.path()).unwrap();
         assert_eq!((snap.generation, snap.workspaces.len()), (42, 1));
+        assert_eq!(snap.buckets, doc.buckets, "buckets ride in the head");
         let mut seen = Vec::new();
         snap.sandboxes(
             |_, s| {

@@ -526,3 +526,51 @@ async fn a_large_object_streams_to_a_slow_client_with_flat_memory() {
     let grew = peak_rss_kib(edge.child.id()).saturating_sub(before);
     assert!(grew < 16 * 1024, "a 48 MiB object to a slow client grew the edge's peak RSS by {grew} KiB");
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_the_store_read() {
+    // A store whose every object is 1 GiB, sent for as long as someone reads; it tells
+    // when the edge closed its connection.
+    let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let store_addr = store.local_addr().expect("addr");
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = store.accept().await {
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 8192];
+                let _ = s.read(&mut head).await;
+                let len: u64 = 1 << 30;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nETag: \"big\"\r\n\
+                     Last-Modified: Mon, 07 Dec 2026 00:00:00 GMT\r\n\r\n"
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![0u8; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < len {
+                    if s.write_all(&chunk).await.is_err() {
+                        let _ = closed.send(sent);
+                        return;
+                    }
+                    sent += chunk.len() as u64;
+                }
+            });
+        }
+    });
+    let edge = Edge::start_env(&storage_env(), &format!("{}{OBJECT_STATE}", storage_section(&format!("http://{store_addr}")))).await;
+    let mut c = TcpStream::connect(edge.addr).await.expect("connect");
+    c.write_all(b"GET /huge.bin HTTP/1.1\r\nHost: pub.storage.localhost\r\n\r\n").await.expect("request");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < 4 << 20 {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await.expect("bytes flow").expect("read");
+        assert!(n > 0, "the edge ended the response early");
+        got += n;
+    }
+    drop(c);
+    let sent = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv()).await.expect("the store read is cancelled").expect("sent");
+    assert!(sent < 256 << 20, "the edge read {sent} bytes of the store's body for a client that took 4 MiB");
+}
