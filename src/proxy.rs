@@ -4,6 +4,7 @@
 //! request_filter           request id; hostile::screen; ACME HTTP-01 answer
 //!                          route (proxy::route): host → one routes.load() → Route
 //!                            access::authorize → Pass | Answer · wake · static file
+//!                            · storage object (crate::storage) · the S3 endpoint
 //!                          any Answer → the one writer (proxy::rescue)
 //! upstream_peer            ctx.target: sandbox address:port | the chosen instance
 //! upstream_request_filter  forwarding headers, credential firewall (proxy::forward)

@@ -500,6 +500,33 @@ mod tests {
     }
 
     #[test]
+    fn bucket_egress_is_reported_beside_workspaces_under_one_cursor_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("usage.json");
+        let u = Usage::open(file.clone());
+        u.cell(Kind::Workspace, "ws_1").add(300);
+        u.cell(Kind::Bucket, "bk_1").add(200);
+        u.cell(Kind::Bucket, "bk_1").add(100);
+        let r1 = u.report(None);
+        assert_eq!(r1.workspaces, vec![Entry { id: "ws_1".into(), requests: 1, bytes: 300 }]);
+        assert_eq!(r1.buckets, vec![Entry { id: "bk_1".into(), requests: 2, bytes: 300 }]);
+        u.cell(Kind::Bucket, "bk_1").add(7);
+        u.save_if_changed().unwrap();
+        drop(u);
+        let u = Usage::open(file);
+        let r2 = u.report(Some(r1.cursor));
+        assert_eq!((r2.workspaces.len(), r2.buckets.clone()), (0, vec![Entry { id: "bk_1".into(), requests: 1, bytes: 7 }]));
+        // The fleet's batches carry buckets under their billing key; its report splits them.
+        let b = u.fleet_batch().expect("a batch");
+        assert!(b.deltas.contains_key("bucket:bk_1"), "{:?}", b.deltas);
+        let split =
+            Report::new(1, [Entry { id: "bucket:bk_1".into(), requests: 1, bytes: 2 }, Entry { id: "ws".into(), requests: 3, bytes: 4 }]);
+        assert_eq!((split.buckets[0].id.as_str(), split.workspaces[0].id.as_str()), ("bk_1", "ws"));
+        let text = serde_json::to_string(&split).unwrap();
+        assert!(text.contains(r#""buckets":[{"id":"bk_1""#), "{text}");
+    }
+
+    #[test]
     fn fleet_batches_are_numbered_kept_until_confirmed_and_saved_first() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("usage.json");

@@ -12,6 +12,11 @@
 //!                    ─► sandbox address:port
 //!   Deployment    ─► static release: the file (or 404/405/503), answered here
 //!                    dynamic: an instance (least loaded of two) | 503 no_healthy_instance
+//!   Bucket        ─► [storage] off: 404 unknown_host; else the object read from the
+//!                    store (crate::storage), its body streamed by the one writer |
+//!                    404 object_not_found | 405 | 502 storage_unavailable | 504
+//!   StorageEndpoint ─► [storage] off: 404 unknown_host; else the store's address:
+//!                    the S3 request goes on unchanged (no cookie)
 //! ```
 //!
 //! The edge connects only to addresses found in the table this request loaded
@@ -116,12 +121,12 @@ impl EdgeProxy {
             }
             Route::Bucket { bucket, tenant_host } => {
                 ctx.kind = RouteKind::Storage;
+                ctx.branding = branding_of(&table, bucket.workspace, tenant_host);
                 let Some(storage) = self.live.load().storage.clone() else {
                     return Ok(ErrorCode::UnknownHost.into());
                 };
                 self.attribute(ctx, &table, Some(bucket.workspace));
                 ctx.usage[3] = Some(self.usage.cell(UsageKind::Bucket, &bucket.id));
-                ctx.branding = branding_of(&table, bucket.workspace, tenant_host);
                 Ok(self.serve_object(session, &storage, bucket).await)
             }
             Route::StorageEndpoint => {
@@ -280,10 +285,12 @@ impl EdgeProxy {
             Ok(plan) => Next::Object(plan),
             Err(crate::storage::StorageError::NotFound) => ErrorCode::ObjectNotFound.into(),
             Err(crate::storage::StorageError::Timeout) => {
+                self.metrics.upstream_failure(crate::metrics::UpstreamFailure::Timeout);
                 tracing::warn!(bucket = &*bucket.id, "the store did not answer in time");
                 ErrorCode::UpstreamTimeout.into()
             }
             Err(crate::storage::StorageError::Unavailable(e)) => {
+                self.metrics.upstream_failure(crate::metrics::UpstreamFailure::Other);
                 tracing::warn!(bucket = &*bucket.id, error = %e, "the store failed");
                 ErrorCode::StorageUnavailable.into()
             }

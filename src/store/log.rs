@@ -341,7 +341,8 @@ mod tests {
 
     fn record(g: u64) -> Record {
         let s: Sandbox = serde_json::from_str(&format!(r#"{{"id":"s{g}","workspace":"w","address":"10.0.0.{g}"}}"#)).unwrap();
-        let b: crate::schema::Bucket = serde_json::from_str(r#"{"id":"bk","workspace":"w","bucket":"b-1","alias":"b","public":true}"#).unwrap();
+        let b: crate::schema::Bucket =
+            serde_json::from_str(r#"{"id":"bk","workspace":"w","bucket":"b-1","alias":"b","public":true}"#).unwrap();
         Record {
             generation: g,
             ops: vec![
