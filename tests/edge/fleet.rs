@@ -383,3 +383,40 @@ async fn a_fresh_node_starts_from_the_fleets_snapshot_and_is_ready_only_once_cau
     assert_eq!(c.get(&format!("{port}-s5.sandbox.localhost"), "/").await.status, 200);
     assert!(c.dir.path().join("var/fleet.id").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_written_on_one_node_serves_on_every_node_and_its_egress_is_the_fleets() {
+    let redis = Redis::start();
+    let s3 = crate::s3::S3Server::start().await;
+    s3.create_bucket("fleet-files").await;
+    s3.put_with_headers("fleet-files", "hello.txt", &[("Content-Type", "text/plain")], b"hello fleet").await;
+    let storage = format!("[storage]\nendpoint = \"{}\"\n", s3.endpoint());
+    let env = [
+        ("MIOSA_EDGE_REDIS_URL", redis.url()),
+        ("STORAGE_KEY_ID", crate::s3::KEY_ID.into()),
+        ("STORAGE_KEY_SECRET", crate::s3::KEY_SECRET.into()),
+    ];
+    let a = Edge::start_env(&env, &format!("{}\n{}\n{storage}", cluster("edge-a"), routes())).await;
+    let b = Edge::start_env(&env, &format!("{}\n{}\n{storage}", cluster("edge-b"), routes())).await;
+    assert!(ready(&a).await && ready(&b).await, "{}\n{}", a.log(), b.log());
+    let r = a.api("PUT", "/v1/workspaces/ws_1", Some(r#"{"id":"ws_1","slug":"one"}"#)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bucket = r#"{"id":"bk_1","workspace":"ws_1","bucket":"fleet-files","alias":"files","public":true}"#;
+    let r = a.api("PUT", "/v1/buckets/bk_1", Some(bucket)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let g = r.json()["generation"].as_u64().expect("generation");
+    assert!(reaches(&b, g).await, "edge-b never reached generation {g}: {}", b.log());
+    for edge in [&a, &b] {
+        let r = edge.get("files.storage.localhost", "/hello.txt").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hello fleet"), "{}", edge.log());
+    }
+    // Egress counted on both nodes, reported once by either.
+    let buckets = eventually(Duration::from_secs(15), || async {
+        let u = b.api("GET", "/v1/usage", None).await.json();
+        let e = u["buckets"].as_array()?.iter().find(|e| e["id"] == "bk_1")?.clone();
+        (e["requests"] == 2).then_some(e)
+    })
+    .await
+    .expect("the fleet's report counts both nodes' requests for bk_1");
+    assert_eq!(buckets["bytes"], 2 * "hello fleet".len());
+}
