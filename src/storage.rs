@@ -43,6 +43,7 @@ mod body;
 pub mod endpoint;
 mod key;
 mod plan;
+mod sign;
 #[cfg(test)]
 mod tests;
 
@@ -176,8 +177,6 @@ impl HttpConnector for SharedClient {
 pub struct Storage {
     endpoint: String,
     region: String,
-    key_id: String,
-    key_secret: String,
     allow_http: bool,
     http: HttpClient,
     retry: RetryConfig,
@@ -233,15 +232,16 @@ impl Storage {
             .with_allow_http(allow_http)
             .with_timeout_disabled()
             .with_connect_timeout(settings.first_byte_timeout.min(CONNECT_TIMEOUT));
-        let http = ReqwestConnector::default().connect(&options).map_err(|e| format!("cannot set up the storage HTTP client: {e}"))?;
+        let reqwest = ReqwestConnector::default().connect(&options).map_err(|e| format!("cannot set up the storage HTTP client: {e}"))?;
+        // Requests are signed in the transport, with the day's signing key kept (sign.rs).
+        let signer = sign::Signer::new(&settings.key_id, &settings.key_secret, &settings.region);
+        let http = HttpClient::new(sign::Signing { inner: reqwest, signer });
         // One retry of a refused connection or a 5xx, within the time the client waits.
         let retry = RetryConfig { max_retries: 1, retry_timeout: settings.first_byte_timeout, ..RetryConfig::default() };
         let redactor = Arc::new(Redactor { secrets: [settings.key_secret.clone(), settings.key_id.clone()] });
         Ok(Storage {
             endpoint,
             region: settings.region,
-            key_id: settings.key_id,
-            key_secret: settings.key_secret,
             allow_http,
             http,
             retry,
@@ -263,8 +263,8 @@ impl Storage {
             .with_virtual_hosted_style_request(false)
             .with_allow_http(self.allow_http)
             .with_region(&self.region)
-            .with_access_key_id(&self.key_id)
-            .with_secret_access_key(&self.key_secret)
+            // Signed by the shared client's transport instead (storage/sign.rs).
+            .with_skip_signature(true)
             .with_bucket_name(bucket)
             .with_retry(self.retry.clone())
             .with_http_connector(SharedClient(self.http.clone()))

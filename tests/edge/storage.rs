@@ -574,3 +574,34 @@ async fn a_client_that_leaves_cancels_the_store_read() {
     let sent = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv()).await.expect("the store read is cancelled").expect("sent");
     assert!(sent < 256 << 20, "the edge read {sent} bytes of the store's body for a client that took 4 MiB");
 }
+
+#[tokio::test]
+async fn public_objects_are_read_with_requests_the_store_verifies() {
+    let (s3, id, secret) = verifying_store().await;
+    python(
+        r#"
+import os
+cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"})
+s3 = boto3.client("s3", endpoint_url=os.environ["S3"], region_name="us-east-1",
+                  aws_access_key_id=os.environ["ID"], aws_secret_access_key=os.environ["SECRET"], config=cfg)
+s3.create_bucket(Bucket="pub-assets")
+s3.put_object(Bucket="pub-assets", Key="dir/hello world.txt", Body=b"signed hello", ContentType="text/plain")
+"#,
+        &[("S3", s3.endpoint()), ("ID", id.clone()), ("SECRET", secret.clone())],
+    );
+    let section = storage_section(&s3.endpoint());
+    let edge =
+        Edge::start_env(&[("STORAGE_KEY_ID", id.clone()), ("STORAGE_KEY_SECRET", secret)], &format!("{section}{OBJECT_STATE}")).await;
+    let r = edge.get("pub.storage.localhost", "/dir/hello%20world.txt").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "signed hello"), "{}\n{}", edge.log(), s3.log());
+    let r = edge.request("GET /dir/hello%20world.txt HTTP/1.1\r\nHost: pub.storage.localhost\r\nRange: bytes=7-11\r\n").await;
+    assert_eq!((r.status, r.text().as_str()), (206, "hello"), "a signed Range");
+    let r = edge.request("HEAD /dir/hello%20world.txt HTTP/1.1\r\nHost: pub.storage.localhost\r\n").await;
+    assert_eq!((r.status, r.header("content-length")), (200, Some("12")));
+    // The same edge with a wrong secret: the store refuses every read.
+    let wrong =
+        Edge::start_env(&[("STORAGE_KEY_ID", id), ("STORAGE_KEY_SECRET", "not-the-secret".into())], &format!("{section}{OBJECT_STATE}"))
+            .await;
+    let r = wrong.get("pub.storage.localhost", "/dir/hello%20world.txt").await;
+    assert_eq!((r.status, r.code()), (502, "storage_unavailable".into()), "{}", r.text());
+}
