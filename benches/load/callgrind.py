@@ -10,6 +10,9 @@ divided by the requests wrk completed:
 
     python3 benches/load/callgrind.py                  # edge, public preview (scenario 1)
     python3 benches/load/callgrind.py --shape cookie   # private preview + session cookie (5)
+    python3 benches/load/callgrind.py --shape object   # a 1 KiB public storage object, the
+                                                       # nginx origin as the store ([storage])
+    python3 benches/load/callgrind.py --shape object-proxied  # the same bytes proxied
     python3 benches/load/callgrind.py --target bare    # the bare pingora proxy
     python3 benches/load/callgrind.py --edge path/to/other/miosa-edge   # a before/after pair
 
@@ -22,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, wait_port  # noqa: E402
 
 
-def wrk(port, host, seconds, headers):
+def wrk(port, host, seconds, headers, path="/1k"):
     extra = [x for h in headers for x in ("-H", h)]
-    out = subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds}s", "-H", f"Host: {host}", *extra, f"http://127.0.0.1:{port}/1k"],
+    out = subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds}s", "-H", f"Host: {host}", *extra, f"http://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"(\d+) requests in", out)
     if not m:
@@ -37,7 +40,7 @@ def wrk(port, host, seconds, headers):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", choices=["edge", "bare"], default="edge")
-    ap.add_argument("--shape", choices=["public", "cookie"], default="public")
+    ap.add_argument("--shape", choices=["public", "cookie", "object", "object-proxied"], default="public")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
@@ -50,15 +53,39 @@ def main():
     try:
         www = os.path.join(d, "www")
         os.makedirs(www)
-        with open(os.path.join(www, "1k"), "wb") as f:
-            f.write(b"x" * 1024)
+        os.makedirs(os.path.join(www, "bench-public"))
+        for name in ["1k", "bench-public/1k"]:
+            with open(os.path.join(www, name), "wb") as f:
+                f.write(b"x" * 1024)
         o_port, p_port, c_port = free_port(), free_port(), free_port()
         conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; }}")
         procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
         out = os.path.join(d, "callgrind.out")
         vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", "--collect-atstart=yes"]
         sandbox = "priv" if a.shape == "cookie" else "bench"
-        host = f"{o_port}-{sandbox}.sandbox.localhost"
+        host, path = f"{o_port}-{sandbox}.sandbox.localhost", "/1k"
+        if a.shape == "object":
+            host = "bench.storage.localhost"
+        elif a.shape == "object-proxied":
+            host, path = "raw.bench.apps.localhost", "/bench-public/1k"
+        # The origin as the store: it serves the object's path and ignores the signature.
+        storage = f"""[storage]
+endpoint = "http://127.0.0.1:{o_port}"
+[[buckets]]
+id = "bk_bench"
+workspace = "ws_bench"
+bucket = "bench-public"
+alias = "bench"
+public = true
+[[deployments]]
+id = "dep_raw"
+workspace = "ws_bench"
+name = "raw"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "dynamic", instances = ["127.0.0.1:{o_port}"] }}
+"""
         if a.target == "edge":
             edge_conf = os.path.join(d, "edge.toml")
             with open(edge_conf, "w") as f:
@@ -69,8 +96,9 @@ threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
-{bench_routes(o_port)}""")
-            env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
+{bench_routes(o_port)}{storage}""")
+            env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn",
+                       STORAGE_KEY_ID="bench-key-id", STORAGE_KEY_SECRET="bench-key-secret")
             proc = procs.start("edge", vg + [a.edge, "run", "--config", edge_conf], 0, env=env)
         else:
             proc = procs.start("bare", vg + [a.bare, f"127.0.0.1:{p_port}", f"127.0.0.1:{o_port}", "1"], 0)
@@ -86,9 +114,9 @@ listen = "127.0.0.1:{c_port}"
             if resp.status != 303 or not set_cookie:
                 sys.exit(f"the share link answered {resp.status} without a session cookie")
             headers = [f"Cookie: theme=dark; {set_cookie.split(';')[0]}; lang=en"]
-        wrk(p_port, host, 2, headers)  # warm-up: connections, pools, caches
+        wrk(p_port, host, 2, headers, path)  # warm-up: connections, pools, caches
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        requests = wrk(p_port, host, a.seconds, headers)
+        requests = wrk(p_port, host, a.seconds, headers, path)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
         time.sleep(1)
         dumps = sorted(x for x in os.listdir(d) if x.startswith("callgrind.out."))
