@@ -40,6 +40,7 @@
 //!   holds the key id or secret.
 
 mod body;
+mod client;
 pub mod endpoint;
 mod key;
 mod plan;
@@ -55,7 +56,7 @@ pub use plan::{scriptable, ByteRange, DEFAULT_CACHE_CONTROL, PUBLIC_METADATA};
 use dashmap::DashMap;
 use http::header::{HeaderName, HeaderValue};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::client::{HttpClient, HttpConnector, ReqwestConnector};
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::{ClientOptions, GetOptions, GetResult, ObjectMeta, ObjectStore, RetryConfig};
 use pingora::http::RequestHeader;
 use plan::Ask;
@@ -228,14 +229,11 @@ impl Storage {
             return Err("storage timeouts must be longer than zero".into());
         }
         let allow_http = !ep.tls;
-        let options = ClientOptions::new()
-            .with_allow_http(allow_http)
-            .with_timeout_disabled()
-            .with_connect_timeout(settings.first_byte_timeout.min(CONNECT_TIMEOUT));
-        let reqwest = ReqwestConnector::default().connect(&options).map_err(|e| format!("cannot set up the storage HTTP client: {e}"))?;
-        // Requests are signed in the transport, with the day's signing key kept (sign.rs).
+        // Requests are signed in the transport, with the day's signing key kept (sign.rs),
+        // and sent on hyper's client (client.rs).
+        let transport = HttpClient::new(client::HyperService::new(settings.first_byte_timeout.min(CONNECT_TIMEOUT))?);
         let signer = sign::Signer::new(&settings.key_id, &settings.key_secret, &settings.region);
-        let http = HttpClient::new(sign::Signing { inner: reqwest, signer });
+        let http = HttpClient::new(sign::Signing { inner: transport, signer });
         // One retry of a refused connection or a 5xx, within the time the client waits.
         let retry = RetryConfig { max_retries: 1, retry_timeout: settings.first_byte_timeout, ..RetryConfig::default() };
         let redactor = Arc::new(Redactor { secrets: [settings.key_secret.clone(), settings.key_id.clone()] });

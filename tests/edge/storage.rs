@@ -501,10 +501,15 @@ async fn storage_reloads_live() {
 async fn a_large_object_streams_to_a_slow_client_with_flat_memory() {
     let s3 = S3Server::start().await;
     s3.create_bucket("pub-assets").await;
-    let len = 48usize << 20;
+    let len = 100usize << 20;
     let big: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0]).collect();
     s3.put_with_headers("pub-assets", "big.bin", &[("Content-Type", "application/octet-stream")], &big).await;
+    s3.put_with_headers("pub-assets", "small.txt", &[], b"warm").await;
     let edge = Edge::start_env(&storage_env(), &format!("{}{OBJECT_STATE}", storage_section(&s3.endpoint()))).await;
+    // Warm: the store's client, its connection pool and TLS roots are set up by a first
+    // read, so what follows measures the streaming alone.
+    let r = edge.get("pub.storage.localhost", "/small.txt").await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let before = peak_rss_kib(edge.child.id());
     let mut s = TcpStream::connect(edge.addr).await.expect("connect");
     s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: pub.storage.localhost\r\nConnection: close\r\n\r\n").await.expect("request");
@@ -524,7 +529,9 @@ async fn a_large_object_streams_to_a_slow_client_with_flat_memory() {
     assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..end]));
     assert!(got[end..] == big[..], "the object, byte for byte ({} of {len} bytes)", got.len() - end);
     let grew = peak_rss_kib(edge.child.id()).saturating_sub(before);
-    assert!(grew < 16 * 1024, "a 48 MiB object to a slow client grew the edge's peak RSS by {grew} KiB");
+    // The bound for 100 MiB. Measured: 12-15 MiB in a debug build, the same for
+    // 48 or 144 MiB (buffers and the allocator's pages, not the object); 5-6 MiB in release.
+    assert!(grew < 32 * 1024, "a 100 MiB object to a slow client grew the edge's peak RSS by {grew} KiB");
 }
 
 #[tokio::test]
