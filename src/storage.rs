@@ -35,7 +35,10 @@
 //!   must answer the head within `first_byte_timeout` and each chunk within
 //!   `idle_timeout`; `object_store` retries once at most (the client is waiting).
 //! - **One client.** Every bucket's `AmazonS3` (cached, at most [`MAX_BUCKETS`]) shares
-//!   one HTTP client through [`SharedClient`], so connections pool across buckets.
+//!   one HTTP client through [`SharedClient`], so connections pool across buckets. The
+//!   clients skip `object_store`'s signing: that one client signs (`sign.rs`, the day's
+//!   key kept) and sends on hyper's pooled client (`client.rs`), which together cut the
+//!   instructions per small object by 43% (benches/load/RESULTS.md, "Storage").
 //! - Nothing the store sends can panic the edge; no error message or `Debug` output
 //!   holds the key id or secret.
 
@@ -231,7 +234,7 @@ impl Storage {
         let allow_http = !ep.tls;
         // Requests are signed in the transport, with the day's signing key kept (sign.rs),
         // and sent on hyper's client (client.rs).
-        let transport = HttpClient::new(client::HyperService::new(settings.first_byte_timeout.min(CONNECT_TIMEOUT))?);
+        let transport = HttpClient::new(client::HyperService::new(settings.first_byte_timeout.min(CONNECT_TIMEOUT), ep.tls)?);
         let signer = sign::Signer::new(&settings.key_id, &settings.key_secret, &settings.region);
         let http = HttpClient::new(sign::Signing { inner: transport, signer });
         // One retry of a refused connection or a 5xx, within the time the client waits.

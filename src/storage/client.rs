@@ -27,19 +27,29 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 pub(super) struct HyperService(Client<hyper_rustls::HttpsConnector<HttpConnector>, HttpRequestBody>);
 
 impl HyperService {
-    /// A client whose connections must be made within `connect_timeout`.
-    pub(super) fn new(connect_timeout: Duration) -> Result<HyperService, String> {
+    /// A client whose connections must be made within `connect_timeout`; `tls` when the
+    /// endpoint is `https` (then the system's roots must load: a store whose certificate
+    /// cannot be checked is never used; a plain endpoint needs none).
+    pub(super) fn new(connect_timeout: Duration, tls: bool) -> Result<HyperService, String> {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(connect_timeout));
         tcp.set_nodelay(true);
         tcp.enforce_http(false);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("cannot load the system's root certificates for the store: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(tcp);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = if tls {
+            builder
+                .with_provider_and_native_roots(provider)
+                .map_err(|e| format!("cannot load the system's root certificates for the store: {e}"))?
+        } else {
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("cannot set up TLS for the store: {e}"))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            builder.with_tls_config(config)
+        };
+        let tls = builder.https_or_http().enable_http1().wrap_connector(tcp);
         Ok(HyperService(Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(tls)))
     }
 }
