@@ -22,7 +22,7 @@ on every machine of this kind) and the release binaries. Bounded: about 30 s a r
 import argparse, http.client, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, wait_port  # noqa: E402
+from run import ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, storage_routes, wait_port  # noqa: E402
 
 
 def wrk(port, host, seconds, headers, path="/1k"):
@@ -69,23 +69,7 @@ def main():
         elif a.shape == "object-proxied":
             host, path = "raw.bench.apps.localhost", "/bench-public/1k"
         # The origin as the store: it serves the object's path and ignores the signature.
-        storage = f"""[storage]
-endpoint = "http://127.0.0.1:{o_port}"
-[[buckets]]
-id = "bk_bench"
-workspace = "ws_bench"
-bucket = "bench-public"
-alias = "bench"
-public = true
-[[deployments]]
-id = "dep_raw"
-workspace = "ws_bench"
-name = "raw"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "dynamic", instances = ["127.0.0.1:{o_port}"] }}
-"""
+        storage = storage_routes(f"127.0.0.1:{o_port}")
         if a.target == "edge":
             edge_conf = os.path.join(d, "edge.toml")
             with open(edge_conf, "w") as f:

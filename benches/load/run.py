@@ -150,6 +150,29 @@ http {{
     return path
 
 
+def storage_routes(store_host):
+    """`[storage]` on `store_host`, the public bucket `bench-public` (alias `bench`, in
+    workspace ws_bench, which bench_routes defines) and a deployment `raw` whose instance
+    is the store itself: the same object as a public object and proxied."""
+    return f"""[storage]
+endpoint = "http://{store_host}"
+[[buckets]]
+id = "bk_bench"
+workspace = "ws_bench"
+bucket = "bench-public"
+alias = "bench"
+public = true
+[[deployments]]
+id = "dep_raw"
+workspace = "ws_bench"
+name = "raw"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "dynamic", instances = ["{store_host}"] }}
+"""
+
+
 def bench_routes(o_port):
     """The routing sections every edge of the benchmarks runs: a public preview (bench)
     and a private one (priv) of the origin, and a share link for the private one."""

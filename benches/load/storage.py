@@ -29,7 +29,7 @@ which is what is compared). Every process is stopped at the end, also on failure
 import argparse, hashlib, http.client, os, shutil, socket, subprocess, sys, tarfile, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CLK, ROOT, Procs, cpu_ticks, free_port, nginx_conf, wait_port, wrk  # noqa: E402
+from run import CLK, ROOT, Procs, cpu_ticks, free_port, nginx_conf, storage_routes, wait_port, wrk  # noqa: E402
 
 TOKEN = "storage-bench-token-0123456789abcdef"
 
@@ -137,28 +137,12 @@ threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
-[storage]
-endpoint = "http://{store_host}"
 [static]
 store = "{releases}"
 [[workspaces]]
 id = "ws_bench"
 slug = "bench"
-[[buckets]]
-id = "bk_bench"
-workspace = "ws_bench"
-bucket = "bench-public"
-alias = "bench"
-public = true
-[[deployments]]
-id = "dep_raw"
-workspace = "ws_bench"
-name = "raw"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "dynamic", instances = ["{store_host}"] }}
-[[deployments]]
+{storage_routes(store_host)}[[deployments]]
 id = "dep_site"
 workspace = "ws_bench"
 name = "site"
