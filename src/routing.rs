@@ -319,18 +319,48 @@ impl RouteTable {
         let mut t = self.clone();
         t.generation = generation;
         t.sandboxes = objects.sandboxes.clone();
+        // Every old version lets go first, then the new ones take their keys: a host, slug,
+        // alias or token hash that moves from one object to another in one batch ends up
+        // with its new owner whatever the order of the ops.
         for c in changes {
-            match c {
-                Applied::Workspace { slot, old, new } => t.put_workspace(*slot, old.as_deref(), new.as_deref()),
-                Applied::Sandbox => {}
-                Applied::ShareToken { old, new } => t.put_share(old.as_deref(), new.as_deref()),
-                Applied::Deployment { slot, workspace_slot, old, new } => {
-                    t.put_deployment(*slot, *workspace_slot, old.as_deref(), new.as_deref())
-                }
-                Applied::Bucket { workspace_slot, old, new } => t.put_bucket(*workspace_slot, old.as_deref(), new.as_deref()),
-            }
+            t.put(c, true);
+        }
+        for c in changes {
+            t.put(c, false);
         }
         t
+    }
+
+    /// One change's old version out (`remove`), or its new version in.
+    fn put(&mut self, c: &Applied, remove: bool) {
+        fn pick<'a, T>(remove: bool, old: &'a Option<Arc<T>>, new: &'a Option<Arc<T>>) -> (Option<&'a T>, Option<&'a T>) {
+            if remove {
+                (old.as_deref(), None)
+            } else {
+                (None, new.as_deref())
+            }
+        }
+        match c {
+            Applied::Workspace { slot, old, new } => {
+                // A slot emptied by the first pass is filled again by the second (the
+                // table is published only once both are done).
+                let (old, new) = pick(remove, old, new);
+                self.put_workspace(*slot, old, new);
+            }
+            Applied::Sandbox => {}
+            Applied::ShareToken { old, new } => {
+                let (old, new) = pick(remove, old, new);
+                self.put_share(old, new);
+            }
+            Applied::Deployment { slot, workspace_slot, old, new } => {
+                let (old, new) = pick(remove, old, new);
+                self.put_deployment(*slot, *workspace_slot, old, new);
+            }
+            Applied::Bucket { workspace_slot, old, new } => {
+                let (old, new) = pick(remove, old, new);
+                self.put_bucket(*workspace_slot, old, new);
+            }
+        }
     }
 
     /// The same table with `keys` in force.

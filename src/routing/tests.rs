@@ -346,3 +346,71 @@ domains = [{ host = "files.example.com", verified = true }]
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn hosts_and_aliases_move_between_objects_in_one_batch_in_any_order() {
+    let base: State = toml::from_str(
+        r#"
+[[workspaces]]
+id = "ws_1"
+slug = "a"
+[[deployments]]
+id = "dep_a"
+workspace = "ws_1"
+name = "one"
+domains = [{ host = "shop.example.com", verified = true }]
+active_version = "v"
+versions = [{ id = "v", release = { kind = "dynamic", instances = ["10.0.0.1:80"] } }]
+[[deployments]]
+id = "dep_b"
+workspace = "ws_1"
+name = "two"
+active_version = "v"
+versions = [{ id = "v", release = { kind = "dynamic", instances = ["10.0.0.2:80"] } }]
+[[buckets]]
+id = "bk_a"
+workspace = "ws_1"
+bucket = "store-a"
+alias = "files"
+[[buckets]]
+id = "bk_b"
+workspace = "ws_1"
+bucket = "store-b"
+alias = "other"
+"#,
+    )
+    .unwrap();
+    for taker_first in [true, false] {
+        let mut index = Index::build(domains(), &State::default(), &State::default()).unwrap();
+        let mut ops = Vec::new();
+        crate::state::index::push_state(&mut ops, &base, crate::state::Origin::Api, "");
+        index.commit(index.check(ops).unwrap());
+        let t = RouteTable::from_state(index.objects(), &domains(), &PlatformBranding::default(), 1);
+        // dep_b takes shop.example.com from dep_a, bk_b takes alias `files` from bk_a.
+        let (mut da, mut db) = (base.deployments[0].clone(), base.deployments[1].clone());
+        db.domains = std::mem::take(&mut da.domains);
+        let (mut ba, mut bb) = (base.buckets[0].clone(), base.buckets[1].clone());
+        ba.alias = "spare".try_into().unwrap();
+        bb.alias = "files".try_into().unwrap();
+        use crate::schema::Object;
+        let mut objs = vec![Object::Deployment(db), Object::Bucket(bb), Object::Deployment(da), Object::Bucket(ba)];
+        if !taker_first {
+            objs.reverse();
+        }
+        let ops = objs
+            .into_iter()
+            .map(|o| crate::state::BatchOp { path: String::new(), origin: crate::state::Origin::Api, op: crate::state::Op::Upsert(o) })
+            .collect();
+        let applied = index.commit(index.check(ops).unwrap());
+        let t2 = t.apply(&applied, index.objects(), 2);
+        match t2.lookup("shop.example.com") {
+            Route::Deployment { deployment, .. } => assert_eq!(&*deployment.id, "dep_b", "taker first: {taker_first}"),
+            other => panic!("taker first {taker_first}: {other:?}"),
+        }
+        match t2.lookup("files.storage.miosa.app") {
+            Route::Bucket { bucket, .. } => assert_eq!(&*bucket.id, "bk_b", "taker first: {taker_first}"),
+            other => panic!("taker first {taker_first}: {other:?}"),
+        }
+        assert!(matches!(t2.lookup("spare.storage.miosa.app"), Route::Bucket { .. }));
+    }
+}
