@@ -166,6 +166,7 @@ fn restart_only(started: &Config, new: &Config, applied: bool) -> Vec<&'static s
             ("acme", new.acme != started.acme),
             ("log", new.log != started.log),
             ("dns", new.dns != started.dns),
+            ("storage", new.storage != started.storage),
         ];
         out.extend(live.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k));
     }
@@ -268,5 +269,18 @@ mod tests {
         assert_eq!(metrics.reload_counts(), (1, 1));
         assert_eq!(routes.load().sandbox_count(), 2);
         assert!(metrics.render().contains("miosa_edge_state_generation 2"));
+    }
+
+    #[test]
+    fn sections_a_reload_cannot_apply_are_named() {
+        std::env::set_var("RELOADTEST_STORAGE_ID", "id");
+        std::env::set_var("RELOADTEST_STORAGE_SECRET", "secret");
+        let storage = "[storage]\nendpoint = \"http://127.0.0.1:9000\"\naccess_key_env = \"RELOADTEST_STORAGE_ID\"\n\
+                       secret_key_env = \"RELOADTEST_STORAGE_SECRET\"\n";
+        let started = Config::parse(GOOD, None).unwrap();
+        let new = Config::parse(&format!("{storage}{GOOD}"), None).unwrap();
+        // Without the server's pieces (an Apply), [storage] waits for a restart, and says so.
+        assert_eq!(restart_only(&started, &new, false), vec!["storage"]);
+        assert!(restart_only(&started, &new, true).is_empty(), "applied live with them");
     }
 }
