@@ -30,7 +30,7 @@ pub fn key_of(path: &[u8]) -> Option<String> {
 }
 
 /// `raw` with every `%XX` replaced by its byte, once; `None` for a malformed escape.
-fn percent_decode(raw: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn percent_decode(raw: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while let Some(&b) = raw.get(i) {

@@ -61,9 +61,9 @@ impl Signer {
             canonical_query(req.uri().query().unwrap_or(""))
         );
         let scope = format!("{date}/{}/s3/aws4_request", self.region);
-        let hashed = hex(ring::digest::digest(&ring::digest::SHA256, canonical_request.as_bytes()).as_ref());
+        let hashed = hex(ring::digest::digest(&ring::digest::SHA256, canonical_request.as_bytes()).as_ref())?;
         let to_sign = format!("{ALGORITHM}\n{stamp}\n{scope}\n{hashed}");
-        let signature = hex(ring::hmac::sign(&self.key_for(&date), to_sign.as_bytes()).as_ref());
+        let signature = hex(ring::hmac::sign(&self.key_for(&date), to_sign.as_bytes()).as_ref())?;
         let auth = format!("{ALGORITHM} Credential={}/{scope}, SignedHeaders={signed}, Signature={signature}", self.key_id);
         req.headers_mut().insert(http::header::AUTHORIZATION, value(&auth)?);
         Ok(())
@@ -141,25 +141,10 @@ fn canonical_query(query: &str) -> String {
     pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
 }
 
-/// `s` with `%XX` escapes (and nothing else: S3 queries do not use `+`) decoded.
+/// `s` with its `%XX` escapes decoded (S3 queries do not use `+`); one with a malformed
+/// escape, which `object_store` never builds, is taken as it is.
 fn decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hexval = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hexval), b.get(i + 2).copied().and_then(hexval)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
+    super::key::percent_decode(s.as_bytes()).unwrap_or_else(|| s.as_bytes().to_vec())
 }
 
 /// SigV4's URI encoding: `A-Z a-z 0-9 - _ . ~` kept, every other byte `%XX` (upper-case).
@@ -178,16 +163,11 @@ fn aws_encode(bytes: &[u8]) -> String {
 }
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
-const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
 
-/// Lower-case hex.
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(HEX_LOWER[(b >> 4) as usize] as char);
-        out.push(HEX_LOWER[(b & 15) as usize] as char);
-    }
-    out
+/// Lower-case hex of a SHA-256 digest or HMAC-SHA256 tag (the schema's own hex).
+fn hex(bytes: &[u8]) -> Result<String, String> {
+    let digest: [u8; 32] = bytes.try_into().map_err(|_| format!("a {}-byte digest where 32 were expected", bytes.len()))?;
+    Ok(crate::schema::Sha256(digest).to_string())
 }
 
 /// The `HttpService` the stores' clients send through: signs, then sends with `inner`.
@@ -262,7 +242,8 @@ mod tests {
         assert_eq!(host_of(&"http://127.0.0.1:9000/b/k".parse().unwrap()).unwrap(), "127.0.0.1:9000");
         assert_eq!(host_of(&"https://s3.example:443/b/k".parse().unwrap()).unwrap(), "s3.example");
         assert_eq!(host_of(&"http://s3.example:80/b".parse().unwrap()).unwrap(), "s3.example");
-        assert_eq!(hex(&[0, 15, 255]), "000fff");
+        assert_eq!(hex(&[0xab; 32]).unwrap(), "ab".repeat(32));
+        assert!(hex(&[0, 15, 255]).is_err(), "only 32-byte digests");
         assert_eq!(aws_encode("a/b~c d".as_bytes()), "a%2Fb~c%20d");
     }
 }
