@@ -74,6 +74,23 @@ def to_us(v):
     return n * {"us": 1, "ms": 1e3, "s": 1e6}[u]
 
 
+def measure(tool, proc, seconds):
+    """One measured run of `tool(seconds)` after a 1 s warm-up (connections, pools,
+    caches); adds `cpu_us`, `proc`'s own CPU time per request (None without a process)."""
+    tool(1)
+    before = cpu_ticks(proc.pid) if proc else 0
+    r = tool(seconds)
+    after = cpu_ticks(proc.pid) if proc else 0
+    r["cpu_us"] = ((after - before) / CLK * 1e6 / r["requests"]) if proc and r["requests"] else None
+    return r
+
+
+def mean(rows, key):
+    """The mean of `key` over `rows`, skipping None and NaN (a wrk line that did not parse)."""
+    vals = [x[key] for x in rows if x[key] is not None and x[key] == x[key]]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
 def wrk(port, host, path, seconds, conns, headers=(), scheme="http"):
     extra = [x for h in headers for x in ("-H", h)]
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", f"Host: {host}", *extra,
@@ -326,11 +343,7 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
 
         def run(scenario, label, port, proc, path, hostname, headers=(), scheme="http", tool=None):
             tool = tool or (lambda secs: wrk(port, hostname, path, secs, a.connections, headers, scheme))
-            tool(1)  # warm-up: connections, pools, caches
-            before = cpu_ticks(proc.pid) if proc else 0
-            r = tool(a.seconds)
-            after = cpu_ticks(proc.pid) if proc else 0
-            r["cpu_us"] = ((after - before) / CLK * 1e6 / r["requests"]) if proc and r["requests"] else None
+            r = measure(tool, proc, a.seconds)
             r["scenario"], r["target"] = scenario, label
             rows.append(r)
             print(f"  {scenario:<28} {label:<13} {r['rps']:>9.0f} req/s  p50 {r['p50']:>7.0f} us  p99 {r['p99']:>7.0f} us  "
@@ -437,14 +450,11 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
         for r in rows:
             summary.setdefault((r["scenario"], r["target"]), []).append(r)
         for (scenario, target), rs in summary.items():
-            def mean(k):
-                vals = [x[k] for x in rs if x[k] == x[k]]  # skip NaN (a wrk line that did not parse)
-                return sum(vals) / len(vals) if vals else float("nan")
             cpu = [x["cpu_us"] for x in rs if x["cpu_us"] is not None]
             cpu_mean = sum(cpu) / len(cpu) if cpu else None
             ng = [x["cpu_us"] for x in summary.get((scenario, "nginx"), []) if x["cpu_us"] is not None]
             ratio = (cpu_mean / (sum(ng) / len(ng))) if cpu_mean and ng else None
-            print(f"| {scenario} | {target} | {mean('rps'):.0f} | {mean('p50'):.0f} | {mean('p99'):.0f} | "
+            print(f"| {scenario} | {target} | {mean(rs, 'rps'):.0f} | {mean(rs, 'p50'):.0f} | {mean(rs, 'p99'):.0f} | "
                   f"{'%.1f' % cpu_mean if cpu_mean else '—'} | {'%.2f×' % ratio if ratio else '—'} | {sum(x['errors'] for x in rs)} |")
         total_errors = sum(r["errors"] for r in rows if r["target"] != "direct")
         if total_errors:

@@ -29,7 +29,7 @@ which is what is compared). Every process is stopped at the end, also on failure
 import argparse, hashlib, http.client, os, shutil, socket, subprocess, sys, tarfile, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CLK, ROOT, Procs, cpu_ticks, free_port, nginx_conf, storage_routes, wait_port, wrk  # noqa: E402
+from run import ROOT, Procs, free_port, mean, measure, nginx_conf, storage_routes, wait_port, wrk  # noqa: E402
 
 TOKEN = "storage-bench-token-0123456789abcdef"
 
@@ -189,11 +189,7 @@ release = {{ kind = "static", sha256 = "{sha}" }}
         rows = []
 
         def run(store, label, port, proc, path, host):
-            wrk(port, host, path, 1, a.connections)  # warm-up
-            before = cpu_ticks(proc.pid)
-            r = wrk(port, host, path, a.seconds, a.connections)
-            after = cpu_ticks(proc.pid)
-            r["cpu_us"] = (after - before) / CLK * 1e6 / r["requests"] if r["requests"] else None
+            r = measure(lambda secs: wrk(port, host, path, secs, a.connections), proc, a.seconds)
             r["target"], r["store"] = label, store
             rows.append(r)
             print(f"  S1 1 KiB from {store:<6} {label:<26} {r['rps']:>7.0f} req/s  p50 {r['p50']:>7.0f} us  p99 {r['p99']:>7.0f} us  "
@@ -222,9 +218,6 @@ release = {{ kind = "static", sha256 = "{sha}" }}
         for r in rows:
             by.setdefault((r["store"], r["target"]), []).append(r)
 
-        def mean(rs, k):
-            vals = [x[k] for x in rs if x[k] is not None and x[k] == x[k]]
-            return sum(vals) / len(vals) if vals else float("nan")
         for (store, label), rs in by.items():
             cpu = mean(rs, "cpu_us")
             ref = "nginx" if store == "-" else store
