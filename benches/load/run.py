@@ -20,7 +20,7 @@ Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
      certificate for *.sandbox.localhost (wrk's SNI is the URL's IP, so both fall back to
      their default/only certificate; the SNI lookup itself is benched by criterion);
   4. HTTP/2 over TLS, 8 connections x 16 concurrent streams (h2load), 1 KiB response;
-     h2load reports mean and max latency only: the table's p50/p99 columns show those;
+     p50/p99 from h2load's per-request log;
   5. scenario 1 on a private preview: every request carries the edge's session cookie
      (obtained once through a share link), which the edge verifies (HMAC over the host,
      share record lookup) and strips before forwarding; nginx and the bare proxy get the
@@ -28,7 +28,10 @@ Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
   6. a static release file (1 KiB and 100 KiB) served by the edge from its release
      cache, against nginx serving the same files from disk (no bare proxy here);
   7. scenario 1 on the edge while its routing table (100k sandboxes) is replaced
-     through the control API as often as it can, up to 10 times a second.
+     through the control API as often as it can, up to 10 times a second;
+  8. scenario 2 behind a corking origin: nginx with `sendfile on; tcp_nopush on` (the
+     common static configuration), which sends the head and the file's full segments
+     first and the last partial segment when it uncorks.
 The figure that counts is the proxy's own CPU time per request (utime+stime of its
 process from /proc over requests served): on 2 cores wrk saturates first, so requests/s
 alone says little. Every process started is stopped at the end, also on failure.
@@ -107,16 +110,20 @@ def wrk(port, host, path, seconds, conns, headers=(), scheme="http"):
 
 
 def h2load(port, host, path, seconds, conns, streams=16):
-    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{conns}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1",
-           "-H", f":authority: {host}", f"https://127.0.0.1:{port}{path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    """h2load's own summary has mean and max only: the percentiles come from its
+    per-request log (microseconds from start to end of each response)."""
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
+        cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{conns}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1",
+               f"--log-file={log.name}", "-H", f":authority: {host}", f"https://127.0.0.1:{port}{path}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+        durations = sorted(int(f[2]) for f in (line.split("\t") for line in open(log.name)) if len(f) >= 3 and f[1] != "-1")
     m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
-    if not m:
+    if not m or not durations:
         raise RuntimeError(f"h2load output not understood:\n{out}")
     done, ok = int(m.group(2)), int(m.group(3))
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
-    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
-    return {"requests": done, "rps": rps, "p50": to_us(lat.group(3)), "p99": to_us(lat.group(2)),
+    pct = lambda q: float(durations[min(len(durations) - 1, int(q * len(durations)))])
+    return {"requests": done, "rps": rps, "p50": pct(0.50), "p99": pct(0.99),
             "errors": int(m.group(4)) + int(m.group(5)) + (done - ok - int(m.group(4)))}
 
 
@@ -228,7 +235,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--swap-sandboxes", type=int, default=100_000)
-    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated scenario numbers to run")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7,8", help="comma-separated scenario numbers to run")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
     a = ap.parse_args()
@@ -254,7 +261,7 @@ def main():
         with open(tgz, "rb") as f:
             release_sha = hashlib.sha256(f.read()).hexdigest()
         shutil.move(tgz, os.path.join(store, f"{release_sha}.tar.gz"))
-        o_port, n_port, e_port, b_port, c_port, nt_port, et_port = (free_port() for _ in range(7))
+        o_port, n_port, e_port, b_port, c_port, nt_port, et_port, co_port, bc_port = (free_port() for _ in range(9))
         # One certificate for both proxies (ECDSA P-256, as the edge generates).
         certs = os.path.join(d, "certs")
         os.makedirs(os.path.join(certs, "bench"))
@@ -270,8 +277,13 @@ def main():
         # (measured: p99 37-41 ms for nginx and pingora alike with it, 4-5 ms without).
         conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; }}")
         procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
+        # Scenario 8's origin corks: what most nginx static configurations do.
+        conf = nginx_conf(d, "cork", f"server {{ listen 127.0.0.1:{co_port}; root {www}; sendfile on; tcp_nopush on; }}")
+        procs.start("cork", ["nginx", "-c", conf, "-p", d], 1)
+        cork_host = f"{co_port}-cork.sandbox.localhost"
         conf = nginx_conf(d, "proxy", f"""
   upstream origin {{ server 127.0.0.1:{o_port}; keepalive 64; }}
+  upstream cork {{ server 127.0.0.1:{co_port}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{n_port} default_server;
     listen 127.0.0.1:{nt_port} ssl http2 default_server;
@@ -283,6 +295,7 @@ def main():
     root {www};
     sendfile on;
   }}
+  map $http_host $upstream_group {{ {cork_host} cork; default origin; }}
   ssl_certificate {crt};
   ssl_certificate_key {key};
   ssl_protocols TLSv1.2 TLSv1.3;
@@ -293,7 +306,7 @@ def main():
     listen 127.0.0.1:{nt_port} ssl http2;
     server_name ~^(?<pport>[1-9][0-9]*)-(?<sandbox>[a-z0-9-]+)\\.sandbox\\.localhost$;
     location / {{
-      proxy_pass http://origin;
+      proxy_pass http://$upstream_group;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $http_host;
@@ -321,7 +334,12 @@ redirect_http = false
 [control]
 listen = "127.0.0.1:{c_port}"
 max_body_bytes = 1073741824
-{bench_routes(o_port)}[static]
+{bench_routes(o_port)}[[sandboxes]]
+id = "cork"
+workspace = "ws_bench"
+address = "127.0.0.1"
+previews = [{{ port = {co_port}, access = "public" }}]
+[static]
 store = "{store}"
 [[deployments]]
 id = "dep_static"
@@ -335,7 +353,8 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
         env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
         edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
         bare = procs.start("bare", [a.bare, f"127.0.0.1:{b_port}", f"127.0.0.1:{o_port}", "1"], 0)
-        for p in [o_port, n_port, e_port, b_port, c_port, nt_port, et_port]:
+        bare_cork = procs.start("bare-cork", [a.bare, f"127.0.0.1:{bc_port}", f"127.0.0.1:{co_port}", "1"], 0)
+        for p in [o_port, n_port, e_port, b_port, c_port, nt_port, et_port, co_port, bc_port]:
             wait_port(p)
 
         targets = [("direct", o_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge), ("bare pingora", b_port, bare)]
@@ -356,6 +375,12 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
             for _ in range(a.rounds):
                 for label, port, proc in targets:
                     run(scenario, label, port, proc, path, host)
+
+        cork_targets = [("direct", co_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge),
+                        ("bare pingora", bc_port, bare_cork)]
+        for _ in range(a.rounds if "8" in only else 0):
+            for label, port, proc in cork_targets:
+                run("8 64 KiB, corking origin", label, port, proc, "/64k", cork_host)
 
         # Scenarios 3 and 4: TLS (nginx and the edge; the bare proxy has no TLS).
         tls_targets = [("nginx", nt_port, nginx), ("edge", et_port, edge)]

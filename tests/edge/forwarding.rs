@@ -223,3 +223,65 @@ async fn http10_origin_answers_http11_clients_in_http11() {
         }
     }
 }
+
+/// An origin whose response leaves in two writes without `TCP_NODELAY` (or that corks:
+/// nginx's `sendfile on; tcp_nopush on`) holds its last small segment until the first is
+/// acknowledged (Nagle). An upstream socket in delayed-ACK mode acknowledged it only
+/// when Linux's delayed-ACK timer fired, 40 ms later, on nearly every such response; the
+/// edge acknowledges as soon as it has read part of a response (vendor/README.md, patch 7).
+#[tokio::test]
+async fn an_origin_waiting_for_an_ack_is_not_held_for_the_delayed_ack_timer() {
+    use crate::support::read_response;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: usize = 65_536;
+    let f = Fixture::start().await;
+    let origin = tokio::net::TcpListener::bind(("127.0.0.2", 0)).await.expect("bind");
+    let port = origin.local_addr().expect("addr").port();
+    let _task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = origin.accept().await else { return };
+            sock.set_nodelay(false).expect("nagle on");
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+                    answer.extend(std::iter::repeat_n(b'x', BODY));
+                    // One full segment, then the rest: Nagle keeps the rest until the ACK.
+                    let (first, rest) = answer.split_at(60_000);
+                    if sock.write_all(first).await.is_err() || sock.write_all(rest).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let extra = format!("[[sandboxes]]\nid = \"nagle\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
+    let edge = Edge::start(&f.toml(&extra)).await;
+    let host = format!("{port}-nagle.sandbox.localhost");
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("send");
+        let (status_line, r) = read_response(&mut s, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("request {i}: no whole response\n{}", edge.log()));
+        assert_eq!(status_line, "HTTP/1.1 200 OK");
+        assert_eq!(r.body.len(), BODY, "request {i}");
+        // 40 ms is Linux's shortest delayed ACK; a request through the edge takes ~1 ms.
+        if t.elapsed() >= Duration::from_millis(40) {
+            held.push((i, t.elapsed()));
+        }
+    }
+    // Without the prompt ACK every request after the first few is held (20 of 20 seen);
+    // a loaded machine may delay a few for its own reasons.
+    assert!(held.len() <= 4, "responses held for the delayed-ACK timer: {held:?}");
+}
