@@ -224,64 +224,135 @@ async fn http10_origin_answers_http11_clients_in_http11() {
     }
 }
 
+/// `body_len` bytes of `fill` after a head with its `Content-Length`.
+fn answer(body_len: usize, fill: u8) -> Vec<u8> {
+    let mut a = format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n").into_bytes();
+    a.extend(std::iter::repeat_n(fill, body_len));
+    a
+}
+
+/// An edge routing `{port}-{id}.sandbox.localhost` to `127.0.0.2:{port}`, and a client
+/// connection to it.
+async fn edge_before(f: &Fixture, id: &str, port: u16) -> (Edge, tokio::net::TcpStream, String) {
+    let extra = format!("[[sandboxes]]\nid = \"{id}\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
+    let edge = Edge::start(&f.toml(&extra)).await;
+    let s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    (edge, s, format!("{port}-{id}.sandbox.localhost"))
+}
+
+/// Sends request `i` on `s` and checks its answer: `body_len` bytes of `fill`.
+async fn get_on(s: &mut tokio::net::TcpStream, edge: &Edge, host: &str, i: usize, body_len: usize, fill: u8) {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("send");
+    let (status_line, r) = crate::support::read_response(s, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("request {i}: no whole response\n{}", edge.log()));
+    assert_eq!(status_line, "HTTP/1.1 200 OK", "request {i}");
+    assert!(r.body.len() == body_len && r.body.iter().all(|&b| b == fill), "request {i}: {} bytes", r.body.len());
+}
+
 /// An origin whose response leaves in two writes without `TCP_NODELAY` (or that corks:
 /// nginx's `sendfile on; tcp_nopush on`) holds its last small segment until the first is
-/// acknowledged (Nagle). An upstream socket in delayed-ACK mode acknowledged it only
+/// acknowledged (Nagle). The upstream socket, in delayed-ACK mode, acknowledged it only
 /// when Linux's delayed-ACK timer fired, 40 ms later, on nearly every such response; the
-/// edge acknowledges as soon as it has read part of a response (vendor/README.md, patch 7).
+/// edge acknowledges at once when the rest of a body has to be waited for
+/// (vendor/README.md, pingora-core patch 3).
 #[tokio::test]
 async fn an_origin_waiting_for_an_ack_is_not_held_for_the_delayed_ack_timer() {
-    use crate::support::read_response;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const BODY: usize = 65_536;
     let f = Fixture::start().await;
-    let origin = tokio::net::TcpListener::bind(("127.0.0.2", 0)).await.expect("bind");
-    let port = origin.local_addr().expect("addr").port();
-    let _task = tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = origin.accept().await else { return };
-            sock.set_nodelay(false).expect("nagle on");
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    buf.clear();
-                    let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
-                    answer.extend(std::iter::repeat_n(b'x', BODY));
-                    // One full segment, then the rest: Nagle keeps the rest until the ACK.
-                    let (first, rest) = answer.split_at(60_000);
-                    if sock.write_all(first).await.is_err() || sock.write_all(rest).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    let extra = format!("[[sandboxes]]\nid = \"nagle\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
-    let edge = Edge::start(&f.toml(&extra)).await;
-    let host = format!("{port}-nagle.sandbox.localhost");
-    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    // One full segment, then the rest: Nagle keeps the rest until the ACK.
+    let (port, _origin) = crate::support::scripted_origin("127.0.0.2", answer(BODY, b'x'), 60_000).await;
+    let (edge, mut s, host) = edge_before(&f, "nagle", port).await;
     let mut held = Vec::new();
     for i in 0..20 {
         let t = std::time::Instant::now();
-        s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("send");
-        let (status_line, r) = read_response(&mut s, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| panic!("request {i}: no whole response\n{}", edge.log()));
-        assert_eq!(status_line, "HTTP/1.1 200 OK");
-        assert_eq!(r.body.len(), BODY, "request {i}");
+        get_on(&mut s, &edge, &host, i, BODY, b'x').await;
         // 40 ms is Linux's shortest delayed ACK; a request through the edge takes ~1 ms.
         if t.elapsed() >= Duration::from_millis(40) {
             held.push((i, t.elapsed()));
         }
     }
-    // Without the prompt ACK every request after the first few is held (20 of 20 seen);
+    // Without the prompt ACK every request after the first few is held (15 of 20 seen);
     // a loaded machine may delay a few for its own reasons.
     assert!(held.len() <= 4, "responses held for the delayed-ACK timer: {held:?}");
+}
+
+/// A response head and a body too large for the room left in the edge's 1460-byte write
+/// buffer leave in one send, so one TCP segment on loopback where they were two (the
+/// head flushed alone, then the body): vendor/README.md, pingora-core patch 2.
+#[tokio::test]
+async fn a_response_head_and_its_body_leave_in_one_segment() {
+    use std::os::fd::AsRawFd;
+    const BODY: usize = 4000;
+    let f = Fixture::start().await;
+    let a = answer(BODY, b'y');
+    let (port, _origin) = crate::support::scripted_origin("127.0.0.2", a.clone(), a.len()).await;
+    let (edge, mut s, host) = edge_before(&f, "seg", port).await;
+    let data_segments_in = |s: &tokio::net::TcpStream| {
+        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+        };
+        assert_eq!(rc, 0, "TCP_INFO");
+        info.tcpi_data_segs_in
+    };
+    let mut segments = Vec::new();
+    for i in 0..5 {
+        let before = data_segments_in(&s);
+        get_on(&mut s, &edge, &host, i, BODY, b'y').await;
+        segments.push(data_segments_in(&s) - before);
+    }
+    assert_eq!(segments, vec![1; 5], "data segments per response (head and body apart: 2)");
+}
+
+/// A pooled upstream connection is checked against its peer from the address recorded
+/// when it was made, not with a `getpeername` system call on every reuse
+/// (vendor/README.md, pingora-core patch 1). Counted with strace on the running edge.
+#[tokio::test]
+async fn reusing_an_upstream_connection_asks_the_kernel_nothing() {
+    const BODY: usize = 100;
+    let f = Fixture::start().await;
+    let a = answer(BODY, b'z');
+    let (port, _origin) = crate::support::scripted_origin("127.0.0.2", a.clone(), a.len()).await;
+    let (edge, mut s, host) = edge_before(&f, "reuse", port).await;
+    get_on(&mut s, &edge, &host, 0, BODY, b'z').await; // the upstream connection is made
+    let out = edge.dir.path().join("strace.txt");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-e", "trace=getpeername", "-o"])
+        .arg(&out)
+        .args(["-p", &edge.child.id().to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (scripts/deps installs it)");
+    // strace names every thread it attached to on stderr before it traces them.
+    let mut err = strace.stderr.take().expect("stderr");
+    let attached = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut seen = String::new();
+        let mut b = [0u8; 256];
+        while !seen.contains("attached") {
+            match err.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&b[..n])),
+            }
+        }
+        (seen, err)
+    });
+    let (seen, _err) = tokio::time::timeout(Duration::from_secs(10), attached).await.expect("strace attached in time").expect("join");
+    assert!(seen.contains("attached"), "strace could not attach: {seen}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 1..=20 {
+        get_on(&mut s, &edge, &host, i, BODY, b'z').await;
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
+    strace.wait().expect("strace ends");
+    let trace = std::fs::read_to_string(&out).expect("strace output");
+    let calls = trace.lines().filter(|l| l.contains("getpeername(")).count();
+    // Before: one per request on the reused connection (20); now at most the first
+    // reuse, which reads the address into the connection's record.
+    assert!(calls <= 1, "{calls} getpeername calls for 20 requests on one pooled connection:\n{trace}");
 }

@@ -7,6 +7,7 @@ mod access;
 mod acme;
 mod alloc;
 mod browser;
+mod coalesce;
 mod control;
 mod fleet;
 mod fleet_certs;

@@ -481,6 +481,40 @@ pub async fn ws_echo(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+/// An origin on `ip:0` that answers every request of a kept-open connection with
+/// `answer`, in two writes split at `split` (one write when `split` is its length), with
+/// Nagle's algorithm on, as an application that does not set `TCP_NODELAY`.
+pub async fn scripted_origin(ip: &str, answer: Vec<u8>, split: usize) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let answer = Arc::new(answer);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            sock.set_nodelay(false).expect("nagle on");
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let (first, rest) = answer.split_at(split.min(answer.len()));
+                    if sock.write_all(first).await.is_err() || (!rest.is_empty() && sock.write_all(rest).await.is_err()) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
 /// A free port on 127.0.0.1, chosen by the kernel (bound then released), for a server
 /// whose port another process must know before it starts.
 pub fn free_port() -> u16 {

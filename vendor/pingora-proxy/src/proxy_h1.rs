@@ -261,7 +261,6 @@ where
         let mut upstream_can_reuse = true;
         let mut send_error = None;
         let mut upgraded = false;
-        let mut acknowledged = false; // miosa-edge patch: acknowledge_now
 
         /* duplex mode, wait for either to complete */
         while !request_done || !response_done {
@@ -270,17 +269,6 @@ where
                     match res {
                         Ok(task) => {
                             response_done = task.is_end();
-                            // miosa-edge patch: the response is not all here yet, so
-                            // acknowledge what was read now instead of after the delayed-ACK
-                            // timer. An origin that corks (sendfile + tcp_nopush) or whose
-                            // last small segment waits on Nagle sends the rest only once
-                            // this ACK arrives: 40 ms later on Linux without it.
-                            // Once per response: leaving delayed-ACK mode lasts until the
-                            // next request is written.
-                            if !response_done && !upgraded && !acknowledged {
-                                acknowledged = true;
-                                acknowledge_now(client_session.stream().id());
-                            }
                             if !upgraded && client_session.was_upgraded() {
                                 // upgrade can only happen once
                                 upgraded = true;
@@ -1303,26 +1291,3 @@ mod tests {
         assert_eq!(err.esource(), &ErrorSource::Upstream);
     }
 }
-
-/// miosa-edge patch: set `TCP_QUICKACK` on an upstream socket, which sends the ACK the
-/// kernel was holding back for data already read and leaves delayed-ACK ("pingpong") mode
-/// until the next request is written. An error (a Unix socket, a closed descriptor) only
-/// means there is nothing to acknowledge, so it is ignored.
-#[cfg(target_os = "linux")]
-fn acknowledge_now(fd: pingora_core::protocols::UniqueIDType) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid `c_int`; `fd` is the
-    // socket of the upstream session borrowed by the caller, so it is open.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn acknowledge_now(_fd: pingora_core::protocols::UniqueIDType) {}
