@@ -15,6 +15,7 @@ divided by the requests wrk completed:
     python3 benches/load/callgrind.py --shape object-proxied  # the same bytes proxied
     python3 benches/load/callgrind.py --target bare    # the bare pingora proxy
     python3 benches/load/callgrind.py --edge path/to/other/miosa-edge   # a before/after pair
+    python3 benches/load/callgrind.py --keep /tmp/cg.out   # then: callgrind_annotate /tmp/cg.out
 
 Needs nginx, wrk and valgrind (benches/load/run.sh installs the first two; valgrind is
 on every machine of this kind) and the release binaries. Bounded: about 30 s a run.
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("--target", choices=["edge", "bare"], default="edge")
     ap.add_argument("--shape", choices=["public", "cookie", "object", "object-proxied"], default="public")
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--keep", help="copy the callgrind dump here (for callgrind_annotate)")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
     a = ap.parse_args()
@@ -108,6 +110,8 @@ listen = "127.0.0.1:{c_port}"
             sys.exit("callgrind wrote no dump")
         with open(os.path.join(d, dumps[-1])) as f:
             total = next(int(line.split()[1]) for line in f if line.startswith(("summary:", "totals:")))
+        if a.keep:
+            shutil.copy(os.path.join(d, dumps[-1]), a.keep)
         print(f"{a.target} {a.shape}: {requests} requests, {total / requests / 1000:.1f}k instructions per request")
     finally:
         procs.stop()

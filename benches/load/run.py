@@ -238,6 +238,7 @@ def main():
     ap.add_argument("--scenarios", default="1,2,3,4,5,6,7,8", help="comma-separated scenario numbers to run")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
+    ap.add_argument("--edge-before", help="another miosa-edge build to measure beside --edge (before/after a change)")
     a = ap.parse_args()
     for tool in ["nginx", "wrk", "taskset"]:
         if not shutil.which(tool):
@@ -320,19 +321,20 @@ def main():
   }}""")
         nginx = procs.start("nginx", ["nginx", "-c", conf, "-p", d], 0)
 
-        edge_conf = os.path.join(d, "edge.toml")
-        with open(edge_conf, "w") as f:
-            f.write(f"""[server]
-http = "127.0.0.1:{e_port}"
-https = "127.0.0.1:{et_port}"
-state_dir = "{d}/var"
+        def edge_conf(name, http_port, https_port, control_port):
+            path = os.path.join(d, f"{name}.toml")
+            with open(path, "w") as f:
+                f.write(f"""[server]
+http = "127.0.0.1:{http_port}"
+https = "127.0.0.1:{https_port}"
+state_dir = "{d}/{name}-var"
 threads = 1
 watch_interval_ms = 0
 [tls]
 certs_dir = "{certs}"
 redirect_http = false
 [control]
-listen = "127.0.0.1:{c_port}"
+listen = "127.0.0.1:{control_port}"
 max_body_bytes = 1073741824
 {bench_routes(o_port)}[[sandboxes]]
 id = "cork"
@@ -350,14 +352,27 @@ active_version = "v1"
 id = "v1"
 release = {{ kind = "static", sha256 = "{release_sha}" }}
 """)
+            return path
+
         env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
-        edge = procs.start("edge", [a.edge, "run", "--config", edge_conf], 0, env=env)
+        edge = procs.start("edge", [a.edge, "run", "--config", edge_conf("edge", e_port, et_port, c_port)], 0, env=env)
+        # --edge-before: another build of the edge, measured in the same rounds (not in
+        # scenarios 5 and 7, which need the first edge's session and control API).
+        before = []
+        if a.edge_before:
+            eb_port, ebt_port, ebc_port = free_port(), free_port(), free_port()
+            edge_b = procs.start("edge-before", [a.edge_before, "run", "--config", edge_conf("edge-before", eb_port, ebt_port, ebc_port)],
+                                 0, env=env)
+            for p in [eb_port, ebt_port, ebc_port]:
+                wait_port(p)
+            before = [("edge before", eb_port, ebt_port, edge_b)]
         bare = procs.start("bare", [a.bare, f"127.0.0.1:{b_port}", f"127.0.0.1:{o_port}", "1"], 0)
         bare_cork = procs.start("bare-cork", [a.bare, f"127.0.0.1:{bc_port}", f"127.0.0.1:{co_port}", "1"], 0)
         for p in [o_port, n_port, e_port, b_port, c_port, nt_port, et_port, co_port, bc_port]:
             wait_port(p)
 
         targets = [("direct", o_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge), ("bare pingora", b_port, bare)]
+        plus_before = targets + [(label, port, proc) for label, port, _, proc in before]
         rows = []
 
         def run(scenario, label, port, proc, path, hostname, headers=(), scheme="http", tool=None):
@@ -373,17 +388,17 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
             if scenario[0] not in only:
                 continue
             for _ in range(a.rounds):
-                for label, port, proc in targets:
+                for label, port, proc in plus_before:
                     run(scenario, label, port, proc, path, host)
 
         cork_targets = [("direct", co_port, None), ("nginx", n_port, nginx), ("edge", e_port, edge),
-                        ("bare pingora", bc_port, bare_cork)]
+                        ("bare pingora", bc_port, bare_cork)] + plus_before[len(targets):]
         for _ in range(a.rounds if "8" in only else 0):
             for label, port, proc in cork_targets:
                 run("8 64 KiB, corking origin", label, port, proc, "/64k", cork_host)
 
         # Scenarios 3 and 4: TLS (nginx and the edge; the bare proxy has no TLS).
-        tls_targets = [("nginx", nt_port, nginx), ("edge", et_port, edge)]
+        tls_targets = [("nginx", nt_port, nginx), ("edge", et_port, edge)] + [(label, tport, proc) for label, _, tport, proc in before]
         for _ in range(a.rounds if "3" in only else 0):
             for label, port, proc in tls_targets:
                 run("3 TLS handshake per request", label, port, proc, "/1k", host, ["Connection: close"], "https")
@@ -409,21 +424,21 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
 
         # Scenario 6: static files (edge release cache vs nginx from disk).
         static_host = "site.bench.apps.localhost"
-        for _ in range(100):  # the release is fetched and unpacked at start
-            c = http.client.HTTPConnection("127.0.0.1", e_port, timeout=10)
-            c.request("GET", "/1k", headers={"Host": static_host})
-            resp = c.getresponse()
-            resp.read()
-            if resp.status == 200:
-                break
-            time.sleep(0.1)
-        else:
-            sys.exit(f"scenario 6: the static release never became available ({resp.status})")
+        static_targets = [t for t in plus_before if t[0] not in ("direct", "bare pingora")]
+        for _, port, _ in static_targets[1:]:
+            for _ in range(100):  # the release is fetched and unpacked at start
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                c.request("GET", "/1k", headers={"Host": static_host})
+                resp = c.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                sys.exit(f"scenario 6: the static release never became available ({resp.status})")
         for path in ["/1k", "/100k"]:
             for _ in range(a.rounds if "6" in only else 0):
-                for label, port, proc in targets[:3]:  # direct, nginx, edge
-                    if label == "direct":
-                        continue
+                for label, port, proc in static_targets:
                     run(f"6 static file {path[1:]}", label, port, proc, path, static_host)
 
         # Scenario 7: table swaps under load (edge only).
