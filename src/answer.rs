@@ -11,7 +11,8 @@
 use crate::codes::ErrorCode;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
 
 /// Per-response details a page may mention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,11 +77,14 @@ pub struct FilePlan {
 pub enum Body {
     None,
     Memory(Bytes),
-    /// `len` bytes of `path` from `offset`, streamed from disk.
+    /// `len` bytes of `path` from `offset`. `copy`: the same bytes, when the file is kept
+    /// in memory. Sent by the kernel from the file where the connection allows it (see
+    /// `proxy::rescue`), else written from `copy` or streamed from disk.
     File {
-        path: PathBuf,
+        path: Arc<Path>,
         offset: u64,
         len: u64,
+        copy: Option<Bytes>,
     },
 }
 

@@ -20,14 +20,20 @@ use pingora::http::RequestHeader;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Bytes of small files one release may keep in memory; the rest streams from disk.
 pub const MEMORY_BUDGET: u64 = 64 << 20;
 
+/// Bodies from this size on are sent from their file by the kernel (sendfile) on plain
+/// HTTP/1 connections even when a copy is kept in memory: below it, the two system calls
+/// of opening and closing the file cost more than copying the bytes.
+pub const SEND_FILE_MIN_BYTES: u64 = 16 << 10;
+
 /// One stored representation of a file (identity, gzip or brotli).
 #[derive(Debug)]
 pub struct Representation {
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     pub size: u64,
     pub etag: HeaderValue,
     /// The contents, for small files.
@@ -79,7 +85,7 @@ impl Release {
                 memory += size;
                 Bytes::from(contents)
             });
-            reps.insert(url, Representation { path, size, etag, body });
+            reps.insert(url, Representation { path: path.into(), size, etag, body });
         }
         let mut files = HashMap::with_hasher(ahash::RandomState::new());
         let copy = |r: &Representation, suffix: &str| Representation {
@@ -386,8 +392,14 @@ pub fn plan(req: &RequestHeader, found: &Found<'_>) -> Plan {
         None => (0, rep.size),
     };
     let body = match &rep.body {
+        // Large enough that the kernel sending it from the file beats copying it out of
+        // memory (benches/load/RESULTS.md, "Issue 17"); the copy stays for connections
+        // where it cannot (TLS, HTTP/2).
+        Some(b) if len >= SEND_FILE_MIN_BYTES => {
+            Body::File { path: rep.path.clone(), offset, len, copy: Some(b.slice(offset as usize..(offset + len) as usize)) }
+        }
         Some(b) => Body::Memory(b.slice(offset as usize..(offset + len) as usize)),
-        None => Body::File { path: rep.path.clone(), offset, len },
+        None => Body::File { path: rep.path.clone(), offset, len, copy: None },
     };
     Plan { status, headers, body }
 }

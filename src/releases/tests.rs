@@ -147,7 +147,13 @@ fn body(p: &serve::Plan) -> Vec<u8> {
     match &p.body {
         Body::None => Vec::new(),
         Body::Memory(b) => b.to_vec(),
-        Body::File { path, offset, len } => std::fs::read(path).unwrap()[*offset as usize..(*offset + *len) as usize].to_vec(),
+        Body::File { path, offset, len, copy } => {
+            let on_disk = std::fs::read(path).unwrap()[*offset as usize..(*offset + *len) as usize].to_vec();
+            if let Some(copy) = copy {
+                assert_eq!(copy.as_ref(), on_disk.as_slice(), "the memory copy is the file's bytes");
+            }
+            on_disk
+        }
     }
 }
 

@@ -319,39 +319,12 @@ async fn reusing_an_upstream_connection_asks_the_kernel_nothing() {
     let (port, _origin) = crate::support::scripted_origin("127.0.0.2", a.clone(), a.len()).await;
     let (edge, mut s, host) = edge_before(&f, "reuse", port).await;
     get_on(&mut s, &edge, &host, 0, BODY, b'z').await; // the upstream connection is made
-    let out = edge.dir.path().join("strace.txt");
-    let mut strace = std::process::Command::new("strace")
-        .args(["-f", "-e", "trace=getpeername", "-o"])
-        .arg(&out)
-        .args(["-p", &edge.child.id().to_string()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("strace (scripts/deps installs it)");
-    // strace names every thread it attached to on stderr before it traces them.
-    let mut err = strace.stderr.take().expect("stderr");
-    let attached = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut seen = String::new();
-        let mut b = [0u8; 256];
-        while !seen.contains("attached") {
-            match err.read(&mut b) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.push_str(&String::from_utf8_lossy(&b[..n])),
-            }
+    let (calls, trace) = crate::support::count_syscalls(&edge, "getpeername", async {
+        for i in 1..=20 {
+            get_on(&mut s, &edge, &host, i, BODY, b'z').await;
         }
-        (seen, err)
-    });
-    let (seen, _err) = tokio::time::timeout(Duration::from_secs(10), attached).await.expect("strace attached in time").expect("join");
-    assert!(seen.contains("attached"), "strace could not attach: {seen}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for i in 1..=20 {
-        get_on(&mut s, &edge, &host, i, BODY, b'z').await;
-    }
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
-    strace.wait().expect("strace ends");
-    let trace = std::fs::read_to_string(&out).expect("strace output");
-    let calls = trace.lines().filter(|l| l.contains("getpeername(")).count();
+    })
+    .await;
     // Before: one per request on the reused connection (20); now at most the first
     // reuse, which reads the address into the connection's record.
     assert!(calls <= 1, "{calls} getpeername calls for 20 requests on one pooled connection:\n{trace}");

@@ -270,3 +270,70 @@ async fn static_section_reloads_live() {
     assert_eq!(r.text(), "from the new store");
     assert!(!edge.log().contains("takes effect on restart"), "{}", edge.log());
 }
+
+/// A file kept in memory and large enough is sent by the kernel from its file (sendfile,
+/// vendor/README.md pingora-core patch 4) on plain HTTP/1: the same bytes, whole, as a
+/// range and on a kept-open connection, and nothing for HEAD. Counted with strace: no
+/// sendfile call without the patch.
+#[tokio::test]
+async fn large_static_files_are_sent_from_their_file_by_the_kernel() {
+    use crate::support::read_response;
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::start().await;
+    let store = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let hex = put(store.path(), &[("index.html", b"<h1>hi</h1>"), ("data.bin", &data)]);
+    let (_certs, dir) = crate::support::pebble::certs_dir();
+    let config = format!("{}{}", crate::support::pebble::tls_toml(&dir, false), edge_config(&f, store.path(), ""));
+    let edge = Edge::start_opts("https = \"127.0.0.1:0\"", &[], &config).await;
+    push(&edge, &[("v", static_release(&hex, false))], "v").await;
+    let r = req(&edge, "GET", "/data.bin", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Over TLS the kernel cannot send the file (no kTLS): the bytes are written from memory.
+    let r = crate::support::pebble::tls_get(edge.https(), Some(HOST), HOST, "/data.bin", None, &["http/1.1"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+    assert_eq!(r.response.status, 200);
+    assert!(r.response.body == data, "over TLS: {} bytes, not the file's", r.response.body.len());
+
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let (calls, trace) = crate::support::count_syscalls(&edge, "sendfile", async {
+        for (i, (method, range)) in [("GET", ""), ("GET", "Range: bytes=1000-30999\r\n"), ("HEAD", ""), ("GET", "")].into_iter().enumerate()
+        {
+            s.write_all(format!("{method} /data.bin HTTP/1.1\r\nHost: {HOST}\r\n{range}\r\n").as_bytes()).await.expect("send");
+            let (status_line, r) = if method == "HEAD" {
+                // No body follows a HEAD answer: read the head alone.
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    tokio::io::AsyncReadExt::read_exact(&mut s, &mut b).await.expect("head");
+                    head.push(b[0]);
+                }
+                let r = crate::support::parse_response(&head);
+                (String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string(), r)
+            } else {
+                read_response(&mut s, Duration::from_secs(10))
+                    .await
+                    .unwrap_or_else(|| panic!("request {i}: no whole response\n{}", edge.log()))
+            };
+            match (method, range.is_empty()) {
+                ("HEAD", _) => {
+                    assert_eq!(status_line, "HTTP/1.1 200 OK");
+                    assert_eq!(r.header("content-length"), Some("40000"));
+                }
+                (_, true) => {
+                    assert_eq!(status_line, "HTTP/1.1 200 OK", "request {i}");
+                    assert!(r.body == data, "request {i}: {} bytes, not the file's", r.body.len());
+                }
+                (_, false) => {
+                    assert_eq!(status_line, "HTTP/1.1 206 Partial Content", "request {i}");
+                    assert!(r.body == data[1000..31_000], "request {i}: {} bytes, not the range", r.body.len());
+                }
+            }
+        }
+    })
+    .await;
+    // At least one per body: the whole file twice and the range (HEAD has none); more
+    // when the socket's buffer takes a body in parts.
+    assert!(calls >= 3, "{calls} sendfile calls:\n{trace}");
+}

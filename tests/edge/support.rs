@@ -515,6 +515,43 @@ pub async fn scripted_origin(ip: &str, answer: Vec<u8>, split: usize) -> (u16, t
     (port, task)
 }
 
+/// How many `syscall` calls the edge makes while `work` runs, counted by strace attached
+/// to its process (scripts/deps installs strace), and strace's record of them.
+pub async fn count_syscalls(edge: &Edge, syscall: &str, work: impl std::future::Future<Output = ()>) -> (usize, String) {
+    let out = edge.dir.path().join(format!("strace-{syscall}.txt"));
+    let mut strace = Command::new("strace")
+        .args(["-f", "-e", &format!("trace={syscall}"), "-o"])
+        .arg(&out)
+        .args(["-p", &edge.child.id().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("strace (scripts/deps installs it)");
+    // strace names every thread it attached to on stderr before it traces them.
+    let mut err = strace.stderr.take().expect("stderr");
+    let attached = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut seen = String::new();
+        let mut b = [0u8; 256];
+        while !seen.contains("attached") {
+            match err.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&b[..n])),
+            }
+        }
+        (seen, err)
+    });
+    let (seen, _err) = tokio::time::timeout(Duration::from_secs(10), attached).await.expect("strace attached in time").expect("join");
+    assert!(seen.contains("attached"), "strace could not attach: {seen}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    work.await;
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(strace.id() as libc::pid_t, libc::SIGINT) };
+    strace.wait().expect("strace ends");
+    let trace = std::fs::read_to_string(&out).expect("strace output");
+    let calls = trace.lines().filter(|l| l.contains(&format!("{syscall}("))).count();
+    (calls, trace)
+}
+
 /// A free port on 127.0.0.1, chosen by the kernel (bound then released), for a server
 /// whose port another process must know before it starts.
 pub fn free_port() -> u16 {

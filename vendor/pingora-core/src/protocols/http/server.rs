@@ -222,6 +222,24 @@ impl Session {
         }
     }
 
+    /// miosa-edge patch (vendor/README.md, pingora-core 4): send up to `len` bytes of
+    /// `file` from `offset` as part of the response body with sendfile(2), on an HTTP/1
+    /// session over a plain connection with a `Content-Length` body, for as long as the
+    /// socket takes them without waiting. Returns how many were sent (`0` anywhere else);
+    /// write the rest with [`Self::write_response_body`].
+    #[cfg(target_os = "linux")]
+    pub async fn write_body_file(
+        &mut self,
+        file: std::os::unix::io::RawFd,
+        offset: u64,
+        len: usize,
+    ) -> Result<usize> {
+        match self {
+            Self::H1(s) => s.write_body_file(file, offset, len).await,
+            _ => Ok(0),
+        }
+    }
+
     /// Write the response body to client
     pub async fn write_response_body(&mut self, data: Bytes, end: bool) -> Result<()> {
         if data.is_empty() && !end {
