@@ -272,10 +272,10 @@ def main():
                         "-keyout", key, "-out", crt], check=True, capture_output=True)
         host = f"{o_port}-bench.sandbox.localhost"
 
-        # No tcp_nopush on the origin (nor on nginx's static server below): corking the
-        # response with sendfile left its last segment waiting ~40 ms (Linux's minimum
-        # delayed ACK) in over 1% of 64 KiB responses, whatever proxy was in front
-        # (measured: p99 37-41 ms for nginx and pingora alike with it, 4-5 ms without).
+        # No tcp_nopush on this origin (nor on nginx's static server below), so that
+        # scenarios 1-7 measure the proxies; scenario 8 has the corking origin: its last
+        # segment waits for the proxy's ACK, 40 ms with a delayed ACK (nginx as a proxy
+        # waits it out; the edge acknowledges at once, vendor/README.md pingora-core 3).
         conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; }}")
         procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
         # Scenario 8's origin corks: what most nginx static configurations do.
