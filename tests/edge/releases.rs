@@ -336,4 +336,15 @@ async fn large_static_files_are_sent_from_their_file_by_the_kernel() {
     // At least one per body: the whole file twice and the range (HEAD has none); more
     // when the socket's buffer takes a body in parts.
     assert!(calls >= 3, "{calls} sendfile calls:\n{trace}");
+
+    // Bytes the kernel sent count as the workspace's egress like any others: four whole
+    // files (two before the trace, one over TLS) and the range.
+    let want = 4 * 40_000 + 30_000;
+    let got = eventually(Duration::from_secs(10), || async {
+        let j = edge.api("GET", "/v1/usage", None).await.json();
+        let bytes = j["workspaces"].as_array()?.iter().find(|w| w["id"] == "ws_1")?["bytes"].as_u64()?;
+        (bytes >= want).then_some(bytes)
+    })
+    .await;
+    assert_eq!(got, Some(want), "ws_1's egress");
 }
