@@ -448,3 +448,20 @@ async fn tls_section_reloads_live() {
     assert_eq!(served_cert(https, Some(host)).await.expect("handshake").serial, leaf.serial);
     assert!(!log.contains("takes effect on restart"), "{log}");
 }
+
+/// The edge chooses the cipher suite in its own order, AES-128-GCM first, whatever the
+/// client lists first (rustls's and OpenSSL's clients list AES-256-GCM-SHA384 first, whose
+/// SHA-384 costs the edge more per handshake than SHA-256: src/server.rs `tls_config`).
+#[tokio::test]
+async fn the_edge_chooses_aes_128_gcm_whatever_the_client_lists_first() {
+    let f = Fixture::start().await;
+    let (_certs, dir) = certs_dir();
+    let edge = Edge::start_opts(HTTPS, &[], &format!("{}{}", tls_toml(&dir, false), f.toml(""))).await;
+    for (version, want) in
+        [(&rustls::version::TLS13, "TLS13_AES_128_GCM_SHA256"), (&rustls::version::TLS12, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")]
+    {
+        let opts = TlsOpts { sni: Some("localhost".into()), versions: vec![version], ..TlsOpts::default() };
+        let (_, info) = tls_connect(edge.https(), &opts).await.unwrap_or_else(|e| panic!("{e}\n{}", edge.log()));
+        assert_eq!(info.suite.map(|s| format!("{s:?}")).as_deref(), Some(want), "{version:?}");
+    }
+}

@@ -283,6 +283,8 @@ pub struct TlsInfo {
     pub chain_len: usize,
     pub alpn: Option<Vec<u8>>,
     pub version: Option<ProtocolVersion>,
+    /// The cipher suite the server chose.
+    pub suite: Option<rustls::CipherSuite>,
 }
 
 impl TlsInfo {
@@ -319,6 +321,7 @@ pub async fn tls_connect(addr: SocketAddr, opts: &TlsOpts) -> Result<(TlsStream<
         chain_len: chain.len(),
         alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
         version: conn.protocol_version(),
+        suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
     };
     Ok((stream, info))
 }
