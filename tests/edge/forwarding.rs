@@ -233,7 +233,7 @@ fn answer(body_len: usize, fill: u8) -> Vec<u8> {
 
 /// An edge routing `{port}-{id}.sandbox.localhost` to `127.0.0.2:{port}`, and a client
 /// connection to it.
-async fn edge_before(f: &Fixture, id: &str, port: u16) -> (Edge, tokio::net::TcpStream, String) {
+async fn edge_in_front_of(f: &Fixture, id: &str, port: u16) -> (Edge, tokio::net::TcpStream, String) {
     let extra = format!("[[sandboxes]]\nid = \"{id}\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
     let edge = Edge::start(&f.toml(&extra)).await;
     let s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
@@ -263,7 +263,7 @@ async fn an_origin_waiting_for_an_ack_is_not_held_for_the_delayed_ack_timer() {
     let f = Fixture::start().await;
     // One full segment, then the rest: Nagle keeps the rest until the ACK.
     let (port, _origin) = crate::support::scripted_origin("127.0.0.2", answer(BODY, b'x'), 60_000).await;
-    let (edge, mut s, host) = edge_before(&f, "nagle", port).await;
+    let (edge, mut s, host) = edge_in_front_of(&f, "nagle", port).await;
     let mut held = Vec::new();
     for i in 0..20 {
         let t = std::time::Instant::now();
@@ -288,7 +288,7 @@ async fn a_response_head_and_its_body_leave_in_one_segment() {
     let f = Fixture::start().await;
     let a = answer(BODY, b'y');
     let (port, _origin) = crate::support::scripted_origin("127.0.0.2", a.clone(), a.len()).await;
-    let (edge, mut s, host) = edge_before(&f, "seg", port).await;
+    let (edge, mut s, host) = edge_in_front_of(&f, "seg", port).await;
     let data_segments_in = |s: &tokio::net::TcpStream| {
         // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -317,7 +317,7 @@ async fn reusing_an_upstream_connection_asks_the_kernel_nothing() {
     let f = Fixture::start().await;
     let a = answer(BODY, b'z');
     let (port, _origin) = crate::support::scripted_origin("127.0.0.2", a.clone(), a.len()).await;
-    let (edge, mut s, host) = edge_before(&f, "reuse", port).await;
+    let (edge, mut s, host) = edge_in_front_of(&f, "reuse", port).await;
     get_on(&mut s, &edge, &host, 0, BODY, b'z').await; // the upstream connection is made
     let (calls, trace) = crate::support::count_syscalls(&edge, "getpeername", async {
         for i in 1..=20 {
