@@ -289,16 +289,8 @@ async fn a_response_head_and_its_body_leave_in_one_segment() {
     let a = answer(BODY, b'y');
     let (port, _origin) = crate::support::scripted_origin("127.0.0.2", a.clone(), a.len()).await;
     let (edge, mut s, host) = edge_in_front_of(&f, "seg", port).await;
-    let data_segments_in = |s: &tokio::net::TcpStream| {
-        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = unsafe {
-            libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
-        };
-        assert_eq!(rc, 0, "TCP_INFO");
-        info.tcpi_data_segs_in
-    };
+    let data_segments_in =
+        |s: &tokio::net::TcpStream| pingora::protocols::l4::ext::get_tcp_info(s.as_raw_fd()).expect("TCP_INFO").tcpi_data_segs_in;
     let mut segments = Vec::new();
     for i in 0..5 {
         let before = data_segments_in(&s);

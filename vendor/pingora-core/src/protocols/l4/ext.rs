@@ -350,6 +350,20 @@ pub fn get_snd_buf(_sock: RawSocket) -> io::Result<usize> {
     Ok(0)
 }
 
+/// miosa-edge patch (vendor/README.md, pingora-core 3): `TCP_QUICKACK`: the ACK the kernel
+/// holds back for data already read is sent now, and the socket leaves delayed-ACK mode
+/// until it next writes.
+#[cfg(target_os = "linux")]
+pub fn set_tcp_quickack(fd: RawFd) -> io::Result<()> {
+    set_opt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1 as c_int)
+}
+
+/// miosa-edge patch: no delayed-ACK control off Linux.
+#[cfg(all(unix, not(target_os = "linux")))]
+pub fn set_tcp_quickack(_fd: RawFd) -> io::Result<()> {
+    Ok(())
+}
+
 /// Enable client side TCP fast open.
 #[cfg(target_os = "linux")]
 pub fn set_tcp_fastopen_connect(fd: RawFd) -> Result<()> {

@@ -2961,25 +2961,13 @@ mod test_sync {
     }
 }
 
-/// miosa-edge patch (vendor/README.md, pingora-core 3): set `TCP_QUICKACK` on an upstream
-/// socket: the ACK the kernel holds back for data already read is sent now, and the socket
-/// leaves delayed-ACK mode until it next writes. An error (not a TCP socket) only means
-/// there is nothing to acknowledge.
-#[cfg(target_os = "linux")]
+/// miosa-edge patch (vendor/README.md, pingora-core 3): `TCP_QUICKACK` on an upstream
+/// socket (`l4::ext::set_tcp_quickack`). An error (not a TCP socket) only means there is
+/// nothing to acknowledge.
+#[cfg(unix)]
 fn acknowledge_now(fd: UniqueIDType) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid `c_int`; `fd` is
-    // the socket this session owns, open while the session lives.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = crate::protocols::l4::ext::set_tcp_quickack(fd);
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(unix))]
 fn acknowledge_now(_fd: UniqueIDType) {}
