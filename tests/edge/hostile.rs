@@ -401,13 +401,10 @@ async fn connections_per_ip_are_capped() {
     let f = Fixture::start().await;
     let edge = Edge::start_opts("max_connections_per_ip = 4", &[], &f.toml("")).await;
     let host = format!("{}-abc12345.sandbox.localhost", f.pa());
-    // The capped client is 127.0.0.3: the harness's readiness probe comes from 127.0.0.1,
-    // and the edge may still count it for a moment after it closed (seen under load: the
-    // fourth connection refused).
     let keep_alive = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let mut held = Vec::new();
     for i in 0..4 {
-        let mut s = connect_from([127, 0, 0, 3], edge.addr).await.expect("connect");
+        let mut s = connect_from([127, 0, 0, 1], edge.addr).await.expect("connect");
         s.write_all(keep_alive.as_bytes()).await.expect("write");
         let mut buf = vec![0u8; 64 << 10];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("answer").expect("read");
@@ -415,7 +412,7 @@ async fn connections_per_ip_are_capped() {
         held.push(s);
     }
     // The fifth from the same IP: closed, unanswered.
-    let mut s = connect_from([127, 0, 0, 3], edge.addr).await.expect("connect");
+    let mut s = connect_from([127, 0, 0, 1], edge.addr).await.expect("connect");
     let _ = s.write_all(keep_alive.as_bytes()).await;
     let x = read_until_closed(&mut s, Duration::from_secs(5)).await;
     assert!(x.closed && x.bytes.is_empty(), "fifth connection: closed {} after {:?}: {}", x.closed, x.took, x.text());
@@ -429,7 +426,7 @@ async fn connections_per_ip_are_capped() {
     let served = crate::support::eventually(Duration::from_secs(5), || {
         let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         async move {
-            let mut s = connect_from([127, 0, 0, 3], edge.addr).await.ok()?;
+            let mut s = connect_from([127, 0, 0, 1], edge.addr).await.ok()?;
             s.write_all(raw.as_bytes()).await.ok()?;
             let x = read_until_closed(&mut s, Duration::from_secs(5)).await;
             (x.status() == 200).then_some(())
