@@ -18,6 +18,7 @@ mod layers;
 mod lifecycle;
 mod observe;
 mod openapi;
+mod pool;
 mod releases;
 mod reload;
 mod routes;
