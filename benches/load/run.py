@@ -101,8 +101,10 @@ def wrk(port, host, path, seconds, conns, headers=(), scheme="http"):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = to_us(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = to_us(re.search(r"99%\s+(\S+)", out).group(1))
+    # The latency distribution's lines, not the thread statistics' "+/- Stdev" column
+    # (a "92.99%" there matched "99%" and read the next word as the p99: NaN).
+    p50 = to_us(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+    p99 = to_us(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(bad.group(1)) if bad else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
