@@ -137,3 +137,24 @@ async fn idle_connections_are_closed_after_their_idle_timeout_without_being_aske
     connector.release_stream(again, peer.reuse_hash(), Some(Duration::from_millis(100)));
     assert!(closed_within(&mut again_server, Duration::from_secs(3)).await, "no sweeper after the pool emptied");
 }
+
+/// vendor/README.md, pingora-core 6: asking the connector for an upstream session is part
+/// of every proxied request's future, which pingora moves into a new box on every request;
+/// the connect path (rustls' handshake inline, ~8 KiB) is boxed where a connection is
+/// made, so it no longer makes that future 8 KiB larger.
+#[test]
+fn the_upstream_session_future_does_not_carry_the_connect_path() {
+    use pingora::connectors::http::Connector;
+    use pingora::upstreams::peer::HttpPeer;
+    let connector = Connector::new(None);
+    let peer = HttpPeer::new("127.0.0.1:9", false, String::new());
+    let fut = connector.get_http_session(&peer);
+    let size = std::mem::size_of_val(&fut);
+    drop(fut);
+    assert!(size < 2048, "get_http_session's future is {size} bytes");
+    let transport = TransportConnector::new(None);
+    let fut = transport.get_stream(&peer);
+    let size = std::mem::size_of_val(&fut);
+    drop(fut);
+    assert!(size < 1024, "get_stream's future is {size} bytes");
+}

@@ -245,7 +245,10 @@ impl TransportConnector {
             .await
             .or_err(InternalError, "offload runtime failure")??
         } else {
-            do_connect(peer, bind_to, alpn_override, &self.tls_ctx.ctx, None).await?
+            // miosa-edge patch (pingora-core 6): boxed, so that the 8 KiB connect future
+            // (rustls' handshake inline) is allocated when a connection is made, instead of
+            // being part of every request's future, moved and allocated on every request.
+            Box::pin(do_connect(peer, bind_to, alpn_override, &self.tls_ctx.ctx, None)).await?
         };
 
         Ok(stream)
