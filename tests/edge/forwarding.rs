@@ -47,6 +47,22 @@ async fn forwarding_headers_are_set_and_credentials_stripped() {
         assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
     }
     assert_eq!(h["x-kept"], serde_json::json!(["yes"]));
+    // Every standard hop-by-hop field, in any case, nominated or not (the vendored
+    // pingora-proxy removes only those a request has: vendor/README.md, pingora-proxy 7).
+    let r = crate::support::raw_request(
+        edge.addr,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nKEEP-ALIVE: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authenticate: Basic\r\nproxy-authorization: Basic eA==\r\nTe: trailers\r\nTrailer: X-Sum\r\nUpgrade: h2c\r\nHttp2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nX-Between: 1\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    let h = &r.json()["headers"];
+    for gone in
+        ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade", "http2-settings"]
+    {
+        assert!(h.get(gone).is_none(), "{gone} was forwarded: {h}");
+    }
+    assert_eq!(h["x-between"], serde_json::json!(["1"]));
 
     // POST bodies stream through.
     let body = "x".repeat(100_000);
