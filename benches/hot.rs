@@ -19,7 +19,7 @@ use std::time::Instant;
 
 // The binary's allocator, so table layout and page behaviour match production.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: miosa_edge::allocator::EdgeAlloc = miosa_edge::allocator::EdgeAlloc;
 
 /// Table size; `MIOSA_BENCH_SANDBOXES` overrides it (to compare cache-resident tables).
 static SANDBOXES: std::sync::LazyLock<usize> =

@@ -35,6 +35,7 @@
 pub mod access;
 pub mod access_log;
 pub mod acme;
+pub mod allocator;
 pub mod answer;
 pub mod clock;
 pub mod cluster;

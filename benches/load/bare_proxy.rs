@@ -10,7 +10,7 @@ use pingora::server::{RunArgs, Server};
 use std::net::SocketAddr;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: miosa_edge::allocator::EdgeAlloc = miosa_edge::allocator::EdgeAlloc;
 
 struct Bare {
     origin: SocketAddr,

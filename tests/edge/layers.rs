@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 #[rustfmt::skip]
 const ORDER: &[&str] = &[
     // leaves: they use nothing of the crate
-    "clock", "codes", "cow", "files", "hook", "metrics", "services", "usage",
+    "allocator", "clock", "codes", "cow", "files", "hook", "metrics", "services", "usage",
     // the answers the edge makes itself, as values
     "answer",
     // the contract's data, then the rules between objects; DNS answers (verification,
