@@ -133,7 +133,9 @@ pub fn valid_request_id(v: &[u8]) -> bool {
 /// Generates request ids: 32 hex characters, unpredictable across processes (keyed
 /// SipHash of a counter with per-process random keys), unique within one.
 pub struct RequestIds {
-    keys: (std::collections::hash_map::RandomState, std::collections::hash_map::RandomState),
+    key: std::collections::hash_map::RandomState,
+    /// XORed into the counter for the id's low half: a random word of the process.
+    low_key: u64,
     counter: AtomicU64,
 }
 
@@ -145,16 +147,17 @@ impl Default for RequestIds {
 
 impl RequestIds {
     pub fn new() -> RequestIds {
-        RequestIds { keys: (Default::default(), Default::default()), counter: AtomicU64::new(0) }
+        let low = std::collections::hash_map::RandomState::new();
+        RequestIds { key: Default::default(), low_key: low.hash_one(0u64), counter: AtomicU64::new(0) }
     }
 
     /// The next id.
     pub fn next(&self) -> HeaderValue {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let a = self.keys.0.hash_one(n);
+        let a = self.key.hash_one(n);
         // The low half is the counter itself mixed with a key, so ids never repeat.
-        let b = n ^ self.keys.1.hash_one(0u64);
+        let b = n ^ self.low_key;
         let mut out = [0u8; 32];
         for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
             out[2 * i] = HEX[(byte >> 4) as usize];
