@@ -95,11 +95,15 @@ def mean(rows, key):
 
 
 def rotated(targets, rnd):
-    """The targets in round `rnd`, rotated by one place per round: on this VM the target
-    measured last in a round came out slower whichever build it was (a position effect
-    of up to 12%), so each target takes each place in turn."""
+    """The targets in round `rnd`: rotated by one place per round and reversed in odd
+    rounds. On this VM where a target sits in a round shows in its figures whichever
+    build it is: the one measured last came out slower (up to 12%), and with rotation
+    alone, where each target always follows the same one, the same binary measured as
+    both "edge" and "edge before" read 13% slower as "edge" (right after nginx) over
+    four rounds. So each target takes each place, after different neighbours."""
     k = rnd % len(targets) if targets else 0
-    return targets[k:] + targets[:k]
+    order = targets[k:] + targets[:k]
+    return order[::-1] if rnd % 2 else order
 
 
 def wrk(port, host, path, seconds, conns, headers=(), scheme="http"):
