@@ -68,10 +68,10 @@ unsafe impl GlobalAlloc for EdgeAlloc {
 mod tests {
     use super::*;
 
-    /// Every size from 1 to 1100 bytes, every 97th to 9000 and a few large ones, at every alignment up to 4 KiB:
-    /// the block is aligned, zeroed when asked, writable to its end, and keeps its bytes
-    /// through reallocations that cross between the two paths (a size under the
-    /// alignment and one over it).
+    /// Every size from 1 to 1100 bytes, every 97th to 9000 and a few large ones, at every
+    /// alignment up to 4 KiB: the block is aligned, zeroed when asked, writable to its
+    /// end, and keeps its bytes through reallocations that cross between the two paths
+    /// (a size under the alignment and one over it).
     #[test]
     fn blocks_are_aligned_zeroed_and_keep_their_bytes_through_realloc() {
         let a = EdgeAlloc;
@@ -92,7 +92,8 @@ mod tests {
                     for i in 0..size {
                         *p.add(i) = (i % 251) as u8;
                     }
-                    // Shrink below the alignment (the aligned path) or to half, then grow.
+                    // Shrink to just over half the alignment (under it, so the aligned
+                    // call for alignments of 2 and more) or to half the size, then grow.
                     let small = if size > align { align.max(1) / 2 + 1 } else { size / 2 + 1 };
                     let q = a.realloc(p, layout, small);
                     assert!(!q.is_null() && q as usize % align == 0, "shrink {size}/{align} -> {small}");
