@@ -21,7 +21,7 @@ use libmimalloc_sys as mi;
 /// (`MI_MAX_ALIGN_SIZE`); below it, the size rounded to the word.
 const MALLOC_ALIGN: usize = 16;
 
-/// Whether `mi_malloc(size)` is aligned enough for `layout`.
+/// Whether `mi_malloc(size)` is aligned enough for a layout of `align` and `size`.
 #[inline(always)]
 fn malloc_suffices(align: usize, size: usize) -> bool {
     align <= MALLOC_ALIGN && align <= size
