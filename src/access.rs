@@ -171,8 +171,8 @@ const REVOCATION_POLL: Duration = Duration::from_secs(1);
 /// the record is deleted, no longer matches, or expires. `load` reads the newest
 /// snapshot. Event-driven: the share is rechecked when `changes` reports a publish (a
 /// deletion, a new `expires_at`) and when its expiry comes; no timer runs for a share
-/// without expiry, so the many short requests of a session cost next to nothing.
-/// Without a change feed, it polls every second.
+/// without expiry, so the many short requests of a session cost next to nothing: one
+/// lookup, and one waiter on `changes`. Without a change feed, it polls every second.
 pub async fn until_revoked<T: Credentials>(
     load: impl Fn() -> Arc<T>,
     mut changes: Option<tokio::sync::watch::Receiver<u64>>,
@@ -180,14 +180,20 @@ pub async fn until_revoked<T: Credentials>(
     sandbox: &str,
     port: u16,
 ) {
-    let grant = Grant { expires: i64::MAX, share: Some(share), needs_password: false };
+    // A receiver cloned from the proxy's has not seen the publishes since the edge
+    // started: without this its first `changed()` is ready at once, and every exchange
+    // checked its share twice. Publishes from here on are seen, the first check below
+    // reads a table at least this new.
+    if let Some(rx) = &mut changes {
+        rx.mark_unchanged();
+    }
     loop {
         let table = load();
         let now = crate::clock::unix_now();
-        if !still_valid(&*table, &grant, sandbox, port, now) {
+        let Some(record) = table.share(&share).filter(|s| check_share(s, sandbox, port, now).is_ok()) else {
             return;
-        }
-        let expires_in = table.share(&share).and_then(|s| s.expires_at).map(|t| Duration::from_secs((t - now).max(0) as u64));
+        };
+        let expires_in = record.expires_at.map(|t| Duration::from_secs((t - now).max(0) as u64));
         drop(table);
         let expiry = async {
             match expires_in {

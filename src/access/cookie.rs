@@ -208,14 +208,15 @@ fn attributes(ctx: Context, s: &mut String) {
     }
 }
 
-/// The value of cookie `name` in a request's `Cookie` header values (the first one).
+/// The value of cookie `name` in a request's `Cookie` header values (the first one
+/// that is UTF-8; other cookies' bytes do not matter).
 pub fn find<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&'a str> {
     for h in headers {
-        let Ok(h) = std::str::from_utf8(h) else { continue };
-        for pair in h.split(';') {
-            if let Some((n, v)) = pair.trim_start().split_once('=') {
-                if n.trim_end() == name {
-                    return Some(v.trim());
+        for pair in h.split(|b| *b == b';') {
+            let Some(eq) = pair.iter().position(|b| *b == b'=') else { continue };
+            if pair[..eq].trim_ascii() == name.as_bytes() {
+                if let Ok(v) = std::str::from_utf8(pair[eq + 1..].trim_ascii()) {
+                    return Some(v);
                 }
             }
         }

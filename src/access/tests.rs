@@ -340,6 +340,12 @@ fn cookie_lines_and_header_rewriting() {
     assert_eq!(cookie::find(headers.iter().copied(), "__Host-miosa_session"), Some("abc"));
     assert_eq!(cookie::find(headers.iter().copied(), "miosa_session"), Some("plain"));
     assert_eq!(cookie::find(headers.iter().copied(), "c"), None);
+    // An app's cookie of other bytes than UTF-8 does not hide the session beside it;
+    // names are whole, values keep their `=`, spaces around either go.
+    let headers: Vec<&[u8]> = vec![b"app=\xff\xfe; xmiosa_session=no;  miosa_session = v=1 ;b", b"miosa_session=second"];
+    assert_eq!(cookie::find(headers.iter().copied(), "miosa_session"), Some("v=1"));
+    assert_eq!(cookie::find(headers.iter().copied(), "app"), None, "not UTF-8");
+    assert_eq!(cookie::find(headers.iter().copied(), "b"), None, "a name without a value");
     assert_eq!(cookie::without_edge_cookies(b"a=1; __Host-miosa_session=abc; b=2").as_deref(), Some(&b"a=1; b=2"[..]));
     assert_eq!(cookie::without_edge_cookies(b"__Host-miosa_session=abc;miosa_share_pending=x"), None);
     assert_eq!(cookie::without_edge_cookies(b"xmiosa_session=1; a=2").as_deref(), Some(&b"xmiosa_session=1; a=2"[..]));
@@ -388,4 +394,35 @@ fn minted_share_tokens_have_the_contract_shape() {
     assert_eq!(sha.len(), 64);
     let (t2, _) = mint::share_token().unwrap();
     assert_ne!(t, t2);
+}
+
+#[tokio::test]
+async fn a_live_exchange_checks_its_share_once_until_the_table_changes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    let a = "ms_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let current = Arc::new(Mutex::new(Arc::new(table_with_shares(&share_record("sh_a", a, None, None, None)))));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (current, loads) = (current.clone(), loads.clone());
+        move || {
+            loads.fetch_add(1, Ordering::SeqCst);
+            current.lock().unwrap().clone()
+        }
+    };
+    // The proxy's receiver was made at start; publishes since are unseen by its clones.
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    tx.send_replace(1);
+    let mut live = Box::pin(until_revoked(load, Some(rx.clone()), share_hash(a), SB, 5173));
+    let short = Duration::from_millis(30);
+    assert!(tokio::time::timeout(short, &mut live).await.is_err(), "the share holds");
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "one check when the exchange starts, not one per unseen publish");
+    tx.send_replace(2);
+    assert!(tokio::time::timeout(short, &mut live).await.is_err(), "a publish that keeps the share");
+    assert_eq!(loads.load(Ordering::SeqCst), 2, "rechecked once per publish");
+    *current.lock().unwrap() = Arc::new(table_with_shares(""));
+    tx.send_replace(3);
+    tokio::time::timeout(Duration::from_secs(5), &mut live).await.expect("the exchange ends with its share");
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
 }
