@@ -13,6 +13,8 @@ divided by the requests wrk completed:
     python3 benches/load/callgrind.py --shape object   # a 1 KiB public storage object, the
                                                        # nginx origin as the store ([storage])
     python3 benches/load/callgrind.py --shape object-proxied  # the same bytes proxied
+    python3 benches/load/callgrind.py --shape static   # a 1 KiB file of a static release (6)
+    python3 benches/load/callgrind.py --shape static100k  # the 100 KiB one (sendfile)
     python3 benches/load/callgrind.py --target bare    # the bare pingora proxy
     python3 benches/load/callgrind.py --edge path/to/other/miosa-edge   # a before/after pair
     python3 benches/load/callgrind.py --keep /tmp/cg.out   # then: callgrind_annotate /tmp/cg.out
@@ -20,7 +22,7 @@ divided by the requests wrk completed:
 Needs nginx, wrk and valgrind (benches/load/run.sh installs the first two; valgrind is
 on every machine of this kind) and the release binaries. Bounded: about 30 s a run.
 """
-import argparse, http.client, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, hashlib, http.client, os, re, shutil, subprocess, sys, tarfile, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, storage_routes, wait_port  # noqa: E402
@@ -41,7 +43,7 @@ def wrk(port, host, seconds, headers, path="/1k"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", choices=["edge", "bare"], default="edge")
-    ap.add_argument("--shape", choices=["public", "cookie", "object", "object-proxied"], default="public")
+    ap.add_argument("--shape", choices=["public", "cookie", "object", "object-proxied", "static", "static100k"], default="public")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--keep", help="copy the callgrind dump here (for callgrind_annotate)")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
@@ -59,6 +61,18 @@ def main():
         for name in ["1k", "bench-public/1k"]:
             with open(os.path.join(www, name), "wb") as f:
                 f.write(b"x" * 1024)
+        with open(os.path.join(www, "100k"), "wb") as f:
+            f.write(b"x" * 102400)
+        # The same files as a static release (scenario 6), in a directory store.
+        store = os.path.join(d, "store")
+        os.makedirs(store)
+        tgz = os.path.join(d, "release.tar.gz")
+        with tarfile.open(tgz, "w:gz") as t:
+            for name in ["1k", "100k"]:
+                t.add(os.path.join(www, name), arcname=name)
+        with open(tgz, "rb") as f:
+            release_sha = hashlib.sha256(f.read()).hexdigest()
+        shutil.move(tgz, os.path.join(store, f"{release_sha}.tar.gz"))
         o_port, p_port, c_port = free_port(), free_port(), free_port()
         conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; }}")
         procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
@@ -70,6 +84,8 @@ def main():
             host = "bench.storage.localhost"
         elif a.shape == "object-proxied":
             host, path = "raw.bench.apps.localhost", "/bench-public/1k"
+        elif a.shape.startswith("static"):
+            host, path = "site.bench.apps.localhost", "/100k" if a.shape == "static100k" else "/1k"
         # The origin as the store: it serves the object's path and ignores the signature.
         storage = storage_routes(f"127.0.0.1:{o_port}")
         if a.target == "edge":
@@ -82,7 +98,17 @@ threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
-{bench_routes(o_port)}{storage}""")
+{bench_routes(o_port)}{storage}[static]
+store = "{store}"
+[[deployments]]
+id = "dep_static"
+workspace = "ws_bench"
+name = "site"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "static", sha256 = "{release_sha}" }}
+""")
             env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn",
                        STORAGE_KEY_ID="bench-key-id", STORAGE_KEY_SECRET="bench-key-secret")
             proc = procs.start("edge", vg + [a.edge, "run", "--config", edge_conf], 0, env=env)
@@ -91,6 +117,17 @@ listen = "127.0.0.1:{c_port}"
         wait_port(o_port)
         wait_port(p_port, timeout=120)
         headers = []
+        if a.shape.startswith("static"):
+            for _ in range(600):  # the release is fetched and unpacked at start
+                c = http.client.HTTPConnection("127.0.0.1", p_port, timeout=30)
+                c.request("GET", path, headers={"Host": host})
+                resp = c.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    break
+                time.sleep(0.1)
+            else:
+                sys.exit(f"the static release never became available ({resp.status})")
         if a.shape == "cookie":
             c = http.client.HTTPConnection("127.0.0.1", p_port, timeout=30)
             c.request("GET", f"/1k?token={SHARE}", headers={"Host": host})

@@ -24,7 +24,9 @@ Scenarios run alternately (A B A B ...), each bounded (--seconds, default 5):
   5. scenario 1 on a private preview: every request carries the edge's session cookie
      (obtained once through a share link), which the edge verifies (HMAC over the host,
      share record lookup) and strips before forwarding; nginx and the bare proxy get the
-     same request and forward it as it is;
+     same request and forward it as it is. "edge, public" is the edge given the same
+     request (the same `Cookie` header) on the public preview, in the same rounds: the
+     issue's goal compares the private preview with it (the summary prints the ratio);
   6. a static release file (1 KiB and 100 KiB) served by the edge from its release
      cache, against nginx serving the same files from disk (no bare proxy here);
   7. scenario 1 on the edge while its routing table (100k sandboxes) is replaced
@@ -432,9 +434,10 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
             sys.exit(f"scenario 5: the share link answered {resp.status} without a session cookie")
         session = set_cookie.split(";")[0]
         cookie = [f"Cookie: theme=dark; {session}; lang=en"]
+        cookie_targets = [(label, port, proc, priv_host) for label, port, proc in targets] + [("edge, public", e_port, edge, host)]
         for rnd in range(a.rounds if "5" in only else 0):
-            for label, port, proc in rotated(targets, rnd):
-                run("5 private preview, cookie", label, port, proc, "/1k", priv_host, cookie)
+            for label, port, proc, hostname in rotated(cookie_targets, rnd):
+                run("5 private preview, cookie", label, port, proc, "/1k", hostname, cookie)
 
         # Scenario 6: static files (edge release cache vs nginx from disk).
         static_host = "site.bench.apps.localhost"
@@ -510,6 +513,11 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
             ratio = (cpu_mean / (sum(ng) / len(ng))) if cpu_mean and ng else None
             print(f"| {scenario} | {target} | {mean(rs, 'rps'):.0f} | {mean(rs, 'p50'):.0f} | {mean(rs, 'p99'):.0f} | "
                   f"{'%.1f' % cpu_mean if cpu_mean else '—'} | {'%.2f×' % ratio if ratio else '—'} | {sum(x['errors'] for x in rs)} |")
+        private = [x["cpu_us"] for x in summary.get(("5 private preview, cookie", "edge"), []) if x["cpu_us"]]
+        public = [x["cpu_us"] for x in summary.get(("5 private preview, cookie", "edge, public"), []) if x["cpu_us"]]
+        if private and public:
+            print(f"\nscenario 5, the edge's CPU per request: private preview {sum(private) / len(private):.1f} µs, the same request "
+                  f"on a public preview {sum(public) / len(public):.1f} µs: {sum(private) / len(private) / (sum(public) / len(public)):.2f}×")
         total_errors = sum(r["errors"] for r in rows if r["target"] != "direct")
         if total_errors:
             print(f"\nERRORS: {total_errors} failed requests", file=sys.stderr)
