@@ -79,14 +79,29 @@ pub enum Body {
     Memory(Bytes),
     /// `len` bytes of `path` from `offset`. `copy`: the same bytes, when the file is kept
     /// in memory. Sent by the kernel from the file where the connection allows it (see
-    /// `proxy::rescue`), else written from `copy` or streamed from disk.
+    /// `proxy::rescue`; from `open`, the file opened once, if it is kept open), else
+    /// written from `copy` or streamed from disk.
     File {
         path: Arc<Path>,
+        open: Option<OpenFile>,
         offset: u64,
         len: u64,
         copy: Option<Bytes>,
     },
 }
+
+/// A file opened once and shared by every response that sends from it; equal to another
+/// when it is the same open file.
+#[derive(Debug, Clone)]
+pub struct OpenFile(pub Arc<std::fs::File>);
+
+impl PartialEq for OpenFile {
+    fn eq(&self, other: &OpenFile) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for OpenFile {}
 
 impl Body {
     /// The number of bytes the body holds (what `Content-Length` announces).

@@ -276,19 +276,37 @@ pub async fn stream_file(session: &mut pingora::proxy::Session, path: &Path, off
 /// by the kernel from the file (sendfile) without copying them through the edge, for as
 /// long as the client's socket takes them without waiting. Returns how many were sent:
 /// the caller writes the rest, all of it where the connection does not allow this (TLS,
-/// HTTP/2) or the file cannot be opened.
-pub async fn send_file(session: &mut pingora::proxy::Session, path: &Path, offset: u64, len: u64) -> pingora::Result<usize> {
+/// HTTP/2) or the file cannot be opened. `open`: the file kept open by its release
+/// (`path` is then not opened); sendfile reads it at `offset` without moving its
+/// position, so requests share it.
+pub async fn send_file(
+    session: &mut pingora::proxy::Session,
+    open: Option<&std::fs::File>,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> pingora::Result<usize> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
         let Ok(len) = usize::try_from(len) else { return Ok(0) };
-        // A local file of a release in the page cache: opening it does not wait on a disk.
-        let Ok(file) = std::fs::File::open(path) else { return Ok(0) };
+        let opened;
+        let file = match open {
+            Some(f) => f,
+            // A local file of a release in the page cache: opening it does not wait on a disk.
+            None => match std::fs::File::open(path) {
+                Ok(f) => {
+                    opened = f;
+                    &opened
+                }
+                Err(_) => return Ok(0),
+            },
+        };
         session.downstream_session.write_body_file(file.as_raw_fd(), offset, len).await
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (session, path, offset, len);
+        let _ = (session, open, path, offset, len);
         Ok(0)
     }
 }

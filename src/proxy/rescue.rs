@@ -82,13 +82,17 @@ impl EdgeProxy {
                     _ if no_body => Ok(()),
                     Body::None => Ok(()),
                     Body::Memory(b) => session.write_response_body(Some(b), true).await,
-                    Body::File { path, offset, len, copy: Some(b) } => {
+                    Body::File { path, open, offset, len, copy: Some(b) } => {
                         // Only files kept in memory, so read once and most likely in the
                         // page cache: sendfile would otherwise wait on the disk here.
-                        let sent = if ctx.tls { 0 } else { crate::releases::send_file(session, &path, offset, len).await? };
+                        let sent = if ctx.tls {
+                            0
+                        } else {
+                            crate::releases::send_file(session, open.as_ref().map(|f| &*f.0), &path, offset, len).await?
+                        };
                         session.write_response_body((sent < b.len()).then(|| b.slice(sent..)), true).await
                     }
-                    Body::File { path, offset, len, copy: None } => crate::releases::stream_file(session, &path, offset, len).await,
+                    Body::File { path, offset, len, copy: None, .. } => crate::releases::stream_file(session, &path, offset, len).await,
                 }
             }
             Answer::Bare(status) => session.respond_error(status).await,

@@ -19,7 +19,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Bytes of small files one release may keep in memory; the rest streams from disk.
@@ -30,6 +30,39 @@ pub const MEMORY_BUDGET: u64 = 64 << 20;
 /// of opening and closing the file cost more than copying the bytes.
 pub const SEND_FILE_MIN_BYTES: u64 = 16 << 10;
 
+/// Open descriptors the releases in memory may keep, all together: the files the kernel
+/// sends (kept in memory, at least [`SEND_FILE_MIN_BYTES`]) then cost no `open` and
+/// `close` per request. Bounded so that a few large releases never take the descriptors
+/// the edge needs for connections; files beyond it are opened for each request.
+pub const KEPT_OPEN_MAX: usize = 256;
+
+static KEPT_OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Descriptors counted against [`KEPT_OPEN_MAX`] by one release (or one interrupted
+/// [`Release::load`]), given back when it is dropped.
+#[derive(Debug, Default)]
+struct KeptOpen(usize);
+
+impl KeptOpen {
+    /// Whether one more may be kept (and counts it).
+    fn reserve(&mut self) -> bool {
+        let ok = KEPT_OPEN.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < KEPT_OPEN_MAX).then_some(n + 1)).is_ok();
+        self.0 += usize::from(ok);
+        ok
+    }
+}
+
+impl Drop for KeptOpen {
+    fn drop(&mut self) {
+        KEPT_OPEN.fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
+
+/// Descriptors kept open by the releases in memory now (see [`KEPT_OPEN_MAX`]).
+pub fn kept_open() -> usize {
+    KEPT_OPEN.load(Ordering::Relaxed)
+}
+
 /// One stored representation of a file (identity, gzip or brotli).
 #[derive(Debug)]
 pub struct Representation {
@@ -38,6 +71,10 @@ pub struct Representation {
     pub etag: HeaderValue,
     /// The contents, for small files.
     pub body: Option<Bytes>,
+    /// The file, open, for those the kernel sends (within [`KEPT_OPEN_MAX`]). A release's
+    /// files never change (its directory is named by the archive's hash), so a descriptor
+    /// opened once serves every request, and even outlives an eviction unharmed.
+    pub open: Option<OpenFile>,
 }
 
 /// A file of the release.
@@ -61,6 +98,8 @@ pub struct Release {
     pub disk_bytes: u64,
     /// Unix seconds of the last request served from it (for cache eviction).
     pub last_used: AtomicU64,
+    /// Held for its `Drop`: gives the release's open descriptors back to the budget.
+    _kept_open: KeptOpen,
 }
 
 impl Release {
@@ -72,12 +111,15 @@ impl Release {
         let mut reps: HashMap<String, Representation> = HashMap::new();
         let mut disk_bytes = 0u64;
         let mut memory = 0u64;
+        let mut kept_open = KeptOpen::default();
         for (url, path) in paths {
-            let meta = std::fs::metadata(&path)?;
-            let size = meta.len();
+            let mut file = std::fs::File::open(&path)?;
+            let size = file.metadata()?.len();
             disk_bytes += size;
             let keep = size <= memory_file_bytes && memory + size <= MEMORY_BUDGET;
-            let contents = std::fs::read(&path)?;
+            let mut contents = Vec::with_capacity(size as usize);
+            std::io::Read::read_to_end(&mut file, &mut contents)?;
+            let open = (keep && size >= SEND_FILE_MIN_BYTES && kept_open.reserve()).then(|| OpenFile(Arc::new(file)));
             let d = ring::digest::digest(&ring::digest::SHA256, &contents);
             let tag: String = d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
             let etag = HeaderValue::from_str(&format!("\"{tag}\"")).map_err(std::io::Error::other)?;
@@ -85,7 +127,7 @@ impl Release {
                 memory += size;
                 Bytes::from(contents)
             });
-            reps.insert(url, Representation { path: path.into(), size, etag, body });
+            reps.insert(url, Representation { path: path.into(), size, etag, body, open });
         }
         let mut files = HashMap::with_hasher(ahash::RandomState::new());
         let copy = |r: &Representation, suffix: &str| Representation {
@@ -95,6 +137,7 @@ impl Release {
             etag: HeaderValue::from_bytes(&[&r.etag.as_bytes()[..r.etag.len() - 1], suffix.as_bytes(), b"\""].concat())
                 .unwrap_or_else(|_| r.etag.clone()),
             body: r.body.clone(),
+            open: r.open.clone(),
         };
         for (url, rep) in &reps {
             let ct = content_type(url);
@@ -113,7 +156,7 @@ impl Release {
             };
             files.insert(url.as_str().into(), entry);
         }
-        Ok(Release { sha256, root: root.to_owned(), files, disk_bytes, last_used: AtomicU64::new(0) })
+        Ok(Release { sha256, root: root.to_owned(), files, disk_bytes, last_used: AtomicU64::new(0), _kept_open: kept_open })
     }
 
     /// The file at a URL path (`/a/b.js`).
@@ -206,7 +249,7 @@ pub fn fingerprinted(path: &str) -> bool {
 
 /// A response decided for a request, and where its body comes from (the edge's answer
 /// types: the one writer sends them).
-pub use crate::answer::{Body, FilePlan as Plan};
+pub use crate::answer::{Body, FilePlan as Plan, OpenFile};
 
 /// The outcome of resolving a path in a release.
 pub enum Found<'r> {
@@ -396,10 +439,11 @@ pub fn plan(req: &RequestHeader, found: &Found<'_>) -> Plan {
         // memory (benches/load/RESULTS.md, "Issue 17"); the copy stays for connections
         // where it cannot (TLS, HTTP/2).
         Some(b) if len >= SEND_FILE_MIN_BYTES => {
-            Body::File { path: rep.path.clone(), offset, len, copy: Some(b.slice(offset as usize..(offset + len) as usize)) }
+            let copy = Some(b.slice(offset as usize..(offset + len) as usize));
+            Body::File { path: rep.path.clone(), open: rep.open.clone(), offset, len, copy }
         }
         Some(b) => Body::Memory(b.slice(offset as usize..(offset + len) as usize)),
-        None => Body::File { path: rep.path.clone(), offset, len, copy: None },
+        None => Body::File { path: rep.path.clone(), open: None, offset, len, copy: None },
     };
     Plan { status, headers, body }
 }

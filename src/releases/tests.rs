@@ -147,10 +147,15 @@ fn body(p: &serve::Plan) -> Vec<u8> {
     match &p.body {
         Body::None => Vec::new(),
         Body::Memory(b) => b.to_vec(),
-        Body::File { path, offset, len, copy } => {
+        Body::File { path, offset, len, copy, open } => {
             let on_disk = std::fs::read(path).unwrap()[*offset as usize..(*offset + *len) as usize].to_vec();
             if let Some(copy) = copy {
                 assert_eq!(copy.as_ref(), on_disk.as_slice(), "the memory copy is the file's bytes");
+            }
+            if let Some(f) = open {
+                let mut b = vec![0; *len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&*f.0, &mut b, *offset).unwrap();
+                assert!(b == on_disk, "the file kept open is the path's");
             }
             on_disk
         }
@@ -281,4 +286,39 @@ fn fingerprints_and_types() {
     }
     assert_eq!(serve::content_type("/x.WASM"), "application/wasm");
     assert_eq!(serve::content_type("/x"), "application/octet-stream");
+}
+
+#[test]
+fn files_the_kernel_sends_are_kept_open_within_a_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mid: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+    let big = vec![7u8; 200_000];
+    let r = release(dir.path(), &[("/mid.bin", &mid), ("/small.txt", b"tiny"), ("/big.bin", &big)], 100_000);
+    let p = get(&r, None, "/mid.bin", &[], false);
+    assert!(matches!(&p.body, Body::File { open: Some(_), copy: Some(_), .. }), "kept in memory and sent by the kernel: open");
+    assert!(body(&p) == mid);
+    let p = get(&r, None, "/mid.bin", &[("range", "bytes=100-30099")], false);
+    assert!(matches!(&p.body, Body::File { open: Some(_), .. }), "a range of it too");
+    assert!(body(&p) == mid[100..30_100]);
+    assert!(matches!(get(&r, None, "/small.txt", &[], false).body, Body::Memory(_)));
+    let p = get(&r, None, "/big.bin", &[], false);
+    assert!(matches!(&p.body, Body::File { open: None, copy: None, .. }), "streamed from disk, opened per request");
+
+    // Many such files: no more than the budget, all releases together; a dropped
+    // release gives its descriptors back. (Other tests may hold a few meanwhile.)
+    let page = vec![1u8; 16 << 10];
+    let names: Vec<String> = (0..serve::KEPT_OPEN_MAX + 40).map(|i| format!("/p{i}.bin")).collect();
+    let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), page.as_slice())).collect();
+    let kept = |r: &Release| names.iter().filter(|n| matches!(get(r, None, n, &[], false).body, Body::File { open: Some(_), .. })).count();
+    let many = release(&dir.path().join("a"), &files, 64 << 20);
+    let again = release(&dir.path().join("b"), &files, 64 << 20);
+    let (a, b) = (kept(&many), kept(&again));
+    assert!(a + b <= serve::KEPT_OPEN_MAX && a >= serve::KEPT_OPEN_MAX - 16, "{a} + {b} kept open");
+    assert!(serve::kept_open() >= a + b);
+    drop((many, again));
+    let third = release(&dir.path().join("c"), &files, 64 << 20);
+    assert!(kept(&third) >= serve::KEPT_OPEN_MAX - 16, "the budget came back: {}", kept(&third));
+    for n in &names[..3] {
+        assert!(body(&get(&third, None, n, &[], false)) == page, "{n}");
+    }
 }

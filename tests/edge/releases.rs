@@ -336,10 +336,24 @@ async fn large_static_files_are_sent_from_their_file_by_the_kernel() {
     // At least one per body: the whole file twice and the range (HEAD has none); more
     // when the socket's buffer takes a body in parts.
     assert!(calls >= 3, "{calls} sendfile calls:\n{trace}");
+    // From the file its release keeps open (releases::serve::KEPT_OPEN_MAX): no `open`
+    // per request.
+    let (_, trace) = crate::support::count_syscalls(&edge, "openat", async {
+        for i in 0..3 {
+            s.write_all(format!("GET /data.bin HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await.expect("send");
+            let (status_line, r) =
+                read_response(&mut s, Duration::from_secs(10)).await.unwrap_or_else(|| panic!("request {i}: no whole response"));
+            assert_eq!(status_line, "HTTP/1.1 200 OK", "request {i}");
+            assert!(r.body == data, "request {i}: {} bytes, not the file's", r.body.len());
+        }
+    })
+    .await;
+    let opened = trace.lines().filter(|l| l.contains("data.bin")).count();
+    assert_eq!(opened, 0, "the file was opened for a request:\n{trace}");
 
-    // Bytes the kernel sent count as the workspace's egress like any others: four whole
-    // files (two before the trace, one over TLS) and the range.
-    let want = 4 * 40_000 + 30_000;
+    // Bytes the kernel sent count as the workspace's egress like any others: seven whole
+    // files (two before the traces, one over TLS, three in the second) and the range.
+    let want = 7 * 40_000 + 30_000;
     let got = eventually(Duration::from_secs(10), || async {
         let j = edge.api("GET", "/v1/usage", None).await.json();
         let bytes = j["workspaces"].as_array()?.iter().find(|w| w["id"] == "ws_1")?["bytes"].as_u64()?;
