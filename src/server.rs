@@ -102,6 +102,30 @@ const UPGRADE_CONTROL_WAIT: Duration = Duration::from_secs(30);
 /// Runs the edge until it is told to stop: SIGTERM graceful (stop accepting, finish
 /// in-flight requests), SIGQUIT graceful with the listening sockets handed to a process
 /// started with `upgrade`, SIGINT fast.
+/// Raises the soft limit on open descriptors to the hard one, as Go programs (Caddy) do
+/// at start and nginx's `worker_rlimit_nofile` is set for: every proxied connection
+/// takes two descriptors and the releases keep up to `KEPT_OPEN_MAX` files open, and a
+/// soft limit of 1024 (the usual default outside systemd units) would refuse
+/// connections long before anything else runs out. Returns the limit in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "open files limit raised");
+                return lim.rlim_max as u64;
+            }
+            tracing::warn!(limit = lim.rlim_cur, "cannot raise the open files limit");
+        }
+    }
+    lim.rlim_cur as u64
+}
+
 pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     if upgrade {
         for (key, addr) in
@@ -112,6 +136,7 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
             }
         }
     }
+    raise_open_files_limit();
     let threads = match cfg.server.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,

@@ -187,3 +187,43 @@ async fn sigterm_stops_accepting_and_lets_a_request_in_flight_finish() {
     let st = tokio::task::spawn_blocking(move || wait_exit(&mut edge, Duration::from_secs(20))).await.unwrap();
     assert!(st.is_some_and(|st| st.success()), "exit: {st:?}\n{}", std::fs::read_to_string(&s.log).unwrap_or_default());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let s = setup("");
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: reads this process's limit into a live struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    let hard = own.rlim_max;
+    assert!(hard > 256, "the hard limit ({hard}) leaves nothing to raise");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_miosa-edge"));
+    cmd.args(["run", "--config"])
+        .arg(&s.config)
+        .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
+        .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: only setrlimit (async-signal-safe) between fork and exec. The soft limit
+    // of a shell's default (1024) or lower, under the same hard limit.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit { rlim_cur: 256, rlim_max: hard };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    let up = eventually(Duration::from_secs(30), || async { tokio::net::TcpStream::connect(s.http).await.ok().map(|_| ()) }).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up.is_some(), "edge did not come up: {}", std::fs::read_to_string(&s.log).unwrap_or_default());
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files line");
+    let soft: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(soft, [hard.to_string(), hard.to_string()], "{line}");
+}
