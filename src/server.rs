@@ -107,7 +107,7 @@ const UPGRADE_CONTROL_WAIT: Duration = Duration::from_secs(30);
 /// takes two descriptors and the releases keep up to `KEPT_OPEN_MAX` files open, and a
 /// soft limit of 1024 (the usual default outside systemd units) would refuse
 /// connections long before anything else runs out. Returns the limit in force.
-pub fn raise_open_files_limit() -> u64 {
+pub fn raise_open_files_limit() -> libc::rlim_t {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
     unsafe {
@@ -118,12 +118,12 @@ pub fn raise_open_files_limit() -> u64 {
             let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "open files limit raised");
-                return lim.rlim_max as u64;
+                return lim.rlim_max;
             }
             tracing::warn!(limit = lim.rlim_cur, "cannot raise the open files limit");
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
