@@ -91,3 +91,25 @@ domains = [{ host = "files.customer.test", verified = true }]
     assert_eq!(kinds, 3 + 30 + 200 + 2000 + 10000, "each host classified as expected");
     assert_eq!(after - before, 0, "host lookup allocated");
 }
+
+/// vendor/README.md, pingora-http 8: a name given as a `HeaderName` is not parsed (and,
+/// for a name outside the standard ones, copied) again on insert.
+#[test]
+fn header_names_given_as_such_are_not_parsed_again() {
+    let value = http::HeaderValue::from_static("v");
+    let mut resp = pingora::http::ResponseHeader::build(200, Some(8)).expect("head");
+    let custom = http::HeaderName::from_static("x-edge-test");
+    let count = |f: &mut dyn FnMut()| {
+        let before = ALLOCS.with(|c| c.get());
+        f();
+        ALLOCS.with(|c| c.get()) - before
+    };
+    let standard = count(&mut || resp.insert_header(http::header::CACHE_CONTROL, value.clone()).expect("insert"));
+    let other = count(&mut || resp.insert_header(custom.clone(), value.clone()).expect("insert"));
+    // The one left: the written form of a name outside the standard ones, for the map of
+    // names as written (the `http` crate does not lend a name's bytes).
+    assert_eq!((standard, other), (0, 1), "allocations for a standard name, another name");
+    let mut wire = Vec::new();
+    resp.header_to_h1_wire(&mut wire);
+    assert_eq!(String::from_utf8_lossy(&wire), "Cache-Control: v\r\nx-edge-test: v\r\n");
+}

@@ -43,6 +43,18 @@ impl CaseHeaderName {
 /// A trait that converts into case-sensitive header names.
 pub trait IntoCaseHeaderName {
     fn into_case_header_name(self) -> CaseHeaderName;
+
+    /// miosa-edge patch: the name for lookups and the name as written. By default the
+    /// written form is parsed into the lookup name; a [`HeaderName`] is one already, so
+    /// it is not parsed again (for a standard name, neither form allocates).
+    fn into_names(self) -> Result<(HeaderName, CaseHeaderName), http::header::InvalidHeaderName>
+    where
+        Self: Sized,
+    {
+        let case = self.into_case_header_name();
+        let name = HeaderName::from_bytes(case.as_slice())?;
+        Ok((name, case))
+    }
 }
 
 impl IntoCaseHeaderName for CaseHeaderName {
@@ -67,11 +79,20 @@ impl IntoCaseHeaderName for HeaderName {
     fn into_case_header_name(self) -> CaseHeaderName {
         CaseHeaderName(titled_header_name(&self))
     }
+
+    fn into_names(self) -> Result<(HeaderName, CaseHeaderName), http::header::InvalidHeaderName> {
+        let case = CaseHeaderName(titled_header_name(&self));
+        Ok((self, case))
+    }
 }
 
 impl IntoCaseHeaderName for &HeaderName {
     fn into_case_header_name(self) -> CaseHeaderName {
         CaseHeaderName(titled_header_name(self))
+    }
+
+    fn into_names(self) -> Result<(HeaderName, CaseHeaderName), http::header::InvalidHeaderName> {
+        Ok((self.clone(), CaseHeaderName(titled_header_name(self))))
     }
 }
 
