@@ -22,6 +22,7 @@ static XFP: StaticHeaderName = StaticHeaderName::new("x-forwarded-proto", "X-For
 static XFH: StaticHeaderName = StaticHeaderName::new("x-forwarded-host", "X-Forwarded-Host");
 pub static XRT: StaticHeaderName = StaticHeaderName::new("x-robots-tag", "X-Robots-Tag");
 pub static NOINDEX: HeaderValue = HeaderValue::from_static("noindex");
+pub static NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
 static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 static PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 
@@ -78,7 +79,7 @@ pub fn downstream_response(resp: &mut ResponseHeader, client: http::Version, ctx
 /// `GET` is opened by browsers on the storage origin): `nosniff`, `Content-Security-Policy:
 /// sandbox` for types that can run script, and no cookie (CONTRACT §12).
 pub fn storage_response(resp: &mut ResponseHeader) -> Result<()> {
-    resp.insert_header("x-content-type-options", "nosniff")?;
+    resp.insert_header(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone())?;
     let scriptable = resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| crate::storage::scriptable(v.as_bytes()));
     if scriptable {
         resp.insert_header(header::CONTENT_SECURITY_POLICY, "sandbox")?;

@@ -7,7 +7,7 @@
 //! branding taken from the table the request routed on.
 
 use super::ctx::RequestCtx;
-use super::forward::{NOINDEX, XRID, XRT};
+use super::forward::{NOINDEX, NOSNIFF, XRID, XRT};
 use super::EdgeProxy;
 use crate::answer::{Answer, Body, Detail};
 use crate::codes::ErrorCode;
@@ -74,7 +74,7 @@ impl EdgeProxy {
                     resp.insert_header(header::CONTENT_LENGTH, plan.body.len())?;
                 }
                 resp.insert_static(&XRID, ctx.request_id.clone())?;
-                resp.insert_header("x-content-type-options", "nosniff")?;
+                resp.insert_header(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone())?;
                 ctx.edge_status = Some(plan.status);
                 let no_body = session.req_header().method == http::Method::HEAD || matches!(plan.body, Body::None);
                 session.write_response_header(Box::new(resp), no_body).await?;
@@ -145,7 +145,7 @@ impl EdgeProxy {
         resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         resp.insert_static(&XRID, ctx.request_id.clone())?;
-        resp.insert_header("x-content-type-options", "nosniff")?;
+        resp.insert_header(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone())?;
         if wants_html {
             resp.insert_header(header::CONTENT_SECURITY_POLICY, PAGE_CSP)?;
         }

@@ -289,6 +289,7 @@ async fn large_static_files_are_sent_from_their_file_by_the_kernel() {
     push(&edge, &[("v", static_release(&hex, false))], "v").await;
     let r = req(&edge, "GET", "/data.bin", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
     // Over TLS the kernel cannot send the file (no kTLS): the bytes are written from memory.
     let r = crate::support::pebble::tls_get(edge.https(), Some(HOST), HOST, "/data.bin", None, &["http/1.1"])
         .await

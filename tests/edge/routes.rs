@@ -66,6 +66,7 @@ async fn tenant_isolation_and_not_found_pages() {
     assert_eq!(html.header("cache-control"), Some("no-store"));
     assert!(html.header("content-security-policy").is_some_and(|c| c.contains("default-src 'none'")));
     assert_eq!(html.header("x-robots-tag"), Some("noindex"));
+    assert_eq!(html.header("x-content-type-options"), Some("nosniff"));
     let rid = html.header("x-request-id").unwrap_or_default().to_string();
     assert!(!rid.is_empty() && page.contains(&rid), "the page shows the request id");
 
