@@ -99,12 +99,10 @@ fn bind_control(addr: SocketAddr, upgrade: bool) -> Result<TcpListener, StartErr
 /// How long an upgrading process waits for the old one to release the control port.
 const UPGRADE_CONTROL_WAIT: Duration = Duration::from_secs(30);
 
-/// Runs the edge until it is told to stop: SIGTERM graceful (stop accepting, finish
-/// in-flight requests), SIGQUIT graceful with the listening sockets handed to a process
-/// started with `upgrade`, SIGINT fast.
 /// Raises the soft limit on open descriptors to the hard one, as Go programs (Caddy) do
 /// at start and nginx's `worker_rlimit_nofile` is set for: every proxied connection
-/// takes two descriptors and the releases keep up to `KEPT_OPEN_MAX` files open, and a
+/// takes two descriptors and the releases keep up to
+/// [`crate::releases::serve::KEPT_OPEN_MAX`] files open, and a
 /// soft limit of 1024 (the usual default outside systemd units) would refuse
 /// connections long before anything else runs out. Returns the limit in force.
 pub fn raise_open_files_limit() -> libc::rlim_t {
@@ -126,6 +124,9 @@ pub fn raise_open_files_limit() -> libc::rlim_t {
     lim.rlim_cur
 }
 
+/// Runs the edge until it is told to stop: SIGTERM graceful (stop accepting, finish
+/// in-flight requests), SIGQUIT graceful with the listening sockets handed to a process
+/// started with `upgrade`, SIGINT fast.
 pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     if upgrade {
         for (key, addr) in
