@@ -22,10 +22,11 @@ divided by the requests wrk completed:
 Needs nginx, wrk and valgrind (benches/load/run.sh installs the first two; valgrind is
 on every machine of this kind) and the release binaries. Bounded: about 30 s a run.
 """
-import argparse, hashlib, http.client, os, re, shutil, subprocess, sys, tarfile, tempfile, time
+import argparse, http.client, os, re, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, storage_routes, wait_port  # noqa: E402
+from run import (ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, static_release, static_routes,  # noqa: E402
+                 storage_routes, wait_port, wait_release)
 
 
 def wrk(port, host, seconds, headers, path="/1k"):
@@ -63,16 +64,8 @@ def main():
                 f.write(b"x" * 1024)
         with open(os.path.join(www, "100k"), "wb") as f:
             f.write(b"x" * 102400)
-        # The same files as a static release (scenario 6), in a directory store.
-        store = os.path.join(d, "store")
-        os.makedirs(store)
-        tgz = os.path.join(d, "release.tar.gz")
-        with tarfile.open(tgz, "w:gz") as t:
-            for name in ["1k", "100k"]:
-                t.add(os.path.join(www, name), arcname=name)
-        with open(tgz, "rb") as f:
-            release_sha = hashlib.sha256(f.read()).hexdigest()
-        shutil.move(tgz, os.path.join(store, f"{release_sha}.tar.gz"))
+        # The same files as a static release (scenario 6).
+        store, release_sha = static_release(d, www)
         o_port, p_port, c_port = free_port(), free_port(), free_port()
         conf = nginx_conf(d, "origin", f"server {{ listen 127.0.0.1:{o_port}; root {www}; sendfile on; }}")
         procs.start("origin", ["nginx", "-c", conf, "-p", d], 1)
@@ -98,17 +91,7 @@ threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
-{bench_routes(o_port)}{storage}[static]
-store = "{store}"
-[[deployments]]
-id = "dep_static"
-workspace = "ws_bench"
-name = "site"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "static", sha256 = "{release_sha}" }}
-""")
+{bench_routes(o_port)}{storage}{static_routes(store, release_sha)}""")
             env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn",
                        STORAGE_KEY_ID="bench-key-id", STORAGE_KEY_SECRET="bench-key-secret")
             proc = procs.start("edge", vg + [a.edge, "run", "--config", edge_conf], 0, env=env)
@@ -118,16 +101,7 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
         wait_port(p_port, timeout=120)
         headers = []
         if a.shape.startswith("static"):
-            for _ in range(600):  # the release is fetched and unpacked at start
-                c = http.client.HTTPConnection("127.0.0.1", p_port, timeout=30)
-                c.request("GET", path, headers={"Host": host})
-                resp = c.getresponse()
-                resp.read()
-                if resp.status == 200:
-                    break
-                time.sleep(0.1)
-            else:
-                sys.exit(f"the static release never became available ({resp.status})")
+            wait_release(p_port, host, path, a.shape)
         if a.shape == "cookie":
             c = http.client.HTTPConnection("127.0.0.1", p_port, timeout=30)
             c.request("GET", f"/1k?token={SHARE}", headers={"Host": host})

@@ -236,6 +236,51 @@ sandbox = "priv"
 """
 
 
+def static_release(d, www, names=("1k", "100k")):
+    """Files of `www` (scenario 6's by default) as a static release in a directory store
+    under `d`: returns the store and the archive's SHA-256."""
+    store = os.path.join(d, "store")
+    os.makedirs(store)
+    tgz = os.path.join(d, "release.tar.gz")
+    with tarfile.open(tgz, "w:gz") as t:
+        for name in names:
+            t.add(os.path.join(www, name), arcname=name)
+    with open(tgz, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    shutil.move(tgz, os.path.join(store, f"{sha}.tar.gz"))
+    return store, sha
+
+
+def static_routes(store, sha):
+    """The edge's `[static]` store and the deployment serving the release on
+    `site.bench.apps.localhost`."""
+    return f"""[static]
+store = "{store}"
+[[deployments]]
+id = "dep_static"
+workspace = "ws_bench"
+name = "site"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ kind = "static", sha256 = "{sha}" }}
+"""
+
+
+def wait_release(port, host, path, what):
+    """Asks `path` on `host` until it answers 200: the edge fetches and unpacks its static
+    release at start."""
+    for _ in range(600):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", path, headers={"Host": host})
+        resp = c.getresponse()
+        resp.read()
+        if resp.status == 200:
+            return
+        time.sleep(0.1)
+    sys.exit(f"{what}: the static release never became available ({resp.status})")
+
+
 def table_json(n, origin_port, flip):
     sandboxes = [{"id": f"sb{i:06x}", "workspace": "ws_bench", "address": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
                   "previews": [{"port": 5173, "access": "public"}]} for i in range(n)]
@@ -269,15 +314,7 @@ def main():
             with open(os.path.join(www, name), "wb") as f:
                 f.write(b"x" * size)
         # The same files as a static release for the edge.
-        store = os.path.join(d, "store")
-        os.makedirs(store)
-        tgz = os.path.join(d, "release.tar.gz")
-        with tarfile.open(tgz, "w:gz") as t:
-            for name in ["1k", "100k"]:
-                t.add(os.path.join(www, name), arcname=name)
-        with open(tgz, "rb") as f:
-            release_sha = hashlib.sha256(f.read()).hexdigest()
-        shutil.move(tgz, os.path.join(store, f"{release_sha}.tar.gz"))
+        store, release_sha = static_release(d, www)
         o_port, n_port, e_port, b_port, c_port, nt_port, et_port, co_port, bc_port = (free_port() for _ in range(9))
         # One certificate for both proxies (ECDSA P-256, as the edge generates).
         certs = os.path.join(d, "certs")
@@ -357,17 +394,7 @@ id = "cork"
 workspace = "ws_bench"
 address = "127.0.0.1"
 previews = [{{ port = {co_port}, access = "public" }}]
-[static]
-store = "{store}"
-[[deployments]]
-id = "dep_static"
-workspace = "ws_bench"
-name = "site"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "static", sha256 = "{release_sha}" }}
-""")
+{static_routes(store, release_sha)}""")
             return path
 
         env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn")
@@ -443,16 +470,7 @@ release = {{ kind = "static", sha256 = "{release_sha}" }}
         static_host = "site.bench.apps.localhost"
         static_targets = [t for t in plus_before if t[0] not in ("direct", "bare pingora")]
         for _, port, _ in static_targets[1:]:
-            for _ in range(100):  # the release is fetched and unpacked at start
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                c.request("GET", "/1k", headers={"Host": static_host})
-                resp = c.getresponse()
-                resp.read()
-                if resp.status == 200:
-                    break
-                time.sleep(0.1)
-            else:
-                sys.exit(f"scenario 6: the static release never became available ({resp.status})")
+            wait_release(port, static_host, "/1k", "scenario 6")
         for path in ["/1k", "/100k"]:
             for rnd in range(a.rounds if "6" in only else 0):
                 for label, port, proc in rotated(static_targets, rnd):

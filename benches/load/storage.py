@@ -26,10 +26,11 @@ wrk and the store share CPU 1. Scenarios, each bounded (--seconds), alternately:
 moto is a Python server: its throughput bounds req/s (not the edge's CPU per request,
 which is what is compared). Every process is stopped at the end, also on failure.
 """
-import argparse, hashlib, http.client, os, shutil, socket, subprocess, sys, tarfile, tempfile, time
+import argparse, http.client, os, shutil, socket, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, Procs, free_port, mean, measure, nginx_conf, storage_routes, wait_port, wrk  # noqa: E402
+from run import (ROOT, Procs, free_port, mean, measure, nginx_conf, static_release, static_routes,  # noqa: E402
+                 storage_routes, wait_port, wrk)
 
 TOKEN = "storage-bench-token-0123456789abcdef"
 
@@ -116,14 +117,7 @@ def main():
         assert http_do(s_port, "PUT", "/bench-public/big", moto_host, big, {"Content-Type": "application/octet-stream"})[0] == 200
 
         # The same 1 KiB as a static release (served from the edge's memory).
-        releases = os.path.join(d, "releases")
-        os.makedirs(releases)
-        tgz = os.path.join(d, "r.tar.gz")
-        with tarfile.open(tgz, "w:gz") as t:
-            t.add(os.path.join(www, "1k"), arcname="1k")
-        with open(tgz, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
-        shutil.move(tgz, os.path.join(releases, f"{sha}.tar.gz"))
+        releases, sha = static_release(d, www, ["1k"])
 
         def start_edge(name, store_host):
             """An edge on CPU 0 whose [storage] and deployment `raw` are `store_host`."""
@@ -137,20 +131,10 @@ threads = 1
 watch_interval_ms = 0
 [control]
 listen = "127.0.0.1:{c_port}"
-[static]
-store = "{releases}"
 [[workspaces]]
 id = "ws_bench"
 slug = "bench"
-{storage_routes(store_host)}[[deployments]]
-id = "dep_site"
-workspace = "ws_bench"
-name = "site"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "static", sha256 = "{sha}" }}
-""")
+{storage_routes(store_host)}{static_routes(releases, sha)}""")
             env = dict(os.environ, MIOSA_EDGE_CONTROL_TOKEN=TOKEN, MIOSA_EDGE_LOG="warn",
                        STORAGE_KEY_ID="bench-key-id", STORAGE_KEY_SECRET="bench-key-secret")
             proc = procs.start(name, [a.edge, "run", "--config", path], 0, env=env)
