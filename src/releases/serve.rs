@@ -33,10 +33,28 @@ pub const SEND_FILE_MIN_BYTES: u64 = 16 << 10;
 /// Open descriptors the releases in memory may keep, all together: the files the kernel
 /// sends (kept in memory, at least [`SEND_FILE_MIN_BYTES`]) then cost no `open` and
 /// `close` per request. Bounded so that a few large releases never take the descriptors
-/// the edge needs for connections; files beyond it are opened for each request.
+/// the edge needs for connections — at most an eighth of the process's limit on open
+/// files ([`kept_open_budget`]); files beyond it are opened for each request.
 pub const KEPT_OPEN_MAX: usize = 256;
 
 static KEPT_OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The descriptors the releases may keep open under a limit of `nofile` open files.
+pub fn kept_open_budget(nofile: u64) -> usize {
+    (nofile / 8).min(KEPT_OPEN_MAX as u64) as usize
+}
+
+/// [`kept_open_budget`] of this process's soft limit, read once (after the server raised
+/// it to the hard one at start).
+pub(crate) fn kept_open_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit with a valid resource and a pointer to a live rlimit.
+        let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 0 };
+        kept_open_budget(nofile)
+    })
+}
 
 /// Descriptors counted against [`KEPT_OPEN_MAX`] by one release (or one interrupted
 /// [`Release::load`]), given back when it is dropped.
@@ -46,7 +64,7 @@ struct KeptOpen(usize);
 impl KeptOpen {
     /// Whether one more may be kept (and counts it).
     fn reserve(&mut self) -> bool {
-        let ok = KEPT_OPEN.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < KEPT_OPEN_MAX).then_some(n + 1)).is_ok();
+        let ok = KEPT_OPEN.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < kept_open_limit()).then_some(n + 1)).is_ok();
         self.0 += usize::from(ok);
         ok
     }

@@ -304,20 +304,28 @@ fn files_the_kernel_sends_are_kept_open_within_a_budget() {
     let p = get(&r, None, "/big.bin", &[], false);
     assert!(matches!(&p.body, Body::File { open: None, copy: None, .. }), "streamed from disk, opened per request");
 
+    // The budget: an eighth of the open files limit, at most KEPT_OPEN_MAX.
+    assert_eq!(
+        [1024, 100, 0, 1 << 20].map(serve::kept_open_budget),
+        [128, 12, 0, serve::KEPT_OPEN_MAX],
+        "under limits of 1024, 100, 0 and 1M open files"
+    );
+
     // Many such files: no more than the budget, all releases together; a dropped
     // release gives its descriptors back. (Other tests may hold a few meanwhile.)
     let page = vec![1u8; 16 << 10];
-    let names: Vec<String> = (0..serve::KEPT_OPEN_MAX + 40).map(|i| format!("/p{i}.bin")).collect();
+    let max = serve::kept_open_limit();
+    let names: Vec<String> = (0..max + 40).map(|i| format!("/p{i}.bin")).collect();
     let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), page.as_slice())).collect();
     let kept = |r: &Release| names.iter().filter(|n| matches!(get(r, None, n, &[], false).body, Body::File { open: Some(_), .. })).count();
     let many = release(&dir.path().join("a"), &files, 64 << 20);
     let again = release(&dir.path().join("b"), &files, 64 << 20);
     let (a, b) = (kept(&many), kept(&again));
-    assert!(a + b <= serve::KEPT_OPEN_MAX && a >= serve::KEPT_OPEN_MAX - 16, "{a} + {b} kept open");
+    assert!(a + b <= max && a >= max.saturating_sub(16), "{a} + {b} kept open, budget {max}");
     assert!(serve::kept_open() >= a + b);
     drop((many, again));
     let third = release(&dir.path().join("c"), &files, 64 << 20);
-    assert!(kept(&third) >= serve::KEPT_OPEN_MAX - 16, "the budget came back: {}", kept(&third));
+    assert!(kept(&third) >= max.saturating_sub(16), "the budget came back: {}", kept(&third));
     for n in &names[..3] {
         assert!(body(&get(&third, None, n, &[], false)) == page, "{n}");
     }
