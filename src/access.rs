@@ -158,9 +158,15 @@ pub fn share_session_end(keys: &Keys, expires_at: Option<i64>, now: i64) -> i64 
 /// expired); `mp_` grants always hold until their own expiry.
 pub fn still_valid<T: Credentials + ?Sized>(table: &T, grant: &Grant, sandbox: &str, port: u16, now: i64) -> bool {
     match &grant.share {
-        Some(h) => table.share(h).is_some_and(|s| check_share(s, sandbox, port, now).is_ok()),
+        Some(h) => live_share(table, h, sandbox, port, now).is_some(),
         None => grant.expires > now,
     }
+}
+
+/// The share record `hash` while it holds for `sandbox`:`port` at `now` (exists, matches,
+/// not expired).
+fn live_share<'t, T: Credentials + ?Sized>(table: &'t T, hash: &[u8; 32], sandbox: &str, port: u16, now: i64) -> Option<&'t ShareEntry> {
+    table.share(hash).filter(|s| check_share(s, sandbox, port, now).is_ok())
 }
 
 /// How often a live share-opened exchange rechecks its share when no table-change feed
@@ -190,7 +196,7 @@ pub async fn until_revoked<T: Credentials>(
     loop {
         let table = load();
         let now = crate::clock::unix_now();
-        let Some(record) = table.share(&share).filter(|s| check_share(s, sandbox, port, now).is_ok()) else {
+        let Some(record) = live_share(&*table, &share, sandbox, port, now) else {
             return;
         };
         let expires_in = record.expires_at.map(|t| Duration::from_secs((t - now).max(0) as u64));
