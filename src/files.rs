@@ -1,6 +1,7 @@
 //! Durable writes of whole small files: a file is replaced so readers see the old one or
 //! the new one, never a part, and the replacement survives a crash once this returns.
-//! Used for keys, tokens, certificates, ledgers, the usage counters and snapshots.
+//! Used for keys, tokens, certificates, ledgers, the usage counters and snapshots. Also
+//! the process's limit on open files, which the server raises and the releases budget by.
 
 use std::io::Write;
 use std::path::Path;
@@ -26,4 +27,11 @@ pub fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// The process's limit on open files (soft, hard), if the system tells it.
+pub fn open_files_limit() -> Option<(libc::rlim_t, libc::rlim_t)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit with a valid resource and a pointer to a live rlimit.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some((lim.rlim_cur, lim.rlim_max))
 }

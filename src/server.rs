@@ -106,22 +106,18 @@ const UPGRADE_CONTROL_WAIT: Duration = Duration::from_secs(30);
 /// soft limit of 1024 (the usual default outside systemd units) would refuse
 /// connections long before anything else runs out. Returns the limit in force.
 pub fn raise_open_files_limit() -> libc::rlim_t {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a live rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                tracing::debug!(from = lim.rlim_cur, to = lim.rlim_max, "open files limit raised");
-                return lim.rlim_max;
-            }
-            tracing::warn!(limit = lim.rlim_cur, "cannot raise the open files limit");
-        }
+    let Some((soft, hard)) = crate::files::open_files_limit() else { return 0 };
+    if soft >= hard {
+        return soft;
     }
-    lim.rlim_cur
+    let raised = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+    // SAFETY: setrlimit with a valid resource and a pointer to a live rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        tracing::debug!(from = soft, to = hard, "open files limit raised");
+        return hard;
+    }
+    tracing::warn!(limit = soft, "cannot raise the open files limit");
+    soft
 }
 
 /// Runs the edge until it is told to stop: SIGTERM graceful (stop accepting, finish

@@ -48,12 +48,7 @@ pub fn kept_open_budget(nofile: u64) -> usize {
 /// it to the hard one at start).
 pub(crate) fn kept_open_limit() -> usize {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit with a valid resource and a pointer to a live rlimit.
-        let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 0 };
-        kept_open_budget(nofile)
-    })
+    *LIMIT.get_or_init(|| kept_open_budget(crate::files::open_files_limit().map_or(0, |(soft, _)| soft)))
 }
 
 /// Descriptors counted against [`KEPT_OPEN_MAX`] by one release (or one interrupted
