@@ -228,6 +228,70 @@ async fn http10_origin_answers_http11_clients_in_http11() {
     }
 }
 
+/// An origin connection is pooled only when its answers allow it: `Connection: close`
+/// and an HTTP/1.0 answer without `Connection: keep-alive` end it (RFC 9112 §9.3), even
+/// when the origin leaves the socket open; a plain HTTP/1.1 answer keeps it. The origins
+/// below serve any number of requests per connection and count their connections.
+///
+/// vendor/README.md, pingora-core 9: the upstream session keeps only these fields of a
+/// head it hands to the proxy; this fails when one of them is not kept (`Connection`: one
+/// connection for three `close` answers).
+#[tokio::test]
+async fn origin_connections_are_reused_only_when_their_answers_allow_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let mut extra = String::new();
+    let mut origins = Vec::new();
+    for (id, answer) in [
+        ("close", &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"[..]),
+        ("old", &b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]),
+        ("kept", &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]),
+        ("oldkept", &b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"[..]),
+    ] {
+        let origin = tokio::net::TcpListener::bind(("127.0.0.2", 0)).await.expect("bind");
+        let port = origin.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = origin.accept().await else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut b = [0u8; 1024];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            if sock.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        extra += &format!("[[sandboxes]]\nid = \"{id}\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
+        origins.push((id, port, accepted, task));
+    }
+    let edge = Edge::start(&f.toml(&extra)).await;
+    let mut seen = Vec::new();
+    for (id, port, accepted, _task) in &origins {
+        let host = format!("{port}-{id}.sandbox.localhost");
+        for i in 0..3 {
+            let r = edge.get(&host, "/").await;
+            assert_eq!((r.status, r.text()), (200, "ok".to_string()), "{id}, request {i}\n{}", edge.log());
+        }
+        seen.push((*id, accepted.load(Ordering::SeqCst)));
+    }
+    assert_eq!(seen, [("close", 3), ("old", 3), ("kept", 1), ("oldkept", 1)], "origin connections for three requests each");
+}
+
 /// `body_len` bytes of `fill` after a head with its `Content-Length`.
 fn answer(body_len: usize, fill: u8) -> Vec<u8> {
     let mut a = format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n").into_bytes();

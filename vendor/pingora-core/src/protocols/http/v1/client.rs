@@ -73,6 +73,19 @@ pub struct HttpSession {
 }
 
 /// HTTP 1.x client session
+/// The response fields a client session reads after handing the head over
+/// (`HttpSession::hand_over_resp_header`): body framing and the connection's reuse.
+/// miosa-edge patch (pingora-core 9).
+pub static KEPT_RESPONSE_FIELDS: [&header::HeaderName; 5] = [
+    &header::CONNECTION,
+    &header::CONTENT_LENGTH,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &KEEP_ALIVE,
+];
+
+static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
+
 impl HttpSession {
     /// Create a new http client session from an established (TCP or TLS) [`Stream`].
     pub fn new(stream: Stream) -> Self {
@@ -445,7 +458,29 @@ impl HttpSession {
         Ok(Box::new(self.resp_header().unwrap().clone()))
     }
 
+    /// miosa-edge patch (pingora-core 9): the parsed response head itself, for
+    /// [`Self::read_response_task()`], instead of a copy of it. What this session reads of
+    /// the head later — the status, the version and the fields that frame the body and
+    /// decide whether the connection is kept ([`KEPT_RESPONSE_FIELDS`]) — stays as
+    /// [`Self::resp_header()`]; the rest is only in the returned head.
+    fn hand_over_resp_header(&mut self) -> Box<ResponseHeader> {
+        let full = self.response_header.take().expect("just read");
+        // `build_no_case`: one map; the names' written case is never read from this copy.
+        let mut kept = ResponseHeader::build_no_case(full.status, Some(0)).expect("a status already parsed");
+        kept.set_version(full.version);
+        for name in KEPT_RESPONSE_FIELDS {
+            for value in full.headers.get_all(name) {
+                kept.append_header(name, value.clone()).expect("a value already parsed");
+            }
+        }
+        self.response_header = Some(Box::new(kept));
+        full
+    }
+
     /// Return a reference of the [`ResponseHeader`] if the response is read
+    ///
+    /// After [`Self::read_response_task()`] handed a head over, only its status, version and
+    /// [`KEPT_RESPONSE_FIELDS`] (miosa-edge patch, pingora-core 9).
     pub fn resp_header(&self) -> Option<&ResponseHeader> {
         self.response_header.as_deref()
     }
@@ -837,7 +872,8 @@ impl HttpSession {
 
     pub async fn read_response_task(&mut self) -> Result<HttpTask> {
         if self.should_read_resp_header() {
-            let resp_header = self.read_resp_header_parts().await?;
+            self.read_response().await?;
+            let resp_header = self.hand_over_resp_header();
             let end_of_body = self.is_body_done();
             debug!("Response header: {resp_header:?}");
             trace!(
