@@ -56,12 +56,15 @@ def main():
                 answer = r.read().decode()
             took = time.monotonic() - t0
             after = rss_kib(p.pid)
-            size = os.path.getsize(os.path.join(d, "var", "state.json"))
+            # The state directory as a whole: the state log's snapshot and records (there is
+            # no single state.json since the state log).
+            var = os.path.join(d, "var")
+            size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(var) for f in files)
             print(f"sandboxes: {a.sandboxes}  body: {len(body) / 1e6:.1f} MB  answer: {answer}")
             print(f"PUT /v1/state (receive + parse + validate + build + persist + swap): {took:.2f} s")
             print(f"edge resident memory: {before / 1024:.0f} MiB before, {after / 1024:.0f} MiB after "
                   f"({(after - before) * 1024 / a.sandboxes:.0f} B per sandbox, API state copy and table included)")
-            print(f"state.json: {size / 1e6:.1f} MB")
+            print(f"state directory: {size / 1e6:.1f} MB")
         finally:
             p.send_signal(signal.SIGINT)
             try:
