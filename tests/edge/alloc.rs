@@ -121,6 +121,30 @@ fn header_names_given_as_such_are_not_parsed_again() {
     assert_eq!(String::from_utf8_lossy(&wire), "Cache-Control: v\r\nx-edge-test: v\r\n");
 }
 
+/// vendor/README.md, pingora-http 9: a head without a map of names as written (the edge's
+/// own answers) writes each name in its usual case, and inserting a common name whose
+/// usual case is known into a head with that map copies nothing.
+#[test]
+fn names_go_out_in_their_usual_case() {
+    let mut resp = pingora::http::ResponseHeader::build_no_case(200, Some(4)).expect("head");
+    resp.insert_header(http::header::ETAG, "\"e\"").expect("insert");
+    resp.insert_header(http::header::X_CONTENT_TYPE_OPTIONS, "nosniff").expect("insert");
+    resp.insert_header(http::HeaderName::from_static("x-request-id"), "r").expect("insert");
+    resp.insert_header(http::header::CONTENT_LENGTH, "0").expect("insert");
+    let mut wire = Vec::new();
+    resp.header_to_h1_wire(&mut wire);
+    assert_eq!(
+        String::from_utf8_lossy(&wire),
+        "ETag: \"e\"\r\nX-Content-Type-Options: nosniff\r\nX-Request-Id: r\r\nContent-Length: 0\r\n"
+    );
+    let mut cased = pingora::http::ResponseHeader::build(200, Some(4)).expect("head");
+    let value = http::HeaderValue::from_static("v");
+    let before = ALLOCS.with(|c| c.get());
+    cased.insert_header(http::header::ETAG, value.clone()).expect("insert");
+    cased.insert_header(http::header::LAST_MODIFIED, value).expect("insert");
+    assert_eq!(ALLOCS.with(|c| c.get()) - before, 0, "allocations inserting ETag and Last-Modified");
+}
+
 /// Answers every request itself, from `request_filter`: pingora's request path with no
 /// upstream, so what is counted is pingora's own.
 struct Answer;

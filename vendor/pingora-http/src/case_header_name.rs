@@ -123,6 +123,21 @@ pub(crate) fn titled_header_name_str(header_name: &HeaderName) -> Option<&'stati
         header::HOST => "Host",
         header::SERVER => "Server",
         header::SET_COOKIE => "Set-Cookie",
+        // miosa-edge patch (pingora-http 9): more of the names a server writes, in their
+        // usual case (those canonical casing would get wrong first).
+        header::ETAG => "ETag",
+        header::WWW_AUTHENTICATE => "WWW-Authenticate",
+        header::CONTENT_SECURITY_POLICY => "Content-Security-Policy",
+        header::X_CONTENT_TYPE_OPTIONS => "X-Content-Type-Options",
+        header::LAST_MODIFIED => "Last-Modified",
+        header::LOCATION => "Location",
+        header::VARY => "Vary",
+        header::ALLOW => "Allow",
+        header::RETRY_AFTER => "Retry-After",
+        header::REFERRER_POLICY => "Referrer-Policy",
+        header::CONTENT_RANGE => "Content-Range",
+        header::EXPIRES => "Expires",
+        header::STRICT_TRANSPORT_SECURITY => "Strict-Transport-Security",
         // TODO: add more const header here to map to their titled case
         // TODO: automatically upper case the first letter?
         _ => {

@@ -1106,13 +1106,27 @@ fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl
         });
     } else {
         for (header, value) in value_map {
-            let titled_header =
-                case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-            buf.put_slice(titled_header.as_bytes());
+            // miosa-edge patch (pingora-http 9): a name without a written form goes out in
+            // its usual case, not in the lower case `http` keeps it in.
+            match case_header_name::titled_header_name_str(header) {
+                Some(titled) => buf.put_slice(titled.as_bytes()),
+                None => put_canonical_name(header.as_str().as_bytes(), buf),
+            }
             buf.put_slice(HEADER_KV_DELIMITER);
             buf.put_slice(value.as_ref());
             buf.put_slice(CRLF);
         }
+    }
+}
+
+/// miosa-edge patch (pingora-http 9): `x-request-id` as `X-Request-Id` — the first letter
+/// and each one after a `-` in upper case, as Go's `CanonicalMIMEHeaderKey` and most
+/// servers write names.
+fn put_canonical_name(name: &[u8], buf: &mut impl BufMut) {
+    let mut upper = true;
+    for &b in name {
+        buf.put_u8(if upper { b.to_ascii_uppercase() } else { b });
+        upper = b == b'-';
     }
 }
 
