@@ -102,7 +102,7 @@ impl EdgeProxy {
     /// A storage object: the head decided by [`crate::storage`], the request id, then its
     /// body streamed from the store with the client's pace (nothing for `HEAD` or 304).
     pub(super) async fn write_object(&self, session: &mut Session, ctx: &mut RequestCtx, plan: crate::storage::ObjectPlan) -> Result<()> {
-        let mut resp = ResponseHeader::build(plan.status, Some(plan.headers.len() + 2))?;
+        let mut resp = own_head(plan.status, Some(plan.headers.len() + 2))?;
         for (name, value) in plan.headers {
             resp.append_header(name, value)?;
         }
