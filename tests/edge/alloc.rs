@@ -11,7 +11,7 @@ struct Counting;
 
 thread_local! {
     static ALLOCS: Cell<usize> = const { Cell::new(0) };
-    /// Allocations of at least `LARGE` bytes.
+    /// Allocations of at least `LARGE_BYTES` bytes.
     static LARGE: Cell<usize> = const { Cell::new(0) };
 }
 

@@ -72,7 +72,6 @@ pub struct HttpSession {
     acknowledged: bool,
 }
 
-/// HTTP 1.x client session
 /// The response fields a client session reads after handing the head over
 /// (`HttpSession::hand_over_resp_header`): body framing and the connection's reuse.
 /// miosa-edge patch (pingora-core 9).
@@ -86,6 +85,7 @@ pub static KEPT_RESPONSE_FIELDS: [&header::HeaderName; 5] = [
 
 static KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
 
+/// HTTP 1.x client session
 impl HttpSession {
     /// Create a new http client session from an established (TCP or TLS) [`Stream`].
     pub fn new(stream: Stream) -> Self {
