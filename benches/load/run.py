@@ -190,6 +190,20 @@ http {{
     return path
 
 
+def deployment(dep_id, name, release):
+    """A deployment `name` of workspace ws_bench whose active version `v1` has `release`
+    (the inside of its inline table)."""
+    return f"""[[deployments]]
+id = "{dep_id}"
+workspace = "ws_bench"
+name = "{name}"
+active_version = "v1"
+[[deployments.versions]]
+id = "v1"
+release = {{ {release} }}
+"""
+
+
 def storage_routes(store_host):
     """`[storage]` on `store_host`, the public bucket `bench-public` (alias `bench`, in
     workspace ws_bench, which bench_routes defines) and a deployment `raw` whose instance
@@ -202,15 +216,7 @@ workspace = "ws_bench"
 bucket = "bench-public"
 alias = "bench"
 public = true
-[[deployments]]
-id = "dep_raw"
-workspace = "ws_bench"
-name = "raw"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "dynamic", instances = ["{store_host}"] }}
-"""
+""" + deployment("dep_raw", "raw", f'kind = "dynamic", instances = ["{store_host}"]')
 
 
 def bench_routes(o_port):
@@ -256,15 +262,7 @@ def static_routes(store, sha):
     `site.bench.apps.localhost`."""
     return f"""[static]
 store = "{store}"
-[[deployments]]
-id = "dep_static"
-workspace = "ws_bench"
-name = "site"
-active_version = "v1"
-[[deployments.versions]]
-id = "v1"
-release = {{ kind = "static", sha256 = "{sha}" }}
-"""
+""" + deployment("dep_static", "site", f'kind = "static", sha256 = "{sha}"')
 
 
 def wait_release(port, host, path, what):
