@@ -192,10 +192,7 @@ async fn sigterm_stops_accepting_and_lets_a_request_in_flight_finish() {
 async fn the_open_files_limit_is_raised_to_the_hard_one() {
     use std::os::unix::process::CommandExt;
     let s = setup("");
-    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: reads this process's limit into a live struct.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
-    let hard = own.rlim_max;
+    let (_, hard) = miosa_edge::files::open_files_limit().expect("this process's open files limit");
     assert!(hard > 256, "the hard limit ({hard}) leaves nothing to raise");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_miosa-edge"));

@@ -99,7 +99,7 @@ async fn static_releases_are_served_and_rolled_back() {
     assert_eq!(r.body, gzip(&app_js));
     assert_eq!(r.header("cache-control"), Some("public, max-age=31536000, immutable"));
     // The edge's own answers write names in their usual case (vendor/README.md
-    // pingora-http 9; `etag` and `x-content-type-options` went out in lower case before).
+    // pingora-http 9; `etag`, `vary` and `x-content-type-options` went out in lower case before).
     let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
     for name in [
         "Content-Type",
