@@ -20,6 +20,7 @@ use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,14 +73,27 @@ pub enum StartError {
     Acme(String),
 }
 
-/// Picks the concrete address for a listener: checks that it can be bound (so a busy
-/// port is a clear error, not a panic inside the server) and resolves port 0 to a
-/// free port.
-fn resolve_listener(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+/// A listener bound before the server runs, so a busy port is a clear error (not a
+/// panic inside the server) and port 0 is resolved to the port announced; the socket is
+/// then handed to pingora as it is ([`Server::adopt_tcp_listener`]), so the port is
+/// never let go in between for another socket to take. With `upgrade` nothing is bound:
+/// the old process hands its sockets over.
+fn bind_listener(addr: SocketAddr, upgrade: bool) -> Result<(SocketAddr, Option<TcpListener>), StartError> {
+    if upgrade {
+        return Ok((addr, None));
+    }
     let l = TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
     let actual = l.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-    drop(l);
-    Ok(actual)
+    Ok((actual, Some(l)))
+}
+
+/// Serves `addr` on `service` with the socket [`bind_listener`] bound for it, if any.
+fn listen_on<A>(server: &Server, service: &mut Service<A>, addr: SocketAddr, bound: Option<TcpListener>) -> Result<(), StartError> {
+    service.add_tcp(&addr.to_string());
+    match bound {
+        Some(l) => server.adopt_tcp_listener(&addr.to_string(), l).map_err(|source| StartError::Bind { addr, source }),
+        None => Ok(()),
+    }
 }
 
 /// The control listener, bound once the previous process let go of it (upgrade).
@@ -192,9 +206,12 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
 
     let access_log_dropped = access_log.as_ref().map(|l| l.dropped_counter()).unwrap_or_default();
 
-    // Taken over sockets are not bound again; fresh ones are checked (and port 0 resolved).
-    let http = if upgrade { cfg.server.http } else { resolve_listener(cfg.server.http)? };
-    let https = if upgrade { cfg.server.https } else { cfg.server.https.map(resolve_listener).transpose()? };
+    // Taken over sockets are not bound again; fresh ones are bound now (port 0 resolved).
+    let (http, http_socket) = bind_listener(cfg.server.http, upgrade)?;
+    let (https, https_socket) = match cfg.server.https {
+        Some(addr) => bind_listener(addr, upgrade).map(|(a, l)| (Some(a), l))?,
+        None => (None, None),
+    };
     // [cluster]: the fleet's certificates, ACME account, ledger, locks and challenges.
     let cert_fleet = match &cluster {
         Some(c) => {
@@ -297,9 +314,9 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
     let front = crate::front::Front::new(proxy, limits.max_connections_per_ip, tls, metrics.clone());
     let per_ip = front.per_ip();
     let mut svc = Service::new("miosa-edge http".to_string(), front);
-    svc.add_tcp(&http.to_string());
+    listen_on(&server, &mut svc, http, http_socket)?;
     if let Some(addr) = https_listener {
-        svc.add_tcp(&addr.to_string());
+        listen_on(&server, &mut svc, addr, https_socket)?;
     }
     server.add_service(svc);
 
@@ -359,11 +376,10 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
 
     let source = cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded dev.toml".into());
     tracing::info!(http = %http, control = %control_addr, threads, config = %source, generation = store.generation(), "miosa-edge starting");
-    // One machine-readable line on stdout: tests and scripts read the resolved ports.
-    match https {
-        Some(https) => println!("miosa-edge listening http={http} control={control_addr} https={https}"),
-        None => println!("miosa-edge listening http={http} control={control_addr}"),
-    }
+    // One machine-readable line on stdout: tests and scripts read the resolved ports. A
+    // stdout closed by whoever started the edge is no reason to stop (println! would panic).
+    let https_field = https.map(|a| format!(" https={a}")).unwrap_or_default();
+    let _ = writeln!(std::io::stdout(), "miosa-edge listening http={http} control={control_addr}{https_field}");
     server.run(RunArgs::default());
     services.stop();
     Ok(())

@@ -58,6 +58,18 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
     None
 }
 
+/// `miosa-edge run` on a [`setup`]'s config, its stderr appended to the setup's log.
+fn edge_command(s: &Setup) -> Command {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_miosa-edge"));
+    cmd.args(["run", "--config"])
+        .arg(&s.config)
+        .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
+        .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
+        .stderr(log);
+    cmd
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     config: std::path::PathBuf,
@@ -194,14 +206,8 @@ async fn the_open_files_limit_is_raised_to_the_hard_one() {
     let s = setup("");
     let (_, hard) = miosa_edge::files::open_files_limit().expect("this process's open files limit");
     assert!(hard > 256, "the hard limit ({hard}) leaves nothing to raise");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_miosa-edge"));
-    cmd.args(["run", "--config"])
-        .arg(&s.config)
-        .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
-        .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
-        .stdout(Stdio::null())
-        .stderr(log);
+    let mut cmd = edge_command(&s);
+    cmd.stdout(Stdio::null());
     // SAFETY: only setrlimit (async-signal-safe) between fork and exec. The soft limit
     // of a shell's default (1024) or lower, under the same hard limit.
     unsafe {
@@ -223,4 +229,77 @@ async fn the_open_files_limit_is_raised_to_the_hard_one() {
     let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files line");
     let soft: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(soft, [hard.to_string(), hard.to_string()], "{line}");
+}
+
+/// A pipe whose buffer is full: a process given its write end as stdout blocks on its
+/// first write until the read end is read.
+fn full_pipe() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors, owned below and by nothing else.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    let (read, write) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+    let mut w = std::fs::File::from(write);
+    // Non-blocking while it is filled (the write end only).
+    // SAFETY: fcntl on a descriptor owned by `w`.
+    assert_eq!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&w), libc::F_SETFL, libc::O_NONBLOCK) }, 0, "fcntl");
+    loop {
+        match std::io::Write::write(&mut w, &[b'.'; 4096]) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the pipe: {e}"),
+        }
+    }
+    // Blocking again, for the edge: a non-blocking stdout would fail its write instead.
+    // SAFETY: fcntl on a descriptor owned by `w`.
+    assert_eq!(unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&w), libc::F_SETFL, 0) }, 0, "fcntl");
+    (read, w.into())
+}
+
+/// The HTTP port is the edge's from the moment it is checked at start until the server
+/// serves it: binding it, letting go and binding again left a gap in which another
+/// socket could take it (an edge on port 0 in the tests once announced a port it never
+/// served). The edge is held on its "listening" line, after everything is set up and
+/// before the server runs, by a stdout pipe that is full: the port takes connections
+/// and cannot be bound by anyone else then, and the connection made meanwhile is served
+/// once the edge goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_port_is_held_from_start_until_it_is_served() {
+    let s = setup("");
+    let (mut stdout, write_end) = full_pipe();
+    let mut child = edge_command(&s).stdout(Stdio::from(write_end)).spawn().expect("spawn");
+    let held = eventually(Duration::from_secs(30), || async { tokio::net::TcpStream::connect(s.http).await.ok() }).await;
+    let taken = std::net::TcpListener::bind(s.http).map(|_| ()).map_err(|e| e.kind());
+    let drain = std::thread::spawn(move || std::io::Read::read_to_end(&mut stdout, &mut Vec::new()));
+    let answer = match held {
+        Some(mut conn) => {
+            conn.write_all(b"GET / HTTP/1.1\r\nHost: nowhere.localhost\r\nConnection: close\r\n\r\n").await.expect("write");
+            crate::support::read_response(&mut conn, Duration::from_secs(20)).await.map(|(_, r)| r.status)
+        }
+        None => None,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = drain.join();
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse), "the port was free while the edge was held: {log}");
+    assert_eq!(answer, Some(404), "the connection made while the edge was held: {log}");
+}
+
+/// An edge whose stdout has no reader any more (a pipe into a program that exited)
+/// goes on serving: its "listening" line is not worth stopping for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_whose_stdout_is_gone_goes_on() {
+    let s = setup("");
+    let (stdout, write_end) = full_pipe();
+    drop(stdout);
+    let mut child = edge_command(&s).stdout(Stdio::from(write_end)).spawn().expect("spawn");
+    let raw = "GET / HTTP/1.1\r\nHost: nowhere.localhost\r\nConnection: close\r\n\r\n";
+    let status =
+        eventually(Duration::from_secs(30), || async { crate::support::try_raw_request(s.http, raw).await.ok().map(|r| r.status) }).await;
+    let exited = child.try_wait().expect("try_wait");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    assert_eq!((status, exited), (Some(404), None), "{log}");
 }

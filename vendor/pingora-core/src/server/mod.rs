@@ -375,6 +375,26 @@ impl Server {
         self.bootstrap.lock().get_fds()
     }
 
+    /// Hands a socket the caller bound and listens on already to the service that listens
+    /// on `addr` (the string given to its `add_tcp`): it is served as it is, not bound
+    /// again, and is handed over on a graceful upgrade like the sockets the server binds.
+    ///
+    /// A program that resolves port 0 itself (to announce the port before it runs) keeps
+    /// the port from that moment on: binding, closing and binding again lets another
+    /// socket take the port in between. Call it after [`Self::bootstrap`].
+    #[cfg(unix)]
+    pub fn adopt_tcp_listener(
+        &self,
+        addr: &str,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<()> {
+        use std::os::fd::IntoRawFd;
+        // The listener is served by tokio, which needs it non-blocking.
+        listener.set_nonblocking(true)?;
+        self.listen_fds().lock().add(addr.to_string(), listener.into_raw_fd());
+        Ok(())
+    }
+
     /// Collect the listening bind addresses across all registered services.
     #[cfg(unix)]
     fn collect_listen_addresses(&self) -> Option<std::collections::HashSet<String>> {
