@@ -561,9 +561,32 @@ pub async fn count_syscalls(edge: &Edge, syscall: &str, work: impl std::future::
     (calls, trace)
 }
 
-/// A free port on 127.0.0.1, chosen by the kernel (bound then released), for a server
-/// whose port another process must know before it starts.
+/// A free port on 127.0.0.1 for a server whose port another process must know before it
+/// starts (Redis, Pebble, an edge on a fixed port). Picked below the kernel's ephemeral
+/// range (`ip_local_port_range`, where `connect` and a bind to port 0 take theirs), so no
+/// socket of the kernel's choosing can take it between now and the server's bind; a
+/// counter keeps this process's picks apart, and each is checked free by binding it.
+/// Where the range leaves no room below it, the kernel chooses (bound then released).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SPAN: u32 = 8192;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if low < SPAN + 10_000 {
+        return closed_port("127.0.0.1");
+    }
+    // Test binaries run one after another; each starts at its own place in the span.
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low - SPAN + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     closed_port("127.0.0.1")
 }
 
