@@ -162,11 +162,12 @@ impl Edge {
             Ok(Ok(a)) => a,
             _ => panic!("edge did not start: {}", std::fs::read_to_string(stderr).unwrap_or_default()),
         };
+        let log = || std::fs::read_to_string(stderr).unwrap_or_default();
         let up = eventually(Duration::from_secs(10), || probe(addr)).await;
-        assert!(up.is_some(), "edge never accepted connections on {addr}");
+        assert!(up.is_some(), "edge never accepted connections on {addr}: {}", log());
         if let Some(https) = https {
             let up = eventually(Duration::from_secs(10), || probe(https)).await;
-            assert!(up.is_some(), "edge never accepted connections on https {https}");
+            assert!(up.is_some(), "edge never accepted connections on https {https}: {}", log());
         }
         (child, addr, control, https)
     }
