@@ -22,6 +22,9 @@
 //! execution phase that means the process is stopping. The control API then stops
 //! accepting (a process started with `--upgrade` takes its port), the others end their
 //! loops; connections and requests already in flight finish while the proxy drains.
+//! [`Services::stop`] waits (3 s at most) for every service to end before the runtime
+//! goes, so the last work of a loop (the usage counters' last save) is done after a
+//! fast stop too, which does not drain.
 
 use async_trait::async_trait;
 use pingora::server::ExecutionPhase;
@@ -79,6 +82,47 @@ pub async fn run_blocking(name: &'static str, shutdown: Shutdown, work: impl FnO
 pub struct Services {
     runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
+    running: Arc<Running>,
+}
+
+/// How many services are still running, so [`Services::stop`] can let them end their
+/// loops (a last save of the usage counters, the access log's last lines) before the
+/// runtime drops what is left.
+#[derive(Debug, Default)]
+struct Running {
+    count: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+/// One running service; dropped when its task ends, however it ends.
+struct RunningGuard(Arc<Running>);
+
+impl Running {
+    fn enter(self: &Arc<Self>) -> RunningGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        RunningGuard(self.clone())
+    }
+
+    /// Waits until no service is running.
+    async fn all_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for Services {
@@ -116,7 +160,7 @@ impl Services {
             .on_thread_start(lower_priority)
             .enable_all()
             .build()?;
-        Ok(Services { runtime, stop: watch::channel(false).0 })
+        Ok(Services { runtime, stop: watch::channel(false).0, running: Arc::default() })
     }
 
     /// The runtime's handle, for work spawned on behalf of a service from elsewhere
@@ -138,16 +182,18 @@ impl Services {
 
     /// Starts services later, from elsewhere (a config reload replacing one).
     pub fn starter(&self) -> Starter {
-        Starter { runtime: self.handle(), shutdown: self.shutdown() }
+        Starter { runtime: self.handle(), shutdown: self.shutdown(), running: self.running.clone() }
     }
 
     /// Starts `service`.
     pub fn start<S: Service>(&self, service: Arc<S>) {
         let shutdown = self.shutdown();
         let name = service.name();
+        let running = self.running.enter();
         self.runtime.spawn(async move {
             service.run(shutdown).await;
             tracing::debug!(service = name, "service ended");
+            drop(running);
         });
     }
 
@@ -175,10 +221,18 @@ impl Services {
         });
     }
 
-    /// Fires [`Shutdown`] (if it has not fired) and waits a little for the services
-    /// and their blocking work to end.
+    /// Fires [`Shutdown`] (if it has not fired), lets the services end their loops and
+    /// waits a little for them and their blocking work to end. After a graceful stop
+    /// they have ended while the proxy drained; after a fast one (SIGINT) this is where
+    /// they get to do their last work.
     pub fn stop(self) {
         self.stop.send_replace(true);
+        let running = self.running.clone();
+        let ended = self.runtime.block_on(async { tokio::time::timeout(STOP_TIMEOUT, running.all_ended()).await.is_ok() });
+        if !ended {
+            let left = running.count.load(std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(services = left, "services still running when the process stopped");
+        }
         self.runtime.shutdown_timeout(STOP_TIMEOUT);
     }
 }
@@ -188,6 +242,7 @@ impl Services {
 pub struct Starter {
     runtime: tokio::runtime::Handle,
     shutdown: Shutdown,
+    running: Arc<Running>,
 }
 
 /// Stops one service started by a [`Starter`] (the process's shutdown stops it too).
@@ -214,9 +269,11 @@ impl Starter {
             }
         });
         let name = service.name();
+        let running = self.running.enter();
         self.runtime.spawn(async move {
             service.run(Shutdown(rx)).await;
             tracing::debug!(service = name, "service ended");
+            drop(running);
         });
         Stop(tx)
     }
@@ -267,5 +324,34 @@ mod tests {
         });
         services.stop();
         assert!(!Shutdown::never().is_set());
+    }
+
+    /// Saves on its blocking pool once told to stop, as the usage counters do.
+    struct LastSave(Arc<AtomicU32>);
+
+    #[async_trait]
+    impl Service for LastSave {
+        fn name(&self) -> &'static str {
+            "last save"
+        }
+        async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+            shutdown.wait().await;
+            let saved = self.0.clone();
+            let _ = tokio::task::spawn_blocking(move || saved.fetch_add(1, Ordering::SeqCst)).await;
+        }
+    }
+
+    /// A fast stop (SIGINT: no drain, `stop` right after the signal) still lets every
+    /// service do its last work before the runtime goes.
+    #[test]
+    fn stop_lets_the_services_finish_their_last_work() {
+        for _ in 0..20 {
+            let services = Services::new().expect("runtime");
+            let saved = Arc::new(AtomicU32::new(0));
+            services.start(Arc::new(LastSave(saved.clone())));
+            services.starter().start(Arc::new(LastSave(saved.clone())));
+            services.stop();
+            assert_eq!(saved.load(Ordering::SeqCst), 2, "a last save was dropped");
+        }
     }
 }

@@ -74,3 +74,20 @@ async fn usage_is_attributed_by_id_and_never_lost_or_doubled() {
     assert_eq!((unknown["status"].as_u64(), unknown["route"].as_str()), (Some(404), Some("edge")));
     assert!(entries.iter().any(|e| e["deployment"] == "dep_1"));
 }
+
+/// Requests counted in the last moment before a fast stop (SIGINT: no drain) are in the
+/// usage after a restart: the usage counters' last save runs before the process goes
+/// (it was dropped with the services' runtime, and logged as a failed task).
+#[tokio::test]
+async fn usage_counted_just_before_a_fast_stop_is_kept() {
+    let f = Fixture::start().await;
+    let mut edge = Edge::start(&f.toml("")).await;
+    let a = format!("{}-abc12345.sandbox.localhost", f.pa());
+    for _ in 0..4 {
+        assert_eq!(edge.get(&a, "/").await.status, 200);
+    }
+    edge.interrupt_and_restart().await;
+    let r = edge.api("GET", "/v1/usage", None).await.json();
+    assert_eq!(workspace(&r, "ws_1").0, 4, "{r}\n{}", edge.log());
+    assert!(!edge.log().contains("usage save task failed"), "{}", edge.log());
+}

@@ -118,6 +118,23 @@ impl Edge {
     pub async fn kill9_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.respawn().await;
+    }
+
+    /// Stops the process with SIGINT (pingora's fast shutdown: no drain), waits for it
+    /// to exit, and starts a new one on the same config and state directory.
+    pub async fn interrupt_and_restart(&mut self) {
+        // SAFETY: kill(2) with the pid of our own child, which has not been waited for.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(Instant::now() < deadline, "the edge did not exit within 20 s of SIGINT: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.respawn().await;
+    }
+
+    async fn respawn(&mut self) {
         let (child, addr, control, https) = Edge::spawn(&self.config, &self.stderr, &self.env).await;
         self.child = child;
         self.addr = addr;
