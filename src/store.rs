@@ -837,7 +837,10 @@ fn diff(objects: &Objects, doc: State, origin: Origin, prefix: &str) -> Vec<Batc
             op: Op::Delete(kind, id),
         }));
     }
-    let mut ops = Vec::with_capacity(doc.sandboxes.len() + deletes.len() + 64);
+    // Room for every object of the document at once: a whole-table PUT of 100k
+    // sandboxes grew this (some 30 MB) by doubling when workspaces were left out.
+    let objects = Kind::ALL.iter().map(|&k| doc.count(k)).sum::<usize>();
+    let mut ops = Vec::with_capacity(objects + deletes.len());
     crate::state::index::push_state_owned(&mut ops, doc, origin, prefix);
     ops.extend(deletes);
     ops

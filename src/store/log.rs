@@ -169,14 +169,27 @@ pub fn frame<'a>(g: u64, ops: impl Iterator<Item = (Kind, &'a str, Option<&'a Ob
             },
             None => WireOp::Delete { kind: KindName(kind), id },
         })
-        .collect();
-    let payload = serde_json::to_vec(&WireRecord { g, ops }).unwrap_or_default();
-    let mut out = Vec::with_capacity(payload.len() + 8);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+        .collect::<Vec<_>>();
+    // The payload is written in place behind room for the head, which is filled in
+    // after: a record of a whole-table PUT is tens of megabytes, and serializing it
+    // apart and copying it behind the head took a second buffer of that size (and,
+    // grown by doubling from nothing, several). The guess covers a sandbox's record;
+    // capacity not written to costs no memory.
+    let mut out = Vec::with_capacity(HEAD + 256 * ops.len() + 64);
+    out.extend_from_slice(&[0; HEAD]);
+    if serde_json::to_writer(&mut out, &WireRecord { g, ops }).is_err() {
+        // Not reachable with these types (string keys only); an empty payload as before.
+        out.truncate(HEAD);
+    }
+    let len = (out.len() - HEAD) as u32;
+    let crc = crc32fast::hash(&out[HEAD..]);
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out[4..HEAD].copy_from_slice(&crc.to_le_bytes());
     out
 }
+
+/// A frame's head: the payload's length and CRC-32, little-endian.
+const HEAD: usize = 8;
 
 impl Record {
     /// Reads a payload back.
@@ -214,7 +227,7 @@ pub fn parse(bytes: &[u8], mut after: Option<u64>) -> Segment {
     let mut at = 0usize;
     while at < bytes.len() {
         let torn = |why: String| Some(format!("at byte {at}: {why}"));
-        let Some(head) = bytes.get(at..at + 8) else {
+        let Some(head) = bytes.get(at..at + HEAD) else {
             seg.torn = torn("a record header cut short".into());
             break;
         };
@@ -224,7 +237,7 @@ pub fn parse(bytes: &[u8], mut after: Option<u64>) -> Segment {
             seg.torn = torn(format!("a record length of {len} bytes"));
             break;
         }
-        let Some(payload) = bytes.get(at + 8..at + 8 + len as usize) else {
+        let Some(payload) = bytes.get(at + HEAD..at + HEAD + len as usize) else {
             seg.torn = torn("a record cut short".into());
             break;
         };
@@ -246,7 +259,7 @@ pub fn parse(bytes: &[u8], mut after: Option<u64>) -> Segment {
             }
         }
         after = Some(record.generation);
-        at += 8 + len as usize;
+        at += HEAD + len as usize;
         seg.good_len = at as u64;
         seg.records.push(record);
     }
