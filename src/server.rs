@@ -157,12 +157,12 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(10),
         upgrade_sock: cfg.server.state_dir.join("upgrade.sock").display().to_string(),
-        // Each proxy thread runs a runtime of its own and keeps the connections it is
-        // given (pingora's NoSteal), as nginx's and Envoy's workers do: no work-stealing
-        // queues, and no idle worker woken per task. Heavy work already runs off the
-        // proxy threads (argon2, unpacking, ACME, DNS), so no thread holds up others'.
-        // HTTP/1 CPU per request 3-7% lower (benches/load/RESULTS.md, sixth session).
-        work_stealing: false,
+        // One proxy thread runs tokio's single-threaded scheduler (pingora's NoSteal of
+        // one): no work-stealing queues, no idle worker woken per task; HTTP/1 CPU per
+        // request 3-7% lower (benches/load/RESULTS.md, sixth session). Several keep work
+        // stealing: without it pingora places every HTTP/2 stream on a random thread, away
+        // from its connection's, which was not measured here.
+        work_stealing: threads > 1,
         ..Default::default()
     };
     if let Err(e) = std::fs::create_dir_all(&cfg.server.state_dir) {

@@ -596,12 +596,13 @@ async fn h2_raw(https: SocketAddr, host: &str, frames: Vec<u8>, limit: Duration)
 /// accepted with GOAWAY `ENHANCE_YOUR_CALM`, and counts CONTINUATION frames against the
 /// header list size. HTTP/2 requests have no body read timeout in pingora
 /// (`set_read_timeout` is a no-op for h2): a stalled request body holds one of the 100
-/// streams, and the connection counts against the per-IP cap.
+/// streams, and the connection counts against the per-IP cap. On one proxy thread: the
+/// single-threaded scheduler under HTTP/2 (the other tests run the default, one a core).
 #[tokio::test]
 async fn http2_rapid_reset_and_continuation_flood() {
     let f = Fixture::start().await;
     let (_t, dir) = certs_dir();
-    let edge = Edge::start_opts("https = \"127.0.0.1:0\"", &[], &format!("{}{}", tls_toml(&dir, false), f.toml(""))).await;
+    let edge = Edge::start_opts("https = \"127.0.0.1:0\"\nthreads = 1", &[], &format!("{}{}", tls_toml(&dir, false), f.toml(""))).await;
     let host = format!("{}-abc12345.sandbox.localhost", f.pa());
     let (send, _conn) = h2_connect(edge.https(), &host).await;
     let (status, body) = h2_fetch(&send, &host).await.expect("h2 request");

@@ -83,7 +83,8 @@ fn setup(body: &str) -> Setup {
     let (http, control) = (free_port(), free_port());
     let config = dir.path().join("edge.toml");
     let text = format!(
-        "[server]\nhttp = \"127.0.0.1:{http}\"\nstate_dir = \"{}\"\nwatch_interval_ms = 0\n\n[control]\nlisten = \"127.0.0.1:{control}\"\n\n{body}",
+        // One proxy thread: the single-threaded scheduler's start, hand-over and stops.
+        "[server]\nhttp = \"127.0.0.1:{http}\"\nstate_dir = \"{}\"\nwatch_interval_ms = 0\nthreads = 1\n\n[control]\nlisten = \"127.0.0.1:{control}\"\n\n{body}",
         dir.path().join("var").display()
     );
     std::fs::write(&config, text).expect("config");
