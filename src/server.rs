@@ -158,8 +158,8 @@ pub fn run(mut cfg: Config, upgrade: bool) -> Result<(), StartError> {
         graceful_shutdown_timeout_seconds: Some(10),
         upgrade_sock: cfg.server.state_dir.join("upgrade.sock").display().to_string(),
         // One proxy thread runs tokio's single-threaded scheduler (pingora's NoSteal of
-        // one): no work-stealing queues, no idle worker woken per task; HTTP/1 CPU per
-        // request 3-7% lower (benches/load/RESULTS.md, sixth session). Several keep work
+        // one): no work-stealing queues, no idle worker woken per task (~1% fewer
+        // instructions; benches/load/RESULTS.md, sixth session). Several keep work
         // stealing: without it pingora places every HTTP/2 stream on a random thread, away
         // from its connection's, which was not measured here.
         work_stealing: threads > 1,
