@@ -33,7 +33,9 @@ fn main() {
         std::process::exit(2);
     };
     let threads = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1);
-    let conf = ServerConf { threads, ..Default::default() };
+    // The edge's runtime choice (src/server.rs): one thread, tokio's single-threaded
+    // scheduler; several, work stealing.
+    let conf = ServerConf { threads, work_stealing: threads > 1, ..Default::default() };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Bare { origin });
