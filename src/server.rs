@@ -89,9 +89,10 @@ fn bind_listener(addr: SocketAddr, upgrade: bool) -> Result<(SocketAddr, Option<
 
 /// Serves `addr` on `service` with the socket [`bind_listener`] bound for it, if any.
 fn listen_on<A>(server: &Server, service: &mut Service<A>, addr: SocketAddr, bound: Option<TcpListener>) -> Result<(), StartError> {
-    service.add_tcp(&addr.to_string());
+    let name = addr.to_string();
+    service.add_tcp(&name);
     match bound {
-        Some(l) => server.adopt_tcp_listener(&addr.to_string(), l).map_err(|source| StartError::Bind { addr, source }),
+        Some(l) => server.adopt_tcp_listener(&name, l).map_err(|source| StartError::Bind { addr, source }),
         None => Ok(()),
     }
 }

@@ -16,20 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Starts `miosa-edge run --config <config> [--upgrade]`; the stdout "listening" line is
 /// reported through the returned flag once printed.
 fn spawn(config: &Path, log: &Path, upgrade: bool) -> (Child, Arc<AtomicBool>) {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_miosa-edge"));
-    cmd.args(["run", "--config"]).arg(config);
+    let mut cmd = edge_command(config, log);
     if upgrade {
         cmd.arg("--upgrade");
     }
-    let mut child = cmd
-        .env("MIOSA_EDGE_LOG", "info")
-        .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
-        .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn");
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
     let out = child.stdout.take().expect("stdout");
     let up = Arc::new(AtomicBool::new(false));
     let u = up.clone();
@@ -58,12 +49,13 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
     None
 }
 
-/// `miosa-edge run` on a [`setup`]'s config, its stderr appended to the setup's log.
-fn edge_command(s: &Setup) -> Command {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&s.log).expect("log");
+/// `miosa-edge run --config <config>`, its stderr appended to `log`.
+fn edge_command(config: &Path, log: &Path) -> Command {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_miosa-edge"));
     cmd.args(["run", "--config"])
-        .arg(&s.config)
+        .arg(config)
+        .env("MIOSA_EDGE_LOG", "info")
         .env("MIOSA_EDGE_CONTROL_TOKEN", CONTROL_TOKEN)
         .env("MIOSA_EDGE_SESSION_KEY", SESSION_KEY)
         .stderr(log);
@@ -207,7 +199,7 @@ async fn the_open_files_limit_is_raised_to_the_hard_one() {
     let s = setup("");
     let (_, hard) = miosa_edge::files::open_files_limit().expect("this process's open files limit");
     assert!(hard > 256, "the hard limit ({hard}) leaves nothing to raise");
-    let mut cmd = edge_command(&s);
+    let mut cmd = edge_command(&s.config, &s.log);
     cmd.stdout(Stdio::null());
     // SAFETY: only setrlimit (async-signal-safe) between fork and exec. The soft limit
     // of a shell's default (1024) or lower, under the same hard limit.
@@ -268,7 +260,7 @@ fn full_pipe() -> (std::fs::File, std::os::fd::OwnedFd) {
 async fn the_port_is_held_from_start_until_it_is_served() {
     let s = setup("");
     let (mut stdout, write_end) = full_pipe();
-    let mut child = edge_command(&s).stdout(Stdio::from(write_end)).spawn().expect("spawn");
+    let mut child = edge_command(&s.config, &s.log).stdout(Stdio::from(write_end)).spawn().expect("spawn");
     let held = eventually(Duration::from_secs(30), || async { tokio::net::TcpStream::connect(s.http).await.ok() }).await;
     let taken = std::net::TcpListener::bind(s.http).map(|_| ()).map_err(|e| e.kind());
     let drain = std::thread::spawn(move || std::io::Read::read_to_end(&mut stdout, &mut Vec::new()));
@@ -294,7 +286,7 @@ async fn an_edge_whose_stdout_is_gone_goes_on() {
     let s = setup("");
     let (stdout, write_end) = full_pipe();
     drop(stdout);
-    let mut child = edge_command(&s).stdout(Stdio::from(write_end)).spawn().expect("spawn");
+    let mut child = edge_command(&s.config, &s.log).stdout(Stdio::from(write_end)).spawn().expect("spawn");
     let raw = "GET / HTTP/1.1\r\nHost: nowhere.localhost\r\nConnection: close\r\n\r\n";
     let status =
         eventually(Duration::from_secs(30), || async { crate::support::try_raw_request(s.http, raw).await.ok().map(|r| r.status) }).await;
