@@ -16,6 +16,7 @@ divided by the requests wrk completed:
     python3 benches/load/callgrind.py --shape static   # a 1 KiB file of a static release (6)
     python3 benches/load/callgrind.py --shape static100k  # the 100 KiB one (sendfile)
     python3 benches/load/callgrind.py --target bare    # the bare pingora proxy
+    python3 benches/load/callgrind.py --browser        # with a browser's request head (below)
     python3 benches/load/callgrind.py --edge path/to/other/miosa-edge   # a before/after pair
     python3 benches/load/callgrind.py --keep /tmp/cg.out   # then: callgrind_annotate /tmp/cg.out
 
@@ -23,6 +24,24 @@ Needs nginx, wrk and valgrind (benches/load/run.sh installs the first two; valgr
 on every machine of this kind) and the release binaries. Bounded: about 30 s a run.
 """
 import argparse, http.client, os, re, shutil, subprocess, sys, tempfile, time
+
+# The fields Chromium sends with a page navigation over HTTP/1.1 (beside Host and wrk's
+# own): what a proxy parses, forwards and writes per request in front of browsers.
+BROWSER_HEAD = [
+    "Connection: keep-alive",
+    'sec-ch-ua: "Chromium";v="131", "Not_A Brand";v="24"',
+    "sec-ch-ua-mobile: ?0",
+    'sec-ch-ua-platform: "Linux"',
+    "Upgrade-Insecure-Requests: 1",
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8",
+    "Sec-Fetch-Site: none",
+    "Sec-Fetch-Mode: navigate",
+    "Sec-Fetch-User: ?1",
+    "Sec-Fetch-Dest: document",
+    "Accept-Encoding: gzip, deflate, br, zstd",
+    "Accept-Language: en-US,en;q=0.9",
+]
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import (ROOT, SHARE, TOKEN, Procs, bench_routes, free_port, nginx_conf, static_release, static_routes,  # noqa: E402
@@ -46,6 +65,7 @@ def main():
     ap.add_argument("--target", choices=["edge", "bare"], default="edge")
     ap.add_argument("--shape", choices=["public", "cookie", "object", "object-proxied", "static", "static100k"], default="public")
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--browser", action="store_true", help="send a browser's request head (BROWSER_HEAD)")
     ap.add_argument("--keep", help="copy the callgrind dump here (for callgrind_annotate)")
     ap.add_argument("--edge", default=os.path.join(ROOT, "target/release/miosa-edge"))
     ap.add_argument("--bare", default=os.path.join(ROOT, "target/release/examples/bare_proxy"))
@@ -111,6 +131,8 @@ listen = "127.0.0.1:{c_port}"
             if resp.status != 303 or not set_cookie:
                 sys.exit(f"the share link answered {resp.status} without a session cookie")
             headers = [f"Cookie: theme=dark; {set_cookie.split(';')[0]}; lang=en"]
+        if a.browser:
+            headers += BROWSER_HEAD
         wrk(p_port, host, 2, headers, path)  # warm-up: connections, pools, caches
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
         requests = wrk(p_port, host, a.seconds, headers, path)
@@ -123,7 +145,7 @@ listen = "127.0.0.1:{c_port}"
             total = next(int(line.split()[1]) for line in f if line.startswith(("summary:", "totals:")))
         if a.keep:
             shutil.copy(os.path.join(d, dumps[-1]), a.keep)
-        print(f"{a.target} {a.shape}: {requests} requests, {total / requests / 1000:.1f}k instructions per request")
+        print(f"{a.target} {a.shape}{' (browser head)' if a.browser else ''}: {requests} requests, {total / requests / 1000:.1f}k instructions per request")
     finally:
         procs.stop()
         shutil.rmtree(d, ignore_errors=True)

@@ -119,6 +119,19 @@ fn header_names_given_as_such_are_not_parsed_again() {
     let mut wire = Vec::new();
     resp.header_to_h1_wire(&mut wire);
     assert_eq!(String::from_utf8_lossy(&wire), "Cache-Control: v\r\nx-edge-test: v\r\n");
+
+    // pingora-http 10: a head that keeps no names as written (every parsed HTTP/1 head,
+    // pingora-core 11) builds no written form only to drop it: nothing allocated.
+    let mut no_case = pingora::http::ResponseHeader::build_no_case(200, Some(8)).expect("head");
+    let other = count(&mut || no_case.insert_header(custom.clone(), value.clone()).expect("insert"));
+    let second = http::HeaderName::from_static("x-edge-second");
+    let appended = count(&mut || {
+        no_case.append_header(&second, value.clone()).expect("append");
+    });
+    assert_eq!((other, appended), (0, 0), "allocations inserting and appending other names into a head without the map");
+    let mut wire = Vec::new();
+    no_case.header_to_h1_wire(&mut wire);
+    assert_eq!(String::from_utf8_lossy(&wire), "X-Edge-Test: v\r\nX-Edge-Second: v\r\n");
 }
 
 /// vendor/README.md, pingora-http 9: a head without a map of names as written (the edge's

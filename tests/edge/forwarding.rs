@@ -59,6 +59,70 @@ async fn forwarding_headers_are_set_and_credentials_stripped() {
     assert_eq!(r.json()["body_len"], 100_000);
 }
 
+/// Header names travel in their canonical case both ways, however the other side wrote
+/// them (`x-custom-HEADER` reaches the origin as `X-Custom-Header`, an origin's
+/// `x-app-header` the client as `X-App-Header`), as HAProxy, Envoy and Caddy forward them
+/// and as the edge already forwarded an HTTP/2 client's: the names as written are not kept
+/// in a second header map (vendor/README.md, pingora-core 11). Values and order are kept.
+#[tokio::test]
+async fn header_names_are_forwarded_in_their_canonical_case() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    // An origin answering each request with its head as it arrived, and fields of its own
+    // in odd case.
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let _origin = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let mut a = format!(
+                    "HTTP/1.1 200 OK\r\nx-app-header: a\r\nCONTENT-type: text/plain\r\nx-Powered-by: b\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    head.len()
+                )
+                .into_bytes();
+                a.extend_from_slice(&head);
+                let _ = sock.write_all(&a).await;
+            });
+        }
+    });
+    let (edge, _s, host) = edge_in_front_of(&f, "cased", port).await;
+    let r = crate::support::raw_request(
+        edge.addr,
+        &format!(
+            "GET / HTTP/1.1\r\nhost: {host}\r\nx-custom-HEADER: 1\r\nACCEPT-language: en\r\nuser-agent: t\r\nX-Multi: 1\r\nx-multi: 2\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", edge.log());
+    let seen = String::from_utf8_lossy(&r.body).to_string();
+    let lines: Vec<&str> = seen.split("\r\n").collect();
+    for line in [
+        format!("Host: {host}").as_str(),
+        "X-Custom-Header: 1",
+        "Accept-Language: en",
+        "User-Agent: t",
+        "X-Forwarded-For: 127.0.0.1",
+        "X-Forwarded-Proto: http",
+    ] {
+        assert!(lines.contains(&line), "the origin saw no `{line}`:\n{seen}");
+    }
+    let multi: Vec<&str> = lines.iter().filter(|l| l.to_ascii_lowercase().starts_with("x-multi:")).copied().collect();
+    assert_eq!(multi, ["X-Multi: 1", "X-Multi: 2"], "repeated fields keep their order:\n{seen}");
+    let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+    for name in ["X-App-Header", "Content-Type", "X-Powered-By", "X-Request-Id"] {
+        assert!(names.contains(&name), "the client got no `{name}`: {names:?}");
+    }
+    assert_eq!(r.header("x-app-header"), Some("a"));
+}
+
 #[tokio::test]
 async fn websocket_echo_through_the_edge() {
     use futures_util::{SinkExt, StreamExt};

@@ -55,6 +55,16 @@ pub trait IntoCaseHeaderName {
         let name = HeaderName::from_bytes(case.as_slice())?;
         Ok((name, case))
     }
+
+    /// miosa-edge patch (pingora-http 10): the name for lookups alone, for a head that
+    /// keeps no names as written; a [`HeaderName`] is returned as it is, without building
+    /// a written form only to drop it.
+    fn into_name(self) -> Result<HeaderName, http::header::InvalidHeaderName>
+    where
+        Self: Sized,
+    {
+        self.into_names().map(|(name, _)| name)
+    }
 }
 
 impl IntoCaseHeaderName for CaseHeaderName {
@@ -84,6 +94,10 @@ impl IntoCaseHeaderName for HeaderName {
         let case = CaseHeaderName(titled_header_name(&self));
         Ok((self, case))
     }
+
+    fn into_name(self) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        Ok(self)
+    }
 }
 
 impl IntoCaseHeaderName for &HeaderName {
@@ -93,6 +107,10 @@ impl IntoCaseHeaderName for &HeaderName {
 
     fn into_names(self) -> Result<(HeaderName, CaseHeaderName), http::header::InvalidHeaderName> {
         Ok((self.clone(), CaseHeaderName(titled_header_name(self))))
+    }
+
+    fn into_name(self) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        Ok(self.clone())
     }
 }
 
