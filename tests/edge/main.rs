@@ -25,6 +25,7 @@ mod routes;
 mod s3;
 mod storage;
 mod storage_objects;
+mod task_pipe;
 mod tls;
 mod upstreams;
 mod wake;

@@ -94,6 +94,8 @@ mod proxy_h2;
 mod proxy_purge;
 mod proxy_trait;
 pub mod subrequest;
+// miosa-edge patch (pingora-proxy 11); public only so that tests can reach it.
+pub mod task_pipe;
 
 use subrequest::{BodyMode, Ctx as SubrequestCtx};
 
