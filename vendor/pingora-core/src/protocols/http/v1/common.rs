@@ -330,26 +330,59 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
 /// 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6) this lets identical
 /// duplicates (e.g. `Content-Length: 42, 42`) be collapsed to a single value
 /// while genuinely conflicting framing is rejected.
+// miosa-edge patch (pingora-core 12): only the tests call it now.
+#[cfg(test)]
 pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+    match content_length_fields(headers) {
+        ContentLengthFields::Length(n) => Some(n),
+        ContentLengthFields::Absent | ContentLengthFields::Invalid => None,
+    }
+}
+
+/// miosa-edge patch (pingora-core 12): what a message's `Content-Length` fields say, from
+/// one lookup in its header map (0.9.1 looked the name up a second time to tell an absent
+/// field from an invalid one, on every call: three per message).
+enum ContentLengthFields {
+    Absent,
+    /// Present, and not one length: an unparseable value or values that differ.
+    Invalid,
+    Length(u64),
+}
+
+/// `v` without the spaces and tabs around it (what `str::trim` removed from a value
+/// `to_str` accepted: visible ASCII, spaces and tabs).
+fn trim_sp_htab(v: &[u8]) -> &[u8] {
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = v.iter().position(|b| !blank(b)).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !blank(b)).map_or(start, |i| i + 1);
+    &v[start..end]
+}
+
+fn content_length_fields(headers: &HMap) -> ContentLengthFields {
     // If multiple Content-Length headers were sent, everything can still be
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
     let mut content_length: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        // A non-visible-ASCII value can't be a valid Content-Length, so the
-        // framing is ambiguous.
-        let line = value.to_str().ok()?;
-        for v in line.split(',') {
-            let n = from_digits(v.trim().as_bytes())?;
+        // Comma-separated, each item trimmed of spaces and tabs, each all digits: a byte
+        // outside visible ASCII (0.9.1 refused the value's `to_str` first) fails the
+        // digits as it did that.
+        for v in value.as_bytes().split(|&b| b == b',') {
+            let Some(n) = from_digits(trim_sp_htab(v)) else {
+                return ContentLengthFields::Invalid;
+            };
             match content_length {
                 None => content_length = Some(n),
-                Some(prev) if prev != n => return None,
+                Some(prev) if prev != n => return ContentLengthFields::Invalid,
                 Some(_) => {}
             }
         }
     }
-
-    content_length
+    match content_length {
+        Some(n) => ContentLengthFields::Length(n),
+        // Every field holds at least one item (an empty one fails the digits).
+        None => ContentLengthFields::Absent,
+    }
 }
 
 /// Resolve the framing `Content-Length` of a message following hyper's decode
@@ -357,8 +390,8 @@ pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
 /// present but cannot be resolved to a single value (conflicting duplicates or
 /// an unparseable value), or `None` when the header is absent.
 pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>> {
-    match content_length_parse_all(headers) {
-        Some(cl) => {
+    match content_length_fields(headers) {
+        ContentLengthFields::Length(cl) => {
             // Content-Length frames the body, so a value that does not fit in
             // `usize` cannot be represented and must not be silently truncated
             // (which would misframe bodies larger than `usize::MAX`, e.g. on
@@ -373,13 +406,13 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
                 )
             })
         }
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
+        ContentLengthFields::Invalid => {
             // debug, not warn: per-message, client-influenced; avoids log floods
             // under adversarial load. The error is returned to the caller.
             debug!("invalid Content-Length header");
             Error::e_explain(InvalidHTTPHeader, "invalid Content-Length header")
         }
-        None => Ok(None),
+        ContentLengthFields::Absent => Ok(None),
     }
 }
 
@@ -390,7 +423,7 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
 /// `Content-Length` fields having differing values (or a single invalid value)
 /// has invalid framing and the recipient MUST treat it as an unrecoverable
 /// error. Identical duplicates and comma-combined identical values are
-/// reconciled to a single value via [`content_length_parse_all`].
+/// reconciled to a single value via [`content_length_for_framing`].
 ///
 /// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
 /// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
