@@ -66,33 +66,19 @@ async fn forwarding_headers_are_set_and_credentials_stripped() {
 /// in a second header map (vendor/README.md, pingora-core 11). Values and order are kept.
 #[tokio::test]
 async fn header_names_are_forwarded_in_their_canonical_case() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = Fixture::start().await;
     // An origin answering each request with its head as it arrived, and fields of its own
     // in odd case.
-    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let _origin = tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let mut a = format!(
-                    "HTTP/1.1 200 OK\r\nx-app-header: a\r\nCONTENT-type: text/plain\r\nx-Powered-by: b\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    head.len()
-                )
-                .into_bytes();
-                a.extend_from_slice(&head);
-                let _ = sock.write_all(&a).await;
-            });
-        }
-    });
+    let (port, _origin) = crate::support::one_answer_origin("127.0.0.2", |head| {
+        let mut a = format!(
+            "HTTP/1.1 200 OK\r\nx-app-header: a\r\nCONTENT-type: text/plain\r\nx-Powered-by: b\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            head.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(head);
+        a
+    })
+    .await;
     let (edge, _s, host) = edge_in_front_of(&f, "cased", port).await;
     let r = crate::support::raw_request(
         edge.addr,
@@ -247,32 +233,17 @@ fn assert_answers(buf: &[u8], paths: &[&str]) {
 #[tokio::test]
 async fn http10_origin_answers_http11_clients_in_http11() {
     use crate::support::read_response;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let f = Fixture::start().await;
-    let origin = tokio::net::TcpListener::bind(("127.0.0.2", 0)).await.expect("bind");
-    let port = origin.local_addr().expect("addr").port();
-    let _task = tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = origin.accept().await else { return };
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let answer: &[u8] = if head.starts_with(b"GET /len ") {
-                    b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
-                } else {
-                    b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3\r\nContent-Type: text/plain\r\n\r\nended by close"
-                };
-                let _ = sock.write_all(answer).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
+    let (port, _origin) = crate::support::one_answer_origin("127.0.0.2", |head| {
+        let answer: &[u8] = if head.starts_with(b"GET /len ") {
+            b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+        } else {
+            b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6 Python/3\r\nContent-Type: text/plain\r\n\r\nended by close"
+        };
+        answer.to_vec()
+    })
+    .await;
     let extra = format!("[[sandboxes]]\nid = \"py\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
     let edge = Edge::start(&f.toml(&extra)).await;
     let host = format!("{port}-py.sandbox.localhost");

@@ -521,21 +521,48 @@ pub async fn scripted_origin(ip: &str, answer: Vec<u8>, split: usize) -> (u16, t
             sock.set_nodelay(false).expect("nagle on");
             let answer = answer.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
                 loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut b).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
+                    if read_head(&mut sock).await.is_none() {
+                        return;
                     }
-                    buf.clear();
                     let (first, rest) = answer.split_at(split.min(answer.len()));
                     if sock.write_all(first).await.is_err() || (!rest.is_empty() && sock.write_all(rest).await.is_err()) {
                         return;
                     }
                 }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Reads from `sock` up to the blank line ending a request head (and what came with it);
+/// `None` if the peer closes first.
+pub async fn read_head(sock: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut b).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(head)
+}
+
+/// An origin on `ip:0` that reads one request head per connection, writes what `answer`
+/// makes of it, and closes the connection.
+pub async fn one_answer_origin(ip: &str, answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let answer = Arc::new(answer);
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut sock).await else { return };
+                let _ = sock.write_all(&answer(&head)).await;
+                let _ = sock.shutdown().await;
             });
         }
     });
