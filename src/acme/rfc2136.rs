@@ -394,12 +394,37 @@ zone "example.test" {{
         }
     }
 
-    /// A port free on 127.0.0.1 for both TCP and UDP.
+    /// A port free on 127.0.0.1 for both TCP and UDP, for named to bind. Taken below the
+    /// kernel's ephemeral range where it can be: a port from that range, checked and closed
+    /// again, can be handed to any connection made before named binds it. The span sits
+    /// below the one `tests/edge/support.rs` `free_port` uses (the two test binaries run
+    /// one after the other anyway).
     fn free_port() -> u16 {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        const SPAN: u32 = 2048;
+        const BELOW: u32 = 8192;
+        let free =
+            |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        if low >= BELOW + SPAN + 10_000 {
+            let start = std::process::id().wrapping_mul(7919) % SPAN;
+            for _ in 0..SPAN {
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let port = (low - BELOW - SPAN + (start + n) % SPAN) as u16;
+                if free(port) {
+                    return port;
+                }
+            }
+        }
         loop {
             let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
             let port = tcp.local_addr().expect("addr").port();
-            if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            drop(tcp);
+            if free(port) {
                 return port;
             }
         }
