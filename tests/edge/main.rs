@@ -26,6 +26,7 @@ mod s3;
 mod storage;
 mod storage_objects;
 mod task_pipe;
+mod timer;
 mod tls;
 mod upstreams;
 mod wake;

@@ -28,7 +28,7 @@
 //! - create 34.317439ms total, 343ns avg per iteration
 //! - drop: 10.694154ms total, 106ns avg per iteration
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -41,27 +41,29 @@ const RESOLUTION_DURATION: Duration = Duration::from_millis(RESOLUTION_MS);
 
 // round to the NEXT timestamp based on the resolution
 #[inline]
-fn round_to(raw: u128, resolution: u128) -> u128 {
+fn round_to(raw: u64, resolution: u64) -> u64 {
     raw - 1 + resolution - (raw - 1) % resolution
 }
 // millisecond resolution as most
+// miosa-edge patch (pingora-timeout 1): milliseconds since the manager's zero in a u64
+// (585 million years), not a u128: cheaper to round and to compare in the tree.
 #[derive(PartialEq, PartialOrd, Eq, Ord, Clone, Copy, Debug)]
-struct Time(u128);
+struct Time(u64);
 
-impl From<u128> for Time {
-    fn from(raw_ms: u128) -> Self {
-        Time(round_to(raw_ms, RESOLUTION_MS as u128))
+impl From<u64> for Time {
+    fn from(raw_ms: u64) -> Self {
+        Time(round_to(raw_ms, RESOLUTION_MS))
     }
 }
 
 impl From<Duration> for Time {
     fn from(d: Duration) -> Self {
-        Time(round_to(d.as_millis(), RESOLUTION_MS as u128))
+        Time(round_to(d.as_millis() as u64, RESOLUTION_MS))
     }
 }
 
 impl Time {
-    pub fn not_after(&self, ts: u128) -> bool {
+    pub fn not_after(&self, ts: u64) -> bool {
         self.0 <= ts
     }
 }
@@ -81,6 +83,36 @@ impl TimerStub {
 
 struct Timer(Arc<Notify>, Arc<AtomicBool>);
 
+/// miosa-edge patch (pingora-timeout 1): how many recent slots a thread remembers.
+const RECENT: usize = 4;
+
+/// One thread's timers: the tree the clock thread fires from, and the slots this thread
+/// registered last with their timers, so that a registration for a slot it used a moment
+/// ago (every request under load: the same few durations, 10 ms slots) skips the tree's
+/// lock and search. An entry is used only while its timer has not fired; the clock thread
+/// fires a timer as it takes it out of the tree, so a fired entry sends the registration
+/// to the tree, which gets a new timer for that slot, as before.
+#[derive(Default)]
+struct ThreadTimers {
+    tree: RwLock<BTreeMap<Time, Timer>>,
+    recent: Mutex<[Option<(Time, Timer)>; RECENT]>,
+}
+
+impl ThreadTimers {
+    fn remember(&self, time: Time, timer: &Timer) {
+        let i = (time.0 / RESOLUTION_MS) as usize % RECENT;
+        self.recent.lock()[i] = Some((time, Timer(timer.0.clone(), timer.1.clone())));
+    }
+
+    fn recent(&self, time: Time) -> Option<TimerStub> {
+        let i = (time.0 / RESOLUTION_MS) as usize % RECENT;
+        match &self.recent.lock()[i] {
+            Some((t, timer)) if *t == time && !timer.1.load(Ordering::SeqCst) => Some(timer.subscribe()),
+            _ => None,
+        }
+    }
+}
+
 impl Timer {
     pub fn new() -> Self {
         Timer(Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)))
@@ -99,7 +131,7 @@ impl Timer {
 /// The object that holds all the timers registered to it.
 pub struct TimerManager {
     // each thread insert into its local timer tree to avoid lock contention
-    timers: ThreadLocal<RwLock<BTreeMap<Time, Timer>>>,
+    timers: ThreadLocal<ThreadTimers>,
     zero: Instant, // the reference zero point of Timestamp
     // Start a new clock thread if this is -1 or staled. The clock thread should keep updating this
     clock_watchdog: AtomicI64,
@@ -137,10 +169,10 @@ impl TimerManager {
                 // just stop acquiring the locks, waiting for fork to happen
                 continue;
             }
-            let now = now.as_millis();
+            let now = now.as_millis() as u64;
             // iterate through the timer tree for all threads
             for thread_timer in self.timers.iter() {
-                let mut timers = thread_timer.write();
+                let mut timers = thread_timer.tree.write();
                 // Fire all timers until now
                 loop {
                     let key_to_remove = timers.iter().next().and_then(|(k, _)| {
@@ -203,20 +235,27 @@ impl TimerManager {
             return timer.subscribe();
         }
         let now: Time = (Instant::now() + duration - self.zero).into();
+        let local = self.timers.get_or(ThreadTimers::default);
+        // miosa-edge patch (pingora-timeout 1): a slot this thread used a moment ago.
+        if let Some(stub) = local.recent(now) {
+            return stub;
+        }
         {
-            let timers = self.timers.get_or(|| RwLock::new(BTreeMap::new())).read();
+            let timers = local.tree.read();
             if let Some(t) = timers.get(&now) {
+                local.remember(now, t);
                 return t.subscribe();
             }
         } // drop read lock
 
         let timer = Timer::new();
-        let mut timers = self.timers.get_or(|| RwLock::new(BTreeMap::new())).write();
+        let mut timers = local.tree.write();
         // Usually we check if another thread has insert the same node before we get the write lock,
         // but because only this thread will insert anything to its local timers tree, there
         // is no possible race that can happen. The only other thread is the clock thread who
         // only removes timer from the tree
         let stub = timer.subscribe();
+        local.remember(now, &timer);
         timers.insert(now, timer);
         stub
     }
