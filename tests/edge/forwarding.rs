@@ -62,8 +62,9 @@ async fn forwarding_headers_are_set_and_credentials_stripped() {
 /// Header names travel in their canonical case both ways, however the other side wrote
 /// them (`x-custom-HEADER` reaches the origin as `X-Custom-Header`, an origin's
 /// `x-app-header` the client as `X-App-Header`), as Caddy forwards them (HAProxy and Envoy
-/// in lower case) and as the edge already forwarded an HTTP/2 client's: the names as written are not kept
-/// in a second header map (vendor/README.md, pingora-core 11). Values and order are kept.
+/// in lower case) and as the edge already forwarded an HTTP/2 client's: the names as
+/// written are not kept in a second header map (vendor/README.md, pingora-core 11).
+/// Values and order are kept.
 #[tokio::test]
 async fn header_names_are_forwarded_in_their_canonical_case() {
     let f = Fixture::start().await;
