@@ -877,26 +877,16 @@ fn append_header_value<T>(
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<bool> {
-    // miosa-edge patch: a `HeaderName` is not parsed again (`into_names`), and no written
-    // form is built for a head that keeps none (`into_name`, pingora-http 10).
-    let header_name = match name_map {
-        Some(name_map) => {
-            let (header_name, case_header_name) = name
-                .into_names()
-                .or_err(InvalidHTTPHeader, "invalid header name")?;
-            // store the original case in the map
-            // Use the non-panicking `try_append`: the infallible `append` calls
-            // `.expect("size overflows MAX_SIZE")` internally, which would abort the
-            // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
-            name_map
-                .try_append(header_name.clone(), case_header_name)
-                .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
-            header_name
-        }
-        None => name
-            .into_name()
-            .or_err(InvalidHTTPHeader, "invalid header name")?,
-    };
+    let (header_name, case_header_name) = header_names(name, name_map.is_some())?;
+    // store the original case in the map
+    if let (Some(name_map), Some(case_header_name)) = (name_map, case_header_name) {
+        // Use the non-panicking `try_append`: the infallible `append` calls
+        // `.expect("size overflows MAX_SIZE")` internally, which would abort the
+        // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
+        name_map
+            .try_append(header_name.clone(), case_header_name)
+            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
+    }
 
     // Non-panicking `try_append` for the same reason as the case map above.
     value_map.try_append(header_name, value).or_err(
@@ -912,23 +902,33 @@ fn insert_header_value<T>(
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<()> {
-    // miosa-edge patch: a `HeaderName` is not parsed again (`into_names`), and no written
-    // form is built for a head that keeps none (`into_name`, pingora-http 10).
-    let header_name = match name_map {
-        Some(name_map) => {
-            let (header_name, case_header_name) = name
-                .into_names()
-                .or_err(InvalidHTTPHeader, "invalid header name")?;
-            // store the original case in the map
-            name_map.insert(header_name.clone(), case_header_name);
-            header_name
-        }
-        None => name
-            .into_name()
-            .or_err(InvalidHTTPHeader, "invalid header name")?,
-    };
+    let (header_name, case_header_name) = header_names(name, name_map.is_some())?;
+    if let (Some(name_map), Some(case_header_name)) = (name_map, case_header_name) {
+        // store the original case in the map
+        name_map.insert(header_name.clone(), case_header_name);
+    }
     value_map.insert(header_name, value);
     Ok(())
+}
+
+/// miosa-edge patch: the lookup name, and the name as written when the head keeps it. A
+/// `HeaderName` is not parsed again (`into_names`), and no written form is built for a
+/// head that keeps none (`into_name`, pingora-http 10).
+fn header_names(
+    name: impl IntoCaseHeaderName,
+    keeps_written: bool,
+) -> Result<(HeaderName, Option<CaseHeaderName>)> {
+    if keeps_written {
+        let (header_name, case_header_name) = name
+            .into_names()
+            .or_err(InvalidHTTPHeader, "invalid header name")?;
+        Ok((header_name, Some(case_header_name)))
+    } else {
+        let header_name = name
+            .into_name()
+            .or_err(InvalidHTTPHeader, "invalid header name")?;
+        Ok((header_name, None))
+    }
 }
 
 /// miosa-edge patch: a header name known when the program is built, in the two forms the

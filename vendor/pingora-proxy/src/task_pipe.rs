@@ -121,28 +121,30 @@ impl<T> Sender<T> {
 
     fn poll_reserve(&self, cx: &Context<'_>) -> Poll<Result<Permit<'_, T>, Closed>> {
         let mut s = self.0.lock();
-        if s.receiver_gone {
-            return Poll::Ready(Err(Closed));
+        match self.reserve_locked(&mut s) {
+            Ok(permit) => Poll::Ready(Ok(permit)),
+            Err(TrySendError::Closed) => Poll::Ready(Err(Closed)),
+            Err(TrySendError::Full) => {
+                register(&mut s.sender_waiting, cx);
+                Poll::Pending
+            }
         }
-        if s.queue.len() + s.reserved < s.cap {
-            s.reserved += 1;
-            return Poll::Ready(Ok(Permit { shared: &self.0 }));
-        }
-        register(&mut s.sender_waiting, cx);
-        Poll::Pending
     }
 
     /// A slot if one is free now.
     pub fn try_reserve(&self) -> Result<Permit<'_, T>, TrySendError> {
-        let mut s = self.0.lock();
+        self.reserve_locked(&mut self.0.lock())
+    }
+
+    fn reserve_locked(&self, s: &mut State<T>) -> Result<Permit<'_, T>, TrySendError> {
         if s.receiver_gone {
             return Err(TrySendError::Closed);
         }
-        if s.queue.len() + s.reserved < s.cap {
-            s.reserved += 1;
-            return Ok(Permit { shared: &self.0 });
+        if s.queue.len() + s.reserved >= s.cap {
+            return Err(TrySendError::Full);
         }
-        Err(TrySendError::Full)
+        s.reserved += 1;
+        Ok(Permit { shared: &self.0 })
     }
 
     /// Whether the receiver is gone.

@@ -99,14 +99,17 @@ struct ThreadTimers {
 }
 
 impl ThreadTimers {
+    /// Where `time` is remembered: consecutive slots in consecutive places.
+    fn place(time: Time) -> usize {
+        (time.0 / RESOLUTION_MS) as usize % RECENT
+    }
+
     fn remember(&self, time: Time, timer: &Timer) {
-        let i = (time.0 / RESOLUTION_MS) as usize % RECENT;
-        self.recent.lock()[i] = Some((time, Timer(timer.0.clone(), timer.1.clone())));
+        self.recent.lock()[Self::place(time)] = Some((time, Timer(timer.0.clone(), timer.1.clone())));
     }
 
     fn recent(&self, time: Time) -> Option<TimerStub> {
-        let i = (time.0 / RESOLUTION_MS) as usize % RECENT;
-        match &self.recent.lock()[i] {
+        match &self.recent.lock()[Self::place(time)] {
             Some((t, timer)) if *t == time && !timer.1.load(Ordering::SeqCst) => Some(timer.subscribe()),
             _ => None,
         }
