@@ -36,6 +36,7 @@ use crate::usage::Usage;
 use async_trait::async_trait;
 use ctx::{RequestCtx, RequestIds, Target};
 use http::header::{self, HeaderName};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
@@ -216,6 +217,12 @@ impl ProxyHttp for EdgeProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new()
     }
+
+    /// No downstream modules. pingora's default is a compression module at level 0, which
+    /// compresses nothing and still costs every request a box for its state and two boxed
+    /// header-filter calls; the edge passes bodies on as the upstream or the release has
+    /// them encoded.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// Decides everything about a request before any upstream is touched: its id, a
     /// refusal of hostile framing, an ACME challenge, then [`route`](Self::route) —
@@ -518,5 +525,25 @@ fn failure_reason(e: &Error) -> UpstreamFailure {
 impl std::fmt::Debug for EdgeProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EdgeProxy").field("opts", &self.live.load().opts).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::RouteTable;
+    use crate::schema::{Domains, PlatformBranding};
+    use pingora::modules::http::compression::ResponseCompression;
+
+    #[test]
+    fn requests_carry_no_downstream_module() {
+        let domains = Domains::from_names("sandbox.miosa.app", "miosa.app", "edge.miosa.app", "acme.miosa.app").expect("domains");
+        let table = RouteTable::empty(&domains, &PlatformBranding::default());
+        let routes = Arc::new(arc_swap::ArcSwap::from_pointee(table));
+        let proxy = EdgeProxy::new(routes, Arc::new(Metrics::new()), Arc::new(Usage::default()), None, ProxyOptions::default());
+        let mut modules = HttpModules::new();
+        proxy.init_downstream_modules(&mut modules);
+        // pingora's default would give each request a (disabled) compression module.
+        assert!(modules.build_ctx().get::<ResponseCompression>().is_none());
     }
 }
