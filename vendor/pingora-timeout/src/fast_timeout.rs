@@ -90,6 +90,9 @@ pub struct FastTimeout(Duration);
 
 impl ToTimeout for FastTimeout {
     fn timeout(&self) -> Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
+        // miosa-edge patch (pingora-timeout 2): the clock thread is checked when a timer is
+        // registered, not each time a timeout is made (most never wait and register nothing).
+        check_clock_thread(&TIMER_MANAGER);
         Box::pin(TIMER_MANAGER.register_timer(self.0).poll())
     }
 
@@ -112,6 +115,7 @@ pub struct FastOrTokioTimeout {
 }
 
 impl FastOrTokioTimeout {
+    #[cfg(test)] // miosa-edge patch (pingora-timeout 2): only the tests ask now.
     fn use_tokio(&self) -> bool {
         matches!(self.kind, TimeoutKind::Tokio)
     }
@@ -142,12 +146,9 @@ pub fn fast_timeout<T>(duration: Duration, future: T) -> Timeout<T, FastOrTokioT
 where
     T: Future,
 {
-    let callback = FastOrTokioTimeout::create(duration);
-    if !callback.use_tokio() {
-        check_clock_thread(&TIMER_MANAGER);
-    }
-
-    Timeout::new_with_callback(future, callback)
+    // miosa-edge patch (pingora-timeout 2): the clock thread is checked in
+    // `FastTimeout::timeout`, when the future first waits and its timer is registered.
+    Timeout::new_with_callback(future, FastOrTokioTimeout::create(duration))
 }
 
 /// Similar to [tokio::time::sleep] but more efficient.
