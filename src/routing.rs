@@ -671,12 +671,19 @@ fn first_label_under<'h>(host: &'h str, zone: &schema::Host) -> Option<&'h str> 
 /// Splits `5173-abc12345` at its first `-` into a port (1–65535, decimal, no leading
 /// zero) and a non-empty sandbox id.
 pub fn split_port_label(label: &str) -> Option<(u16, &str)> {
-    let (port, id) = label.split_once('-')?;
-    if id.is_empty() || port.is_empty() || port.len() > 5 || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+    // Digits read as they are met (every preview request comes through here): at most
+    // five, then the `-`; no search for the `-`, no generic integer parse.
+    let b = label.as_bytes();
+    let mut n: u32 = 0;
+    for (i, &c) in b.iter().enumerate().take(6) {
+        match c {
+            b'-' if i > 0 && i + 1 < b.len() => return u16::try_from(n).ok().map(|p| (p, &label[i + 1..])),
+            b'1'..=b'9' => n = n * 10 + u32::from(c - b'0'),
+            b'0' if i > 0 => n *= 10,
+            _ => return None,
+        }
     }
-    let n: u32 = port.parse().ok()?;
-    u16::try_from(n).ok().filter(|&p| p > 0).map(|p| (p, id))
+    None
 }
 
 /// Byte → lower-cased byte for characters allowed in a host name, 0 for any other.

@@ -143,9 +143,32 @@ fn port_labels() {
     assert_eq!(split_port_label("5173-abc"), Some((5173, "abc")));
     assert_eq!(split_port_label("1-a-b"), Some((1, "a-b")));
     assert_eq!(split_port_label("65535-x"), Some((65535, "x")));
-    for bad in ["0-x", "01-x", "65536-x", "-x", "5173", "5173-", "+5-x", "99999999999-x"] {
+    for bad in ["0-x", "01-x", "65536-x", "-x", "5173", "5173-", "+5-x", "99999999999-x", "123456-x", "1a-x", "é-x"] {
         assert_eq!(split_port_label(bad), None, "{bad}");
     }
+    // The byte-by-byte reading answers as the plain definition does, for every label made
+    // of these pieces (digits, `-`, letters, a multi-byte character).
+    fn reference(label: &str) -> Option<(u16, &str)> {
+        let (port, id) = label.split_once('-')?;
+        if id.is_empty() || port.is_empty() || port.len() > 5 || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        u16::try_from(port.parse::<u32>().ok()?).ok().filter(|&p| p > 0).map(|p| (p, id))
+    }
+    let pieces = ["", "0", "1", "9", "65", "535", "65536", "99999", "-", "--", "a", "é"];
+    let mut n = 0;
+    for a in pieces {
+        for b in pieces {
+            for c in pieces {
+                for d in pieces {
+                    let label = format!("{a}{b}{c}{d}");
+                    assert_eq!(split_port_label(&label), reference(&label), "{label:?}");
+                    n += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(n, 12 * 12 * 12 * 12);
 }
 
 #[test]
