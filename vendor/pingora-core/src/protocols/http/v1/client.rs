@@ -474,8 +474,11 @@ impl HttpSession {
         // `build_no_case`: one map; the names' written case is never read from this copy.
         let mut kept = ResponseHeader::build_no_case(full.status, Some(0)).expect("a status already parsed");
         kept.set_version(full.version);
-        for name in KEPT_RESPONSE_FIELDS {
-            for value in full.headers.get_all(name) {
+        // miosa-edge patch (pingora-core 14): one pass over the fields, each name compared
+        // with the kept ones, not one hashed lookup per kept name; the values of a name keep
+        // their order.
+        for (name, value) in full.headers.iter() {
+            if KEPT_RESPONSE_FIELDS.contains(&name) {
                 kept.append_header(name, value.clone()).expect("a value already parsed");
             }
         }
