@@ -264,6 +264,44 @@ async fn http10_origin_answers_http11_clients_in_http11() {
     }
 }
 
+/// An origin answer with both `Transfer-Encoding: chunked` and `Content-Length` is framed
+/// by the chunks (RFC 9112 §6.3: the transfer coding overrides the length), and its
+/// `Content-Length` does not reach the client beside them, in either order of the fields.
+///
+/// vendor/README.md, pingora-core 15: the session notes the framing fields while it parses
+/// the head; this fails when it misses one (the client then sees `Content-Length: 99`).
+#[tokio::test]
+async fn an_origin_answer_with_both_framings_goes_on_chunked_without_its_length() {
+    use crate::support::read_response;
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::start().await;
+    let (port, _origin) = crate::support::one_answer_origin("127.0.0.2", |head| {
+        let fields: &[u8] = if head.starts_with(b"GET /te-first ") {
+            b"Transfer-Encoding: chunked\r\nContent-Length: 99\r\n"
+        } else {
+            b"content-length: 99\r\ntransfer-encoding: chunked\r\n"
+        };
+        [&b"HTTP/1.1 200 OK\r\n"[..], fields, b"\r\n5\r\nhello\r\n0\r\n\r\n"].concat()
+    })
+    .await;
+    let extra = format!("[[sandboxes]]\nid = \"both\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
+    let edge = Edge::start(&f.toml(&extra)).await;
+    let host = format!("{port}-both.sandbox.localhost");
+    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    for path in ["/te-first", "/cl-first", "/te-first"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{path}: connection closed: {e}"));
+        let (status_line, r) = read_response(&mut s, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{path}: no whole response on the kept-open connection\n{}", edge.log()));
+        assert_eq!(status_line, "HTTP/1.1 200 OK", "{path}: {:?}", r.headers);
+        assert_eq!(r.text(), "hello", "{path}");
+        assert_eq!(r.header("content-length"), None, "{path}: {:?}", r.headers);
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"), "{path}: {:?}", r.headers);
+    }
+}
+
 /// An origin connection is pooled only when its answers allow it: `Connection: close`
 /// and an HTTP/1.0 answer without `Connection: keep-alive` end it (RFC 9112 §9.3), even
 /// when the origin leaves the socket open; a plain HTTP/1.1 answer keeps it. The origins

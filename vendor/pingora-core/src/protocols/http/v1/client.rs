@@ -326,6 +326,10 @@ impl HttpSession {
 
                         let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
 
+                        // miosa-edge patch (pingora-core 15): whether the framing fields are
+                        // there is noted as the fields go in, not looked up after.
+                        let mut contains_transfer_encoding = false;
+                        let mut contains_content_length = false;
                         for header in header_refs {
                             let header_name = match http::HeaderName::from_bytes(header.get_name(&buf))
                                 .or_err(InvalidHTTPHeader, "while parsing response header")
@@ -333,6 +337,8 @@ impl HttpSession {
                                 Ok(name) => name,
                                 Err(e) => return self.fail_response_header_read(e),
                             };
+                            contains_transfer_encoding |= header_name == header::TRANSFER_ENCODING;
+                            contains_content_length |= header_name == header::CONTENT_LENGTH;
                             let value_bytes = header.get_value_bytes(&buf);
                             let header_value = pingora_http::header_value_from_raw(value_bytes);
                             if let Err(e) = response_header
@@ -342,12 +348,6 @@ impl HttpSession {
                                 return self.fail_response_header_read(e);
                             }
                         }
-
-                        let contains_transfer_encoding = response_header
-                            .headers
-                            .contains_key(header::TRANSFER_ENCODING);
-                        let contains_content_length =
-                            response_header.headers.contains_key(header::CONTENT_LENGTH);
 
                         // Transfer encoding overrides content length, so when
                         // both are present, we MUST remove content length. This is

@@ -384,9 +384,15 @@ impl HttpSession {
                         };
                         let buf = buf.freeze();
 
+                        // miosa-edge patch (pingora-core 15): whether the framing fields are
+                        // there is noted as the fields go in, not looked up after.
+                        let mut contains_transfer_encoding = false;
+                        let mut contains_content_length = false;
                         for header in header_refs {
                             let header_name = http::HeaderName::from_bytes(header.get_name(&buf))
                                 .or_err(InvalidHTTPHeader, "while parsing request header")?;
+                            contains_transfer_encoding |= header_name == TRANSFER_ENCODING;
+                            contains_content_length |= header_name == CONTENT_LENGTH;
                             let value_bytes = header.get_value_bytes(&buf);
                             // safe because this is from what we parsed
                             let header_value = unsafe {
@@ -397,11 +403,6 @@ impl HttpSession {
                                 .append_header(header_name, header_value)
                                 .or_err(InvalidHTTPHeader, "while parsing request header")?;
                         }
-
-                        let contains_transfer_encoding =
-                            request_header.headers.contains_key(TRANSFER_ENCODING);
-                        let contains_content_length =
-                            request_header.headers.contains_key(CONTENT_LENGTH);
 
                         // Transfer encoding overrides content length, so when
                         // both are present, we can remove content length. This
