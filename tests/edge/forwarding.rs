@@ -233,8 +233,6 @@ fn assert_answers(buf: &[u8], paths: &[&str]) {
 /// Before, the status line was `HTTP/1.0` whenever the origin sent a `Content-Length`.
 #[tokio::test]
 async fn http10_origin_answers_http11_clients_in_http11() {
-    use crate::support::read_response;
-    use tokio::io::AsyncWriteExt;
     let f = Fixture::start().await;
     let (port, _origin) = crate::support::one_answer_origin("127.0.0.2", |head| {
         let answer: &[u8] = if head.starts_with(b"GET /len ") {
@@ -245,20 +243,11 @@ async fn http10_origin_answers_http11_clients_in_http11() {
         answer.to_vec()
     })
     .await;
-    let extra = format!("[[sandboxes]]\nid = \"py\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
-    let edge = Edge::start(&f.toml(&extra)).await;
-    let host = format!("{port}-py.sandbox.localhost");
-    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let (edge, mut s, host) = edge_in_front_of(&f, "py", port).await;
     for round in 0..2 {
         for (path, body) in [("/len", "hello"), ("/close", "ended by close")] {
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-                .await
-                .unwrap_or_else(|e| panic!("round {round}, {path}: connection closed: {e}"));
-            let (status_line, r) = read_response(&mut s, Duration::from_secs(10))
-                .await
-                .unwrap_or_else(|| panic!("round {round}, {path}: no whole response on the kept-open connection\n{}", edge.log()));
-            assert_eq!(status_line, "HTTP/1.1 200 OK", "{path}: {:?}", r.headers);
-            assert_eq!(r.text(), body, "{path}");
+            let r = ok_on(&mut s, &edge, &host, path).await;
+            assert_eq!(r.text(), body, "round {round}, {path}");
             assert!(r.header("content-length").is_some() || r.header("transfer-encoding") == Some("chunked"), "{path}: {:?}", r.headers);
         }
     }
@@ -272,8 +261,6 @@ async fn http10_origin_answers_http11_clients_in_http11() {
 /// the head; this fails when it misses one (the client then sees `Content-Length: 99`).
 #[tokio::test]
 async fn an_origin_answer_with_both_framings_goes_on_chunked_without_its_length() {
-    use crate::support::read_response;
-    use tokio::io::AsyncWriteExt;
     let f = Fixture::start().await;
     let (port, _origin) = crate::support::one_answer_origin("127.0.0.2", |head| {
         let fields: &[u8] = if head.starts_with(b"GET /te-first ") {
@@ -284,18 +271,9 @@ async fn an_origin_answer_with_both_framings_goes_on_chunked_without_its_length(
         [&b"HTTP/1.1 200 OK\r\n"[..], fields, b"\r\n5\r\nhello\r\n0\r\n\r\n"].concat()
     })
     .await;
-    let extra = format!("[[sandboxes]]\nid = \"both\"\nworkspace = \"ws_1\"\naddress = \"127.0.0.2\"\npreviews = [{{ port = {port}, access = \"public\" }}]\n");
-    let edge = Edge::start(&f.toml(&extra)).await;
-    let host = format!("{port}-both.sandbox.localhost");
-    let mut s = tokio::net::TcpStream::connect(edge.addr).await.expect("connect");
+    let (edge, mut s, host) = edge_in_front_of(&f, "both", port).await;
     for path in ["/te-first", "/cl-first", "/te-first"] {
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-            .await
-            .unwrap_or_else(|e| panic!("{path}: connection closed: {e}"));
-        let (status_line, r) = read_response(&mut s, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| panic!("{path}: no whole response on the kept-open connection\n{}", edge.log()));
-        assert_eq!(status_line, "HTTP/1.1 200 OK", "{path}: {:?}", r.headers);
+        let r = ok_on(&mut s, &edge, &host, path).await;
         assert_eq!(r.text(), "hello", "{path}");
         assert_eq!(r.header("content-length"), None, "{path}: {:?}", r.headers);
         assert_eq!(r.header("transfer-encoding"), Some("chunked"), "{path}: {:?}", r.headers);
@@ -384,13 +362,21 @@ async fn edge_in_front_of(f: &Fixture, id: &str, port: u16) -> (Edge, tokio::net
 
 /// Sends request `i` on `s` and checks its answer: `body_len` bytes of `fill`.
 async fn get_on(s: &mut tokio::net::TcpStream, edge: &Edge, host: &str, i: usize, body_len: usize, fill: u8) {
+    let r = ok_on(s, edge, host, &format!("/{i}")).await;
+    assert!(r.body.len() == body_len && r.body.iter().all(|&b| b == fill), "request {i}: {} bytes", r.body.len());
+}
+
+/// Sends `GET {path}` on the kept-open `s` and returns its answer, a 200 in HTTP/1.1.
+async fn ok_on(s: &mut tokio::net::TcpStream, edge: &Edge, host: &str, path: &str) -> crate::support::Response {
     use tokio::io::AsyncWriteExt;
-    s.write_all(format!("GET /{i} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("send");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{path}: connection closed: {e}"));
     let (status_line, r) = crate::support::read_response(s, Duration::from_secs(10))
         .await
-        .unwrap_or_else(|| panic!("request {i}: no whole response\n{}", edge.log()));
-    assert_eq!(status_line, "HTTP/1.1 200 OK", "request {i}");
-    assert!(r.body.len() == body_len && r.body.iter().all(|&b| b == fill), "request {i}: {} bytes", r.body.len());
+        .unwrap_or_else(|| panic!("{path}: no whole response on the kept-open connection\n{}", edge.log()));
+    assert_eq!(status_line, "HTTP/1.1 200 OK", "{path}: {:?}", r.headers);
+    r
 }
 
 /// An origin whose response leaves in two writes without `TCP_NODELAY` (or that corks:
