@@ -694,9 +694,8 @@ impl HttpSession {
     /// it's behavior is different on different platforms.
     /// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
     fn get_keepalive_values(&self) -> (Option<u64>, Option<usize>) {
-        // miosa-edge patch (pingora-core 13): the name as a `HeaderName`, not a string
-        // parsed on every response.
-        static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+        // miosa-edge patch (pingora-core 13): the name as a `HeaderName` (the kept fields'
+        // one), not a string parsed on every response.
         let Some(keep_alive_header) = self.get_header(&KEEP_ALIVE) else {
             return (None, None);
         };
